@@ -1,0 +1,19 @@
+"""Shared test fixtures: the repository root on sys.path, and ../shared when it exists."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+# ../shared holds real corpora and a reference checkpoint on development and CI machines only.
+SHARED = Path(os.environ.get("TXL_SHARED_DIR", REPO.parent / "shared"))
+
+
+@pytest.fixture
+def shared_dir() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip(f"{SHARED} not present (reference material exists only on development machines)")
+    return SHARED
