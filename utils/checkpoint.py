@@ -1,0 +1,130 @@
+"""Checkpoint files: atomic writes, and safe loads of ours and of the reference trainer's.
+
+Our checkpoints hold tensors and plain Python types only, so `torch.load(..., weights_only=True)` reads them.
+The reference trainer (NVIDIA DeepLearningExamples) pickled three Python objects into its checkpoints:
+`args` (argparse.Namespace), `vocab` (its utils.vocabulary.Vocab) and, inside the vocab, a
+collections.Counter. We read those with inert stand-in classes registered for the weights-only unpickler,
+so no code from the file runs, and turn them into plain dicts.
+"""
+import collections
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from utils.errors import UserError
+
+
+class _ReferenceNamespace:
+    """Stand-in for argparse.Namespace in reference checkpoints: only holds attributes."""
+
+
+class _ReferenceVocab:
+    """Stand-in for the reference's utils.vocabulary.Vocab: only holds attributes."""
+
+
+_REFERENCE_SAFE_GLOBALS = [
+    (_ReferenceNamespace, "argparse.Namespace"),
+    (_ReferenceVocab, "utils.vocabulary.Vocab"),
+    collections.Counter,
+]
+
+
+def _plain(value: Any) -> Any:
+    """Turn unpickled stand-ins into plain Python types (dicts, lists, numbers, strings, tensors)."""
+    if isinstance(value, (_ReferenceNamespace, _ReferenceVocab)):
+        return {k: _plain(v) for k, v in vars(value).items()}
+    if isinstance(value, collections.Counter):
+        return dict(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    return value
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
+    """Load one of our checkpoints or a reference checkpoint without running pickled code.
+
+    A directory means `<dir>/checkpoint_last.pt`. Reference checkpoints come back with `args` and `vocab` as
+    plain dicts and `format` set to "reference"; ours keep the `format` they were written with.
+    Raises UserError when the file is missing, truncated, corrupt or not a checkpoint.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoint_last.pt"
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist; pass the path of a .pt file written by train.py")
+    try:
+        with torch.serialization.safe_globals(_REFERENCE_SAFE_GLOBALS):
+            state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises many kinds for truncated / corrupt / unsafe files
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"checkpoint {path} cannot be read ({reason[:200]}); it is truncated, corrupt or not a "
+            "checkpoint: use another one (checkpoint_best.pt / checkpoint_last.pt)"
+        ) from None
+    if not isinstance(state, dict) or "model_state" not in state or "model_config" not in state:
+        raise UserError(f"{path} is not a Transformer-XL checkpoint (no model_state / model_config)")
+    state = _plain(state)
+    state.setdefault("format", "reference")
+    return state
+
+
+def save_checkpoint_atomic(state: dict, path: str | os.PathLike) -> None:
+    """Write `state` to `path` so that `path` is always either the old file or the complete new one.
+
+    The data goes to a temporary file in the same directory, is flushed to disk, and is renamed into place;
+    a process killed at any moment leaves the previous checkpoint intact.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def copy_checkpoint_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copy a finished checkpoint file to `dst` with the same all-or-nothing guarantee."""
+    src, dst = Path(src), Path(dst)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+    try:
+        with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
+            while chunk := inp.read(1 << 24):
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, dst)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(dst.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
