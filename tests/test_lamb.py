@@ -1,0 +1,157 @@
+"""LAMB: both implementations against a float64 element-by-element reference written from the formula."""
+import io
+import math
+
+import pytest
+import torch
+
+from lamb import Lamb
+
+LR, BETAS, EPS = 0.05, (0.9, 0.999), 1e-6
+
+
+class NaiveLamb:
+    """The reference math on lists of Python floats (float64), one element at a time."""
+
+    def __init__(self, params, weight_decays, adam=False):
+        self.p = [[float(x) for x in t.flatten().tolist()] for t in params]
+        self.wd = weight_decays
+        self.adam = adam
+        self.m = [[0.0] * len(p) for p in self.p]
+        self.v = [[0.0] * len(p) for p in self.p]
+
+    def step(self, grads):
+        b1, b2 = BETAS
+        for i, g in enumerate(grads):
+            g = [float(x) for x in g.flatten().tolist()]
+            p, m, v = self.p[i], self.m[i], self.v[i]
+            u = []
+            for j in range(len(p)):
+                m[j] = b1 * m[j] + (1 - b1) * g[j]
+                v[j] = b2 * v[j] + (1 - b2) * g[j] * g[j]
+                u.append(m[j] / (math.sqrt(v[j]) + EPS) + self.wd[i] * p[j])
+            w_norm = min(max(math.sqrt(sum(x * x for x in p)), 0.0), 10.0)
+            u_norm = math.sqrt(sum(x * x for x in u))
+            trust = 1.0 if (self.adam or w_norm == 0 or u_norm == 0) else w_norm / (u_norm + EPS)
+            for j in range(len(p)):
+                p[j] -= LR * trust * u[j]
+
+
+def make_params():
+    """Covers: plain tensors, a zero-norm tensor, a tensor with norm > 10, a tensor with zero gradient."""
+    torch.manual_seed(0)
+    return [
+        torch.nn.Parameter(torch.randn(5, 4)),
+        torch.nn.Parameter(torch.randn(7)),
+        torch.nn.Parameter(torch.zeros(3, 3)),  # ||p|| == 0 -> trust 1
+        torch.nn.Parameter(torch.full((4, 4), 5.0)),  # ||p|| = 20 -> clamped to 10
+        torch.nn.Parameter(torch.randn(6)),  # zero gradient, no decay -> ||u|| == 0 -> trust 1
+    ]
+
+
+def grads_for(step, params):
+    gen = torch.Generator().manual_seed(100 + step)
+    grads = [torch.randn(p.shape, generator=gen) * (0.1 + i) for i, p in enumerate(params)]
+    grads[4] = torch.zeros_like(params[4])
+    return grads
+
+
+def run_torch(fused, steps=5, adam=False):
+    params = make_params()
+    groups = [
+        {"params": params[:4], "weight_decay": 0.01},
+        {"params": params[4:], "weight_decay": 0.0},
+    ]
+    opt = Lamb(groups, lr=LR, betas=BETAS, eps=EPS, adam=adam, fused=fused)
+    for step in range(steps):
+        for p, g in zip(params, grads_for(step, params)):
+            p.grad = g
+        opt.step()
+    return params, opt
+
+
+@pytest.mark.parametrize("adam", [False, True])
+@pytest.mark.parametrize("fused", [True, False])
+def test_matches_naive_reference(fused, adam):
+    params, _ = run_torch(fused, adam=adam)
+    naive = NaiveLamb(make_params(), [0.01] * 4 + [0.0], adam=adam)
+    ref_params = make_params()
+    for step in range(5):
+        naive.step(grads_for(step, ref_params))
+    for got, want in zip(params, naive.p):
+        torch.testing.assert_close(got.detach().flatten(), torch.tensor(want, dtype=torch.float32),
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_fused_and_eager_agree():
+    fused, opt_f = run_torch(True)
+    eager, opt_e = run_torch(False)
+    for a, b in zip(fused, eager):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-8)
+    for pa, pb in zip(fused, eager):
+        torch.testing.assert_close(opt_f.state[pa]["exp_avg"], opt_e.state[pb]["exp_avg"])
+        torch.testing.assert_close(opt_f.state[pa]["exp_avg_sq"], opt_e.state[pb]["exp_avg_sq"])
+        assert opt_f.state[pa]["step"] == opt_e.state[pb]["step"] == 5
+
+
+def test_trust_ratio_cases_change_params_as_expected():
+    params, _ = run_torch(True, steps=1)
+    # zero-norm param moves by lr * u with trust 1: first-step u = g/ (|g| + eps)  ~ sign(g)
+    g = grads_for(0, make_params())[2]
+    torch.testing.assert_close(params[2].detach(), -LR * (0.1 * g / (torch.sqrt(0.001 * g * g) + EPS)),
+                               rtol=1e-5, atol=1e-7)
+    # zero-gradient param without decay does not move
+    torch.testing.assert_close(params[4].detach(), make_params()[4].detach())
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_state_dict_round_trip_weights_only(fused):
+    params, opt = run_torch(fused, steps=3)
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+
+    clone = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt2 = Lamb([{"params": clone[:4], "weight_decay": 0.01}, {"params": clone[4:], "weight_decay": 0.0}],
+                lr=LR, fused=fused)
+    opt2.load_state_dict(state)
+    assert opt2.state[clone[0]]["step"] == 3
+    for step in range(3, 5):
+        for plist in (params, clone):
+            for p, g in zip(plist, grads_for(step, plist)):
+                p.grad = g
+        opt.step()
+        opt2.step()
+    for a, b in zip(params, clone):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_sparse_gradients_are_rejected(fused):
+    emb = torch.nn.Embedding(10, 4, sparse=True)
+    opt = Lamb(emb.parameters(), fused=fused)
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse gradients"):
+        opt.step()
+
+
+def test_params_without_grad_are_skipped_and_closure_is_called():
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    opt = Lamb([a, b], lr=0.1)
+
+    def closure():
+        loss = (a * 2).sum()
+        loss.backward()
+        return loss
+
+    assert opt.step(closure).item() == 6.0
+    assert b not in opt.state and opt.state[a]["step"] == 1
+    torch.testing.assert_close(b.detach(), torch.ones(3))
+
+
+def test_invalid_hyperparameters():
+    p = [torch.nn.Parameter(torch.ones(1))]
+    for kwargs in ({"lr": -1}, {"eps": -1}, {"betas": (1.0, 0.9)}, {"betas": (0.9, -0.1)}, {"weight_decay": -1}):
+        with pytest.raises(ValueError):
+            Lamb(p, **kwargs)
