@@ -26,9 +26,8 @@ from typing import Any
 
 import torch
 
+from utils.config import SCHEDULERS
 from utils.errors import UserError
-
-SCHEDULERS = ("cosine", "inv_sqrt", "dev_perf", "constant")
 
 # ReduceLROnPlateau defaults used by the reference's dev_perf schedule
 _PLATEAU_THRESHOLD = 1e-4

@@ -14,9 +14,8 @@ sparse optimizer for sampled softmax is not needed: our embeddings produce dense
 import torch
 
 from lamb import Lamb
+from utils.config import OPTIMIZERS
 from utils.errors import UserError
-
-OPTIMIZERS = ("adam", "sgd", "adagrad", "lamb", "jitlamb")
 
 
 def build_optimizer(args, model: torch.nn.Module) -> torch.optim.Optimizer:
