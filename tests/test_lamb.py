@@ -155,3 +155,13 @@ def test_invalid_hyperparameters():
     for kwargs in ({"lr": -1}, {"eps": -1}, {"betas": (1.0, 0.9)}, {"betas": (0.9, -0.1)}, {"weight_decay": -1}):
         with pytest.raises(ValueError):
             Lamb(p, **kwargs)
+
+
+def test_fused_step_never_reads_values_back_to_the_host():
+    # meta tensors have no data: any .item() / bool() on a result (a device->host sync on CUDA) would raise
+    params = [torch.nn.Parameter(torch.empty(4, 3, device="meta")), torch.nn.Parameter(torch.empty(5, device="meta"))]
+    for p in params:
+        p.grad = torch.empty_like(p)
+    Lamb(params, lr=0.1, weight_decay=0.01, fused=True).step()
+    with pytest.raises(RuntimeError, match="meta"):
+        Lamb(params, lr=0.1, fused=False).step()  # the per-tensor loop branches on the norms
