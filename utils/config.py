@@ -1,7 +1,7 @@
 """The flag schema of train.py and eval.py, YAML presets from configs/, strict parsing.
 
-Flags keep the reference's names, types and defaults (differences are listed in docs and marked "ours" or
-"changed" in the help texts). A preset file maps preset names to `train` and `eval` sections:
+Flags keep the reference's names, types and defaults; the differences are listed in docs/configuration.md
+and marked "ours" or "changed" in the help texts. A preset file maps preset names to `train` and `eval` sections:
 
     default:
       train: {n_layer: 16, lr: 0.01, ...}
