@@ -153,7 +153,9 @@ def _add_run_flags(group, *, dllog_file: str) -> None:
     """Work dir, device, precision, logging, pass/fail targets."""
     group.add_argument("--work_dir", type=str, default="LM-TFM", help="directory for logs and checkpoints")
     _flag(group, "debug", "no experiment dir; logs go to /dev/null (train: no checkpoints, no final test)")
-    _flag(group, "cuda", "run on CUDA (falls back to the CPU with a warning when there is no GPU)")
+    _flag(group, "cuda", "run on CUDA (default: CUDA when a GPU is present; --no_cuda forces the CPU; "
+                         "falls back to the CPU with a warning when there is no GPU)")
+    group.set_defaults(cuda=None)  # None: automatic
     _flag(group, "fp16", "float16 mixed precision")
     _flag(group, "bf16", "bfloat16 mixed precision, no loss scaling (ours; exclusive with --fp16)")
     _flag(group, "log_all_ranks", "one log file per rank")
@@ -440,6 +442,9 @@ def _coerce_preset(parser: argparse.ArgumentParser, values: dict, where: str) ->
             raise UserError(f"{where}: unknown key {key!r}{_did_you_mean(str(key), list(actions), quote=True)}")
         action = actions[key]
         if action.nargs == 0:  # on/off flag
+            if value is None and action.default is None:  # an automatic flag (cuda) left automatic
+                out[key] = None
+                continue
             if not isinstance(value, bool):
                 raise UserError(f"{here}: expects true or false, got {value!r}")
             out[key] = value
