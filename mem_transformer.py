@@ -176,12 +176,12 @@ class MemTransformerLM(nn.Module):
 
     def __init__(self, n_token: int, n_layer: int, n_head: int, d_model: int, d_head: int, d_inner: int,
                  dropout: float, dropatt: float, dtype=None, tie_weight: bool = True, d_embed: Optional[int] = None,
-                 div_val: int = 1, tie_projs: Optional[List[bool]] = None, pre_lnorm: bool = False,
+                 div_val: int = 1, tie_projs: List[bool] = [False], pre_lnorm: bool = False,  # noqa: B006
                  tgt_len: Optional[int] = None, ext_len: Optional[int] = None, mem_len: Optional[int] = None,
-                 cutoffs: Optional[List[int]] = None, adapt_inp: bool = False, same_length: bool = False,
+                 cutoffs: List[int] = [], adapt_inp: bool = False, same_length: bool = False,  # noqa: B006
                  attn_type: int = 0, clamp_len: int = -1, sample_softmax: int = -1):
         super().__init__()
-        cutoffs = list(cutoffs or [])
+        cutoffs = list(cutoffs or [])                        # copies: the list defaults are never modified
         d_embed = d_model if d_embed is None else d_embed
         tgt_len, ext_len, mem_len = tgt_len or 0, ext_len or 0, mem_len or 0
         if attn_type not in (0, 1, 2, 3):
@@ -192,6 +192,8 @@ class MemTransformerLM(nn.Module):
             raise UserError(f"attn_type {attn_type} needs tgt_len + ext_len + mem_len >= 1 (size of its tables)")
         if sorted(set(cutoffs)) != cutoffs or (cutoffs and (cutoffs[0] < 1 or cutoffs[-1] >= n_token)):
             raise UserError(f"cutoffs must increase strictly within (0, n_token={n_token}), got {cutoffs}")
+        if div_val < 1 or (div_val > 1 and d_embed // div_val ** len(cutoffs) < 1):
+            raise UserError(f"div_val {div_val} with d_embed {d_embed} leaves a cluster without embedding width")
         if sample_softmax > 0 and cutoffs:
             raise UserError("sample_softmax needs the full softmax: drop the cutoffs (--adaptive)")
 
@@ -224,7 +226,7 @@ class MemTransformerLM(nn.Module):
             DecoderLayer(attn_type, n_head, d_model, d_head, d_inner, dropout, dropatt, pre_lnorm)
             for _ in range(n_layer)])
 
-        # Positional parameters; the ones a type does not use are None.
+        # Positional parameters; those a type does not use are None (TorchScript then drops their branches).
         self.r_w_bias = None
         self.r_r_bias = None
         self.r_emb = None
@@ -290,7 +292,7 @@ class MemTransformerLM(nn.Module):
             mask = mask | torch.tril(ones, diagonal=-shift)
         return mask
 
-    def _rel_sinusoid(self, klen: int, like: Tensor) -> Tensor:
+    def _sinusoid_of_distances(self, klen: int, like: Tensor) -> Tensor:
         """Sinusoid of the distances klen-1 .. 0 (clamped to clamp_len) -> [klen, d_model], like's dtype."""
         dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
         pos_seq = torch.arange(klen - 1, -1, -1.0, dtype=dtype, device=like.device)
@@ -312,7 +314,7 @@ class MemTransformerLM(nn.Module):
         hids: List[Tensor] = []                                                 # each layer's input
 
         if self.r_r_bias is not None and self.r_w_bias is not None:             # type 0
-            pos_emb = self.drop(self._rel_sinusoid(klen, word_emb))             # [klen, d_model]
+            pos_emb = self.drop(self._sinusoid_of_distances(klen, word_emb))   # [klen, d_model]
             core_out = self.drop(word_emb)
             for i, layer in enumerate(self.layers):
                 hids.append(core_out.detach())
@@ -335,7 +337,7 @@ class MemTransformerLM(nn.Module):
                     mem_i = mem_i + pos[:mlen]
                 core_out = layer(core_out + pos[mlen:], mem_i, mask, unused, unused, unused)
         else:                                                                   # type 2
-            pos_emb = self._rel_sinusoid(klen, word_emb).unsqueeze(1)           # [klen, 1, d_model]
+            pos_emb = self._sinusoid_of_distances(klen, word_emb).unsqueeze(1)   # [klen, 1, d_model]
             core_out = self.drop(word_emb + pos_emb[mlen:])
             for i, layer in enumerate(self.layers):
                 mem_i = mem_list[i]

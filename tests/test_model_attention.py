@@ -19,7 +19,7 @@ def test_relative_position_term_is_the_embedding_of_distance_mlen_plus_i_minus_j
     torch.manual_seed(3)
     w_r = torch.randn(n_head * d_head, d_model, dtype=torch.float64)              # an r_net
     q = torch.randn(bsz, n_head, qlen, d_head, dtype=torch.float64)
-    pos = model._rel_sinusoid(klen, q)                                            # [klen, d_model]
+    pos = model._sinusoid_of_distances(klen, q)                                   # [klen, d_model]
     out = rel_position_scores(q, (pos @ w_r.t()).view(klen, n_head, d_head), None)
 
     for b in range(bsz):
@@ -88,7 +88,7 @@ def test_attention_layer_matches_explicit_loops(attn_type, pre_lnorm, mlen):
     mask[2, 0] = True                                                    # a same_length-style extra hidden key
     none = torch.empty(0, dtype=torch.float64)
     if attn_type == 0:
-        args = (model._rel_sinusoid(klen, h), model.r_w_bias, model.r_r_bias)
+        args = (model._sinusoid_of_distances(klen, h), model.r_w_bias, model.r_r_bias)
     elif attn_type == 1:
         table_len = 4 if mlen else 2                                     # shorter than klen: padded with row 0
         args = (torch.randn(table_len, n_head, d_head, dtype=torch.float64), model.r_w_bias[0],

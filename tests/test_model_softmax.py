@@ -59,7 +59,8 @@ def test_adaptive_softmax_div_val_2_tied_matches_the_spec():
 
 
 def test_adaptive_softmax_div_val_1_untied_with_projections_matches_the_spec():
-    model = tiny_model(0, n_token=N_TOKEN, cutoffs=[10, 25], d_embed=12, tie_weight=False, tie_projs=[False, True, False])
+    model = tiny_model(0, n_token=N_TOKEN, cutoffs=[10, 25], d_embed=12, tie_weight=False,
+                       tie_projs=[False, True, False])
     emb, crit = model.word_emb, model.crit
     bounds = [0, 10, 25, 40]
     w, b = crit.out_layers_weights[0], crit.out_layers_biases[0]             # one matrix over the vocabulary
