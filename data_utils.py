@@ -31,11 +31,9 @@ the evaluation warm-up batches). `state_dict()` / `load_state_dict()` save and r
 import contextlib
 import hashlib
 import json
-import math
 import os
 import re
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -312,6 +310,14 @@ class SentenceData:
     @property
     def n_tokens(self) -> int:
         return int(self.starts[-1])
+
+    def n_pairs(self) -> int:
+        """(input, target) pairs in all sentences: sum of max(length - 1, 0), read in blocks."""
+        total = 0
+        for first in range(0, len(self), 1 << 22):
+            lengths = np.diff(np.asarray(self.starts[first : first + (1 << 22) + 1], np.int64))
+            total += int(np.maximum(lengths - 1, 0).sum())
+        return total
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -594,6 +600,21 @@ def rank_columns(bsz: int, rank: int, world_size: int) -> tuple[int, int]:
     return first, last
 
 
+def _check_sizes(bsz: int, bptt: int) -> None:
+    if bsz < 1 or bptt < 1:
+        raise UserError(f"batch size ({bsz}) and segment length ({bptt}) must be positive")
+
+
+def _check_state(state: dict, expected: dict) -> None:
+    """A saved iterator position fits this iterator only when these fields agree."""
+    for key, value in expected.items():
+        if state.get(key) != value:
+            raise UserError(
+                f"cannot resume the data stream: it was saved with {key}={state.get(key)}, this run has {value} "
+                "(resume with the same data, global batch size and segment length)"
+            )
+
+
 def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64))
     if device.type == "cpu":
@@ -639,8 +660,7 @@ class LMOrderedIterator:
         varlen: bool = False,
         seed: int = 0,
     ):
-        if bsz < 1 or bptt < 1:
-            raise UserError(f"batch size ({bsz}) and segment length ({bptt}) must be positive")
+        _check_sizes(bsz, bptt)
         self.src = _as_ids(data)
         self.bsz, self.bptt = bsz, bptt
         self.ext_len = ext_len or 0
@@ -712,14 +732,18 @@ class LMOrderedIterator:
         self.pos = self.batch = 0
         self.epoch += 1
 
-    def get_fixlen_iter(self, start: int | None = None):
+    def _pass(self, start: int | None, length=None):
+        """One pass from the start position; `length(batch_number)` gives variable segment lengths."""
         self._begin(start)
         while self.pos < self.n_rows - 1:
             i = self.pos
-            batch = self.get_batch(i)
+            batch = self.get_batch(i, length(self.batch) if length else None)
             self.last_iter, self.pos, self.batch = i, i + batch[2], self.batch + 1
             yield batch
         self._end()
+
+    def get_fixlen_iter(self, start: int | None = None):
+        return self._pass(start)
 
     def varlen_bptt(self, batch: int, std: float = 5, min_len: int = 5, max_deviation: int = 3) -> int:
         """Length of batch number `batch` of this epoch: the reference's rule (bptt, or bptt / 2 with
@@ -730,13 +754,7 @@ class LMOrderedIterator:
         return int(min(self.bptt + max_deviation * std, max(min_len, int(rng.normal(mean, std)))))
 
     def get_varlen_iter(self, start: int | None = None, std: float = 5, min_len: int = 5, max_deviation: int = 3):
-        self._begin(start)
-        while self.pos < self.n_rows - 1:
-            i = self.pos
-            batch = self.get_batch(i, self.varlen_bptt(self.batch, std, min_len, max_deviation))
-            self.last_iter, self.pos, self.batch = i, i + batch[2], self.batch + 1
-            yield batch
-        self._end()
+        return self._pass(start, lambda batch: self.varlen_bptt(batch, std, min_len, max_deviation))
 
     def __iter__(self):
         return self.get_varlen_iter() if self.varlen else self.get_fixlen_iter()
@@ -778,12 +796,7 @@ class LMOrderedIterator:
 
     def load_state_dict(self, state: dict) -> None:
         expected = {"type": "ordered", "n_tokens": len(self.src), "bsz": self.bsz, "warmup_elems": self.warmup_elems}
-        for key, value in expected.items():
-            if state.get(key) != value:
-                raise UserError(
-                    f"cannot resume the data stream: it was saved with {key}={state.get(key)}, this run has {value} "
-                    "(use the same data and global batch size)"
-                )
+        _check_state(state, expected)
         if state["roll"]:
             self.roll(*state["roll"])
         else:
@@ -817,8 +830,7 @@ class LMShuffledIterator:
         mem_len: int | None = None,  # accepted for the same call as LMOrderedIterator; no warm-up here
         warmup: bool = True,
     ):
-        if bsz < 1 or bptt < 1:
-            raise UserError(f"batch size ({bsz}) and segment length ({bptt}) must be positive")
+        _check_sizes(bsz, bptt)
         self.data = data if isinstance(data, SentenceData) else SentenceData.from_sentences(data)
         self.bsz, self.bptt = bsz, bptt
         self.ext_len = ext_len or 0
@@ -826,8 +838,7 @@ class LMShuffledIterator:
         self.shuffle, self.seed, self.epoch = shuffle, seed, 0
         self.col_first, self.col_last = rank_columns(bsz, rank, world_size)
         self.rank, self.world_size = rank, world_size
-        lengths = np.diff(np.asarray(self.data.starts))
-        pairs = int(np.maximum(lengths - 1, 0).sum())
+        pairs = self.data.n_pairs()
         self.n_batch = pairs // (bsz * bptt)  # an upper bound: streams may run dry a little earlier
         if self.n_batch == 0:
             raise UserError(f"{pairs} token pairs are too few for one batch of {bsz} x {bptt}")
@@ -947,11 +958,7 @@ class LMShuffledIterator:
         expected = {"type": "shuffled", "n_sentences": len(self.data), "bsz": self.bsz, "bptt": self.bptt}
         if state.get("retain") is not None:
             expected["columns"] = [self.col_first, self.col_last]
-        for key, value in expected.items():
-            if state.get(key) != value:
-                raise UserError(
-                    f"cannot resume the data stream: it was saved with {key}={state.get(key)}, this run has {value}"
-                )
+        _check_state(state, expected)
         self.seed, self.epoch, self.shuffle = state["seed"], state["epoch"], state["shuffle"]
         self.last_iter = state["last_iter"]
         self._resume = dict(state)

@@ -185,10 +185,6 @@ class _FirstSeenIds(dict):
         self.n += 1
         return idx
 
-    def symbols(self) -> list[str]:
-        """The symbols in id order (entries with negative values, the line-end marker, are skipped)."""
-        return [sym for sym, idx in self.items() if idx >= 0]
-
 
 class Vocab:
     """Word (or character, `delimiter=''`) vocabulary with the reference's ids; see the module docstring."""
@@ -229,13 +225,16 @@ class Vocab:
         return symbols
 
     def _blocks(
-        self, path: str | os.PathLike, line_ends: bool = True, progress: bool = False
+        self, path: str | os.PathLike, line_ends: bool = True, progress: bool = False, desc: str = "reading"
     ) -> Iterator[tuple[list[str], str, int]]:
         """Yield (symbols, marker, first_line) per block of `path`, lower-cased when asked.
 
         With `line_ends`, `marker` (a string that is not a symbol of the block) follows each line's symbols.
         """
-        for text, first_line in iter_text_chunks(path, split_long_lines=self.delimiter is None, progress=progress):
+        chunks = iter_text_chunks(
+            path, split_long_lines=self.delimiter is None, progress=progress, desc=f"{desc} {Path(path).name}"
+        )
+        for text, first_line in chunks:
             if self.lower_case:
                 text = text.lower()
             marker = _pick_marker(text)
@@ -282,7 +281,7 @@ class Vocab:
         """
         if verbose:
             print(f"counting file {path} ...", flush=True)
-        for tokens, marker, _ in self._blocks(path, line_ends=sink is not None, progress=progress):
+        for tokens, marker, _ in self._blocks(path, line_ends=sink is not None, progress=progress, desc="counting"):
             if sink is None:
                 block = collections.Counter(tokens)
                 block.pop(marker, None)
@@ -388,7 +387,7 @@ class Vocab:
         """Encode a file block by block: yields (ids int64, line starts within the block)."""
         eos_idx, s_idx = self._line_ends_ids(path, add_eos, add_double_eos)
         table = dict(self.sym2idx)
-        for tokens, marker, first_line in self._blocks(path, progress=progress):
+        for tokens, marker, first_line in self._blocks(path, progress=progress, desc="encoding"):
             ids = self._map(table, tokens, marker)
             self._fill_unknown(ids, path, first_line, tokens.__getitem__)
             yield finish_line_ends(ids, add_eos, add_double_eos, eos_idx, s_idx)
@@ -648,7 +647,9 @@ class BPEVocab:
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """The whole file's ids then `<|endoftext|>`, block by block (pieces encoded in parallel)."""
         tail = ""
-        chunks = iter_text_chunks(path, split_long_lines=False, progress=progress, add_final_newline=False)
+        chunks = iter_text_chunks(
+            path, split_long_lines=False, progress=progress, desc=f"encoding {Path(path).name}", add_final_newline=False
+        )
         for text, _ in chunks:
             text = tail + text
             bounds = [0] + _safe_cuts(text, _BPE_PIECE_CHARS, self.added_tokens)
