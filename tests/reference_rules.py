@@ -27,16 +27,14 @@ def build_vocab(paths, special, lower_case, min_freq=0, max_size=None, delimiter
     for path in paths:
         for line in read_lines(path):
             counter.update(tokenize(line, lower_case, delimiter=delimiter))
-    idx2sym = []
+    sym2idx = {}  # add_symbol: a symbol already present (a special one) is not added again
     for sym in special:
-        if sym not in idx2sym:
-            idx2sym.append(sym)
+        sym2idx.setdefault(sym, len(sym2idx))
     for sym, cnt in counter.most_common(max_size):
         if cnt < min_freq:
             break
-        if sym not in idx2sym:
-            idx2sym.append(sym)
-    return idx2sym, counter
+        sym2idx.setdefault(sym, len(sym2idx))
+    return list(sym2idx), counter
 
 
 def encode(path, idx2sym, lower_case, add_eos=True, add_double_eos=False, delimiter=None, unk="<unk>"):
@@ -46,6 +44,18 @@ def encode(path, idx2sym, lower_case, add_eos=True, add_double_eos=False, delimi
         for sym in tokenize(line, lower_case, add_eos, add_double_eos, delimiter):
             ids.append(sym2idx[sym] if sym in sym2idx else sym2idx[unk])
     return ids
+
+
+def encode_ends(path, idx2sym, lower_case, n, add_eos=True):
+    """The ids of the first n and the last n symbols of a file, by the same rule as encode()."""
+    head, tail = [], collections.deque(maxlen=n)
+    for line in read_lines(path):
+        symbols = tokenize(line, lower_case, add_eos)
+        if len(head) < n:
+            head.extend(symbols[: n - len(head)])
+        tail.extend(symbols)
+    sym2idx = {s: i for i, s in enumerate(idx2sym)}
+    return [sym2idx[s] for s in head], [sym2idx[s] for s in tail]
 
 
 class OrderedIterator:
