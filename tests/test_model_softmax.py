@@ -10,11 +10,13 @@ from utils.log_uniform_sampler import LogUniformSampler, sample_logits
 from utils.model_init import init_weights
 
 N_TOKEN = 40
-CONFIGS = {
+CONFIGS = {                                           # d_model 16
     "full": dict(),
+    "full-proj-tied": dict(d_embed=12),
     "full-proj-untied": dict(d_embed=12, tie_weight=False),
-    "adaptive-div1-tied": dict(cutoffs=[10, 25], tie_projs=[False, True, True]),
-    "adaptive-div1-untied-proj": dict(cutoffs=[10, 25], d_embed=12, tie_weight=False, tie_projs=[False, True, False]),
+    "adaptive-div1-wt103-base-shape": dict(cutoffs=[10, 25], tie_projs=[False, True, True]),
+    "adaptive-div1-tied": dict(cutoffs=[10, 25], d_embed=12, tie_projs=[False, True, True]),
+    "adaptive-div1-untied": dict(cutoffs=[10, 25], d_embed=12, tie_weight=False, tie_projs=[False, True, False]),
     "adaptive-div4-tied": dict(cutoffs=[10, 25], div_val=4, d_embed=32, tie_projs=[False, True, True]),
     "adaptive-div4-untied": dict(cutoffs=[10, 25], div_val=4, d_embed=32, tie_weight=False, tie_projs=[False] * 3),
     "adaptive-div2-mixed": dict(cutoffs=[10, 25], div_val=2, d_embed=12, tie_projs=[True, False, True]),
@@ -114,7 +116,7 @@ def test_sampled_softmax_trains_and_evaluates_with_the_exact_softmax():
     torch.manual_seed(0)
     n_token, tgt_len, bsz = 50, 8, 4
     from mem_transformer import MemTransformerLM
-    model = MemTransformerLM(n_token, 2, 2, 16, 8, 32, 0.0, 0.0, tgt_len=tgt_len, mem_len=0, sample_softmax=8)
+    model = MemTransformerLM(n_token, 1, 2, 16, 8, 32, 0.0, 0.0, tgt_len=tgt_len, mem_len=0, sample_softmax=8)
     init_weights(model, init_std=0.1)
     stream = (torch.arange(tgt_len * 40 + 1) * 7 % n_token).view(-1)         # a deterministic sequence
     data = torch.stack([stream.roll(-3 * b) for b in range(bsz)], 1)        # [len, bsz]
@@ -131,7 +133,7 @@ def test_sampled_softmax_trains_and_evaluates_with_the_exact_softmax():
     before = exact_loss()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     model.train()
-    for step in range(60):
+    for step in range(40):
         i = (step * tgt_len) % (data.size(0) - tgt_len - 1)
         loss, _ = model(data[i:i + tgt_len], data[i + 1:i + tgt_len + 1], None)
         assert loss.shape == (tgt_len, bsz) and torch.isfinite(loss).all()
@@ -139,4 +141,4 @@ def test_sampled_softmax_trains_and_evaluates_with_the_exact_softmax():
         loss.mean().backward()
         opt.step()
     after = exact_loss()
-    assert after < 0.5 * before, (before, after)
+    assert after < 0.6 * before, (before, after)          # uniform guessing is log(50) = 3.9
