@@ -15,7 +15,8 @@ Attention types (attn_type):
     3  Al-Rfou et al.: learned absolute embeddings r_emb [max_klen, d_model] added to every layer's input.
 Unlike the reference, memory is never modified in place: for types 2 and 3 mems[i] holds the layer input
 *without* its position embedding (for type 2, layer 0: the word embedding before dropout), and the
-positions of the current window are added when the memory is used.
+positions of the current window are added when the memory is used. With pre_lnorm, types 2 and 3 also take
+their queries from the normalized input (the reference used the raw one).
 """
 import math
 from typing import List, Optional, Tuple
