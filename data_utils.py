@@ -30,6 +30,7 @@ the evaluation warm-up batches). `state_dict()` / `load_state_dict()` save and r
 """
 import contextlib
 import hashlib
+import io
 import json
 import os
 import re
@@ -158,14 +159,14 @@ def _source_files(datadir: Path, opts: dict) -> dict[str, Any]:
     if opts.get("bpe_model"):
         model = Path(opts["bpe_model"])
         files["bpe_model"] = [model / "vocab.json", model / "merges.txt"] if model.is_dir() else [model]
+    needs = "valid.txt, test.txt and the training shards" if opts["dataset"] == "lm1b" else "train.txt, valid.txt and test.txt"
+    names = {"train": "training split", "valid": "validation split", "test": "test split",
+             "vocab_file": "vocabulary file", "bpe_model": "BPE file"}
     for key, value in files.items():
         for path in value if isinstance(value, list) else [value]:
-            what = {"train": "training split", "valid": "validation split", "test": "test split"}.get(key, "file")
             if key in SPLITS and not path.exists():
-                raise UserError(
-                    f"{path}: {what} not found; a {opts['dataset']} folder needs train.txt, valid.txt and test.txt"
-                )
-            check_text_file(path, what)
+                raise UserError(f"{path}: {names[key]} not found; a {opts['dataset']} folder needs {needs}")
+            check_text_file(path, names[key])
     return files
 
 
@@ -263,8 +264,6 @@ class _NpyWriter:
         self.n += len(ids)
 
     def close(self) -> int:
-        import io
-
         header = io.BytesIO()
         np.lib.format.write_array_header_1_0(
             header, {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": (self.n,)}
@@ -465,6 +464,8 @@ def _load_ids(file: Path, length: int, cache: Path) -> np.ndarray:
 def _build(datadir, root, key, opts, files, sources, verbose, progress) -> None:
     """Build the cache in a temporary folder and rename it into place; nothing is left behind on failure."""
     started = time.perf_counter()
+    for stale in root.glob(f".{key}.tmp-*"):  # left by a build that was killed (we hold the build lock)
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=root))
     try:
         if opts["dataset"] == "lm1b":

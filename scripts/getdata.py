@@ -179,7 +179,12 @@ def prepare_lm1b(archive: Path, vocab: Path, out: Path) -> None:
         tmp = out / (LM1B_ROOT + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         with tarfile.open(archive) as tar:
-            tar.extractall(tmp, filter="data")
+            if hasattr(tarfile, "data_filter"):  # refuses links and paths outside the folder
+                tar.extractall(tmp, filter="data")
+            else:  # Python before 3.10.12 / 3.11.4: check the member paths ourselves
+                if any(m.name.startswith(("/", "..")) or "/../" in m.name for m in tar.getmembers()):
+                    raise UserError(f"{archive}: unsafe paths in the archive; delete it and retry")
+                tar.extractall(tmp)
         os.replace(tmp / LM1B_ROOT, out / LM1B_ROOT)
         shutil.rmtree(tmp, ignore_errors=True)
     shutil.copyfile(vocab, out / "1b_word_vocab.txt")
