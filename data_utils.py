@@ -276,9 +276,10 @@ class _NpyWriter:
 
 
 def _raw_blocks(path: Path, dtype, block: int = 1 << 22) -> Iterator[np.ndarray]:
-    data = np.fromfile(path, dtype=dtype) if path.stat().st_size < (256 << 20) else np.memmap(path, dtype, "r")
-    for start in range(0, len(data), block):
-        yield np.asarray(data[start : start + block])
+    """A raw binary file of `dtype` values, `block` values at a time (bounded memory)."""
+    with open(path, "rb") as f:
+        while len(ids := np.fromfile(f, dtype=dtype, count=block)):
+            yield ids
 
 
 # --------------------------------------------------------------------------------------------------------

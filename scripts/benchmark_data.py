@@ -222,7 +222,7 @@ def main() -> int:
             print(f"  cache build                                      {built['seconds']:6.1f} s   "
                   f"{built['tokens']:,} tokens, peak memory {built['peak_rss_mb']:.0f} MB", flush=True)
             loaded = run_child(LOAD_CHILD.format(data=str(big), cache=cache))
-            print(f"  cached load in a new process ({loaded['mmap']})        {loaded['load'] * 1000:6.1f} ms")
+            print(f"  cached load in a new process ({loaded['mmap']})            {loaded['load'] * 1000:6.1f} ms")
             print(f"  first training batch (32 x 192) from the map     {loaded['first_batch'] * 1000:6.1f} ms")
             results["large"] = {"mb": big_mb, "copies": copies, "build": built, "load": loaded}
     if args.json:
