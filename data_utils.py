@@ -404,6 +404,28 @@ def get_lm_corpus(
     return _load(datadir, root / key, meta)
 
 
+def encode_split(datadir: str | os.PathLike, dataset: str, split: str, vocab) -> "np.ndarray | SentenceData":
+    """One split of `datadir` encoded with a given vocabulary (e.g. the one stored in a checkpoint), by the
+    dataset's rules, without building the corpus cache: eval.py scores a split with the ids the model knows.
+
+    Returns 1-D int64 ids, or SentenceData for lm1b (sentences between <S> markers)."""
+    if dataset not in DATASETS:
+        raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    if split not in SPLITS:
+        raise UserError(f"unknown split {split!r}; choose train, valid or test")
+    datadir = Path(datadir)
+    if not datadir.is_dir():
+        raise UserError(f"{datadir}: data folder not found; download the dataset with getdata.sh or pass --data")
+    path = datadir / f"{split}.txt"
+    if not path.exists():
+        raise UserError(f"{path}: {split} split not found; a {dataset} folder needs train.txt, valid.txt and test.txt")
+    check_text_file(path, f"{split} split")
+    if dataset == "lm1b":
+        return SentenceData.from_sentences(vocab.encode_file(path, ordered=False, add_eos=False, add_double_eos=True))
+    add_eos = _RULES[dataset].add_eos if dataset in _RULES else True
+    return vocab.encode_file(path, ordered=True, add_eos=add_eos)
+
+
 def _read_meta(path: Path) -> dict:
     meta_file = path / "meta.json"
     try:

@@ -222,6 +222,21 @@ def train_parser() -> StrictArgumentParser:
     dataset = parser.add_argument_group("dataset setup")
     _add_data_flags(dataset)
     dataset.add_argument("--vocab", type=str, default="word", choices=["word", "bpe"], help="vocabulary type")
+    dataset.add_argument("--custom_level", type=str, default="word", choices=["word", "char"],
+                         help="--dataset custom: word or character tokens (ours)")
+    _flag(dataset, "lower_case", "--dataset custom: lower-case the text (ours)")
+    dataset.add_argument("--min_freq", type=int, default=0,
+                         help="--dataset custom: drop words seen fewer times (they become <unk>) (ours)")
+    dataset.add_argument("--max_vocab_size", type=int, default=None,
+                         help="--dataset custom: keep the most frequent words only (others become <unk>) (ours)")
+    dataset.add_argument("--bpe_model", type=str, default=None,
+                         help="--vocab bpe: a tokenizer.json or a folder with vocab.json + merges.txt (ours; "
+                              "default: train a BPE on train.txt)")
+    dataset.add_argument("--bpe_vocab_size", type=int, default=None,
+                         help="--vocab bpe: size of the BPE trained on train.txt (ours; default 32000)")
+    dataset.add_argument("--cache_dir", type=str, default=None,
+                         help="folder for the encoded-corpus cache (ours; default: inside --data, or "
+                              "~/.cache/transformer-xl when --data is read-only)")
 
     model = parser.add_argument_group("model setup")
     model.add_argument("--n_layer", type=int, default=16, help="number of layers")

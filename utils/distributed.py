@@ -71,3 +71,64 @@ def all_reduce_item(value: float, op: str = "mean") -> float:
     else:
         dist.all_reduce(tensor, op=_OPS[op])
     return tensor.item()
+
+
+def init_from_env(args) -> None:
+    """Join the process group when torchrun (or Slurm) started several processes.
+
+    The device is not known yet at this point, so the backend follows the availability of CUDA: NCCL when
+    GPUs are present and not disabled with --no_cuda, gloo otherwise. WORLD_SIZE > 1 needs --multi_gpu ddp
+    (the reference trained unsynchronized replicas without it).
+    """
+    world_size = env_int("WORLD_SIZE", 1)
+    if world_size <= 1:
+        return
+    from utils.errors import UserError
+    if getattr(args, "multi_gpu", "ddp") not in ("ddp", "fsdp") and hasattr(args, "multi_gpu"):
+        raise UserError(f"WORLD_SIZE={world_size} but --multi_gpu is {args.multi_gpu}; pass --multi_gpu ddp "
+                        "(several processes without it would train unsynchronized copies)")
+    use_cuda = torch.cuda.is_available() and args.cuda is not False
+    if use_cuda:
+        local_rank = env_int("LOCAL_RANK", getattr(args, "local_rank", 0))
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+    init_distributed(torch.device("cuda" if use_cuda else "cpu"))
+
+
+def shutdown() -> None:
+    if is_initialized():
+        dist.destroy_process_group()
+
+
+def broadcast_object(obj):
+    """rank 0's `obj` on every rank."""
+    if not is_initialized():
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def gather_objects(obj) -> list | None:
+    """Every rank's `obj` as a list on rank 0 (None on the other ranks)."""
+    if not is_initialized():
+        return [obj]
+    out = [None] * get_world_size() if get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is true on at least one (e.g. a preemption signal seen by one rank)."""
+    if not is_initialized():
+        return flag
+    return all_reduce_item(1.0 if flag else 0.0, "max") > 0
+
+
+def wrap_model(model: torch.nn.Module, args, device: torch.device) -> torch.nn.Module:
+    """DistributedDataParallel around `model` when several processes train; the model itself otherwise."""
+    if not is_initialized() or get_world_size() == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+    device_ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False,
+                                   find_unused_parameters=True)

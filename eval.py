@@ -1,0 +1,241 @@
+#!/usr/bin/env python
+"""Evaluate a Transformer-XL language model: perplexity on a dataset split or on `--manual` text.
+
+    python eval.py --model LM-TFM/checkpoint_best.pt --data data/wikitext-103 --split test \\
+        --tgt_len 64 --mem_len 640 --clamp_len 400 --same_length
+    python eval.py --model LM-TFM/checkpoint_best.pt --manual "recognize speech"
+
+Reads our checkpoints and the reference trainer's (without running pickled code); the text is encoded with
+the vocabulary stored in the checkpoint. Output lines are the reference eval.py's.
+"""
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import data_utils
+from mem_transformer import MemTransformerLM
+from utils import distributed
+from utils.checkpoint import load_checkpoint
+from utils.config import eval_parser, eval_splits, parse_args
+from utils.errors import UserError, run_cli
+from utils.evaluation import evaluate_stream
+from utils.metrics import (DOUBLE_LINE, AverageMeter, MetricsWriter, format_eval_progress_line,
+                           format_split_result, safe_exp, setup_logging)
+from utils.reference_compat import reference_state_dict_to_ours
+from utils.runtime import select_device
+from utils.vocabulary import Vocab
+
+TORCHSCRIPT_EXTRA = "txl_meta.json"  # vocabulary and model config stored inside a TorchScript file
+
+
+def model_dtype(args) -> torch.dtype:
+    return torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else torch.float32
+
+
+def math_name(args) -> str:
+    return "fp16" if args.fp16 else "bf16" if args.bf16 else "fp32"
+
+
+def load_model(args, device, log):
+    """(model, vocab, model_config, dataset) from --load_torchscript, --manual_config or the checkpoint."""
+    if args.load_torchscript:
+        extra = {TORCHSCRIPT_EXTRA: ""}
+        path = Path(args.load_torchscript)
+        if not path.is_file():
+            raise UserError(f"TorchScript file {path} does not exist")
+        try:
+            model = torch.jit.load(str(path), map_location=device, _extra_files=extra)
+        except Exception as exc:
+            raise UserError(f"{path} is not a loadable TorchScript file ({str(exc).splitlines()[0][:200]})") from None
+        meta = json.loads(extra[TORCHSCRIPT_EXTRA] or "{}")
+        if "vocab" not in meta:
+            raise UserError(f"{path} was not written by eval.py --save_torchscript (no vocabulary inside)")
+        model.reset_length(args.tgt_len, args.ext_len, args.mem_len)
+        return model, Vocab.from_dict(meta["vocab"]), meta["model_config"], meta.get("dataset")
+
+    overrides = dict(tgt_len=args.tgt_len, ext_len=args.ext_len, mem_len=args.mem_len, clamp_len=args.clamp_len,
+                     same_length=args.same_length)
+    if args.manual_config is not None:
+        config = {**args.manual_config, **overrides}
+        config.pop("dtype", None)
+        model = MemTransformerLM(**config)
+        log.info("Building the model from --manual_config: the weights are random")
+        return model, None, config, None
+
+    path = Path(args.model) if args.model else Path(args.work_dir) / "checkpoint_best.pt"
+    ckpt = load_checkpoint(path, map_location="cpu")
+    config = {**ckpt["model_config"], **overrides}
+    reference = ckpt["format"] == "reference"
+    vocab = Vocab.from_reference(ckpt["vocab"]) if reference else Vocab.from_dict(ckpt["vocab"])
+    if config["n_token"] != len(vocab):
+        raise UserError(f"checkpoint {path}: the model predicts {config['n_token']} tokens but its vocabulary has "
+                        f"{len(vocab)}; the file is inconsistent, use another checkpoint")
+    model = MemTransformerLM(**config)
+    state = reference_state_dict_to_ours(ckpt["model_state"], ckpt["model_config"]) if reference else ckpt["model_state"]
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise UserError(f"checkpoint {path} does not fit its own model_config ({str(exc).splitlines()[0][:200]})") from None
+    dataset = ckpt["args"].get("dataset") if isinstance(ckpt.get("args"), dict) else None
+    return model, vocab, config, dataset
+
+
+def manual_ids(args, vocab) -> np.ndarray:
+    text = " ".join(args.manual).strip()
+    if not text:
+        raise UserError("--manual got empty text; pass the words to score, e.g. --manual \"recognize speech\"")
+    if vocab is None:
+        raise UserError("--manual needs a vocabulary: pass --model with a checkpoint (--manual_config has none)")
+    ids = vocab.encode(data_utils.tokenize_raw(text), add_eos=True)
+    if len(ids) < 2:
+        raise UserError("--manual text is too short: it needs at least one word")
+    return np.asarray(ids, dtype=np.int64)
+
+
+def evaluate(model, iterator, args, device, log, meters) -> tuple[float, int]:
+    """One split, `--repeat` times; logs progress lines; returns (mean NLL, batches)."""
+    total_loss, total_len, n_batches = 0.0, 0, 0
+    start = time.time()
+    interval = {"loss": 0.0, "time": 0.0, "tokens": 0, "batches": 0}
+    n_batch = iterator.n_batch if args.max_size is None else min(iterator.n_batch, args.max_size)
+    step = [0]
+
+    def on_batch(index: int, seconds: float, loss: float, n_tokens: int) -> None:
+        step[0] += 1
+        tokens_per_s = distributed.all_reduce_item(n_tokens / seconds if seconds > 0 else 0.0, "sum")
+        meters["latency"].update(seconds * 1000)
+        meters["throughput"].update(tokens_per_s, seconds)
+        interval["loss"] += loss
+        interval["time"] += seconds
+        interval["tokens"] += n_tokens
+        interval["batches"] += 1
+        if step[0] % args.log_interval == 0:
+            b = interval["batches"]
+            log.info(format_eval_progress_line(step[0], index + 1, n_batch, interval["time"] / b * 1000,
+                                               interval["tokens"] / interval["time"] if interval["time"] else 0,
+                                               interval["loss"] / b))
+            interval.update(loss=0.0, time=0.0, tokens=0, batches=0)
+
+    for _ in range(args.repeat):
+        result = evaluate_stream(model, iterator, device, max_steps=args.max_size or -1, timed=True,
+                                 on_batch=on_batch)
+        total_loss += result.total_loss
+        total_len += result.total_len
+        n_batches += result.n_batches
+    elapsed = time.time() - start
+    log.info(f"Time : {elapsed:.2f}s, {1000 * elapsed / max(n_batches, 1):.2f}ms/segment")
+    if total_len == 0:
+        raise UserError("nothing was scored: every batch only primed the memory; raise --max_size or lower --mem_len")
+    loss = total_loss / total_len
+    return distributed.all_reduce_item(loss, "mean"), n_batches
+
+
+def main() -> int:
+    args = parse_args(eval_parser(), section="eval")
+    distributed.init_from_env(args)
+    rank, world_size = distributed.get_rank(), distributed.get_world_size()
+    work_dir = Path(args.work_dir)
+    if rank == 0 and not args.debug:
+        work_dir.mkdir(parents=True, exist_ok=True)
+    log = setup_logging(None if args.debug else work_dir / "eval_log.log", rank, args.log_all_ranks, filemode="a")
+    device = select_device(args, log)
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+
+    model, vocab, model_config, trained_on = load_model(args, device, log)
+    if args.type == "pytorch" or args.load_torchscript:
+        if not args.load_torchscript:
+            model = model.to(device=device, dtype=model_dtype(args))
+    model.eval()
+    if args.type == "torchscript" and not args.load_torchscript:
+        start = time.time()
+        model = torch.jit.script(model.to(device=device, dtype=model_dtype(args)))
+        log.info(f"Building the model took {time.time() - start:.2f} seconds")
+    if args.save_torchscript:
+        scripted = model if isinstance(model, torch.jit.ScriptModule) else torch.jit.script(model)
+        meta = {"vocab": None if vocab is None else vocab.to_dict(), "model_config": model_config,
+                "dataset": trained_on or args.dataset}
+        torch.jit.save(scripted, args.save_torchscript, _extra_files={TORCHSCRIPT_EXTRA: json.dumps(meta)})
+        log.info(f"Saved the TorchScript model to {args.save_torchscript}")
+
+    if args.manual:
+        splits = {args.split: data_utils.LMOrderedIterator(manual_ids(args, vocab), 1, args.tgt_len, device=device,
+                                                           ext_len=args.ext_len, warmup=False)}
+    else:
+        if vocab is None:
+            corpus = data_utils.get_lm_corpus(args.data, args.dataset, args.manual_vocab, verbose=rank == 0)
+            vocab = corpus.vocab
+        splits = {}
+        for split in eval_splits(args):
+            ids = data_utils.encode_split(args.data, args.dataset, split, vocab)
+            kind = data_utils.LMShuffledIterator if isinstance(ids, data_utils.SentenceData) else data_utils.LMOrderedIterator
+            splits[split] = kind(ids, args.batch_size, args.tgt_len, device=device, mem_len=args.mem_len,
+                                 ext_len=args.ext_len, rank=rank, world_size=world_size)
+
+    log.info(f"Evaluating with: math {math_name(args)} type {args.type} bsz {args.batch_size} tgt_len {args.tgt_len} "
+             f"ext_len {args.ext_len} mem_len {args.mem_len} clamp_len {args.clamp_len}")
+    warmup = args.mem_len // args.tgt_len + 2
+    meters = {"throughput": AverageMeter(warmup=warmup, keep=args.save_data),
+              "latency": AverageMeter(warmup=warmup, keep=args.save_data)}
+    metrics = MetricsWriter(None if args.debug else work_dir / args.dllog_file, enabled=rank == 0, append=True)
+    dataset = trained_on if args.manual else args.dataset
+    results = {}
+    for split, iterator in splits.items():
+        loss, _ = evaluate(model, iterator, args, device, log, meters)
+        results[split] = loss
+        log.info(DOUBLE_LINE)
+        log.info(format_split_result(split, loss, dataset or args.dataset))
+        log.info(DOUBLE_LINE)
+        metrics.log("SUMMARY", {"split": split, "eval_loss": loss, "eval_ppl": safe_exp(loss)})
+
+    if args.save_data:
+        report_latency(args, meters, work_dir, log, metrics)
+    metrics.close()
+
+    passed = True
+    last_loss = list(results.values())[-1]
+    if args.target_perplexity is not None:
+        ppl = safe_exp(last_loss)
+        log.info(f"Perplexity achieved: {ppl:.2f} target: {args.target_perplexity:.2f}")
+        ok = ppl <= args.target_perplexity
+        log.info(f"Perplexity test {'passed' if ok else 'failed'}")
+        passed &= ok
+    if args.target_throughput is not None:
+        achieved = meters["throughput"].avg
+        log.info(f"Throughput achieved: {achieved:.2f} target: {args.target_throughput:.2f}")
+        ok = achieved >= args.target_throughput
+        log.info(f"Throughput test {'passed' if ok else 'failed'}")
+        passed &= ok
+    distributed.shutdown()
+    return 0 if passed else 1
+
+
+def report_latency(args, meters, work_dir: Path, log, metrics) -> None:
+    """--save_data: throughput and latency samples as JSON, and the reference's summary lines."""
+    throughput = np.array(meters["throughput"].values, dtype=np.float64)
+    latency = np.array(meters["latency"].values, dtype=np.float64)
+    if latency.size == 0:
+        log.info("No timing samples after the warm-up batches; evaluate more batches for latency figures")
+        return
+    data = {"args": {k: v for k, v in vars(args).items()}, "throughput": throughput.tolist(),
+            "latency": latency.tolist()}
+    if not args.debug:
+        path = work_dir / f"eval_data_{args.batch_size}_{math_name(args)}_{args.type}.json"
+        path.write_text(json.dumps(data))
+    summary = {"eval_throughput": float(throughput.mean()), "eval_avg_latency": float(latency.mean())}
+    log.info(f"Throughput Avg: {throughput.mean():.2f} tok/s")
+    log.info(f"Latency Avg: {latency.mean():.2f} ms")
+    for p in args.percentiles:
+        value = float(np.percentile(latency, p))
+        summary[f"eval_{p}%_latency"] = value
+        log.info(f"Latency {p}%: {value:.2f} ms")
+    log.info(DOUBLE_LINE)
+    metrics.log("SUMMARY", summary)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,512 @@
+#!/usr/bin/env python
+"""Train a Transformer-XL language model.
+
+    python train.py --config_file configs/wt103_base.yaml --config dgx1_8gpu_fp16 [flags]
+    torchrun --nproc_per_node 8 train.py --config_file configs/wt103_base.yaml ...
+
+The flags, presets and log lines are the reference trainer's (NVIDIA DeepLearningExamples); see README.md.
+"""
+import contextlib
+import itertools
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import data_utils
+from mem_transformer import MemTransformerLM
+from utils import distributed
+from utils.checkpoint import load_checkpoint, save_checkpoint_atomic, copy_checkpoint_atomic
+from utils.config import dump_config, parse_args, train_parser, CONFIG_DUMP_NAME
+from utils.errors import UserError, run_cli
+from utils.evaluation import eval_lengths, evaluate_stream
+from utils.lr_scheduler import build_scheduler
+from utils.metrics import (DOUBLE_LINE, LINE, AverageMeter, MetricsWriter, format_eval_line, format_test_line,
+                           format_train_line, safe_exp, setup_logging, uses_bpc)
+from utils.model_init import count_parameters, init_weights
+from utils.optimizers import build_optimizer
+from utils.preemption import PreemptionHandler
+from utils.reference_compat import reference_state_dict_to_ours
+from utils.runtime import amp_context, grad_scaler, select_device
+from utils.vocabulary import Vocab
+
+CHECKPOINT_FORMAT = "txl-train-v1"
+
+
+class TrainingDiverged(UserError):
+    exit_code = 3
+
+
+# ----------------------------------------------------------------------------------------------------------
+# setup
+
+
+def adaptive_cutoffs(args, n_token: int) -> tuple[list[int], list[bool]]:
+    """Adaptive softmax clusters (--adaptive) as the reference chose them, and which projections are tied.
+
+    wt103 (and wt2, which shares its vocabulary rules): [19997, 39997, 199997] with tied tail projections;
+    lm1b: [59997, 99997, 639997], untied. Other vocabularies keep the wt103 cutoffs that fall inside them
+    (the reference used cutoffs larger than the vocabulary for BPE).
+    """
+    if not args.adaptive:
+        return [], [False]
+    if args.dataset == "lm1b":
+        cutoffs, tie_projs = [59997, 99997, 639997], [False, False, False, False]
+    else:
+        cutoffs, tie_projs = [19997, 39997, 199997], [False, True, True, True]
+    kept = [c for c in cutoffs if c < n_token - 1]
+    if not kept:
+        raise UserError(f"--adaptive needs a vocabulary larger than {cutoffs[0] + 1} tokens, this one has "
+                        f"{n_token}; drop --adaptive")
+    return kept, tie_projs[: len(kept) + 1]
+
+
+def build_model_config(args, n_token: int) -> dict:
+    cutoffs, tie_projs = adaptive_cutoffs(args, n_token)
+    return dict(
+        n_token=n_token, n_layer=args.n_layer, n_head=args.n_head, d_model=args.d_model, d_head=args.d_head,
+        d_inner=args.d_inner, dropout=args.dropout, dropatt=args.dropatt, dtype=None, tie_weight=args.tied,
+        d_embed=args.d_embed, div_val=args.div_val, tie_projs=tie_projs, pre_lnorm=args.pre_lnorm,
+        tgt_len=args.tgt_len, ext_len=args.ext_len, mem_len=args.mem_len, cutoffs=cutoffs,
+        same_length=args.same_length, attn_type=args.attn_type, clamp_len=args.clamp_len,
+        sample_softmax=args.sample_softmax,
+    )
+
+
+def make_work_dir(args, rank: int) -> Path:
+    work_dir = Path(args.work_dir)
+    if args.append_dataset:
+        work_dir = Path(f"{work_dir}-{args.dataset}")
+    if args.append_time:
+        stamp = distributed.broadcast_object(time.strftime("%Y%m%d-%H%M%S"))
+        work_dir = work_dir / stamp
+    if rank == 0 and not args.debug:
+        work_dir.mkdir(parents=True, exist_ok=True)
+    return work_dir
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state(device: torch.device) -> dict:
+    """Every random generator the training uses, as tensors and plain types."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
+                  int(np_state[3]), float(np_state[4])],
+        "python": _python_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+    }
+    return state
+
+
+def _python_rng_state() -> list:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def checkpoint_state(args, model_config, model, optimizer, scheduler, scaler, vocab, mems, tr_iter, progress,
+                     device) -> dict:
+    """Everything an exact resume needs, gathered from all ranks (rank 0 writes it)."""
+    per_rank = {
+        "rng": rng_state(device),
+        "memory": [None if m is None else m.detach().cpu() for m in mems],
+        "data": tr_iter.state_dict(),
+    }
+    gathered = distributed.gather_objects(per_rank)
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "args": {k: v for k, v in vars(args).items()},
+        "model_config": model_config,
+        "model_state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "optimizer_state": optimizer.state_dict(),
+        "scheduler_state": scheduler.state_dict(),
+        "scaler_state": scaler.state_dict() if scaler.is_enabled() else None,
+        "vocab": vocab.to_dict(),
+        "world_size": distributed.get_world_size(),
+        "batch_chunk": args.batch_chunk,
+        "rng_states": [g["rng"] for g in gathered] if gathered else None,
+        "memory": [g["memory"] for g in gathered] if gathered else None,
+        "data_states": [g["data"] for g in gathered] if gathered else None,
+        **progress,
+    }
+
+
+def save_checkpoint(state: dict, work_dir: Path, is_best: bool, save_all: bool, log) -> None:
+    last = work_dir / "checkpoint_last.pt"
+    log.info(f"Saving checkpoint to {last}")
+    save_checkpoint_atomic(state, last)
+    if is_best:
+        copy_checkpoint_atomic(last, work_dir / "checkpoint_best.pt")
+    if save_all:
+        copy_checkpoint_atomic(last, work_dir / f"checkpoint_{state['train_step']}.pt")
+
+
+def same_vocab(a, b) -> bool:
+    return a.to_dict().get("idx2sym") == b.to_dict().get("idx2sym") and len(a) == len(b)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the loop
+
+
+class Trainer:
+    def __init__(self, args, log):
+        self.args, self.log = args, log
+        self.rank, self.world_size = distributed.get_rank(), distributed.get_world_size()
+
+    # ---- evaluation ------------------------------------------------------------------------------------------
+    def evaluate(self, iterator) -> float:
+        """Mean NLL of a split with the training-time evaluation settings (reference §3.5)."""
+        args, model = self.args, self.model
+        model.eval()
+        model.reset_length(*self.eval_len)
+        result = evaluate_stream(model, iterator, self.device, max_steps=args.eval_max_steps,
+                                 autocast=self.autocast)
+        model.reset_length(args.tgt_len, args.ext_len, args.mem_len)
+        model.train()
+        total = distributed.all_reduce_item(result.total_loss, "sum")
+        count = distributed.all_reduce_item(result.total_len, "sum")
+        if count == 0:
+            raise UserError("evaluation scored no tokens (--eval_max_steps covers only the memory warm-up "
+                            "batches); raise --eval_max_steps or set it to -1")
+        return total / count
+
+    # ---- one optimizer step ----------------------------------------------------------------------------------
+    def train_step(self, data, target) -> tuple[float, float]:
+        args, model = self.args, self.para_model
+        self.optimizer.zero_grad(set_to_none=True)
+        chunks = args.batch_chunk
+        data_chunks = torch.chunk(data, chunks, 1)
+        target_chunks = torch.chunk(target, chunks, 1)
+        step_loss = torch.zeros((), device=self.device)
+        for i in range(chunks):
+            sync = contextlib.nullcontext()
+            if i < chunks - 1 and hasattr(model, "no_sync"):
+                sync = model.no_sync()
+            with sync:
+                mems = self.mems[i]
+                if args.swap_mem and mems is not None:
+                    mems = mems.to(self.device, non_blocking=True)
+                with self.autocast():
+                    loss, mems = model(data_chunks[i], target_chunks[i], mems)
+                loss = loss.float().mean() / chunks
+                self.scaler.scale(loss).backward()
+                if args.swap_mem and mems is not None:
+                    mems = mems.to("cpu", non_blocking=True)
+                self.mems[i] = mems
+                step_loss += loss.detach()
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.clip)
+        scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else None
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if scale_before is not None and self.scaler.get_scale() < scale_before:
+            self.skipped_steps += 1
+        return step_loss.item(), float(grad_norm)
+
+    # ---- everything ------------------------------------------------------------------------------------------
+    def run(self) -> int:
+        args, log = self.args, self.log
+        self.device = select_device(args, log)
+        device = self.device
+        self.autocast = amp_context(args, device)
+        seed_everything(args.seed)
+
+        corpus = data_utils.get_lm_corpus(args.data, args.dataset, args.vocab, cache_dir=args.cache_dir,
+                                          verbose=self.rank == 0, progress=self.rank == 0, **corpus_options(args))
+        vocab = corpus.vocab
+        n_token = len(vocab)
+        tr_iter = corpus.get_iterator("train", args.batch_size, args.tgt_len, device=device, ext_len=args.ext_len,
+                                      rank=self.rank, world_size=self.world_size, varlen=args.varlen,
+                                      seed=args.seed)
+        self.eval_len = eval_lengths(args.tgt_len, args.ext_len, args.mem_len, args.eval_tgt_len)
+        eval_tgt, eval_ext, eval_mem = self.eval_len
+        va_iter, te_iter = (corpus.get_iterator(split, args.eval_batch_size, eval_tgt, device=device,
+                                                ext_len=eval_ext, mem_len=eval_mem, rank=self.rank,
+                                                world_size=self.world_size)
+                            for split in ("valid", "test"))
+
+        model_config = build_model_config(args, n_token)
+        model = MemTransformerLM(**model_config)
+        init_weights(model, args.init, args.init_range, args.init_std, args.proj_init_std)
+        model.to(device)
+        self.model = model
+        self.optimizer = build_optimizer(args, model)
+        self.scheduler = build_scheduler(args, self.optimizer)
+        self.scaler = grad_scaler(args, device)
+        self.para_model = distributed.wrap_model(model, args, device)
+
+        log.info(DOUBLE_LINE)
+        for key, value in sorted(vars(args).items()):
+            log.info(f"    - {key} : {value}")
+        log.info(DOUBLE_LINE)
+        n_all, n_nonemb = count_parameters(model)
+        log.info(f"#params = {n_all}")
+        log.info(f"#non emb params = {n_nonemb}")
+
+        progress = {"epoch": 1, "batch": 0, "last_iter": 0, "train_step": 0, "best_val_loss": None,
+                    "train_elapsed": 0.0, "log_acc": {"loss": 0.0, "steps": 0, "tokens": 0, "elapsed": 0.0}}
+        self.mems = [None] * args.batch_chunk
+        if args.restart:
+            progress = self.restore(args.restart, tr_iter, vocab, model_config, progress)
+            if progress is None:
+                return 1
+
+        self.skipped_steps = 0
+        throughput = AverageMeter(warmup=args.mem_len // args.tgt_len + 2)
+        metrics = MetricsWriter(None if args.debug else self.work_dir / args.dllog_file,
+                                None if args.debug else self.work_dir / "tensorboard",
+                                enabled=self.rank == 0, append=bool(args.restart))
+        metrics.log("PARAMETER", {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+        train_step = progress["train_step"]
+        best_val_loss = progress["best_val_loss"]
+        acc = dict(progress["log_acc"])
+        stop_reason = None
+        start_time = time.time()
+        train_elapsed = progress["train_elapsed"]
+        last_eval_step = None
+        with PreemptionHandler() as preemption:
+            for epoch in itertools.count(progress["epoch"]):
+                if args.roll:
+                    tr_iter.roll(args.seed, epoch)
+                log_start = time.time()
+                for data, target, seq_len, warm in tr_iter:
+                    loss, grad_norm = self.train_step(data, target)
+                    train_step += 1
+                    used_lr = self.optimizer.param_groups[0]["lr"]
+                    self.scheduler.step(train_step)
+                    if not math.isfinite(loss):
+                        self.diverged(train_step, loss)
+                    acc["loss"] += loss
+                    acc["steps"] += 1
+                    acc["tokens"] += target.numel()
+
+                    if train_step % args.log_interval == 0:
+                        elapsed = time.time() - log_start + acc["elapsed"]
+                        cur_loss = distributed.all_reduce_item(acc["loss"] / acc["steps"], "mean")
+                        avg_elapsed = distributed.all_reduce_item(elapsed / acc["steps"], "max")
+                        tokens = distributed.all_reduce_item(acc["tokens"], "sum")
+                        tok_per_s = tokens / elapsed if elapsed > 0 else 0.0
+                        throughput.update(tok_per_s, elapsed)
+                        log.info(format_train_line(epoch, train_step, tr_iter.batch, tr_iter.n_batch, used_lr,
+                                                   avg_elapsed * 1000, tok_per_s, cur_loss, args.dataset))
+                        record = {"epoch": epoch, "train_batch": tr_iter.batch, "lr": used_lr,
+                                  "train_time/batch": avg_elapsed * 1000, "train_throughput": tok_per_s,
+                                  "train_loss": cur_loss, "grad_norm": grad_norm}
+                        record["train_bits_per_character" if uses_bpc(args.dataset) else "train_perplexity"] = (
+                            cur_loss / math.log(2) if uses_bpc(args.dataset) else safe_exp(cur_loss))
+                        if self.scaler.is_enabled():
+                            record["skipped_steps"] = self.skipped_steps
+                            if self.skipped_steps:
+                                log.info(f"fp16: {self.skipped_steps} of the last {acc['steps']} steps skipped "
+                                         f"(loss scale now {self.scaler.get_scale():.0f})")
+                            self.skipped_steps = 0
+                        metrics.log(train_step, record, tb_prefix="train")
+                        self.last_train_loss = cur_loss
+                        acc = {"loss": 0.0, "steps": 0, "tokens": 0, "elapsed": 0.0}
+                        log_start = time.time()
+
+                    preempted = distributed.any_rank(preemption.requested)
+                    done = train_step >= args.max_step
+                    if train_step % args.eval_interval == 0 or done or preempted:
+                        pause = time.time()
+                        val_loss = None
+                        if not args.no_eval and not preempted:
+                            eval_start = time.time()
+                            val_loss = self.evaluate(va_iter)
+                            log.info(LINE)
+                            log.info(format_eval_line(train_step // args.eval_interval, train_step,
+                                                      time.time() - eval_start, val_loss, args.dataset))
+                            log.info(LINE)
+                            metrics.log(train_step, {"valid_elapsed": time.time() - eval_start,
+                                                     "valid_loss": val_loss,
+                                                     "valid_perplexity": safe_exp(val_loss)}, tb_prefix="valid")
+                            self.scheduler.step_eval(val_loss)
+                        is_best = val_loss is not None and (best_val_loss is None or val_loss < best_val_loss)
+                        if is_best:
+                            best_val_loss = val_loss
+                        if not args.debug:
+                            acc_saved = dict(acc, elapsed=acc["elapsed"] + pause - log_start)
+                            state = checkpoint_state(
+                                args, model_config, model, self.optimizer, self.scheduler, self.scaler, vocab,
+                                self.mems, tr_iter, {
+                                    "epoch": epoch, "batch": tr_iter.batch, "last_iter": tr_iter.last_iter,
+                                    "train_step": train_step, "best_val_loss": best_val_loss,
+                                    "train_elapsed": train_elapsed + time.time() - start_time,
+                                    "log_acc": acc_saved}, device)
+                            if self.rank == 0:
+                                save_checkpoint(state, self.work_dir, is_best, args.save_all, log)
+                        last_eval_step = train_step
+                        log_start += time.time() - pause  # evaluation time does not count as training time
+                        if preempted:
+                            stop_reason = "preempted"
+                            break
+                        if done:
+                            break
+                if stop_reason or train_step >= args.max_step:
+                    break
+            if stop_reason is None:
+                log.info(LINE)
+                log.info("End of training")
+
+        train_elapsed += time.time() - start_time
+        distributed.barrier()
+        if stop_reason == "preempted":
+            log.info(f"Received {preemption.signal_name}, exiting after saving the checkpoint at step {train_step}")
+            return 0
+
+        test_loss = None
+        best_path = self.work_dir / "checkpoint_best.pt"
+        if not (args.debug or args.no_test or args.no_eval) and best_path.is_file():
+            best = load_checkpoint(best_path, map_location=device)
+            model.load_state_dict(best["model_state"])
+            test_start = time.time()
+            test_loss = self.evaluate(te_iter)
+            log.info(DOUBLE_LINE)
+            log.info(format_test_line(time.time() - test_start, test_loss, args.dataset))
+            log.info(DOUBLE_LINE)
+        log.info(f"Training time: {train_elapsed / 60:.2f} minutes")
+        log.info(f"Training throughput: {throughput.avg:.2f} tok/s")
+        summary = {"train_throughput": throughput.avg, "train_elapsed": train_elapsed / 60}
+        if test_loss is not None:
+            summary.update(test_loss=test_loss, test_perplexity=safe_exp(test_loss))
+        if best_val_loss is not None:
+            summary.update(valid_loss=best_val_loss, valid_perplexity=safe_exp(best_val_loss))
+        metrics.log("SUMMARY", summary)
+        metrics.close()
+        return check_targets(args, best_val_loss, throughput.avg, log)
+
+    # ---- restart ---------------------------------------------------------------------------------------------
+    def restore(self, path, tr_iter, vocab, model_config, progress) -> dict | None:
+        args, log = self.args, self.log
+        ckpt = load_checkpoint(path, map_location=self.device)
+        if ckpt["format"] == "reference":
+            ckpt_vocab = Vocab.from_reference(ckpt["vocab"])
+            state = reference_state_dict_to_ours(ckpt["model_state"], ckpt["model_config"])
+        else:
+            ckpt_vocab = Vocab.from_dict(ckpt["vocab"])
+            state = ckpt["model_state"]
+        if not same_vocab(ckpt_vocab, vocab):
+            raise UserError(f"checkpoint {path} was trained with another vocabulary ({len(ckpt_vocab)} symbols, "
+                            f"this corpus has {len(vocab)}); restart with the same --data / --dataset / --vocab")
+        arch = ("n_token", "n_layer", "n_head", "d_model", "d_head", "d_inner", "d_embed", "div_val", "cutoffs",
+                "tie_weight", "attn_type", "pre_lnorm")
+        changed = [k for k in arch if ckpt["model_config"].get(k) != model_config.get(k)]
+        if changed:
+            differences = ", ".join(f"{k}={ckpt['model_config'].get(k)}" for k in changed)
+            raise UserError(f"checkpoint {path} has another model ({differences}); restart with the same model flags")
+        if ckpt["train_step"] >= args.max_step:
+            log.info(f"Loaded checkpoint after {ckpt['train_step']} steps, but this run was scheduled for a total "
+                     f"of {args.max_step} steps, exiting")
+            return None
+        self.model.load_state_dict(state)
+        self.model.update_dropout(args.dropout)
+        self.model.update_dropatt(args.dropatt)
+        if ckpt["format"] == "reference":
+            log.info(f"Loaded the reference checkpoint {path} (model weights, step {ckpt['train_step']}); the "
+                     "optimizer state, memory and data position start fresh")
+            self.scheduler.step(ckpt["train_step"])
+            return dict(progress, train_step=ckpt["train_step"], best_val_loss=ckpt.get("best_val_loss"))
+        try:
+            self.optimizer.load_state_dict(ckpt["optimizer_state"])
+        except (ValueError, KeyError) as exc:
+            raise UserError(f"checkpoint {path}: the optimizer state does not fit --optim {args.optim} ({exc}); "
+                            "restart with the optimizer it was trained with") from None
+        self.scheduler.load_state_dict(ckpt["scheduler_state"])
+        if ckpt.get("scaler_state") is not None and self.scaler.is_enabled():
+            self.scaler.load_state_dict(ckpt["scaler_state"])
+        same_layout = ckpt["world_size"] == self.world_size and ckpt["batch_chunk"] == args.batch_chunk
+        if same_layout:
+            set_rng_state(ckpt["rng_states"][self.rank], self.device)
+            self.mems = [None if m is None else m.to(self.device) for m in ckpt["memory"][self.rank]]
+            if args.swap_mem:
+                self.mems = [None if m is None else m.cpu() for m in self.mems]
+            tr_iter.load_state_dict(ckpt["data_states"][self.rank])
+        else:
+            log.info(f"Checkpoint written by {ckpt['world_size']} process(es) with batch_chunk {ckpt['batch_chunk']}; "
+                     f"this run has {self.world_size} and {args.batch_chunk}: memory and random state start fresh, "
+                     "the data stream resumes at the same position")
+            data_state = dict(ckpt["data_states"][0])
+            tr_iter.load_state_dict(data_state)
+        log.info(f"Resuming from {path} at step {ckpt['train_step']}")
+        return {k: ckpt[k] for k in progress}
+
+    def diverged(self, step: int, loss: float) -> None:
+        last = self.work_dir / "checkpoint_last.pt"
+        kept = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was written yet"
+        raise TrainingDiverged(f"the training loss became {loss} at step {step}; stopped without saving, {kept}; "
+                               "lower --lr, raise --warmup_step or use --bf16 instead of --fp16")
+
+
+def corpus_options(args) -> dict:
+    """Vocabulary options of data_utils.get_lm_corpus (the custom-only ones only for --dataset custom)."""
+    options = {"bpe_model": args.bpe_model, "bpe_vocab_size": args.bpe_vocab_size}
+    if args.dataset == "custom":
+        options.update(custom_level=args.custom_level, lower_case=args.lower_case, min_freq=args.min_freq,
+                       max_size=args.max_vocab_size)
+    return options
+
+
+def check_targets(args, best_val_loss, throughput: float, log) -> int:
+    """--target_perplexity / --target_throughput: exit code 1 when a target is missed."""
+    passed = True
+    if args.target_perplexity is not None:
+        achieved = safe_exp(best_val_loss) if best_val_loss is not None else float("inf")
+        log.info(f"Perplexity achieved: {achieved:.2f} target: {args.target_perplexity:.2f}")
+        ok = achieved <= args.target_perplexity
+        log.info(f"Perplexity test {'passed' if ok else 'failed'}")
+        passed &= ok
+    if args.target_throughput is not None:
+        log.info(f"Throughput achieved: {throughput:.2f} target: {args.target_throughput:.2f}")
+        ok = throughput >= args.target_throughput
+        log.info(f"Throughput test {'passed' if ok else 'failed'}")
+        passed &= ok
+    return 0 if passed else 1
+
+
+def main() -> int:
+    args = parse_args(train_parser(), section="train")
+    distributed.init_from_env(args)
+    rank = distributed.get_rank()
+    if args.local_batch_size is not None:
+        args.batch_size = distributed.get_world_size() * args.local_batch_size
+    trainer_work_dir = make_work_dir(args, rank)
+    log_file = None if args.debug else trainer_work_dir / args.txtlog_file
+    log = setup_logging(log_file if not args.debug else None, rank, args.log_all_ranks,
+                        filemode="a" if args.restart else "w")
+    if rank == 0 and not args.debug:
+        log.info(f"Experiment dir : {trainer_work_dir}")
+        dump_config(args, trainer_work_dir / CONFIG_DUMP_NAME, section="train")
+    log.info(f"world size: {distributed.get_world_size()}")
+    trainer = Trainer(args, log)
+    trainer.work_dir = trainer_work_dir
+    try:
+        return trainer.run()
+    finally:
+        distributed.shutdown()
+
+
+if __name__ == "__main__":
+    run_cli(main)
