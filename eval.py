@@ -26,7 +26,7 @@ from utils.evaluation import evaluate_stream
 from utils.metrics import (DOUBLE_LINE, AverageMeter, MetricsWriter, format_eval_progress_line,
                            format_split_result, safe_exp, setup_logging)
 from utils.reference_compat import reference_state_dict_to_ours
-from utils.runtime import select_device
+from utils.runtime import configure_backends, resolve_speed_flags, select_device
 from utils.vocabulary import Vocab
 
 TORCHSCRIPT_EXTRA = "txl_meta.json"  # vocabulary and model config stored inside a TorchScript file
@@ -143,10 +143,14 @@ def main() -> int:
         work_dir.mkdir(parents=True, exist_ok=True)
     log = setup_logging(None if args.debug else work_dir / "eval_log.log", rank, args.log_all_ranks, filemode="a")
     device = select_device(args, log)
+    resolve_speed_flags(args, device)
+    configure_backends(args, device)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
 
     model, vocab, model_config, trained_on = load_model(args, device, log)
+    if not isinstance(model, torch.jit.ScriptModule):
+        model.set_attn_impl(args.attn_impl)
     if args.type == "pytorch" or args.load_torchscript:
         if not args.load_torchscript:
             model = model.to(device=device, dtype=model_dtype(args))

@@ -6,7 +6,6 @@
 
 The flags, presets and log lines are the reference trainer's (NVIDIA DeepLearningExamples); see README.md.
 """
-import contextlib
 import itertools
 import math
 import random
@@ -30,7 +29,9 @@ from utils.model_init import count_parameters, init_weights
 from utils.optimizers import build_optimizer
 from utils.preemption import PreemptionHandler
 from utils.reference_compat import reference_state_dict_to_ours
-from utils.runtime import amp_context, grad_scaler, select_device
+from utils.runtime import (amp_context, compile_model, configure_backends, grad_scaler, resolve_speed_flags,
+                           select_device)
+from utils.train_step import TrainStep
 from utils.vocabulary import Vocab
 
 CHECKPOINT_FORMAT = "txl-train-v1"
@@ -195,42 +196,15 @@ class Trainer:
 
     # ---- one optimizer step ----------------------------------------------------------------------------------
     def train_step(self, data, target) -> tuple[float, float]:
-        args, model = self.args, self.para_model
-        self.optimizer.zero_grad(set_to_none=True)
-        chunks = args.batch_chunk
-        data_chunks = torch.chunk(data, chunks, 1)
-        target_chunks = torch.chunk(target, chunks, 1)
-        step_loss = torch.zeros((), device=self.device)
-        for i in range(chunks):
-            sync = contextlib.nullcontext()
-            if i < chunks - 1 and hasattr(model, "no_sync"):
-                sync = model.no_sync()
-            with sync:
-                mems = self.mems[i]
-                if args.swap_mem and mems is not None:
-                    mems = mems.to(self.device, non_blocking=True)
-                with self.autocast():
-                    loss, mems = model(data_chunks[i], target_chunks[i], mems)
-                loss = loss.float().mean() / chunks
-                self.scaler.scale(loss).backward()
-                if args.swap_mem and mems is not None:
-                    mems = mems.to("cpu", non_blocking=True)
-                self.mems[i] = mems
-                step_loss += loss.detach()
-        self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.clip)
-        scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else None
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        if scale_before is not None and self.scaler.get_scale() < scale_before:
-            self.skipped_steps += 1
-        return step_loss.item(), float(grad_norm)
+        return self.step(data, target, self.mems)
 
     # ---- everything ------------------------------------------------------------------------------------------
     def run(self) -> int:
         args, log = self.args, self.log
         self.device = select_device(args, log)
         device = self.device
+        resolve_speed_flags(args, device)
+        configure_backends(args, device)
         self.autocast = amp_context(args, device)
         seed_everything(args.seed)
 
@@ -251,12 +225,16 @@ class Trainer:
         model_config = build_model_config(args, n_token)
         model = MemTransformerLM(**model_config)
         init_weights(model, args.init, args.init_range, args.init_std, args.proj_init_std)
+        model.set_attn_impl(args.attn_impl)
+        model.set_checkpoint_activations(args.checkpoint_activations)
         model.to(device)
         self.model = model
         self.optimizer = build_optimizer(args, model)
         self.scheduler = build_scheduler(args, self.optimizer)
         self.scaler = grad_scaler(args, device)
         self.para_model = distributed.wrap_model(model, args, device)
+        self.step = TrainStep(model, compile_model(self.para_model, args), self.optimizer, self.scaler,
+                              self.autocast, args.clip, args.batch_chunk, args.swap_mem, args.cuda_graphs)
 
         log.info(DOUBLE_LINE)
         for key, value in sorted(vars(args).items()):
@@ -274,7 +252,6 @@ class Trainer:
             if progress is None:
                 return 1
 
-        self.skipped_steps = 0
         throughput = AverageMeter(warmup=args.mem_len // args.tgt_len + 2)
         metrics = MetricsWriter(None if args.debug else self.work_dir / args.dllog_file,
                                 None if args.debug else self.work_dir / "tensorboard",
@@ -318,11 +295,12 @@ class Trainer:
                         record["train_bits_per_character" if uses_bpc(args.dataset) else "train_perplexity"] = (
                             cur_loss / math.log(2) if uses_bpc(args.dataset) else safe_exp(cur_loss))
                         if self.scaler.is_enabled():
-                            record["skipped_steps"] = self.skipped_steps
-                            if self.skipped_steps:
-                                log.info(f"fp16: {self.skipped_steps} of the last {acc['steps']} steps skipped "
+                            skipped = self.step.skipped_steps
+                            record["skipped_steps"] = skipped
+                            if skipped:
+                                log.info(f"fp16: {skipped} of the last {acc['steps']} steps skipped "
                                          f"(loss scale now {self.scaler.get_scale():.0f})")
-                            self.skipped_steps = 0
+                            self.step.skipped_steps = 0
                         metrics.log(train_step, record, tb_prefix="train")
                         self.last_train_loss = cur_loss
                         acc = {"loss": 0.0, "steps": 0, "tokens": 0, "elapsed": 0.0}

@@ -17,3 +17,12 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.skip(f"{SHARED} not present (reference material exists only on development machines)")
     return SHARED
+
+
+@pytest.fixture(params=["math", "sdpa"])
+def attn_impl(request, monkeypatch) -> str:
+    """Runs a test once per eager attention implementation (tiny_model uses it; 'flex' needs torch.compile
+    and has its own tests). Use with `pytestmark = pytest.mark.usefixtures("attn_impl")`."""
+    import model_testlib
+    monkeypatch.setattr(model_testlib, "ATTN_IMPL", request.param)
+    return request.param
