@@ -338,6 +338,12 @@ class MemTransformerLM(nn.Module):
         'flex' (FlexAttention under torch.compile, the shift done inside the kernel; 'sdpa' elsewhere)."""
         if impl not in ATTN_IMPLS:
             raise UserError(f"attention implementation must be one of {', '.join(ATTN_IMPLS)}, got {impl!r}")
+        if impl == "flex":
+            try:
+                import torch.nn.attention.flex_attention  # noqa: F401
+            except ImportError:
+                raise UserError(f"--attn_impl flex needs FlexAttention (PyTorch >= 2.5, this is "
+                                f"{torch.__version__}); use --attn_impl sdpa") from None
         for layer in self.layers:
             layer.attn.attn_impl = impl
 
