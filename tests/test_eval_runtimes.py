@@ -71,6 +71,43 @@ def test_torchscript_file_evaluates_without_the_model_code(corpus, checkpoints, 
     assert "type torchscript" in done.stdout and "mem_len 12" in done.stdout
 
 
+STANDALONE = """
+import json, sys, torch
+extra = {"txl_meta.json": ""}
+model = torch.jit.load(sys.argv[1], _extra_files=extra)
+meta = json.loads(extra["txl_meta.json"])
+ids = torch.tensor(json.loads(sys.argv[2]))
+model.reset_length(5, 0, 7)
+mems, total = model.init_mems(ids.size(1)), 0.0
+for s in range(0, ids.size(0) - 1, 5):
+    nll, mems = model(ids[s:s + 5], ids[s + 1:s + 6], mems)
+    total += nll.double().sum().item()
+imported = [m for m in sys.modules if m.split(".")[0] in ("mem_transformer", "utils", "inference", "data_utils")]
+print(json.dumps({"nll": total, "n_token": len(meta["vocab"]["idx2sym"]), "project_modules": imported}))
+"""
+
+
+def test_torchscript_file_runs_in_a_process_without_the_project(checkpoints, tmp_path, capsys):
+    """The saved file alone, in a process whose sys.path does not hold the project, computes eager's NLL."""
+    from inference.runtime import load_for_inference, save_torchscript
+
+    loaded = load_for_inference(model_path=checkpoints[1], overrides={"tgt_len": 5, "mem_len": 7})
+    ts_file = save_torchscript(loaded.model, tmp_path / "model.ts", loaded.vocab, loaded.model_config, "custom")
+    ids = torch.randint(0, len(loaded.vocab), (21, 3), generator=torch.Generator().manual_seed(0))
+    expected, mems = 0.0, None
+    with torch.no_grad():
+        for s in range(0, 20, 5):
+            nll, mems = loaded.model(ids[s:s + 5], ids[s + 1:s + 6], mems)
+            expected += nll.double().sum().item()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-c", STANDALONE, str(ts_file), json.dumps(ids.tolist())], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120, env={**env, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout)
+    assert result["project_modules"] == [] and result["n_token"] == len(loaded.vocab)
+    assert abs(result["nll"] - expected) <= 1e-6 * abs(expected)
+
+
 @pytest.mark.slow
 def test_compiled_evaluation_prints_the_eager_perplexity(corpus, checkpoints, capsys):
     if not any(shutil.which(cc) for cc in ("g++", "c++", "clang++")):
