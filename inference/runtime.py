@@ -1,8 +1,8 @@
 """Models for inference, shared by eval.py and generate.py: loading, precision, runtime, TorchScript files.
 
-    loaded = load_for_inference(model_path=..., overrides=length_overrides(args))   # or torchscript_path=...
+    loaded = load_for_inference(model_path=..., overrides=length_overrides(args), device=device)  # or torchscript_path
     model = prepare_runtime(loaded.model, "compile", "bf16", device)
-    warm_up(model, loaded.model_config["n_token"], tgt_len, mem_len, bsz, device)
+    warm_up(model, loaded.model_config["n_token"], tgt_len, mem_len, bsz, device, "bf16", "compile")
 
 Runtimes: `pytorch` (eager), `torchscript` (`torch.jit.script` of the one model definition) and `compile`
 (`torch.compile`). Precisions: fp32, and fp16 / bf16 as the reference ran them: the whole model converted
@@ -38,7 +38,7 @@ LENGTH_KEYS = ("tgt_len", "ext_len", "mem_len", "clamp_len", "same_length")
 class LoadedModel:
     model: torch.nn.Module
     vocab: object                 # Vocab / BPEVocab, or None for a --manual_config model
-    model_config: dict            # constructor arguments (reference key names), lengths as overridden
+    model_config: dict            # the constructor arguments it was built with (the reference's key names)
     dataset: Optional[str]        # dataset the model was trained on, when known
     source: str                   # "checkpoint", "torchscript" or "config"
 
@@ -65,7 +65,7 @@ def load_for_inference(model_path: Optional[str] = None, torchscript_path: Optio
     """
     if torchscript_path:
         loaded = _load_torchscript(Path(torchscript_path), device)
-    elif manual_config is not None:
+    elif manual_config is not None:                     # random weights, built with the run's lengths
         from mem_transformer import MemTransformerLM
 
         config = {**manual_config, **(overrides or {})}
@@ -176,6 +176,9 @@ def warm_up(model: torch.nn.Module, n_token: int, tgt_len: int, mem_len: int, bs
             model(data[:-1], data[1:], full)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+    except torch.cuda.OutOfMemoryError:
+        raise UserError(f"out of GPU memory for a batch of {bsz} x {tgt_len} tokens with a memory of {mem_len}; "
+                        "lower --batch_size or --mem_len, or use --fp16 / --bf16") from None
     except (RuntimeError, NotImplementedError, AssertionError) as exc:
         reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{precision} with --type {runtime} does not run on {device} with this PyTorch build "
