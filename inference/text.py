@@ -7,7 +7,7 @@ Kinds of vocabulary (`TextCodec.kind`):
            `<eos>` -> a new line, `<unk>` shown as is.
     chars  character-level custom corpora (delimiter ''): one symbol per character.
     text8  text8: characters a-z with `_` standing for the space.
-    bytes  enwik8: symbols are the decimal values of the UTF-8 bytes.
+    bytes  enwik8: symbols are the decimal values of the UTF-8 bytes (line breaks are not in the data).
     bpe    byte-level BPE (tokenizers): encode / decode, `<|endoftext|>` -> a new line.
 A prompt starts with the vocabulary's line-start symbol (`<eos>`, `<S>` or `<|endoftext|>`) when it has one,
 so an empty prompt means "the start of a line" and text after a line break looks like the training data.
@@ -79,8 +79,8 @@ class TextCodec:
         lines = text.split("\n")
         if self.kind == "word":
             return self._encode_words(ids, lines)
-        if self.kind == "bytes":
-            lines = [text]                                 # a line break is byte 10 like any other
+        if self.kind == "bytes":                           # enwik8 drops line breaks unless byte 10 is a symbol
+            lines = [text if "10" in self.vocab.sym2idx else text.replace("\n", "")]
         elif self.start_id is None:
             lines = [" ".join(lines)]                      # no line-end symbol: line breaks become spaces
         pieces, missing = [], []
