@@ -1,8 +1,13 @@
 """Graceful stop on SIGTERM (and the signal Slurm sends before a time limit, e.g. SIGUSR1).
 
 Inside `with PreemptionHandler() as stop:` the first such signal only sets `stop.requested`; the training
-loop checks it after each optimizer step, writes a checkpoint and exits 0. A second signal while saving is
-ignored, so the checkpoint is never cut short by a repeated signal.
+loop checks it after each optimizer step (OR-reduced over all ranks, so a signal seen by one rank stops all),
+writes a checkpoint and exits with PREEMPTED_EXIT_CODE. A second signal while saving is ignored, so the
+checkpoint is never cut short by a repeated signal.
+
+PREEMPTED_EXIT_CODE is 75 (EX_TEMPFAIL of sysexits.h: "try again later"): the run stopped early on purpose and
+a checkpoint holds its state, so a scheduler can tell it apart from success (0) and from failure (1-4) and
+start it again with --restart (run.sub requeues the Slurm job on it).
 """
 import logging
 import signal
@@ -12,6 +17,7 @@ from typing import Optional
 LOG = logging.getLogger("txl")
 
 DEFAULT_SIGNALS = ("SIGTERM", "SIGUSR1")
+PREEMPTED_EXIT_CODE = 75
 
 
 class PreemptionHandler:
