@@ -31,7 +31,7 @@ from utils.metrics import (DOUBLE_LINE, LINE, AverageMeter, MetricsWriter, forma
                            format_train_line, safe_exp, setup_logging, uses_bpc)
 from utils.model_init import count_parameters, init_weights
 from utils.optimizers import build_optimizer
-from utils.preemption import PREEMPTED_EXIT_CODE, PreemptionHandler
+from utils.preemption import PreemptionHandler, clear_marker, write_marker
 from utils.reference_compat import reference_state_dict_to_ours
 from utils.runtime import amp_context, grad_scaler, select_device
 from utils.vocabulary import Vocab
@@ -282,6 +282,8 @@ class Trainer:
                     "train_elapsed": 0.0, "log_acc": {"loss": 0.0, "steps": 0, "tokens": 0, "elapsed": 0.0}}
         self.mems = [None] * args.batch_chunk
         restart = resolve_restart(args, self.work_dir, log)
+        if self.rank == 0 and not args.debug:
+            clear_marker(self.work_dir)                      # this run is the resumption of a stopped one
         if restart:
             progress = self.restore(restart, tr_iter, vocab, model_config, progress)
             if progress is None:
@@ -391,9 +393,11 @@ class Trainer:
             if args.debug:
                 log.info(f"Received {preemption.signal_name}, exiting at step {train_step} (--debug: no checkpoint)")
                 return 0
+            if self.rank == 0:
+                write_marker(self.work_dir, preemption.signal_name or "a signal", train_step)
             log.info(f"Received {preemption.signal_name}, exiting after saving the checkpoint at step {train_step}; "
-                     f"resume with --restart {self.work_dir} (exit code {PREEMPTED_EXIT_CODE})")
-            return PREEMPTED_EXIT_CODE
+                     f"resume with --restart {self.work_dir}")
+            return 0
 
         test_loss = None
         best_path = self.work_dir / "checkpoint_best.pt"

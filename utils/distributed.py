@@ -202,7 +202,7 @@ def wrap_model(model: torch.nn.Module, args, device: torch.device) -> torch.nn.M
         return shard_model(model, device)
     from torch.nn.parallel import DistributedDataParallel
     device_ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False,
+    return DistributedDataParallel(model, device_ids=device_ids,
                                    find_unused_parameters=bool(getattr(model, "cutoffs", True)))
 
 
