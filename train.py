@@ -391,11 +391,12 @@ class Trainer:
         distributed.barrier()
         if stop_reason == "preempted":
             if args.debug:
-                log.info(f"Received {preemption.signal_name}, exiting at step {train_step} (--debug: no checkpoint)")
+                log.info(f"Received a signal, exiting at step {train_step} (--debug: no checkpoint)")
                 return 0
+            name = preemption.signal_name or "a signal (on another rank)"
             if self.rank == 0:
-                write_marker(self.work_dir, preemption.signal_name or "a signal", train_step)
-            log.info(f"Received {preemption.signal_name}, exiting after saving the checkpoint at step {train_step}; "
+                write_marker(self.work_dir, name, train_step)
+            log.info(f"Received {name}, exiting after saving the checkpoint at step {train_step}; "
                      f"resume with --restart {self.work_dir}")
             return 0
 

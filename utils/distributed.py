@@ -87,9 +87,13 @@ def init_distributed(device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S)
     backend = "nccl" if device.type == "cuda" else "gloo"
     rank, world_size = env_int("RANK", 0), env_int("WORLD_SIZE", 1)
     where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+    timeout = datetime.timedelta(seconds=timeout_s)
     try:
-        dist.init_process_group(backend=backend, init_method="env://",
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+        # torchrun keeps one store for every restart of the workers (--max-restarts): without a prefix per
+        # attempt, a restarted rank could read the address a dead rank of the failed attempt left there
+        store = dist.PrefixStore(f"txl/attempt_{env_int('TORCHELASTIC_RESTART_COUNT', 0)}", store)
+        dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
     except (dist.DistError, RuntimeError, ValueError, TimeoutError) as exc:
         raise UserError(f"rank {rank} of {world_size}: the processes did not meet at {where} within "
                         f"{timeout_s:.0f} s ({first_line(exc)}); check that all {world_size} processes started, "
