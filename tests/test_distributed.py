@@ -98,6 +98,25 @@ def assert_loads_into_one_process(ckpt, reference):
 
 
 @pytest.mark.slow
+def test_eval_over_two_processes_with_an_uneven_split(baseline, data, tmp_path):
+    """eval.py with 5 columns over 2 ranks (3 + 2): the ranks' losses are weighted by their columns, so the
+    result is one process's to float rounding."""
+    import sys
+    from dist_testlib import run
+    args = ["eval.py", "--model", str(baseline / "checkpoint_last.pt"), "--data", str(data), "--dataset", "custom",
+            "--batch_size", "5", "--tgt_len", "32", "--mem_len", "32", "--split", "test", "--no_cuda"]
+    one = run([sys.executable, *args, "--work_dir", str(tmp_path / "one")], 120)
+    two = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args,
+               "--work_dir", str(tmp_path / "two")], 180)
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr + two.stdout + two.stderr)[-4000:]
+
+    def loss(out):
+        line = [x for x in out.splitlines() if x.startswith("| test loss")][-1]
+        return float(line.split("|")[2].split()[-1])                   # the ppl, printed with 3 decimals
+    assert loss(two.stdout) == pytest.approx(loss(one.stdout), abs=2e-3)
+
+
+@pytest.mark.slow
 def test_two_torchrun_agents_as_two_nodes(data, baseline, tmp_path):
     """`torchrun --nnodes 2` twice on 127.0.0.1 (c10d rendezvous), one process each."""
     port = free_port()
