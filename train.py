@@ -543,16 +543,16 @@ def main() -> int:
     with PreemptionHandler() as preemption:
         distributed.init_from_env(args)
         try:
-            return train(args, preemption)
+            code = train(args, preemption)
         except (torch.distributed.DistError, RuntimeError) as exc:
             if not distributed.is_initialized() or not is_peer_failure(exc):
                 raise
-            rank = distributed.get_rank()
-            raise PeerFailure(f"rank {rank}: another process of the job failed or stopped answering "
-                              f"({distributed.first_line(exc)}); the job cannot go on. Resume from the last "
-                              f"checkpoint with --restart <work_dir> (or --restart auto)") from None
-        finally:
-            distributed.shutdown()
+            # no orderly shutdown of the process group: it would wait for the peer that is gone
+            raise PeerFailure(f"rank {distributed.get_rank()}: another process of the job failed or stopped "
+                              f"answering ({distributed.first_line(exc)}); the job cannot go on. Resume from the "
+                              "last checkpoint with --restart <work_dir> (or --restart auto)") from None
+        distributed.shutdown()
+        return code
 
 
 def is_peer_failure(exc: BaseException) -> bool:
@@ -560,8 +560,7 @@ def is_peer_failure(exc: BaseException) -> bool:
     if isinstance(exc, torch.distributed.DistError):
         return True
     text = str(exc).lower()
-    return any(k in text for k in ("connection closed", "connection reset", "timed out", "timeout", "gloo",
-                                   "nccl", "broken pipe", "socket"))
+    return any(k in text for k in ("connection closed", "connection reset", "broken pipe", "timed out"))
 
 
 def train(args, preemption: PreemptionHandler) -> int:
