@@ -73,6 +73,8 @@ def test_two_processes_train_like_one(data, baseline, tmp_path, mode, extra):
     assert_same_training(tmp_path, baseline)
     ckpt = last_checkpoint(tmp_path)
     assert ckpt["world_size"] == 2 and len(ckpt["memory"]) == 2 and len(ckpt["data_states"]) == 2
+    assert not torch.equal(ckpt["rng_states"][0]["torch"], ckpt["rng_states"][1]["torch"]), \
+        "both ranks drew from the same random stream (dropout masks would repeat across ranks)"
     assert_loads_into_one_process(ckpt, last_checkpoint(baseline))
 
 
