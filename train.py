@@ -484,20 +484,25 @@ class Trainer:
 
 
 def resolve_restart(args, work_dir: Path, log) -> str:
-    """The checkpoint to resume from: --restart PATH; with --restart auto, or when torchrun restarted the
-    workers after a failure (TORCHELASTIC_RESTART_COUNT > 0) and no --restart was given, the work dir's
-    checkpoint_last.pt if there is one (rank 0 decides for all). "" means a fresh start."""
+    """The checkpoint to resume from ("" for a fresh start).
+
+    --restart PATH: that checkpoint. --restart auto: the work dir's checkpoint_last.pt when there is one.
+    When torchrun restarted the workers after a failure (--max-restarts, TORCHELASTIC_RESTART_COUNT > 0), the
+    work dir's checkpoint_last.pt is this run's latest state, so it wins over --restart when it exists.
+    Rank 0 looks at the file system for all ranks.
+    """
     restarted = distributed.env_int("TORCHELASTIC_RESTART_COUNT", 0) > 0
-    if args.restart not in ("", "auto") or not (args.restart == "auto" or restarted):
+    if not restarted and args.restart != "auto":
         return args.restart
     last = work_dir / "checkpoint_last.pt"
-    found = distributed.broadcast_object(last.is_file())
-    why = "torchrun restarted the workers" if restarted and args.restart != "auto" else "--restart auto"
-    if found:
+    why = "torchrun restarted the workers" if restarted else "--restart auto"
+    if distributed.broadcast_object(last.is_file()):
         log.info(f"{why}: resuming from {last}")
         return str(last)
-    log.info(f"{why}: no checkpoint in {work_dir} yet, starting from scratch")
-    return ""
+    fallback = "" if args.restart == "auto" else args.restart
+    log.info(f"{why}: no checkpoint in {work_dir} yet, " + (f"resuming from {fallback}" if fallback else
+                                                              "starting from scratch"))
+    return fallback
 
 
 def check_batch_split(args, world_size: int) -> None:

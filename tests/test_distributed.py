@@ -280,3 +280,25 @@ def test_slurm_task_variables_become_torch_ones():
     assert not adopt_slurm_env(batch_shell) and "RANK" not in batch_shell
     one_task = dict(step, SLURM_STEP_NUM_TASKS="1", SLURM_NTASKS="1")
     assert not adopt_slurm_env(one_task) and "RANK" not in one_task
+
+
+@pytest.mark.parametrize("restart, restarts, exists, expected", [
+    ("", 0, True, ""),                      # a fresh run ignores an old checkpoint in its work dir
+    ("a.pt", 0, True, "a.pt"),
+    ("auto", 0, False, ""),
+    ("auto", 0, True, "LAST"),
+    ("", 1, True, "LAST"),                  # torchrun restarted the workers: this run's latest state
+    ("", 1, False, ""),
+    ("a.pt", 1, True, "LAST"),
+    ("a.pt", 1, False, "a.pt"),             # restarted before this run wrote a checkpoint
+])
+def test_which_checkpoint_a_run_resumes_from(tmp_path, monkeypatch, restart, restarts, exists, expected):
+    import logging
+    from argparse import Namespace
+    from train import resolve_restart
+
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", str(restarts))
+    if exists:
+        (tmp_path / "checkpoint_last.pt").write_bytes(b"")
+    got = resolve_restart(Namespace(restart=restart), tmp_path, logging.getLogger("test"))
+    assert got == (str(tmp_path / "checkpoint_last.pt") if expected == "LAST" else expected)
