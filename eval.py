@@ -23,7 +23,7 @@ from inference.runtime import (LoadedModel, length_overrides, load_for_inference
 from utils import distributed
 from utils.config import eval_parser, eval_splits, parse_args
 from utils.errors import UserError, run_cli
-from utils.evaluation import evaluate_stream
+from utils.evaluation import evaluate_stream, reduce_eval_result
 from utils.metrics import (DOUBLE_LINE, AverageMeter, MetricsWriter, format_eval_progress_line,
                            format_split_result, safe_exp, setup_logging)
 from utils.runtime import select_device
@@ -50,8 +50,8 @@ def manual_ids(args, vocab) -> np.ndarray:
     return np.asarray(ids, dtype=np.int64)
 
 
-def evaluate(model, iterator, args, device, log, meters) -> float:
-    """One split, `--repeat` times; logs progress lines; returns the mean NLL over all ranks' tokens.
+def evaluate(model, iterator, args, device, log, meters) -> tuple[float, int]:
+    """One split, `--repeat` times; logs progress lines; returns (mean NLL over all ranks' tokens, batches).
 
     With several processes each evaluates its columns of the global batch; a batch's latency is the slowest
     rank's, its throughput the sum over ranks, and the loss is averaged over every scored token."""
@@ -81,19 +81,19 @@ def evaluate(model, iterator, args, device, log, meters) -> float:
     for _ in range(args.repeat):
         result = evaluate_stream(model, iterator, device, max_steps=args.max_size or -1, timed=True,
                                  on_batch=on_batch)
-        total_loss += result.total_loss
-        total_len += result.total_len
+        loss_sum, scored = reduce_eval_result(result, iterator)     # over all ranks' columns
+        total_loss += loss_sum
+        total_len += scored
         n_batches += result.n_batches
     elapsed = time.time() - start
     log.info(f"Time : {elapsed:.2f}s, {1000 * elapsed / max(n_batches, 1):.2f}ms/segment")
     if total_len == 0:
         raise UserError("nothing was scored: every batch only primed the memory; raise --max_size or lower --mem_len")
-    columns = iterator.col_last - iterator.col_first
-    return (distributed.all_reduce_item(total_loss * columns, "sum")
-            / distributed.all_reduce_item(total_len * columns, "sum"))
+    return total_loss / total_len, n_batches
 
 
 def main() -> int:
+    distributed.adopt_slurm_env()                       # one process per srun task: ranks from SLURM_* variables
     args = parse_args(eval_parser(), section="eval")
     distributed.init_from_env(args)
     rank, world_size = distributed.get_rank(), distributed.get_world_size()
@@ -145,7 +145,7 @@ def main() -> int:
     dataset = trained_on if args.manual else args.dataset
     results = {}
     for split, iterator in splits.items():
-        loss = evaluate(model, iterator, args, device, log, meters)
+        loss, _ = evaluate(model, iterator, args, device, log, meters)
         results[split] = loss
         log.info(DOUBLE_LINE)
         log.info(format_split_result(split, loss, dataset or args.dataset))

@@ -1,9 +1,9 @@
 """eval.py runtimes: TorchScript files and torch.compile print eager's perplexity for every attention type;
-a TorchScript file evaluates without the project's model code; precisions; latency data; several processes."""
+a TorchScript file evaluates without the project's model code; precisions; latency data. (Several processes:
+tests/test_distributed.py.)"""
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -160,25 +160,3 @@ def test_save_data_writes_the_samples_after_the_warm_up(corpus, checkpoints, tmp
     tokens_per_s = torch.tensor(data["throughput"], dtype=torch.float64)
     assert torch.allclose(tokens_per_s, 4 * 8 / (latency / 1000), rtol=1e-9)
     assert f"Throughput Avg: {tokens_per_s.mean().item():.2f} tok/s" in out
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("batch_size", [5])
-def test_two_processes_print_the_one_process_perplexity(batch_size, corpus, checkpoints, capsys):
-    """torchrun with 2 gloo processes on the CPU, each evaluating its columns (3 and 2 of 5)."""
-    args = ["--model", checkpoints[0], "--data", corpus, *EVAL_ARGS, "--batch_size", batch_size]
-    one = eval_ppl(capsys, *args)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "eval.py",
-                           *map(str, args), "--no_cuda"],
-                          cwd=REPO, capture_output=True, text=True, timeout=180, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    two = perplexities(done.stdout)["valid"]
-    assert abs(two - one) <= 1e-9 * one + 1e-3, (one, two)      # printed with 3 decimals
