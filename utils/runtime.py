@@ -54,7 +54,7 @@ def resolve_speed_flags(args, device: torch.device) -> None:
     --attn_impl   auto -> sdpa on CUDA (fused kernel with the position term as a bias), math on the CPU
     --tf32        on for CUDA (float32 matmuls on tensor cores, as in the reference's container)
     """
-    if getattr(args, "compile", None) is None:
+    if hasattr(args, "compile") and args.compile is None:                  # train.py only
         args.compile = device.type == "cuda"
     if getattr(args, "cuda_graphs", False) and device.type != "cuda":
         raise UserError("--cuda_graphs needs a GPU (this run is on the CPU); drop --cuda_graphs")

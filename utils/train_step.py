@@ -5,13 +5,16 @@
     (skipped by the fp16 scaler when a gradient is not finite), update the scale.
 
 The memory of each chunk is carried in `mems` (a list, updated in place). The loss and the gradient norm come
-back to the host together, once per step.
+back to the host once per step.
 """
 import contextlib
 from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
+
+from utils import distributed
+from utils.fsdp import scalar
 
 
 class TrainStep:
@@ -40,9 +43,8 @@ class TrainStep:
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
         for i, (data_i, target_i) in enumerate(zip(torch.chunk(data, chunks, 1), torch.chunk(target, chunks, 1))):
-            sync = contextlib.nullcontext()
-            if i < chunks - 1 and hasattr(model, "no_sync"):
-                sync = model.no_sync()
+            # gradients are synchronized across ranks once per step, in the backward of the last chunk
+            sync = distributed.no_grad_sync(model) if i < chunks - 1 else contextlib.nullcontext()
             with sync:
                 mem = mems[i]
                 if self.swap_mem and mem is not None:
@@ -64,5 +66,4 @@ class TrainStep:
         self.scaler.update()
         if scale_before is not None and self.scaler.get_scale() < scale_before:
             self.skipped_steps += 1
-        loss_value, norm_value = torch.stack([step_loss, grad_norm.float().to(device)]).tolist()
-        return loss_value, norm_value
+        return step_loss.item(), scalar(grad_norm)
