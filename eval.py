@@ -8,6 +8,7 @@
 Reads our checkpoints and the reference trainer's (without running pickled code); the text is encoded with
 the vocabulary stored in the checkpoint. Output lines are the reference eval.py's.
 """
+import utils.openmp_env  # noqa: F401  (first: bounds OpenMP's spin-wait before torch loads it)
 import json
 import os
 import platform

@@ -7,6 +7,7 @@
 
 The flags, presets and log lines are the reference trainer's (NVIDIA DeepLearningExamples); see README.md.
 """
+import utils.openmp_env  # noqa: F401  (first: bounds OpenMP's spin-wait before torch loads it)
 import contextlib
 import itertools
 import math
@@ -315,6 +316,7 @@ class Trainer:
                         if self.scaler.is_enabled():
                             skipped = self.step.skipped_steps
                             record["skipped_steps"] = skipped
+                            record["loss_scale"] = self.scaler.get_scale()
                             if skipped:
                                 log.info(f"fp16: {skipped} of the last {acc['steps']} steps skipped "
                                          f"(loss scale now {self.scaler.get_scale():.0f})")

@@ -36,6 +36,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+import utils.openmp_env  # noqa: E402,F401  (before torch: bounds OpenMP's spin-wait)
 import torch  # noqa: E402
 
 import data_utils  # noqa: E402

@@ -22,7 +22,7 @@ from torch import Tensor
 
 # Elements per row block of the float32 passes: ~1 MB on the CPU (stays in cache), 64 MB on a GPU (bounds
 # the float32 temporaries of a half-precision logits buffer).
-_BLOCK_ELEMENTS = {"cpu": 1 << 18, "default": 1 << 24}
+_BLOCK_ELEMENTS = {"cpu": 1 << 22, "default": 1 << 24}
 
 
 def _row_blocks(n_rows: int, n_cols: int, device: torch.device) -> int:
