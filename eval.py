@@ -182,6 +182,7 @@ def main() -> int:
     meters = {"throughput": AverageMeter(warmup=warmup, keep=args.save_data),
               "latency": AverageMeter(warmup=warmup, keep=args.save_data)}
     metrics = MetricsWriter(None if args.debug else work_dir / args.dllog_file, enabled=rank == 0, append=True)
+    metrics.log("PARAMETER", {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
     dataset = trained_on if args.manual else args.dataset
     results = {}
     for split, iterator in splits.items():

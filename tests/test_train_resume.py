@@ -1,0 +1,105 @@
+"""Nothing is lost when a job stops: a restart continues exactly (the same losses at every step, the same
+weights), after a clean stop, after SIGTERM in the middle of an epoch, and after SIGKILL while writing a
+checkpoint. CPU, float32, dropout on (so the random state must be restored), several epochs."""
+import json
+
+import pytest
+import torch
+
+import cli_runner
+from cli_runner import tiny_args
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return cli_runner.demo_corpus(tmp_path_factory.mktemp("corpus") / "demo")   # 12 batches per epoch
+
+
+def train_records(work_dir):
+    """Every training metrics record (full precision) by step."""
+    recs = [json.loads(line) for line in (work_dir / "train_log.json").read_text().splitlines()]
+    return {r["step"]: {k: r[k] for k in ("epoch", "train_batch", "lr", "train_loss", "grad_norm")}
+            for r in recs if isinstance(r["step"], int) and "train_loss" in r}
+
+
+def final_state(work_dir):
+    state = torch.load(work_dir / "checkpoint_last.pt", weights_only=True)
+    return state["model_state"], state["optimizer_state"], state["train_step"]
+
+
+def assert_same_training(a, b, steps):
+    ra, rb = train_records(a), train_records(b)
+    assert sorted(ra) == sorted(rb) == list(steps)
+    for step in steps:
+        assert ra[step] == rb[step], f"step {step}: {ra[step]} != {rb[step]}"
+    model_a, optim_a, step_a = final_state(a)
+    model_b, optim_b, step_b = final_state(b)
+    assert step_a == step_b == steps[-1]
+    assert model_a.keys() == model_b.keys()
+    for name in model_a:
+        assert torch.equal(model_a[name], model_b[name]), name
+    for index, state in optim_a["state"].items():
+        for key, value in state.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(optim_b["state"][index][key])), (index, key)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags", [{}, {"batch_chunk": 2, "swap_mem": True}, {"roll": True}],
+                         ids=["plain", "batch_chunk2", "roll"])
+def test_restart_continues_exactly(corpus, tmp_path, flags):
+    """40 steps in one go == 20 steps, stop, --restart, 20 more (restart in the middle of epoch 2)."""
+    common = dict(max_step_scheduler=40, log_interval=1, eval_interval=20, no_test=True, **flags)
+    whole = cli_runner.train(tiny_args(corpus, tmp_path / "whole", max_step=40, **common), tmp_path, name="whole")
+    assert whole.returncode == 0, whole.stderr
+    first = cli_runner.train(tiny_args(corpus, tmp_path / "split", max_step=20, **common), tmp_path, name="first")
+    assert first.returncode == 0, first.stderr
+    second = cli_runner.train(tiny_args(corpus, tmp_path / "split", max_step=40, restart=tmp_path / "split",
+                                        **common), tmp_path, name="second")
+    assert second.returncode == 0, second.stderr
+    assert f"Resuming from {tmp_path / 'split'} at step 20" in second.lines
+    assert_same_training(tmp_path / "whole", tmp_path / "split", range(1, 41))
+
+
+@pytest.mark.slow
+def test_sigterm_mid_epoch_saves_and_the_restart_continues_the_log_interval(corpus, tmp_path):
+    """SIGTERM after step 7 (not an eval step, log every 5): checkpoint, exit 0; the restart's next log line
+    (step 10) averages steps 6-10 like the uninterrupted run's."""
+    common = dict(max_step=20, eval_interval=10, log_interval=5, no_test=True)
+    whole = cli_runner.train(tiny_args(corpus, tmp_path / "whole", **common), tmp_path, name="whole")
+    assert whole.returncode == 0, whole.stderr
+
+    stopped = cli_runner.train(tiny_args(corpus, tmp_path / "split", **common), tmp_path, name="stopped",
+                               hook=cli_runner.sigterm_after_step, hook_args=(7,))
+    assert stopped.returncode == 0, stopped.stderr
+    assert "Received SIGTERM, exiting after saving the checkpoint at step 7" in stopped.lines
+    assert not any(l.startswith("| Eval") for l in stopped.lines)
+    assert torch.load(tmp_path / "split" / "checkpoint_last.pt", weights_only=True)["train_step"] == 7
+
+    resumed = cli_runner.train(tiny_args(corpus, tmp_path / "split", restart=tmp_path / "split" / "checkpoint_last.pt",
+                                         **common), tmp_path, name="resumed")
+    assert resumed.returncode == 0, resumed.stderr
+    logged = [l for l in resumed.lines if l.startswith("| epoch")]
+    whole_lines = [l for l in whole.lines if l.startswith("| epoch")]
+    # the same line but for the timing fields (ms/batch, tok/s)
+    strip = lambda line: line.split("| ms/batch")[0] + line.split("| loss")[1]
+    assert [strip(l) for l in logged] == [strip(l) for l in whole_lines[1:]]
+    assert_same_training(tmp_path / "whole", tmp_path / "split", [5, 10, 15, 20])
+
+
+@pytest.mark.slow
+def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(corpus, tmp_path):
+    work = tmp_path / "work"
+    argv = tiny_args(corpus, work, max_step=20, eval_interval=5, no_test=True)
+    killed = cli_runner.train(argv, tmp_path, name="killed", hook=cli_runner.sigkill_while_saving, hook_args=(2,))
+    assert killed.returncode == -9                                    # died writing the step-10 checkpoint
+    assert "Saving checkpoint" in killed.lines[-1]
+    partial = list(work.glob(".checkpoint_last.pt.*.tmp"))
+    assert len(partial) == 1 and partial[0].stat().st_size > 0        # the half-written file is not the checkpoint
+    for name in ("checkpoint_last.pt", "checkpoint_best.pt"):
+        assert torch.load(work / name, weights_only=True)["train_step"] == 5
+
+    resumed = cli_runner.train(argv + ["--restart", str(work)], tmp_path, name="resumed")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"Resuming from {work} at step 5" in resumed.lines
+    assert not list(work.glob(".*.tmp"))                              # the partial file was cleaned up
+    assert torch.load(work / "checkpoint_last.pt", weights_only=True)["train_step"] == 20
