@@ -175,6 +175,7 @@ class Trainer:
     def __init__(self, args, log):
         self.args, self.log = args, log
         self.rank, self.world_size = distributed.get_rank(), distributed.get_world_size()
+        self.last_train_loss = None  # the last logged training loss
 
     # ---- evaluation ------------------------------------------------------------------------------------------
     def evaluate(self, iterator) -> float:
@@ -393,6 +394,8 @@ class Trainer:
         log.info(f"Training time: {train_elapsed / 60:.2f} minutes")
         log.info(f"Training throughput: {throughput.avg:.2f} tok/s")
         summary = {"train_throughput": throughput.avg, "train_elapsed": train_elapsed / 60}
+        if self.last_train_loss is not None:
+            summary["train_loss"] = self.last_train_loss
         if test_loss is not None:
             summary.update(loss_metrics("test", test_loss, args.dataset))
         if best_val_loss is not None:
@@ -404,6 +407,10 @@ class Trainer:
     # ---- restart ---------------------------------------------------------------------------------------------
     def restore(self, path, tr_iter, vocab, model_config, progress) -> dict | None:
         args, log = self.args, self.log
+        if Path(path).is_dir() and not (Path(path) / "checkpoint_last.pt").exists():
+            # the same command line serves the first launch and every requeue of a job
+            log.info(f"No checkpoint in {path} yet, starting training from random init")
+            return progress
         ckpt = load_checkpoint(path, map_location=self.device)
         if ckpt["format"] == "reference":
             ckpt_vocab = Vocab.from_reference(ckpt["vocab"])

@@ -10,15 +10,10 @@ from cli_runner import tiny_args
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return cli_runner.demo_corpus(tmp_path_factory.mktemp("corpus") / "demo")
-
-
-@pytest.fixture(scope="module")
-def checkpoint(corpus, tmp_path_factory):
-    """A 4-step SGD run on the demo corpus, checkpointed at step 4."""
+def checkpoint(demo_corpus, tmp_path_factory):
+    """A 4-step SGD run on the demo demo_corpus, checkpointed at step 4."""
     tmp = tmp_path_factory.mktemp("trained")
-    argv = tiny_args(corpus, tmp / "work", max_step=4, eval_interval=2, no_test=True, optim="sgd", lr=0.1,
+    argv = tiny_args(demo_corpus, tmp / "work", max_step=4, eval_interval=2, no_test=True, optim="sgd", lr=0.1,
                      scheduler="constant", warmup_step=0)
     result = cli_runner.train(argv, tmp)
     assert result.returncode == 0, result.stderr
@@ -61,13 +56,13 @@ def test_train_missing_data_folder(tmp_path):
     assert_error(result, "nowhere", "data folder not found")
 
 
-def test_train_unknown_dataset(corpus, tmp_path):
-    result = cli_runner.train(tiny_args(corpus, tmp_path / "work", dataset="wt104"), tmp_path)
+def test_train_unknown_dataset(demo_corpus, tmp_path):
+    result = cli_runner.train(tiny_args(demo_corpus, tmp_path / "work", dataset="wt104"), tmp_path)
     assert_error(result, "--dataset", "wt104", "wt103")
 
 
-def test_train_unknown_flag(corpus, tmp_path):
-    result = cli_runner.train(tiny_args(corpus, tmp_path / "work") + ["--n_layers", "2"], tmp_path)
+def test_train_unknown_flag(demo_corpus, tmp_path):
+    result = cli_runner.train(tiny_args(demo_corpus, tmp_path / "work") + ["--n_layers", "2"], tmp_path)
     assert_error(result, "unknown flag --n_layers", "--n_layer")
 
 
@@ -76,16 +71,16 @@ def test_train_unknown_preset(tmp_path):
     assert_error(result, "preset 'dem' not found", "'demo'")
 
 
-def test_train_restart_from_corrupt_checkpoint(corpus, checkpoint, tmp_path):
+def test_train_restart_from_corrupt_checkpoint(demo_corpus, checkpoint, tmp_path):
     path = corrupt_copy(checkpoint[0], tmp_path)
-    result = cli_runner.train(tiny_args(corpus, tmp_path / "work", restart=path), tmp_path)
+    result = cli_runner.train(tiny_args(demo_corpus, tmp_path / "work", restart=path), tmp_path)
     assert_error(result, str(path), "cannot be read")
     assert not list((tmp_path / "work").glob("*.pt"))
 
 
-def test_train_restart_from_truncated_checkpoint(corpus, checkpoint, tmp_path):
+def test_train_restart_from_truncated_checkpoint(demo_corpus, checkpoint, tmp_path):
     path = truncated_copy(checkpoint[0], tmp_path)
-    result = cli_runner.train(tiny_args(corpus, tmp_path / "work", restart=path), tmp_path)
+    result = cli_runner.train(tiny_args(demo_corpus, tmp_path / "work", restart=path), tmp_path)
     assert_error(result, str(path), "truncated")
 
 
@@ -95,13 +90,13 @@ def test_train_restart_on_data_with_another_vocabulary(checkpoint, tmp_path):
     assert_error(result, "another vocabulary", "--data")
 
 
-def test_train_eval_tgt_len_longer_than_the_context(corpus, tmp_path):
-    result = cli_runner.train(tiny_args(corpus, tmp_path / "work", eval_tgt_len=17), tmp_path)
+def test_train_eval_tgt_len_longer_than_the_context(demo_corpus, tmp_path):
+    result = cli_runner.train(tiny_args(demo_corpus, tmp_path / "work", eval_tgt_len=17), tmp_path)
     assert_error(result, "--eval_tgt_len (17) must be <= --mem_len + --tgt_len (8 + 8)")
 
 
-def test_train_negative_ext_len(corpus, tmp_path):
-    result = cli_runner.train(tiny_args(corpus, tmp_path / "work", ext_len=-1), tmp_path)
+def test_train_negative_ext_len(demo_corpus, tmp_path):
+    result = cli_runner.train(tiny_args(demo_corpus, tmp_path / "work", ext_len=-1), tmp_path)
     assert_error(result, "--ext_len must be >= 0")
 
 

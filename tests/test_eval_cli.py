@@ -74,13 +74,12 @@ def test_reference_checkpoint_loads_without_running_pickled_code(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(demo_corpus, tmp_path_factory):
     """20 steps of the tiny model; the periodic evaluations score the whole valid split."""
     tmp = tmp_path_factory.mktemp("trained")
-    corpus = cli_runner.demo_corpus(tmp / "demo")
-    result = cli_runner.train(tiny_args(corpus, tmp / "work", eval_max_steps=-1), tmp)
+    result = cli_runner.train(tiny_args(demo_corpus, tmp / "work", eval_max_steps=-1), tmp)
     assert result.returncode == 0, result.stderr
-    return corpus, tmp / "work", result
+    return demo_corpus, tmp / "work", result
 
 
 def eval_argv(trained, tmp_path, *extra):

@@ -16,15 +16,10 @@ CHECKPOINT_KEYS = {"format", "args", "model_config", "model_state", "optimizer_s
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return cli_runner.demo_corpus(tmp_path_factory.mktemp("corpus") / "demo")
-
-
-@pytest.fixture(scope="module")
-def trained(corpus, tmp_path_factory):
+def trained(demo_corpus, tmp_path_factory):
     """One 20-step run: log every 5 steps, evaluate and checkpoint every 10, keep every checkpoint."""
     tmp = tmp_path_factory.mktemp("trained")
-    argv = tiny_args(corpus, tmp / "work", save_all=True)
+    argv = tiny_args(demo_corpus, tmp / "work", save_all=True)
     result = cli_runner.train(argv, tmp)
     assert result.returncode == 0, result.stderr
     return result, tmp / "work", argv
@@ -83,8 +78,9 @@ def test_metrics_file_has_the_reference_keys_and_the_printed_values(trained):
     assert all({"valid_elapsed", "valid_perplexity"} <= set(r) for r in valid)
     summary = recs[-1]
     assert summary["step"] == "SUMMARY"
-    assert set(summary) >= {"train_throughput", "train_elapsed", "test_loss", "test_perplexity", "valid_loss",
-                            "valid_perplexity"}
+    assert set(summary) >= {"train_throughput", "train_elapsed", "train_loss", "test_loss", "test_perplexity",
+                            "valid_loss", "valid_perplexity"}
+    assert summary["train_loss"] == train[-1]["train_loss"]
     assert summary["valid_loss"] == min(r["valid_loss"] for r in valid)
     test_line = parse_line(next(l for l in result.lines if l.startswith("| End of training")), "test")
     assert test_line[1] == float(f"{summary['test_loss']:.2f}")
@@ -130,8 +126,8 @@ def test_checkpoints_hold_plain_types_and_save_all_keeps_each(trained):
 
 
 @pytest.mark.slow
-def test_targets_pass_and_fail_with_exit_codes(corpus, tmp_path):
-    common = tiny_args(corpus, tmp_path / "work", max_step=6, eval_interval=6, log_interval=1, debug=True)
+def test_targets_pass_and_fail_with_exit_codes(demo_corpus, tmp_path):
+    common = tiny_args(demo_corpus, tmp_path / "work", max_step=6, eval_interval=6, log_interval=1, debug=True)
     passed = cli_runner.train(common + ["--target_perplexity", "1e9", "--target_throughput", "1"], tmp_path)
     assert passed.returncode == 0, passed.stderr
     assert "Perplexity test passed" in passed.lines and "Throughput test passed" in passed.lines
@@ -146,11 +142,10 @@ def test_targets_pass_and_fail_with_exit_codes(corpus, tmp_path):
     assert not (tmp_path / "work").exists()                        # --debug: no work dir, no checkpoints
 
 
-@pytest.mark.slow
-def test_no_eval_append_dataset_append_time_local_batch_size(corpus, tmp_path):
+def test_no_eval_append_dataset_append_time_local_batch_size(demo_corpus, tmp_path):
     """--no_eval: no evaluation, no final test, but checkpoints at the eval interval (the reference wrote
     none); --append_dataset / --append_time name the work dir; --local_batch_size sets the batch."""
-    argv = tiny_args(corpus, tmp_path / "work", max_step=6, eval_interval=3, log_interval=3, no_eval=True,
+    argv = tiny_args(demo_corpus, tmp_path / "work", max_step=6, eval_interval=3, log_interval=3, no_eval=True,
                      append_dataset=True, append_time=True, local_batch_size=8)
     result = cli_runner.train(argv, tmp_path)
     assert result.returncode == 0, result.stderr
@@ -165,10 +160,10 @@ def test_no_eval_append_dataset_append_time_local_batch_size(corpus, tmp_path):
 
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
-def test_mixed_precision_on_the_cpu(corpus, trained, tmp_path, precision):
+def test_mixed_precision_on_the_cpu(demo_corpus, trained, tmp_path, precision):
     """torch.amp autocast on the CPU: the first 5 steps' loss is within 1% of the float32 run's; fp16 keeps
     its loss scaler in the checkpoint."""
-    argv = tiny_args(corpus, tmp_path / "work", max_step=5, max_step_scheduler=20, eval_interval=5, no_test=True)
+    argv = tiny_args(demo_corpus, tmp_path / "work", max_step=5, max_step_scheduler=20, eval_interval=5, no_test=True)
     result = cli_runner.train(argv + [f"--{precision}"], tmp_path)
     assert result.returncode == 0, result.stderr
     (fp32_step5,) = [r for r in records(trained[1]) if r["step"] == 5 and "train_loss" in r]
@@ -177,3 +172,46 @@ def test_mixed_precision_on_the_cpu(corpus, trained, tmp_path, precision):
     assert step5["train_loss"] != fp32_step5["train_loss"]          # it did run in lower precision
     scaler = torch.load(tmp_path / "work" / "checkpoint_last.pt", weights_only=True)["scaler_state"]
     assert (scaler is not None and scaler["scale"] > 0) if precision == "fp16" else scaler is None
+
+
+def test_restart_from_a_folder_without_a_checkpoint_starts_from_scratch(demo_corpus, tmp_path):
+    """The first launch of a job that always passes --restart <work_dir> (as requeued jobs do)."""
+    work = tmp_path / "work"
+    work.mkdir()
+    result = cli_runner.train(tiny_args(demo_corpus, work, max_step=2, eval_interval=2, restart=work, no_test=True),
+                              tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert f"No checkpoint in {work} yet, starting training from random init" in result.lines
+    assert torch.load(work / "checkpoint_last.pt", weights_only=True)["train_step"] == 2
+
+
+def test_clip_bounds_the_update_and_grad_norm_is_logged_before_clipping(demo_corpus, tmp_path):
+    """Plain SGD with lr 1: the step-2 update is the clipped gradient, so its norm is min(grad norm, clip)."""
+    clip = 0.05
+    argv = tiny_args(demo_corpus, tmp_path / "work", optim="sgd", lr=1.0, scheduler="constant", warmup_step=0,
+                     clip=clip, max_step=2, eval_interval=1, log_interval=1, save_all=True, no_eval=True)
+    result = cli_runner.train(argv, tmp_path)
+    assert result.returncode == 0, result.stderr
+    before = torch.load(tmp_path / "work" / "checkpoint_1.pt", weights_only=True)["model_state"]
+    after = torch.load(tmp_path / "work" / "checkpoint_2.pt", weights_only=True)["model_state"]
+    step = math.sqrt(sum(((after[k].double() - before[k].double()) ** 2).sum().item() for k in before))
+    grad_norm = records(tmp_path / "work")[2]["grad_norm"]            # PARAMETER, step 1, step 2
+    assert grad_norm > clip
+    assert step == pytest.approx(clip, rel=1e-4)
+
+
+def test_batch_chunk_gives_the_same_training_as_the_whole_batch(demo_corpus, tmp_path):
+    """Gradient accumulation over 2 chunks, each with its own memory stream, trains like the whole batch
+    (without dropout, whose random draws differ)."""
+    losses = {}
+    for chunks in (1, 2):
+        work = tmp_path / f"chunks{chunks}"
+        argv = tiny_args(demo_corpus, work, dropout=0.0, max_step=12, log_interval=1, eval_interval=12, no_test=True,
+                         batch_chunk=chunks)
+        result = cli_runner.train(argv, tmp_path, name=f"chunks{chunks}")
+        assert result.returncode == 0, result.stderr
+        losses[chunks] = [r["train_loss"] for r in records(work) if "train_loss" in r and isinstance(r["step"], int)]
+        memory = torch.load(work / "checkpoint_last.pt", weights_only=True)["memory"][0]
+        assert [m.shape[2] for m in memory] == [16 // chunks] * chunks
+    assert len(losses[1]) == 12
+    assert losses[2] == pytest.approx(losses[1], rel=1e-4)

@@ -10,11 +10,6 @@ import cli_runner
 from cli_runner import tiny_args
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return cli_runner.demo_corpus(tmp_path_factory.mktemp("corpus") / "demo")   # 12 batches per epoch
-
-
 def train_records(work_dir):
     """Every training metrics record (full precision) by step."""
     recs = [json.loads(line) for line in (work_dir / "train_log.json").read_text().splitlines()]
@@ -44,16 +39,17 @@ def assert_same_training(a, b, steps):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("flags", [{}, {"batch_chunk": 2, "swap_mem": True}, {"roll": True}],
-                         ids=["plain", "batch_chunk2", "roll"])
-def test_restart_continues_exactly(corpus, tmp_path, flags):
-    """40 steps in one go == 20 steps, stop, --restart, 20 more (restart in the middle of epoch 2)."""
+@pytest.mark.parametrize("flags", [{}, {"batch_chunk": 2, "swap_mem": True}, {"roll": True, "varlen": True}],
+                         ids=["plain", "batch_chunk2", "roll_varlen"])
+def test_restart_continues_exactly(demo_corpus, tmp_path, flags):
+    """40 steps in one go == 20 steps, stop, --restart, 20 more (the restart is in the middle of epoch 2;
+    with --roll --varlen every epoch is rotated and the segment lengths vary)."""
     common = dict(max_step_scheduler=40, log_interval=1, eval_interval=20, no_test=True, **flags)
-    whole = cli_runner.train(tiny_args(corpus, tmp_path / "whole", max_step=40, **common), tmp_path, name="whole")
+    whole = cli_runner.train(tiny_args(demo_corpus, tmp_path / "whole", max_step=40, **common), tmp_path, name="whole")
     assert whole.returncode == 0, whole.stderr
-    first = cli_runner.train(tiny_args(corpus, tmp_path / "split", max_step=20, **common), tmp_path, name="first")
+    first = cli_runner.train(tiny_args(demo_corpus, tmp_path / "split", max_step=20, **common), tmp_path, name="first")
     assert first.returncode == 0, first.stderr
-    second = cli_runner.train(tiny_args(corpus, tmp_path / "split", max_step=40, restart=tmp_path / "split",
+    second = cli_runner.train(tiny_args(demo_corpus, tmp_path / "split", max_step=40, restart=tmp_path / "split",
                                         **common), tmp_path, name="second")
     assert second.returncode == 0, second.stderr
     assert f"Resuming from {tmp_path / 'split'} at step 20" in second.lines
@@ -61,22 +57,23 @@ def test_restart_continues_exactly(corpus, tmp_path, flags):
 
 
 @pytest.mark.slow
-def test_sigterm_mid_epoch_saves_and_the_restart_continues_the_log_interval(corpus, tmp_path):
+def test_sigterm_mid_epoch_saves_and_the_restart_continues_the_log_interval(demo_corpus, tmp_path):
     """SIGTERM after step 7 (not an eval step, log every 5): checkpoint, exit 0; the restart's next log line
     (step 10) averages steps 6-10 like the uninterrupted run's."""
     common = dict(max_step=20, eval_interval=10, log_interval=5, no_test=True)
-    whole = cli_runner.train(tiny_args(corpus, tmp_path / "whole", **common), tmp_path, name="whole")
+    whole = cli_runner.train(tiny_args(demo_corpus, tmp_path / "whole", **common), tmp_path, name="whole")
     assert whole.returncode == 0, whole.stderr
 
-    stopped = cli_runner.train(tiny_args(corpus, tmp_path / "split", **common), tmp_path, name="stopped",
+    stopped = cli_runner.train(tiny_args(demo_corpus, tmp_path / "split", **common), tmp_path, name="stopped",
                                hook=cli_runner.sigterm_after_step, hook_args=(7,))
     assert stopped.returncode == 0, stopped.stderr
     assert "Received SIGTERM, exiting after saving the checkpoint at step 7" in stopped.lines
     assert not any(l.startswith("| Eval") for l in stopped.lines)
     assert torch.load(tmp_path / "split" / "checkpoint_last.pt", weights_only=True)["train_step"] == 7
 
-    resumed = cli_runner.train(tiny_args(corpus, tmp_path / "split", restart=tmp_path / "split" / "checkpoint_last.pt",
-                                         **common), tmp_path, name="resumed")
+    restart = tmp_path / "split" / "checkpoint_last.pt"
+    resumed = cli_runner.train(tiny_args(demo_corpus, tmp_path / "split", restart=restart, **common), tmp_path,
+                               name="resumed")
     assert resumed.returncode == 0, resumed.stderr
     logged = [l for l in resumed.lines if l.startswith("| epoch")]
     whole_lines = [l for l in whole.lines if l.startswith("| epoch")]
@@ -87,9 +84,9 @@ def test_sigterm_mid_epoch_saves_and_the_restart_continues_the_log_interval(corp
 
 
 @pytest.mark.slow
-def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(corpus, tmp_path):
+def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(demo_corpus, tmp_path):
     work = tmp_path / "work"
-    argv = tiny_args(corpus, work, max_step=20, eval_interval=5, no_test=True)
+    argv = tiny_args(demo_corpus, work, max_step=20, eval_interval=5, no_test=True)
     killed = cli_runner.train(argv, tmp_path, name="killed", hook=cli_runner.sigkill_while_saving, hook_args=(2,))
     assert killed.returncode == -9                                    # died writing the step-10 checkpoint
     assert "Saving checkpoint" in killed.lines[-1]

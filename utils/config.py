@@ -209,7 +209,9 @@ def train_parser() -> StrictArgumentParser:
     parser, general = _new_parser("train", "Train a Transformer-XL language model.", "general setup")
     _flag(general, "append_dataset", "append the dataset name to work_dir")
     _flag(general, "append_time", "append a timestamp to work_dir")
-    general.add_argument("--restart", type=str, default="", help="checkpoint file or directory to resume from")
+    general.add_argument("--restart", type=str, default="",
+                         help="checkpoint file or directory to resume from (a directory without "
+                              "checkpoint_last.pt: start from scratch)")
     general.add_argument("--txtlog_file", type=str, default="train_log.log", help="name of the text log")
     _flag(general, "save_all", "also keep checkpoint_{step}.pt at every evaluation")
     _flag(general, "no_eval", "no periodic evaluation (and no checkpoints at evaluations, no final test)")
