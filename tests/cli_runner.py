@@ -125,15 +125,16 @@ def tiny_args(data: Path, work_dir: Path, **overrides) -> list[str]:
 # hooks (run in the child before the script)
 
 
-def sigterm_after_step(step: int) -> None:
-    """Deliver SIGTERM to this process right after optimizer step `step` (as a scheduler would)."""
+def signal_after_step(step: int, name: str = "SIGTERM") -> None:
+    """Deliver signal `name` to this process right after optimizer step `step` (as a cluster scheduler would;
+    the training loop reads the scheduler's LR right after each step)."""
     from utils.lr_scheduler import LRScheduler
     original = LRScheduler.step
 
     def step_then_signal(self, train_step):
         lr = original(self, train_step)
         if train_step == step:
-            signal.raise_signal(signal.SIGTERM)
+            signal.raise_signal(getattr(signal, name))
         return lr
     LRScheduler.step = step_then_signal
 

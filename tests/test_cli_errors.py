@@ -90,9 +90,13 @@ def test_train_restart_on_data_with_another_vocabulary(checkpoint, tmp_path):
     assert_error(result, "another vocabulary", "--data")
 
 
-def test_train_eval_tgt_len_longer_than_the_context(demo_corpus, tmp_path):
-    result = cli_runner.train(tiny_args(demo_corpus, tmp_path / "work", eval_tgt_len=17), tmp_path)
-    assert_error(result, "--eval_tgt_len (17) must be <= --mem_len + --tgt_len (8 + 8)")
+@pytest.mark.parametrize("flags, message", [
+    ({"eval_tgt_len": 17}, "--eval_tgt_len (17) must be <= --mem_len + --tgt_len (8 + 8)"),
+    ({"eval_tgt_len": 10, "mem_len": 0, "ext_len": 1}, "--eval_tgt_len (10) must be <= --ext_len + --tgt_len (1 + 8)"),
+])
+def test_train_eval_tgt_len_longer_than_the_context(demo_corpus, tmp_path, flags, message):
+    result = cli_runner.train(tiny_args(demo_corpus, tmp_path / "work", **flags), tmp_path)
+    assert_error(result, message)
 
 
 def test_train_negative_ext_len(demo_corpus, tmp_path):

@@ -65,7 +65,7 @@ def test_sigterm_mid_epoch_saves_and_the_restart_continues_the_log_interval(demo
     assert whole.returncode == 0, whole.stderr
 
     stopped = cli_runner.train(tiny_args(demo_corpus, tmp_path / "split", **common), tmp_path, name="stopped",
-                               hook=cli_runner.sigterm_after_step, hook_args=(7,))
+                               hook=cli_runner.signal_after_step, hook_args=(7,))
     assert stopped.returncode == 0, stopped.stderr
     assert "Received SIGTERM, exiting after saving the checkpoint at step 7" in stopped.lines
     assert not any(l.startswith("| Eval") for l in stopped.lines)
@@ -100,3 +100,28 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(demo_corpus, 
     assert f"Resuming from {work} at step 5" in resumed.lines
     assert not list(work.glob(".*.tmp"))                              # the partial file was cleaned up
     assert torch.load(work / "checkpoint_last.pt", weights_only=True)["train_step"] == 20
+
+
+def test_sigusr1_also_stops_with_a_checkpoint(demo_corpus, tmp_path):
+    """Slurm's --signal=USR1@<seconds> warning before the time limit."""
+    work = tmp_path / "work"
+    result = cli_runner.train(tiny_args(demo_corpus, work, max_step=20, eval_interval=10), tmp_path,
+                              hook=cli_runner.signal_after_step, hook_args=(3, "SIGUSR1"))
+    assert result.returncode == 0, result.stderr
+    assert "Received SIGUSR1, exiting after saving the checkpoint at step 3" in result.lines
+    assert not any(l.startswith("| End of training") for l in result.lines)
+    assert torch.load(work / "checkpoint_last.pt", weights_only=True)["train_step"] == 3
+
+
+@pytest.mark.slow
+def test_restart_without_memory_and_with_extended_context(demo_corpus, tmp_path):
+    """mem_len 0 (the reference crashed at its first checkpoint) with ext_len 4 trains, checkpoints, resumes."""
+    common = dict(max_step_scheduler=8, log_interval=1, eval_interval=4, no_test=True, mem_len=0, ext_len=4)
+    whole = cli_runner.train(tiny_args(demo_corpus, tmp_path / "whole", max_step=8, **common), tmp_path, name="whole")
+    assert whole.returncode == 0, whole.stderr
+    split = tmp_path / "split"
+    for max_step in (4, 8):   # the same command twice: the first finds no checkpoint in split/ yet
+        part = cli_runner.train(tiny_args(demo_corpus, split, max_step=max_step, restart=split, **common), tmp_path,
+                                name=f"part{max_step}")
+        assert part.returncode == 0, part.stderr
+    assert_same_training(tmp_path / "whole", split, range(1, 9))
