@@ -26,7 +26,7 @@ from utils.evaluation import evaluate_stream
 from utils.metrics import (DOUBLE_LINE, AverageMeter, MetricsWriter, format_eval_progress_line,
                            format_split_result, safe_exp, setup_logging)
 from utils.reference_compat import reference_state_dict_to_ours
-from utils.runtime import select_device
+from utils.runtime import environment_summary, select_device
 from utils.vocabulary import Vocab
 
 TORCHSCRIPT_EXTRA = "txl_meta.json"  # vocabulary and model config stored inside a TorchScript file
@@ -143,6 +143,8 @@ def main() -> int:
         work_dir.mkdir(parents=True, exist_ok=True)
     log = setup_logging(None if args.debug else work_dir / "eval_log.log", rank, args.log_all_ranks, filemode="a")
     device = select_device(args, log)
+    if not args.no_env:
+        log.info(environment_summary(device))
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
 

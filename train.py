@@ -30,7 +30,7 @@ from utils.model_init import count_parameters, init_weights
 from utils.optimizers import build_optimizer
 from utils.preemption import PreemptionHandler
 from utils.reference_compat import reference_state_dict_to_ours
-from utils.runtime import amp_context, grad_scaler, select_device
+from utils.runtime import amp_context, environment_summary, grad_scaler, select_device
 from utils.vocabulary import Vocab
 
 CHECKPOINT_FORMAT = "txl-train-v1"
@@ -232,6 +232,8 @@ class Trainer:
         args, log = self.args, self.log
         self.device = select_device(args, log)
         device = self.device
+        if not args.no_env:
+            log.info(environment_summary(device))
         self.autocast = amp_context(args, device)
         seed_everything(args.seed)
 

@@ -7,7 +7,8 @@ The preset: 4 layers, d_model 256, 4 heads of 64, d_inner 1024, tgt_len = mem_le
 lr 0.01 with 50 warm-up steps. The run trains `--max_step` steps (evaluating only at the end, no final test)
 and prints the training throughput (train.py's `Training throughput`, which leaves out the first
 mem_len // tgt_len + 2 log intervals and the evaluation time), the validation perplexity after the last step,
-and the machine's load, since on a shared machine the figure depends on what else runs.
+and the machine's load and the run's CPU time, since on a shared machine the figure depends on what else runs
+(with other processes on the cores, --threads 1 avoids OpenMP threads waiting for each other).
 
 --data defaults to ../shared/data/wikitext-2 when it exists (development machines), else data/wikitext-2
 (./getdata.sh wt2).
@@ -15,6 +16,7 @@ and the machine's load, since on a shared machine the figure depends on what els
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -57,11 +59,14 @@ def main() -> int:
                "--data", str(args.data), "--work_dir", str(work_dir), "--no_cuda", "--max_step", str(args.max_step),
                "--eval_interval", str(args.max_step), "--log_interval", "10", "--no_test", *args.extra]
     print("command:", " ".join(command), flush=True)
-    print(f"cpus: {os.cpu_count()}  load average before: {load_average()}", flush=True)
+    print(f"cpus: {os.cpu_count()}  threads: {args.threads or 'torch default'}  "
+          f"load average before: {load_average()}", flush=True)
     start = time.time()
     result = subprocess.run(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wall = time.time() - start
-    print(f"load average after: {load_average()}  wall time: {wall:.0f} s")
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    print(f"load average after: {load_average()}  wall time: {wall:.0f} s  CPU time: user {usage.ru_utime:.0f} s, "
+          f"system {usage.ru_stime:.0f} s (the whole run: start-up, cache, training, evaluation)")
     if result.returncode != 0:
         print(result.stdout[-4000:])
         print(f"error: train.py exited with {result.returncode}", file=sys.stderr)

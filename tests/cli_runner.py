@@ -8,8 +8,8 @@ same `run_cli(main)` a shell would run) and exits with its exit code; its stdout
 
 A run can be given a `hook`: a function of this module called in the child before the script starts. The
 hooks below monkeypatch library code *in that child only* to make an event happen at an exact point
-(a signal after a given step, a kill in the middle of writing a checkpoint, a NaN loss), so the tests of
-preemption, crashes and divergence are deterministic instead of timing-dependent.
+(a signal after a given step, a kill in the middle of writing a checkpoint), so the tests of preemption and
+crashes are deterministic instead of timing-dependent.
 """
 import io
 import multiprocessing
@@ -25,9 +25,14 @@ REPO = Path(__file__).resolve().parent.parent
 TRAIN = str(REPO / "train.py")
 EVAL = str(REPO / "eval.py")
 
-_PRELOAD = ["torch", "numpy", "yaml", "sacremoses", "torch.utils.tensorboard", "data_utils", "mem_transformer",
-            "lamb", "utils.checkpoint", "utils.config", "utils.evaluation", "utils.metrics", "utils.optimizers",
-            "utils.lr_scheduler", "utils.vocabulary", "utils.preemption", "utils.runtime"]
+# torch._dynamo: the first optimizer built imports it (seconds)
+_PRELOAD = ["torch", "torch._dynamo", "numpy", "yaml", "sacremoses", "torch.utils.tensorboard", "data_utils",
+            "mem_transformer", "lamb", "utils.checkpoint", "utils.config", "utils.distributed", "utils.evaluation",
+            "utils.metrics", "utils.model_init", "utils.optimizers", "utils.lr_scheduler", "utils.reference_compat",
+            "utils.vocabulary", "utils.preemption", "utils.runtime"]
+# launcher variables a test process may have inherited: a CLI run here is always a single process
+_LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                  "TORCHELASTIC_RUN_ID", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
 _context = None
 
 
@@ -50,7 +55,7 @@ class Result:
         return self.stdout.splitlines()
 
 
-def _child(script: str, argv: list[str], cwd: str, out: str, err: str, hook, hook_args) -> None:
+def _child(script: str, argv: list[str], cwd: str, out: str, err: str, env: dict, hook, hook_args) -> None:
     for fd, path in ((1, out), (2, err)):
         file_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(file_fd, fd)
@@ -58,6 +63,8 @@ def _child(script: str, argv: list[str], cwd: str, out: str, err: str, hook, hoo
     sys.stdout = io.TextIOWrapper(os.fdopen(1, "wb", closefd=False), line_buffering=True)
     sys.stderr = io.TextIOWrapper(os.fdopen(2, "wb", closefd=False), line_buffering=True)
     os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(env)
     import torch
     torch.set_num_threads(1)  # two cores shared by everyone: one thread per run is fastest and steady
     sys.argv = [script, *argv]
@@ -67,15 +74,21 @@ def _child(script: str, argv: list[str], cwd: str, out: str, err: str, hook, hoo
 
 
 def start(script: str, argv, tmp_path: Path, hook=None, hook_args=(), name: str = "run"):
-    """Start `script argv` in a new process; returns (process, stdout path, stderr path)."""
+    """Start `script argv` in a new process; returns (process, stdout path, stderr path).
+
+    The environment is this process's, without launcher variables (one process, no process group) and
+    without GPUs (CPU runs are bitwise reproducible, which the resume tests compare)."""
     out, err = tmp_path / f"{name}.out", tmp_path / f"{name}.err"
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
+    env["CUDA_VISIBLE_DEVICES"] = ""
     process = _forkserver().Process(
-        target=_child, args=(script, [str(a) for a in argv], str(REPO), str(out), str(err), hook, hook_args))
+        target=_child, args=(script, [str(a) for a in argv], str(REPO), str(out), str(err), env, hook, hook_args))
     process.start()
     return process, out, err
 
 
-def run(script: str, argv, tmp_path: Path, hook=None, hook_args=(), timeout: float = 300, name: str = "run") -> Result:
+def run(script: str, argv, tmp_path: Path, hook=None, hook_args=(), timeout: float = 300,
+        name: str = "run") -> Result:
     """Run `script argv` to the end (cwd: the repository root)."""
     process, out, err = start(script, argv, tmp_path, hook, hook_args, name)
     process.join(timeout)
@@ -169,7 +182,9 @@ REFERENCE_FORMATS = {
     "train_bpc": "| epoch {:3d} step {:>8d} | batches {:>6d} / {:d} | lr {:.3e} | ms/batch {:5.1f} "
                  "| tok/s {:7.0f} | loss {:5.2f} | bpc {:9.5f}",
     "eval": "| Eval {:3d} at step {:>8d} | time: {:5.2f}s | valid loss {:5.2f} | valid ppl {:9.3f}",
+    "eval_bpc": "| Eval {:3d} at step {:>8d} | time: {:5.2f}s | valid loss {:5.2f} | bpc {:9.5f}",
     "test": "| End of training | test time: {:5.2f}s | test loss {:5.2f} | test ppl {:9.3f}",
+    "test_bpc": "| End of training | test time: {:5.2f}s | test loss {:5.2f} | test bpc {:9.5f}",
     "training_time": "Training time: {:.2f} minutes",
     "training_throughput": "Training throughput: {:.2f} tok/s",
     "eval_progress": "| step {:>8d} | batches {:>6d} / {:d} | ms/batch {:5.2f} | tok/s {:7.0f} | loss {:5.2f} "

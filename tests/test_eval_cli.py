@@ -190,3 +190,15 @@ def test_manual_text_on_our_checkpoint(trained, tmp_path):
             nll, mems = model(data[: len(target), None], target[:, None], mems)
             total += nll.sum().item()
     assert loss == pytest.approx(total / (len(ids) - 1), rel=1e-5)
+
+
+def test_targets_pass_and_fail_with_exit_codes(trained, tmp_path):
+    passed = cli_runner.evaluate(eval_argv(trained, tmp_path, "--split", "valid", "--target_perplexity", "1e9",
+                                           "--target_throughput", "1"), tmp_path, name="passed")
+    assert passed.returncode == 0, passed.stderr
+    assert "Perplexity test passed" in passed.lines and "Throughput test passed" in passed.lines
+    failed = cli_runner.evaluate(eval_argv(trained, tmp_path, "--split", "valid", "--target_perplexity", "1.5"),
+                                 tmp_path, name="failed")
+    assert failed.returncode == 1 and failed.stderr == ""
+    ppl = parse_line(result_lines(failed, "valid")[0], "result_valid")[1]
+    assert f"Perplexity achieved: {ppl:.2f} target: 1.50" in failed.lines and "Perplexity test failed" in failed.lines

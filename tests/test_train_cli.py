@@ -51,6 +51,7 @@ def test_log_lines_have_the_reference_formats(trained):
     assert lines.index("End of training") < i and lines[lines.index("End of training") - 1] == "-" * 100
     assert any(l.startswith("#params = ") for l in lines) and any(l.startswith("#non emb params = ") for l in lines)
     assert "    - n_layer : 2" in lines and "    - optim : lamb" in lines
+    assert sum(l.startswith("Environment: python ") for l in lines) == 1
 
 
 def test_log_file_holds_the_console_lines(trained):
@@ -125,9 +126,9 @@ def test_checkpoints_hold_plain_types_and_save_all_keeps_each(trained):
     assert last["memory"][0][0].shape == (2, 8, 16, 32)        # [n_layer, mem_len, batch, d_model], one chunk
 
 
-@pytest.mark.slow
 def test_targets_pass_and_fail_with_exit_codes(demo_corpus, tmp_path):
-    common = tiny_args(demo_corpus, tmp_path / "work", max_step=6, eval_interval=6, log_interval=1, debug=True)
+    common = tiny_args(demo_corpus, tmp_path / "work", max_step=6, eval_interval=6, log_interval=1, debug=True,
+                       no_env=True)
     passed = cli_runner.train(common + ["--target_perplexity", "1e9", "--target_throughput", "1"], tmp_path)
     assert passed.returncode == 0, passed.stderr
     assert "Perplexity test passed" in passed.lines and "Throughput test passed" in passed.lines
@@ -138,7 +139,7 @@ def test_targets_pass_and_fail_with_exit_codes(demo_corpus, tmp_path):
     failed = cli_runner.train(common + ["--target_perplexity", "1.5", "--target_throughput", "1e12"], tmp_path)
     assert failed.returncode == 1
     assert "Perplexity test failed" in failed.lines and "Throughput test failed" in failed.lines
-    assert failed.stderr == ""
+    assert failed.stderr == "" and not any(l.startswith("Environment:") for l in failed.lines)
     assert not (tmp_path / "work").exists()                        # --debug: no work dir, no checkpoints
 
 
@@ -215,3 +216,22 @@ def test_batch_chunk_gives_the_same_training_as_the_whole_batch(demo_corpus, tmp
         assert [m.shape[2] for m in memory] == [16 // chunks] * chunks
     assert len(losses[1]) == 12
     assert losses[2] == pytest.approx(losses[1], rel=1e-4)
+
+
+def test_character_level_datasets_report_bits_per_character(demo_corpus, tmp_path):
+    """text8 layout (characters separated by spaces, '_' for a space): every result in bits per character."""
+    data = tmp_path / "text8"
+    data.mkdir()
+    for split in ("train", "valid", "test"):
+        text = " ".join((demo_corpus / f"{split}.txt").read_text().replace("\n", " ").replace(" ", "_"))
+        (data / f"{split}.txt").write_text(text[: 2 * 12000 if split == "train" else 2 * 2000] + "\n")
+    work = tmp_path / "work"
+    result = cli_runner.train(tiny_args(data, work, dataset="text8", max_step=4, eval_interval=4, log_interval=2),
+                              tmp_path)
+    assert result.returncode == 0, result.stderr
+    for kind, start in (("train_bpc", "| epoch"), ("eval_bpc", "| Eval"), ("test_bpc", "| End of training")):
+        lines = [l for l in result.lines if l.startswith(start)]
+        assert lines and all(parse_line(l, kind) for l in lines), lines
+    train = [r for r in records(work) if "train_loss" in r and isinstance(r["step"], int)]
+    assert all(r["train_bits_per_character"] == pytest.approx(r["train_loss"] / math.log(2)) for r in train)
+    assert "test_bits_per_character" in records(work)[-1] and "test_perplexity" not in records(work)[-1]

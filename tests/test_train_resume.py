@@ -38,7 +38,6 @@ def assert_same_training(a, b, steps):
             assert torch.equal(torch.as_tensor(value), torch.as_tensor(optim_b["state"][index][key])), (index, key)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("flags", [{}, {"batch_chunk": 2, "swap_mem": True}, {"roll": True, "varlen": True}],
                          ids=["plain", "batch_chunk2", "roll_varlen"])
 def test_restart_continues_exactly(demo_corpus, tmp_path, flags):
@@ -56,7 +55,6 @@ def test_restart_continues_exactly(demo_corpus, tmp_path, flags):
     assert_same_training(tmp_path / "whole", tmp_path / "split", range(1, 41))
 
 
-@pytest.mark.slow
 def test_sigterm_mid_epoch_saves_and_the_restart_continues_the_log_interval(demo_corpus, tmp_path):
     """SIGTERM after step 7 (not an eval step, log every 5): checkpoint, exit 0; the restart's next log line
     (step 10) averages steps 6-10 like the uninterrupted run's."""
@@ -83,7 +81,6 @@ def test_sigterm_mid_epoch_saves_and_the_restart_continues_the_log_interval(demo
     assert_same_training(tmp_path / "whole", tmp_path / "split", [5, 10, 15, 20])
 
 
-@pytest.mark.slow
 def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(demo_corpus, tmp_path):
     work = tmp_path / "work"
     argv = tiny_args(demo_corpus, work, max_step=20, eval_interval=5, no_test=True)
@@ -113,7 +110,6 @@ def test_sigusr1_also_stops_with_a_checkpoint(demo_corpus, tmp_path):
     assert torch.load(work / "checkpoint_last.pt", weights_only=True)["train_step"] == 3
 
 
-@pytest.mark.slow
 def test_restart_without_memory_and_with_extended_context(demo_corpus, tmp_path):
     """mem_len 0 (the reference crashed at its first checkpoint) with ext_len 4 trains, checkpoints, resumes."""
     common = dict(max_step_scheduler=8, log_interval=1, eval_interval=4, no_test=True, mem_len=0, ext_len=4)

@@ -160,7 +160,7 @@ def _add_run_flags(group, *, dllog_file: str) -> None:
     _flag(group, "bf16", "bfloat16 mixed precision, no loss scaling (ours; exclusive with --fp16)")
     _flag(group, "log_all_ranks", "one log file per rank")
     group.add_argument("--dllog_file", type=str, default=dllog_file, help="name of the JSON log in work_dir")
-    _flag(group, "no_env", "do not log the environment (collect_env)")
+    _flag(group, "no_env", "do not log the environment (versions, device; changed: one line, not collect_env)")
     group.add_argument("--log_interval", type=int, default=10, help="log every N steps")
     group.add_argument("--target_throughput", type=float, default=None,
                        help="exit 1 when the average throughput (tok/s) is below this")
