@@ -22,7 +22,7 @@ from utils import distributed
 from utils.checkpoint import load_checkpoint
 from utils.config import eval_parser, eval_splits, parse_args
 from utils.errors import UserError, run_cli
-from utils.evaluation import evaluate_stream
+from utils.evaluation import evaluate_stream, reduce_eval_result
 from utils.metrics import (DOUBLE_LINE, AverageMeter, MetricsWriter, format_eval_progress_line,
                            format_split_result, safe_exp, setup_logging)
 from utils.reference_compat import reference_state_dict_to_ours
@@ -123,18 +123,19 @@ def evaluate(model, iterator, args, device, log, meters) -> tuple[float, int]:
     for _ in range(args.repeat):
         result = evaluate_stream(model, iterator, device, max_steps=args.max_size or -1, timed=True,
                                  on_batch=on_batch)
-        total_loss += result.total_loss
-        total_len += result.total_len
+        loss_sum, scored = reduce_eval_result(result, iterator)     # over all ranks' columns
+        total_loss += loss_sum
+        total_len += scored
         n_batches += result.n_batches
     elapsed = time.time() - start
     log.info(f"Time : {elapsed:.2f}s, {1000 * elapsed / max(n_batches, 1):.2f}ms/segment")
     if total_len == 0:
         raise UserError("nothing was scored: every batch only primed the memory; raise --max_size or lower --mem_len")
-    loss = total_loss / total_len
-    return distributed.all_reduce_item(loss, "mean"), n_batches
+    return total_loss / total_len, n_batches
 
 
 def main() -> int:
+    distributed.adopt_slurm_env()                       # one process per srun task: ranks from SLURM_* variables
     args = parse_args(eval_parser(), section="eval")
     distributed.init_from_env(args)
     rank, world_size = distributed.get_rank(), distributed.get_world_size()

@@ -189,6 +189,9 @@ def _add_process_flags(group) -> None:
     group.add_argument("--seed", type=int, default=1111, help="random seed")
     group.add_argument("--local_rank", "--local-rank", type=int, default=_env_local_rank(),
                        help="local device index (default: $LOCAL_RANK or 0)")
+    group.add_argument("--dist_timeout", type=float, default=600.0,
+                       help="seconds to wait for the other processes to join and for any collective; a peer that "
+                            "never starts or dies then ends the job with an error instead of a hang (ours)")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -209,7 +212,9 @@ def train_parser() -> StrictArgumentParser:
     parser, general = _new_parser("train", "Train a Transformer-XL language model.", "general setup")
     _flag(general, "append_dataset", "append the dataset name to work_dir")
     _flag(general, "append_time", "append a timestamp to work_dir")
-    general.add_argument("--restart", type=str, default="", help="checkpoint file or directory to resume from")
+    general.add_argument("--restart", type=str, default="",
+                         help="checkpoint file or directory to resume from; 'auto': work_dir/checkpoint_last.pt "
+                              "when it exists, else a fresh start (run.sub uses it after a requeue)")
     general.add_argument("--txtlog_file", type=str, default="train_log.log", help="name of the text log")
     _flag(general, "save_all", "also keep checkpoint_{step}.pt at every evaluation")
     _flag(general, "no_eval", "no periodic evaluation (and no checkpoints at evaluations, no final test)")
