@@ -9,7 +9,8 @@ Reads our checkpoints and the reference trainer's (without running pickled code)
 the vocabulary stored in the checkpoint. Output lines are the reference eval.py's.
 """
 import json
-import math
+import os
+import platform
 import time
 from pathlib import Path
 
@@ -17,71 +18,24 @@ import numpy as np
 import torch
 
 import data_utils
-from mem_transformer import MemTransformerLM
+from inference.runtime import (LoadedModel, length_overrides, load_for_inference, precision_of, prepare_runtime,
+                               save_torchscript, warm_up)
 from utils import distributed
-from utils.checkpoint import load_checkpoint
 from utils.config import eval_parser, eval_splits, parse_args
 from utils.errors import UserError, run_cli
-from utils.evaluation import evaluate_stream
+from utils.evaluation import evaluate_stream, reduce_eval_result
 from utils.metrics import (DOUBLE_LINE, AverageMeter, MetricsWriter, format_eval_progress_line,
                            format_split_result, safe_exp, setup_logging)
-from utils.reference_compat import reference_state_dict_to_ours
 from utils.runtime import environment_summary, select_device
-from utils.vocabulary import Vocab
 
-TORCHSCRIPT_EXTRA = "txl_meta.json"  # vocabulary and model config stored inside a TorchScript file
-
-
-def model_dtype(args) -> torch.dtype:
-    return torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else torch.float32
-
-
-def math_name(args) -> str:
-    return "fp16" if args.fp16 else "bf16" if args.bf16 else "fp32"
-
-
-def load_model(args, device, log):
-    """(model, vocab, model_config, dataset) from --load_torchscript, --manual_config or the checkpoint."""
-    if args.load_torchscript:
-        extra = {TORCHSCRIPT_EXTRA: ""}
-        path = Path(args.load_torchscript)
-        if not path.is_file():
-            raise UserError(f"TorchScript file {path} does not exist")
-        try:
-            model = torch.jit.load(str(path), map_location=device, _extra_files=extra)
-        except Exception as exc:
-            raise UserError(f"{path} is not a loadable TorchScript file ({str(exc).splitlines()[0][:200]})") from None
-        meta = json.loads(extra[TORCHSCRIPT_EXTRA] or "{}")
-        if "vocab" not in meta:
-            raise UserError(f"{path} was not written by eval.py --save_torchscript (no vocabulary inside)")
-        model.reset_length(args.tgt_len, args.ext_len, args.mem_len)
-        return model, Vocab.from_dict(meta["vocab"]), meta["model_config"], meta.get("dataset")
-
-    overrides = dict(tgt_len=args.tgt_len, ext_len=args.ext_len, mem_len=args.mem_len, clamp_len=args.clamp_len,
-                     same_length=args.same_length)
-    if args.manual_config is not None:
-        config = {**args.manual_config, **overrides}
-        config.pop("dtype", None)
-        model = MemTransformerLM(**config)
+def load_model(args, device, log) -> LoadedModel:
+    """The model, its vocabulary, model_config and dataset from --load_torchscript, --manual_config or the
+    checkpoint (--model, default work_dir/checkpoint_best.pt), with the lengths of this run."""
+    if args.manual_config is not None and not args.load_torchscript:
         log.info("Building the model from --manual_config: the weights are random")
-        return model, None, config, None
-
-    path = Path(args.model) if args.model else Path(args.work_dir) / "checkpoint_best.pt"
-    ckpt = load_checkpoint(path, map_location="cpu")
-    config = {**ckpt["model_config"], **overrides}
-    reference = ckpt["format"] == "reference"
-    vocab = Vocab.from_reference(ckpt["vocab"]) if reference else Vocab.from_dict(ckpt["vocab"])
-    if config["n_token"] != len(vocab):
-        raise UserError(f"checkpoint {path}: the model predicts {config['n_token']} tokens but its vocabulary has "
-                        f"{len(vocab)}; the file is inconsistent, use another checkpoint")
-    model = MemTransformerLM(**config)
-    state = reference_state_dict_to_ours(ckpt["model_state"], ckpt["model_config"]) if reference else ckpt["model_state"]
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise UserError(f"checkpoint {path} does not fit its own model_config ({str(exc).splitlines()[0][:200]})") from None
-    dataset = ckpt["args"].get("dataset") if isinstance(ckpt.get("args"), dict) else None
-    return model, vocab, config, dataset
+    model_path = args.model or str(Path(args.work_dir) / "checkpoint_best.pt")
+    return load_for_inference(model_path=model_path, torchscript_path=args.load_torchscript,
+                              manual_config=args.manual_config, overrides=length_overrides(args), device=device)
 
 
 def manual_ids(args, vocab) -> np.ndarray:
@@ -97,7 +51,10 @@ def manual_ids(args, vocab) -> np.ndarray:
 
 
 def evaluate(model, iterator, args, device, log, meters) -> tuple[float, int]:
-    """One split, `--repeat` times; logs progress lines; returns (mean NLL, batches)."""
+    """One split, `--repeat` times; logs progress lines; returns (mean NLL over all ranks' tokens, batches).
+
+    With several processes each evaluates its columns of the global batch; a batch's latency is the slowest
+    rank's, its throughput the sum over ranks, and the loss is averaged over every scored token."""
     total_loss, total_len, n_batches = 0.0, 0, 0
     start = time.time()
     interval = {"loss": 0.0, "time": 0.0, "tokens": 0, "batches": 0}
@@ -107,6 +64,7 @@ def evaluate(model, iterator, args, device, log, meters) -> tuple[float, int]:
     def on_batch(index: int, seconds: float, loss: float, n_tokens: int) -> None:
         step[0] += 1
         tokens_per_s = distributed.all_reduce_item(n_tokens / seconds if seconds > 0 else 0.0, "sum")
+        seconds = distributed.all_reduce_item(seconds, "max")
         meters["latency"].update(seconds * 1000)
         meters["throughput"].update(tokens_per_s, seconds)
         interval["loss"] += loss
@@ -123,18 +81,19 @@ def evaluate(model, iterator, args, device, log, meters) -> tuple[float, int]:
     for _ in range(args.repeat):
         result = evaluate_stream(model, iterator, device, max_steps=args.max_size or -1, timed=True,
                                  on_batch=on_batch)
-        total_loss += result.total_loss
-        total_len += result.total_len
+        loss_sum, scored = reduce_eval_result(result, iterator)     # over all ranks' columns
+        total_loss += loss_sum
+        total_len += scored
         n_batches += result.n_batches
     elapsed = time.time() - start
     log.info(f"Time : {elapsed:.2f}s, {1000 * elapsed / max(n_batches, 1):.2f}ms/segment")
     if total_len == 0:
         raise UserError("nothing was scored: every batch only primed the memory; raise --max_size or lower --mem_len")
-    loss = total_loss / total_len
-    return distributed.all_reduce_item(loss, "mean"), n_batches
+    return total_loss / total_len, n_batches
 
 
 def main() -> int:
+    distributed.adopt_slurm_env()                       # one process per srun task: ranks from SLURM_* variables
     args = parse_args(eval_parser(), section="eval")
     distributed.init_from_env(args)
     rank, world_size = distributed.get_rank(), distributed.get_world_size()
@@ -148,21 +107,22 @@ def main() -> int:
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
 
-    model, vocab, model_config, trained_on = load_model(args, device, log)
-    if args.type == "pytorch" or args.load_torchscript:
-        if not args.load_torchscript:
-            model = model.to(device=device, dtype=model_dtype(args))
-    model.eval()
-    if args.type == "torchscript" and not args.load_torchscript:
-        start = time.time()
-        model = torch.jit.script(model.to(device=device, dtype=model_dtype(args)))
-        log.info(f"Building the model took {time.time() - start:.2f} seconds")
+    loaded = load_model(args, device, log)
+    vocab, model_config, trained_on = loaded.vocab, loaded.model_config, loaded.dataset
+    precision = precision_of(args)
+    runtime = "torchscript" if args.load_torchscript and args.type != "compile" else args.type
+    if args.load_torchscript and args.type == "pytorch":
+        log.info("--load_torchscript: running the TorchScript model (type torchscript)")
+    start = time.time()
+    model = prepare_runtime(loaded.model, runtime, precision, device, args.compile_mode)
     if args.save_torchscript:
-        scripted = model if isinstance(model, torch.jit.ScriptModule) else torch.jit.script(model)
-        meta = {"vocab": None if vocab is None else vocab.to_dict(), "model_config": model_config,
-                "dataset": trained_on or args.dataset}
-        torch.jit.save(scripted, args.save_torchscript, _extra_files={TORCHSCRIPT_EXTRA: json.dumps(meta)})
-        log.info(f"Saved the TorchScript model to {args.save_torchscript}")
+        path = save_torchscript(model if runtime == "torchscript" else loaded.model, args.save_torchscript, vocab,
+                                model_config, trained_on or args.dataset)
+        log.info(f"Saved the TorchScript model to {path}")
+    if runtime != "pytorch" or precision != "fp32":
+        local_bsz = 1 if args.manual else -(-args.batch_size // world_size)
+        warm_up(model, model_config["n_token"], args.tgt_len, args.mem_len, local_bsz, device, precision, runtime)
+        log.info(f"Building the model took {time.time() - start:.2f} seconds")
 
     if args.manual:
         splits = {args.split: data_utils.LMOrderedIterator(manual_ids(args, vocab), 1, args.tgt_len, device=device,
@@ -178,7 +138,7 @@ def main() -> int:
             splits[split] = kind(ids, args.batch_size, args.tgt_len, device=device, mem_len=args.mem_len,
                                  ext_len=args.ext_len, rank=rank, world_size=world_size)
 
-    log.info(f"Evaluating with: math {math_name(args)} type {args.type} bsz {args.batch_size} tgt_len {args.tgt_len} "
+    log.info(f"Evaluating with: math {precision} type {runtime} bsz {args.batch_size} tgt_len {args.tgt_len} "
              f"ext_len {args.ext_len} mem_len {args.mem_len} clamp_len {args.clamp_len}")
     warmup = args.mem_len // args.tgt_len + 2
     meters = {"throughput": AverageMeter(warmup=warmup, keep=args.save_data),
@@ -196,7 +156,7 @@ def main() -> int:
         metrics.log("SUMMARY", {"split": split, "eval_loss": loss, "eval_ppl": safe_exp(loss)})
 
     if args.save_data:
-        report_latency(args, meters, work_dir, log, metrics)
+        report_latency(args, meters, work_dir, log, metrics, device, f"{precision}_{runtime}")
     metrics.close()
 
     passed = True
@@ -217,18 +177,25 @@ def main() -> int:
     return 0 if passed else 1
 
 
-def report_latency(args, meters, work_dir: Path, log, metrics) -> None:
-    """--save_data: throughput and latency samples as JSON, and the reference's summary lines."""
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+
+
+def report_latency(args, meters, work_dir: Path, log, metrics, device, run_name: str) -> None:
+    """--save_data: throughput and latency samples after the warm-up batches as JSON
+    (work_dir/eval_data_{bsz}_{precision}_{type}.json), and the reference's summary lines."""
     throughput = np.array(meters["throughput"].values, dtype=np.float64)
     latency = np.array(meters["latency"].values, dtype=np.float64)
     if latency.size == 0:
         log.info("No timing samples after the warm-up batches; evaluate more batches for latency figures")
         return
-    data = {"args": {k: v for k, v in vars(args).items()}, "throughput": throughput.tolist(),
-            "latency": latency.tolist()}
-    if not args.debug:
-        path = work_dir / f"eval_data_{args.batch_size}_{math_name(args)}_{args.type}.json"
-        path.write_text(json.dumps(data))
+    data = {"args": {k: v for k, v in vars(args).items()}, "device": device_name(device),
+            "world_size": distributed.get_world_size(), "throughput": throughput.tolist(), "latency": latency.tolist()}
+    if not args.debug and distributed.is_main_process():
+        path = work_dir / f"eval_data_{args.batch_size}_{run_name}.json"
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, path)
     summary = {"eval_throughput": float(throughput.mean()), "eval_avg_latency": float(latency.mean())}
     log.info(f"Throughput Avg: {throughput.mean():.2f} tok/s")
     log.info(f"Latency Avg: {latency.mean():.2f} ms")

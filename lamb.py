@@ -135,7 +135,7 @@ def _lamb_multi_tensor(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2
     if weight_decay != 0:
         torch._foreach_add_(updates, params, alpha=weight_decay)
     if not adam:
-        w_norms = torch.stack(torch._foreach_norm(params)).clamp_(0, 10)
+        w_norms = torch.stack(torch._foreach_norm(params)).clamp(0, 10)   # not in place: DTensors (FSDP)
         u_norms = torch.stack(torch._foreach_norm(updates))
         trust = torch.where((w_norms == 0) | (u_norms == 0), torch.ones_like(w_norms), w_norms / (u_norms + eps))
         torch._foreach_mul_(updates, trust.unbind(0))

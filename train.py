@@ -3,6 +3,7 @@
 
     python train.py --config_file configs/wt103_base.yaml --config dgx1_8gpu_fp16 [flags]
     torchrun --nproc_per_node 8 train.py --config_file configs/wt103_base.yaml ...
+    srun --ntasks-per-node 8 python train.py ...          (one process per GPU, see run.sub)
 
 The flags, presets and log lines are the reference trainer's (NVIDIA DeepLearningExamples); see README.md.
 """
@@ -22,13 +23,15 @@ from utils import distributed
 from utils.checkpoint import copy_checkpoint_atomic, load_checkpoint, remove_partial_writes, save_checkpoint_atomic
 from utils.config import dump_config, parse_args, train_parser, CONFIG_DUMP_NAME
 from utils.errors import UserError, run_cli
-from utils.evaluation import eval_lengths, evaluate_stream
+from utils.fsdp import (full_model_state, full_optimizer_state, grad_scaler as sharded_grad_scaler, is_sharded,
+                        load_model_state, load_optimizer_state, scalar)
+from utils.evaluation import eval_lengths, evaluate_stream, reduce_eval_result
 from utils.lr_scheduler import build_scheduler
 from utils.metrics import (DOUBLE_LINE, LINE, AverageMeter, MetricsWriter, format_eval_line, format_test_line,
                            format_train_line, loss_metrics, safe_exp, setup_logging)
 from utils.model_init import count_parameters, init_weights
 from utils.optimizers import build_optimizer
-from utils.preemption import PreemptionHandler
+from utils.preemption import PreemptionHandler, clear_marker, write_marker
 from utils.reference_compat import reference_state_dict_to_ours
 from utils.runtime import amp_context, environment_summary, grad_scaler, select_device
 from utils.vocabulary import Vocab
@@ -38,6 +41,11 @@ CHECKPOINT_FORMAT = "txl-train-v1"
 
 class TrainingDiverged(UserError):
     exit_code = 3
+
+
+class PeerFailure(UserError):
+    """Another process of the job died or stopped answering (raised from a failed collective)."""
+    exit_code = 4
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -135,12 +143,14 @@ def checkpoint_state(args, model_config, model, optimizer, scheduler, scaler, vo
         "data": tr_iter.state_dict(),
     }
     gathered = distributed.gather_objects(per_rank)
+    model_state = full_model_state(model)                   # collectives under FSDP: every rank calls them
+    optimizer_state = full_optimizer_state(model, optimizer)
     return {
         "format": CHECKPOINT_FORMAT,
         "args": {k: v for k, v in vars(args).items()},
         "model_config": model_config,
-        "model_state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "optimizer_state": optimizer.state_dict(),
+        "model_state": model_state,
+        "optimizer_state": optimizer_state,
         "scheduler_state": scheduler.state_dict(),
         "scaler_state": scaler.state_dict() if scaler.is_enabled() else None,
         "vocab": vocab.to_dict(),
@@ -187,8 +197,7 @@ class Trainer:
                                  autocast=self.autocast)
         model.reset_length(args.tgt_len, args.ext_len, args.mem_len)
         model.train()
-        total = distributed.all_reduce_item(result.total_loss, "sum")
-        count = distributed.all_reduce_item(result.total_len, "sum")
+        total, count = reduce_eval_result(result, iterator)
         if count == 0:
             raise UserError("evaluation scored no tokens (--eval_max_steps covers only the memory warm-up "
                             "batches); raise --eval_max_steps or set it to -1")
@@ -203,9 +212,8 @@ class Trainer:
         target_chunks = torch.chunk(target, chunks, 1)
         step_loss = torch.zeros((), device=self.device)
         for i in range(chunks):
-            sync = contextlib.nullcontext()
-            if i < chunks - 1 and hasattr(model, "no_sync"):
-                sync = model.no_sync()
+            # gradients are synchronized across ranks once per step, in the backward of the last chunk
+            sync = distributed.no_grad_sync(model) if i < chunks - 1 else contextlib.nullcontext()
             with sync:
                 mems = self.mems[i]
                 if args.swap_mem and mems is not None:
@@ -225,7 +233,7 @@ class Trainer:
         self.scaler.update()
         if scale_before is not None and self.scaler.get_scale() < scale_before:
             self.skipped_steps += 1
-        return step_loss.item(), float(grad_norm)
+        return step_loss.item(), scalar(grad_norm)
 
     # ---- everything ------------------------------------------------------------------------------------------
     def run(self) -> int:
@@ -254,26 +262,33 @@ class Trainer:
         model_config = build_model_config(args, n_token)
         model = MemTransformerLM(**model_config)
         init_weights(model, args.init, args.init_range, args.init_std, args.proj_init_std)
-        model.to(device)
+        n_all, n_nonemb = count_parameters(model)
+        if not (args.multi_gpu == "fsdp" and self.world_size > 1):
+            model.to(device)                                 # FSDP moves each rank's shards there itself
         self.model = model
-        self.optimizer = build_optimizer(args, model)
-        self.scheduler = build_scheduler(args, self.optimizer)
-        self.scaler = grad_scaler(args, device)
         self.para_model = distributed.wrap_model(model, args, device)
+        self.optimizer = build_optimizer(args, model)        # after sharding: FSDP replaces the parameters
+        self.scheduler = build_scheduler(args, self.optimizer)
+        self.scaler = sharded_grad_scaler(args, device) if is_sharded(model) else grad_scaler(args, device)
+        # Every rank built the same initial weights from --seed; dropout (and sampled softmax) now draw from a
+        # stream of their own per rank, so that ranks do not repeat each other's dropout masks.
+        seed_everything(args.seed + self.rank)
 
         log.info(DOUBLE_LINE)
         for key, value in sorted(vars(args).items()):
             log.info(f"    - {key} : {value}")
         log.info(DOUBLE_LINE)
-        n_all, n_nonemb = count_parameters(model)
         log.info(f"#params = {n_all}")
         log.info(f"#non emb params = {n_nonemb}")
 
         progress = {"epoch": 1, "batch": 0, "last_iter": 0, "train_step": 0, "best_val_loss": None,
                     "train_elapsed": 0.0, "log_acc": {"loss": 0.0, "steps": 0, "tokens": 0, "elapsed": 0.0}}
         self.mems = [None] * args.batch_chunk
-        if args.restart:
-            progress = self.restore(args.restart, tr_iter, vocab, model_config, progress)
+        restart = resolve_restart(args, self.work_dir, log)
+        if self.rank == 0 and not args.debug:
+            clear_marker(self.work_dir)                      # this run is the resumption of a stopped one
+        if restart:
+            progress = self.restore(restart, tr_iter, vocab, model_config, progress)
             if progress is None:
                 return 1
 
@@ -281,7 +296,7 @@ class Trainer:
         throughput = AverageMeter(warmup=args.mem_len // args.tgt_len + 2)
         metrics = MetricsWriter(None if args.debug else self.work_dir / args.dllog_file,
                                 None if args.debug else self.work_dir / "tensorboard",
-                                enabled=self.rank == 0, append=bool(args.restart))
+                                enabled=self.rank == 0, append=bool(restart))
         metrics.log("PARAMETER", {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
         train_step = progress["train_step"]
         best_val_loss = progress["best_val_loss"]
@@ -290,7 +305,8 @@ class Trainer:
         start_time = time.time()
         train_elapsed = progress["train_elapsed"]
         last_eval_step = None
-        with PreemptionHandler() as preemption:
+        # main() installed the signal handler before the setup, so that a signal during the setup is not lost
+        with contextlib.nullcontext(self.preemption) as preemption:
             for epoch in itertools.count(progress["epoch"]):
                 if args.roll:
                     tr_iter.roll(args.seed, epoch)
@@ -379,15 +395,21 @@ class Trainer:
         train_elapsed += time.time() - start_time
         distributed.barrier()
         if stop_reason == "preempted":
-            saved = "without a checkpoint (--debug)" if args.debug else "after saving the checkpoint"
-            log.info(f"Received {preemption.signal_name}, exiting {saved} at step {train_step}")
+            if args.debug:
+                log.info(f"Received a signal, exiting at step {train_step} (--debug: no checkpoint)")
+                return 0
+            name = preemption.signal_name or "a signal (on another rank)"
+            if self.rank == 0:
+                write_marker(self.work_dir, name, train_step)
+            log.info(f"Received {name}, exiting after saving the checkpoint at step {train_step}; "
+                     f"resume with --restart {self.work_dir}")
             return 0
 
         test_loss = None
         best_path = self.work_dir / "checkpoint_best.pt"
         if not (args.debug or args.no_test or args.no_eval) and best_path.is_file():
             best = load_checkpoint(best_path, map_location=device)
-            model.load_state_dict(best["model_state"])
+            load_model_state(model, best["model_state"])
             test_start = time.time()
             test_loss = self.evaluate(te_iter)
             log.info(DOUBLE_LINE)
@@ -409,10 +431,6 @@ class Trainer:
     # ---- restart ---------------------------------------------------------------------------------------------
     def restore(self, path, tr_iter, vocab, model_config, progress) -> dict | None:
         args, log = self.args, self.log
-        if Path(path).is_dir() and not (Path(path) / "checkpoint_last.pt").exists():
-            # the same command line serves the first launch and every requeue of a job
-            log.info(f"No checkpoint in {path} yet, starting training from random init")
-            return progress
         ckpt = load_checkpoint(path, map_location=self.device)
         if ckpt["format"] == "reference":
             ckpt_vocab = Vocab.from_reference(ckpt["vocab"])
@@ -433,7 +451,7 @@ class Trainer:
             log.info(f"Loaded checkpoint after {ckpt['train_step']} steps, but this run was scheduled for a total "
                      f"of {args.max_step} steps, exiting")
             return None
-        self.model.load_state_dict(state)
+        load_model_state(self.model, state)
         self.model.update_dropout(args.dropout)
         self.model.update_dropatt(args.dropatt)
         if ckpt["format"] == "reference":
@@ -442,7 +460,7 @@ class Trainer:
             self.scheduler.step(ckpt["train_step"])
             return dict(progress, train_step=ckpt["train_step"], best_val_loss=ckpt.get("best_val_loss"))
         try:
-            self.optimizer.load_state_dict(ckpt["optimizer_state"])
+            load_optimizer_state(self.model, self.optimizer, ckpt["optimizer_state"])
         except (ValueError, KeyError) as exc:
             raise UserError(f"checkpoint {path}: the optimizer state does not fit --optim {args.optim} ({exc}); "
                             "restart with the optimizer it was trained with") from None
@@ -473,6 +491,46 @@ class Trainer:
                                "lower --lr, raise --warmup_step or use --bf16 instead of --fp16")
 
 
+def resolve_restart(args, work_dir: Path, log) -> str:
+    """The checkpoint to resume from ("" for a fresh start).
+
+    --restart PATH: that checkpoint (a folder: its checkpoint_last.pt, or a fresh start while it has none, so
+    one command line serves the first launch and every requeue). --restart auto: the work dir's
+    checkpoint_last.pt when there is one.
+    When torchrun restarted the workers after a failure (--max-restarts, TORCHELASTIC_RESTART_COUNT > 0), the
+    work dir's checkpoint_last.pt is this run's latest state, so it wins over --restart when it exists.
+    Rank 0 looks at the file system for all ranks.
+    """
+    restarted = distributed.env_int("TORCHELASTIC_RESTART_COUNT", 0) > 0
+    if not restarted and args.restart != "auto":
+        folder = Path(args.restart)
+        empty = bool(args.restart) and folder.is_dir() and not (folder / "checkpoint_last.pt").exists()
+        if distributed.broadcast_object(empty):
+            log.info(f"No checkpoint in {folder} yet, starting training from random init")
+            return ""
+        return args.restart
+    last = work_dir / "checkpoint_last.pt"
+    why = "torchrun restarted the workers" if restarted else "--restart auto"
+    if distributed.broadcast_object(last.is_file()):
+        log.info(f"{why}: resuming from {last}")
+        return str(last)
+    fallback = "" if args.restart == "auto" else args.restart
+    log.info(f"{why}: no checkpoint in {work_dir} yet, " + (f"resuming from {fallback}" if fallback else
+                                                              "starting from scratch"))
+    return fallback
+
+
+def check_batch_split(args, world_size: int) -> None:
+    """Every rank gets the same number of batch columns, and each rank's share splits into batch_chunk chunks."""
+    if args.batch_size % world_size:
+        raise UserError(f"--batch_size {args.batch_size} does not split evenly over {world_size} processes; use a "
+                        f"multiple of {world_size} (or --local_batch_size, the batch per process)")
+    local = args.batch_size // world_size
+    if local % args.batch_chunk:
+        raise UserError(f"the batch per process ({args.batch_size} / {world_size} = {local}) does not split into "
+                        f"--batch_chunk {args.batch_chunk} chunks; choose a --batch_chunk that divides {local}")
+
+
 def corpus_options(args) -> dict:
     """Vocabulary options of data_utils.get_lm_corpus (the custom-only ones only for --dataset custom)."""
     options = {"bpe_model": args.bpe_model, "bpe_vocab_size": args.bpe_vocab_size}
@@ -500,27 +558,51 @@ def check_targets(args, best_val_loss, throughput: float, log) -> int:
 
 
 def main() -> int:
+    distributed.adopt_slurm_env()                       # one process per srun task: ranks from SLURM_* variables
     args = parse_args(train_parser(), section="train")
-    distributed.init_from_env(args)
-    rank = distributed.get_rank()
+    with PreemptionHandler() as preemption:
+        distributed.init_from_env(args)
+        try:
+            code = train(args, preemption)
+        except (torch.distributed.DistError, RuntimeError) as exc:
+            if not distributed.is_initialized() or not is_peer_failure(exc):
+                raise
+            # no orderly shutdown of the process group: it would wait for the peer that is gone
+            raise PeerFailure(f"rank {distributed.get_rank()}: another process of the job failed or stopped "
+                              f"answering ({distributed.first_line(exc)}); the job cannot go on. Resume from the "
+                              "last checkpoint with --restart <work_dir> (or --restart auto)") from None
+        distributed.shutdown()
+        return code
+
+
+def is_peer_failure(exc: BaseException) -> bool:
+    """A collective failed because a peer died, closed its connection or timed out."""
+    if isinstance(exc, torch.distributed.DistError):
+        return True
+    text = str(exc).lower()
+    return any(k in text for k in ("connection closed", "connection reset", "broken pipe", "timed out"))
+
+
+def train(args, preemption: PreemptionHandler) -> int:
+    rank, world_size = distributed.get_rank(), distributed.get_world_size()
     if args.local_batch_size is not None:
-        args.batch_size = distributed.get_world_size() * args.local_batch_size
+        args.batch_size = world_size * args.local_batch_size
+    check_batch_split(args, world_size)
     trainer_work_dir = make_work_dir(args, rank)
     log_file = None if args.debug else trainer_work_dir / args.txtlog_file
+    resuming = bool(args.restart) or distributed.env_int("TORCHELASTIC_RESTART_COUNT", 0) > 0
     log = setup_logging(log_file if not args.debug else None, rank, args.log_all_ranks,
-                        filemode="a" if args.restart else "w")
+                        filemode="a" if resuming else "w")
     if rank == 0 and not args.debug:
         log.info(f"Experiment dir : {trainer_work_dir}")
         for partial in remove_partial_writes(trainer_work_dir):
             log.info(f"Removed {partial.name}: a checkpoint write cut short by a killed run")
         dump_config(args, trainer_work_dir / CONFIG_DUMP_NAME, section="train")
-    log.info(f"world size: {distributed.get_world_size()}")
+    log.info(f"world size: {world_size}" + (f" ({args.multi_gpu})" if world_size > 1 else ""))
     trainer = Trainer(args, log)
     trainer.work_dir = trainer_work_dir
-    try:
-        return trainer.run()
-    finally:
-        distributed.shutdown()
+    trainer.preemption = preemption
+    return trainer.run()
 
 
 if __name__ == "__main__":

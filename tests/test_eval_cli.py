@@ -147,7 +147,7 @@ def test_save_data_writes_json_and_prints_percentiles(trained, tmp_path):
     assert result.returncode == 0, result.stderr
     path = tmp_path / "eval" / "eval_data_4_fp32_pytorch.json"
     data = json.loads(path.read_text())
-    assert set(data) == {"args", "throughput", "latency"}
+    assert set(data) >= {"args", "throughput", "latency"}
     latency = np.array(data["latency"])
     n_batches = parse_line(next(l for l in result.lines if l.startswith("| step")), "eval_progress")[2]
     assert len(latency) == len(data["throughput"]) == n_batches - (8 // 8 + 2)   # minus the meters' warm-up

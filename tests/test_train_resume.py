@@ -65,7 +65,9 @@ def test_sigterm_mid_epoch_saves_and_the_restart_continues_the_log_interval(demo
     stopped = cli_runner.train(tiny_args(demo_corpus, tmp_path / "split", **common), tmp_path, name="stopped",
                                hook=cli_runner.signal_after_step, hook_args=(7,))
     assert stopped.returncode == 0, stopped.stderr
-    assert "Received SIGTERM, exiting after saving the checkpoint at step 7" in stopped.lines
+    split = tmp_path / "split"
+    assert (f"Received SIGTERM, exiting after saving the checkpoint at step 7; resume with --restart {split}"
+            in stopped.lines)
     assert not any(l.startswith("| Eval") for l in stopped.lines)
     assert torch.load(tmp_path / "split" / "checkpoint_last.pt", weights_only=True)["train_step"] == 7
 
@@ -105,7 +107,8 @@ def test_sigusr1_also_stops_with_a_checkpoint(demo_corpus, tmp_path):
     result = cli_runner.train(tiny_args(demo_corpus, work, max_step=20, eval_interval=10), tmp_path,
                               hook=cli_runner.signal_after_step, hook_args=(3, "SIGUSR1"))
     assert result.returncode == 0, result.stderr
-    assert "Received SIGUSR1, exiting after saving the checkpoint at step 3" in result.lines
+    assert (f"Received SIGUSR1, exiting after saving the checkpoint at step 3; resume with --restart {work}"
+            in result.lines)
     assert not any(l.startswith("| End of training") for l in result.lines)
     assert torch.load(work / "checkpoint_last.pt", weights_only=True)["train_step"] == 3
 

@@ -189,6 +189,9 @@ def _add_process_flags(group) -> None:
     group.add_argument("--seed", type=int, default=1111, help="random seed")
     group.add_argument("--local_rank", "--local-rank", type=int, default=_env_local_rank(),
                        help="local device index (default: $LOCAL_RANK or 0)")
+    group.add_argument("--dist_timeout", type=float, default=600.0,
+                       help="seconds to wait for the other processes to join and for any collective; a peer that "
+                            "never starts or dies then ends the job with an error instead of a hang (ours)")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -211,7 +214,8 @@ def train_parser() -> StrictArgumentParser:
     _flag(general, "append_time", "append a timestamp to work_dir")
     general.add_argument("--restart", type=str, default="",
                          help="checkpoint file or directory to resume from (a directory without "
-                              "checkpoint_last.pt: start from scratch)")
+                              "checkpoint_last.pt: a fresh start); 'auto': work_dir/checkpoint_last.pt when it "
+                              "exists, else a fresh start (run.sub uses it after a requeue)")
     general.add_argument("--txtlog_file", type=str, default="train_log.log", help="name of the text log")
     _flag(general, "save_all", "also keep checkpoint_{step}.pt at every evaluation")
     _flag(general, "no_eval", "no periodic evaluation (and no checkpoints at evaluations, no final test)")
@@ -314,8 +318,11 @@ def eval_parser() -> StrictArgumentParser:
                        help="evaluate these words instead of a dataset split (batch size 1)")
     group.add_argument("--split", type=str, default="all", choices=["all", "valid", "test"],
                        help="split to evaluate (all: valid, then test)")
-    group.add_argument("--type", type=str, default="pytorch", choices=["pytorch", "torchscript"],
-                       help="model runtime")
+    group.add_argument("--type", type=str, default="pytorch", choices=["pytorch", "torchscript", "compile"],
+                       help="model runtime: eager, TorchScript, or torch.compile (changed: compile added)")
+    group.add_argument("--compile_mode", type=str, default="default",
+                       choices=["default", "reduce-overhead", "max-autotune"],
+                       help="torch.compile mode with --type compile (ours; reduce-overhead uses CUDA graphs)")
     group.add_argument("--batch_size", type=int, default=16, help="global batch size")
     _add_length_flags(group, tgt_len=64, mem_len=640)
     _add_process_flags(group)
@@ -331,6 +338,40 @@ def eval_parser() -> StrictArgumentParser:
                        help="latency percentiles to report (changed: parsed as integers)")
     group.add_argument("--save_torchscript", type=str, default=None, help="save the TorchScript model here")
     group.add_argument("--load_torchscript", type=str, default=None, help="load a TorchScript model")
+    return parser
+
+
+def generate_parser() -> StrictArgumentParser:
+    """The flags of generate.py (ours; the reference has no generation). Lengths default to the model's."""
+    parser = StrictArgumentParser(prog="generate.py", description="Sample text from a Transformer-XL language "
+                                  "model, carrying the memory from token to token.")
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", type=str, default=None, help="checkpoint (ours or the reference's)")
+    model.add_argument("--load_torchscript", type=str, default=None,
+                       help="a TorchScript file written by eval.py --save_torchscript (instead of --model)")
+    model.add_argument("--dataset", type=str, default=None, choices=DATASETS,
+                       help="how to read and write text (default: the dataset the model was trained on)")
+    model.add_argument("--tgt_len", type=int, default=None, help="segment length for feeding the prompt")
+    model.add_argument("--mem_len", type=int, default=None, help="memory length (tokens each token can see)")
+    model.add_argument("--clamp_len", type=int, default=None, help="clamp relative distances above this (>0)")
+    model.add_argument("--same_length", action="store_true", default=None,
+                       help="every prompt token sees mem_len tokens before it (default: the model's setting)")
+    model.add_argument("--no_same_length", dest="same_length", action="store_false", help=argparse.SUPPRESS)
+    _flag(model, "cuda", "run on CUDA (default: CUDA when a GPU is present; --no_cuda forces the CPU)")
+    model.set_defaults(cuda=None)
+    _flag(model, "fp16", "float16 model")
+    _flag(model, "bf16", "bfloat16 model")
+    text = parser.add_argument_group("text")
+    text.add_argument("--prompt", type=str, default="", help="text to continue (default: the start of a line)")
+    text.add_argument("--prompt_file", type=str, default=None, help="read the prompt from this file")
+    text.add_argument("--num_tokens", type=int, default=100, help="tokens to generate per sample")
+    text.add_argument("--num_samples", type=int, default=1, help="independent samples (one batch)")
+    text.add_argument("--temperature", type=float, default=1.0, help="divides the logits (0: most likely token)")
+    text.add_argument("--top_k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
+    text.add_argument("--top_p", type=float, default=1.0,
+                      help="sample among the most likely tokens that together have this probability (1: all)")
+    text.add_argument("--seed", type=int, default=1111, help="random seed (same seed, same text)")
+    text.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
     return parser
 
 

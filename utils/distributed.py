@@ -2,16 +2,60 @@
 
 Everything works in a single process without a process group (every helper then is the identity), so the
 same training code runs on one CPU, one GPU, or many processes.
+
+Launchers: torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT. A task started by
+Slurm's `srun` (one process per GPU, no torchrun) has SLURM_PROCID, SLURM_STEP_NUM_TASKS and SLURM_LOCALID
+instead; `adopt_slurm_env` turns those into the torchrun variables, with the first node of the step as
+MASTER_ADDR (unless MASTER_ADDR / MASTER_PORT are set, as run.sub does).
 """
+import contextlib
 import datetime
+import logging
 import os
+import re
 import torch
 import torch.distributed as dist
+
+LOG = logging.getLogger("txl")
+
+DEFAULT_TIMEOUT_S = 600.0
 
 
 def env_int(name: str, default: int) -> int:
     value = os.environ.get(name, "")
     return int(value) if value.strip() else default
+
+
+def first_host(nodelist: str) -> str:
+    """The first host name of a Slurm node list: 'gpu[07-09,12],cpu1' -> 'gpu07', 'node3' -> 'node3'."""
+    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if not match:
+        raise ValueError(f"cannot read the Slurm node list {nodelist!r}")
+    prefix, ranges = match.groups()
+    if ranges is None:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def adopt_slurm_env(environ=os.environ) -> bool:
+    """In a task of a multi-task `srun` step not started by torchrun: set RANK, WORLD_SIZE, LOCAL_RANK,
+    MASTER_ADDR, MASTER_PORT from Slurm's variables. Returns True when it did.
+
+    Only a job step counts (SLURM_STEP_ID is set): a batch script or an salloc shell has SLURM_NTASKS too,
+    but runs one process, which must not wait for peers that never start.
+    """
+    if "RANK" in environ or "SLURM_STEP_ID" not in environ or "SLURM_PROCID" not in environ:
+        return False
+    world_size = int(environ.get("SLURM_STEP_NUM_TASKS") or environ.get("SLURM_NTASKS") or 1)
+    if world_size <= 1:
+        return False
+    environ["RANK"] = environ["SLURM_PROCID"]
+    environ["WORLD_SIZE"] = str(world_size)
+    environ["LOCAL_RANK"] = environ.get("SLURM_LOCALID", "0")
+    nodelist = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST") or "localhost"
+    environ.setdefault("MASTER_ADDR", first_host(nodelist))
+    environ.setdefault("MASTER_PORT", str(20000 + int(environ.get("SLURM_JOB_ID", "0")) % 20000))
+    return True
 
 
 def get_rank() -> int:
@@ -30,18 +74,37 @@ def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def init_distributed(device: torch.device, timeout_s: float = 1800.0) -> bool:
+def init_distributed(device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
     """Join the process group when launched with WORLD_SIZE > 1 (torchrun sets RANK, WORLD_SIZE, MASTER_*).
 
-    NCCL on CUDA devices, gloo on the CPU. `timeout_s` bounds every collective, so a dead peer ends the job
-    with an error instead of a hang. Returns True when a process group was created.
+    NCCL on CUDA devices, gloo on the CPU. `timeout_s` bounds the wait for the other processes to join and
+    every collective, so a peer that never starts or dies ends the job with an error instead of a hang.
+    Returns True when a process group was created.
     """
     if env_int("WORLD_SIZE", 1) <= 1 or is_initialized():
         return is_initialized()
+    from utils.errors import UserError
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend=backend, init_method="env://",
-                            timeout=datetime.timedelta(seconds=timeout_s))
+    rank, world_size = env_int("RANK", 0), env_int("WORLD_SIZE", 1)
+    where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+    timeout = datetime.timedelta(seconds=timeout_s)
+    try:
+        store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+        # torchrun keeps one store for every restart of the workers (--max-restarts): without a prefix per
+        # attempt, a restarted rank could read the address a dead rank of the failed attempt left there
+        store = dist.PrefixStore(f"txl/attempt_{env_int('TORCHELASTIC_RESTART_COUNT', 0)}", store)
+        dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+    except (dist.DistError, RuntimeError, ValueError, TimeoutError) as exc:
+        raise UserError(f"rank {rank} of {world_size}: the processes did not meet at {where} within "
+                        f"{timeout_s:.0f} s ({first_line(exc)}); check that all {world_size} processes started, "
+                        "that MASTER_ADDR/MASTER_PORT point at rank 0's host and a free port, or raise "
+                        "--dist_timeout") from None
     return True
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
 
 
 def barrier() -> None:
@@ -74,24 +137,29 @@ def all_reduce_item(value: float, op: str = "mean") -> float:
 
 
 def init_from_env(args) -> None:
-    """Join the process group when torchrun (or Slurm) started several processes.
+    """Join the process group when torchrun (or Slurm's srun) started several processes.
 
     The device is not known yet at this point, so the backend follows the availability of CUDA: NCCL when
-    GPUs are present and not disabled with --no_cuda, gloo otherwise. WORLD_SIZE > 1 needs --multi_gpu ddp
-    (the reference trained unsynchronized replicas without it).
+    GPUs are present and not disabled with --no_cuda, gloo otherwise. Several processes train with DDP
+    unless --multi_gpu fsdp asks for sharding (the reference silently trained unsynchronized copies when
+    --multi_gpu was not ddp); --multi_gpu dp is a single-process mode and is refused.
     """
     world_size = env_int("WORLD_SIZE", 1)
     if world_size <= 1:
         return
     from utils.errors import UserError
-    if getattr(args, "multi_gpu", "ddp") not in ("ddp", "fsdp") and hasattr(args, "multi_gpu"):
-        raise UserError(f"WORLD_SIZE={world_size} but --multi_gpu is {args.multi_gpu}; pass --multi_gpu ddp "
-                        "(several processes without it would train unsynchronized copies)")
+    if hasattr(args, "multi_gpu"):
+        if args.multi_gpu == "dp":
+            raise UserError(f"WORLD_SIZE={world_size} but --multi_gpu dp is a single-process mode; use --multi_gpu "
+                            "ddp (or fsdp) with several processes, or start one process for dp")
+        if args.multi_gpu is None:
+            args.multi_gpu = "ddp"
     use_cuda = torch.cuda.is_available() and args.cuda is not False
     if use_cuda:
         local_rank = env_int("LOCAL_RANK", getattr(args, "local_rank", 0))
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
-    init_distributed(torch.device("cuda" if use_cuda else "cpu"))
+    init_distributed(torch.device("cuda" if use_cuda else "cpu"),
+                     getattr(args, "dist_timeout", DEFAULT_TIMEOUT_S))
 
 
 def shutdown() -> None:
@@ -125,10 +193,37 @@ def any_rank(flag: bool) -> bool:
 
 
 def wrap_model(model: torch.nn.Module, args, device: torch.device) -> torch.nn.Module:
-    """DistributedDataParallel around `model` when several processes train; the model itself otherwise."""
+    """The module the training step calls: DistributedDataParallel around `model` (--multi_gpu ddp), `model`
+    itself sharded in place with FSDP2 (--multi_gpu fsdp, see utils/fsdp.py), or `model` in one process.
+
+    DDP looks for unused parameters only when the model can have some: with adaptive softmax a batch may
+    hold no token of a cluster, leaving that cluster's embedding and output weights without a gradient.
+    """
     if not is_initialized() or get_world_size() == 1:
         return model
+    if getattr(args, "multi_gpu", "ddp") == "fsdp":
+        from utils.fsdp import shard_model
+        return shard_model(model, device)
     from torch.nn.parallel import DistributedDataParallel
     device_ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False,
-                                   find_unused_parameters=True)
+    return DistributedDataParallel(model, device_ids=device_ids,
+                                   find_unused_parameters=bool(getattr(model, "cutoffs", True)))
+
+
+def no_grad_sync(para_model: torch.nn.Module):
+    """A context in which backward accumulates gradients locally without synchronizing them across ranks
+    (all chunks of a batch but the last); a null context for a single process."""
+    if hasattr(para_model, "no_sync"):
+        return para_model.no_sync()
+    if hasattr(para_model, "set_requires_gradient_sync"):
+        return _fsdp_no_sync(para_model)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(model):
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)

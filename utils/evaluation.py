@@ -6,6 +6,7 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
+from utils import distributed
 from utils.errors import UserError
 
 
@@ -77,3 +78,13 @@ def evaluate_stream(model: torch.nn.Module, batches: Iterable, device: torch.dev
         if on_batch is not None:
             on_batch(index, elapsed, loss_value, target.numel())
     return result
+
+
+def reduce_eval_result(result: EvalResult, iterator) -> tuple[float, float]:
+    """(sum of NLL, number of scored tokens) over all ranks, each rank having scored its columns of the
+    batch (`iterator.col_first:col_last`). A rank's mean NLL per batch counts once per column it scored, so
+    the result is the loss over the whole batch even when the ranks hold different numbers of columns."""
+    n_columns = getattr(iterator, "col_last", 1) - getattr(iterator, "col_first", 0)
+    total = distributed.all_reduce_item(result.total_loss * n_columns, "sum")
+    count = distributed.all_reduce_item(result.total_len * n_columns, "sum")
+    return total, count

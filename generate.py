@@ -1,0 +1,105 @@
+#!/usr/bin/env python
+"""Sample text from a Transformer-XL language model, carrying the memory from token to token.
+
+    python generate.py --model LM-TFM/checkpoint_best.pt --prompt "The castle was built in" \\
+        --num_tokens 200 --num_samples 3 --temperature 0.8 --top_p 0.9 --seed 1 --mem_len 640
+
+Reads our checkpoints, the reference trainer's, and TorchScript files from eval.py --save_torchscript
+(--load_torchscript); the prompt is encoded and the output decoded with the vocabulary stored there. The
+prompt is fed in segments of --tgt_len tokens, then each step feeds one new token and the memory of the
+last --mem_len tokens, so a step costs the same however long the text has grown. The text (prompt and
+continuation, detokenized) goes to stdout, one block per sample; messages go to stderr.
+"""
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from inference.generation import check_sampling, generate
+from inference.runtime import current_lengths, length_overrides, load_for_inference, precision_of, prepare_runtime
+from inference.text import TextCodec
+from utils.config import generate_parser
+from utils.errors import UserError, run_cli
+from utils.runtime import select_device
+
+
+def read_prompt(args) -> str:
+    if args.prompt_file is None:
+        return args.prompt
+    try:
+        return Path(args.prompt_file).read_text(encoding="utf-8").rstrip("\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read --prompt_file {args.prompt_file}: {exc}") from None
+
+
+def stderr_logger() -> logging.Logger:
+    """Messages go to stderr, so that stdout holds only the generated text."""
+    log = logging.getLogger("txl.generate")
+    log.handlers.clear()
+    log.propagate = False
+    log.setLevel(logging.INFO)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(handler)
+    return log
+
+
+def check_args(args) -> None:
+    if (args.model is None) == (args.load_torchscript is None):
+        raise UserError("pass either --model CHECKPOINT or --load_torchscript FILE")
+    if args.fp16 and args.bf16:
+        raise UserError("--fp16 and --bf16 exclude each other; pick one")
+    if args.num_tokens < 1 or args.num_samples < 1:
+        raise UserError("--num_tokens and --num_samples must be >= 1")
+    for name in ("tgt_len", "mem_len"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    check_sampling(args.temperature, args.top_k, args.top_p)
+
+
+def main() -> int:
+    args = generate_parser().parse_args()
+    check_args(args)
+    log = stderr_logger()
+    device = select_device(args, log)
+    prompt = read_prompt(args)
+
+    loaded = load_for_inference(model_path=args.model, torchscript_path=args.load_torchscript,
+                                overrides=length_overrides(args), device=device)
+    runtime = "torchscript" if args.load_torchscript else "pytorch"
+    model = prepare_runtime(loaded.model, runtime, precision_of(args), device)
+    codec = TextCodec(loaded.vocab, args.dataset or loaded.dataset)
+    prompt_ids, unknown = codec.encode_prompt(prompt)
+    if unknown:
+        shown = ", ".join(sorted(set(unknown))[:10])
+        log.warning(f"{len(unknown)} prompt word(s) are not in the vocabulary and read as <unk>: {shown}")
+    lengths = current_lengths(model)
+    log.info(f"Generating {args.num_samples} x {args.num_tokens} tokens ({codec.kind} vocabulary of {len(loaded.vocab)}) "
+             f"after a prompt of {len(prompt_ids)} tokens fed in segments of {lengths['tgt_len']}: mem_len "
+             f"{lengths['mem_len']} clamp_len {lengths['clamp_len']} same_length {lengths['same_length']} "
+             f"temperature {args.temperature} top_k {args.top_k} top_p {args.top_p} seed {args.seed} on {device}")
+
+    torch.manual_seed(args.seed)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    tokens = []
+    start = time.perf_counter()
+    for step in generate(model, prompt_ids, args.num_tokens, args.num_samples, args.temperature, args.top_k,
+                         args.top_p, generator=generator, device=device):
+        tokens.append(step.tokens.cpu())
+    elapsed = time.perf_counter() - start
+    samples = torch.stack(tokens, dim=1).tolist()                        # [n_samples, n_tokens]
+
+    shown_prompt = prompt_ids[1:] if codec.start_id is not None else prompt_ids
+    for n, sample in enumerate(samples):
+        print(f"=== sample {n + 1} ===")
+        print(codec.decode(shown_prompt + sample))
+    sys.stdout.flush()
+    log.info(f"{args.num_tokens} tokens x {args.num_samples} samples in {elapsed:.2f}s "
+             f"({1000 * elapsed / args.num_tokens:.2f} ms per step, prompt included)")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
