@@ -17,3 +17,10 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.skip(f"{SHARED} not present (reference material exists only on development machines)")
     return SHARED
+
+
+@pytest.fixture(scope="session")
+def demo_corpus(tmp_path_factory) -> Path:
+    """A small synthetic demo corpus (tests/cli_runner.py: 12 batches of 16 x 8 per epoch) for the CLI tests."""
+    import cli_runner
+    return cli_runner.demo_corpus(tmp_path_factory.mktemp("demo_corpus") / "demo")
