@@ -31,5 +31,21 @@ if [ "$preset" != default ]; then
 fi
 
 export OMP_NUM_THREADS=1
-exec torchrun --standalone --nproc_per_node="$nproc" "$repo/$script" \
-    --config_file "$repo/$config_file" ${preset_flags[@]+"${preset_flags[@]}"} "${@:3}"
+# torchrun runs in the background so that a SIGTERM / SIGUSR1 sent to this script (a scheduler stopping the
+# job, `kill`) goes to the training processes, which finish their step, save a checkpoint and exit 0. Sent
+# to torchrun itself, it would end the workers and exit 1 with a traceback.
+torchrun --standalone --nproc_per_node="$nproc" "$repo/$script" \
+    --config_file "$repo/$config_file" ${preset_flags[@]+"${preset_flags[@]}"} "${@:3}" &
+launcher=$!
+forward() { pkill "-$1" -P "$launcher" 2>/dev/null || true; }
+trap 'forward TERM' TERM
+trap 'forward USR1' USR1
+trap 'forward INT' INT
+status=0
+while true; do
+    wait "$launcher" && status=0 || status=$?
+    # wait returns early (status > 128) when a trapped signal arrives; keep waiting while torchrun runs
+    if kill -0 "$launcher" 2>/dev/null; then continue; fi
+    break
+done
+exit "$status"

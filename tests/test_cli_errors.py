@@ -158,6 +158,12 @@ def test_eval_manual_with_empty_text(checkpoint, tmp_path):
     assert_error(result, "--manual got empty text")
 
 
+def test_eval_incomplete_manual_config(demo_corpus, tmp_path):
+    result = cli_runner.evaluate(["--manual_config", '{"n_layer": 1}', "--data", demo_corpus, "--dataset", "custom",
+                                  "--debug"], tmp_path)
+    assert_error(result, "--manual_config", "missing n_token")
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--ext_len", "-1"], "--ext_len must be >= 0, got -1"),
     (["--tgt_len", "0"], "--tgt_len must be >= 1, got 0"),

@@ -125,3 +125,29 @@ def test_wt2_recipe_trains_then_evaluates(tmp_path):
     assert "| test loss " in evaluation.stdout
     trained, evaluated = _summary(work / "train_log.json"), _summary(work / "eval_log.json")
     assert evaluated["eval_loss"] == pytest.approx(trained["test_loss"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_recipe_saves_a_checkpoint_and_exits_0(tmp_path):
+    """A scheduler or a user stopping the recipe (SIGTERM to the script): the worker finishes its step,
+    writes a checkpoint and the recipe exits 0 (torchrun itself would exit 1 on the signal)."""
+    data = write_demo_corpus(tmp_path / "data", n_train_docs=40, n_eval_docs=2, sentences_per_doc=(10, 20))
+    work = tmp_path / "work"
+    args = ["train", "1", "--data", str(data), "--work_dir", str(work), "--no_cuda", "--n_layer", "1",
+            "--d_model", "16", "--n_head", "2", "--d_head", "8", "--d_inner", "32", "--tgt_len", "8",
+            "--mem_len", "8", "--eval_tgt_len", "8", "--batch_size", "2", "--max_step", "100000",
+            "--eval_interval", "100000", "--log_interval", "1"]
+    proc = subprocess.Popen(["bash", str(REPO / "run_wt2_base.sh"), *args], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        for line in proc.stdout:                    # wait until training runs
+            if "| epoch   1 step        3 |" in line:
+                break
+        proc.send_signal(15)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+    assert proc.returncode == 0, out[-2000:]
+    assert "Received SIGTERM" in out
+    assert (work / "checkpoint_last.pt").is_file()

@@ -218,7 +218,8 @@ def train_parser() -> StrictArgumentParser:
                               "exists, else a fresh start (run.sub uses it after a requeue)")
     general.add_argument("--txtlog_file", type=str, default="train_log.log", help="name of the text log")
     _flag(general, "save_all", "also keep checkpoint_{step}.pt at every evaluation")
-    _flag(general, "no_eval", "no periodic evaluation (and no checkpoints at evaluations, no final test)")
+    _flag(general, "no_eval", "no periodic evaluation and no final test (checkpoints are still written every "
+                             "--eval_interval steps)")
     _flag(general, "no_test", "skip the final test evaluation")
     general.add_argument("--apex_amp_opt_level", type=str, default="O2", choices=["O0", "O1", "O2", "O3"],
                          help="accepted for old command lines and ignored (apex is not used)")
