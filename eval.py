@@ -27,7 +27,7 @@ from utils.errors import UserError, run_cli
 from utils.evaluation import evaluate_stream, reduce_eval_result
 from utils.metrics import (DOUBLE_LINE, AverageMeter, MetricsWriter, format_eval_progress_line,
                            format_split_result, safe_exp, setup_logging)
-from utils.runtime import configure_backends, resolve_speed_flags, select_device
+from utils.runtime import configure_backends, environment_summary, resolve_speed_flags, select_device
 
 def load_model(args, device, log) -> LoadedModel:
     """The model, its vocabulary, model_config and dataset from --load_torchscript, --manual_config or the
@@ -105,6 +105,8 @@ def main() -> int:
     device = select_device(args, log)
     resolve_speed_flags(args, device)
     configure_backends(args, device)
+    if not args.no_env:
+        log.info(environment_summary(device))
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
 
@@ -147,6 +149,7 @@ def main() -> int:
     meters = {"throughput": AverageMeter(warmup=warmup, keep=args.save_data),
               "latency": AverageMeter(warmup=warmup, keep=args.save_data)}
     metrics = MetricsWriter(None if args.debug else work_dir / args.dllog_file, enabled=rank == 0, append=True)
+    metrics.log("PARAMETER", {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
     dataset = trained_on if args.manual else args.dataset
     results = {}
     for split, iterator in splits.items():

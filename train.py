@@ -21,7 +21,7 @@ import torch
 import data_utils
 from mem_transformer import MemTransformerLM
 from utils import distributed
-from utils.checkpoint import load_checkpoint, save_checkpoint_atomic, copy_checkpoint_atomic
+from utils.checkpoint import copy_checkpoint_atomic, load_checkpoint, remove_partial_writes, save_checkpoint_atomic
 from utils.config import dump_config, parse_args, train_parser, CONFIG_DUMP_NAME
 from utils.errors import UserError, run_cli
 from utils.fsdp import (full_model_state, full_optimizer_state, grad_scaler as sharded_grad_scaler, is_sharded,
@@ -29,13 +29,13 @@ from utils.fsdp import (full_model_state, full_optimizer_state, grad_scaler as s
 from utils.evaluation import eval_lengths, evaluate_stream, reduce_eval_result
 from utils.lr_scheduler import build_scheduler
 from utils.metrics import (DOUBLE_LINE, LINE, AverageMeter, MetricsWriter, format_eval_line, format_test_line,
-                           format_train_line, safe_exp, setup_logging, uses_bpc)
+                           format_train_line, loss_metrics, safe_exp, setup_logging)
 from utils.model_init import count_parameters, init_weights
 from utils.optimizers import build_optimizer
 from utils.preemption import PreemptionHandler, clear_marker, write_marker
 from utils.reference_compat import reference_state_dict_to_ours
-from utils.runtime import (amp_context, compile_model, configure_backends, grad_scaler, resolve_speed_flags,
-                           select_device)
+from utils.runtime import (amp_context, compile_model, configure_backends, environment_summary, grad_scaler,
+                           resolve_speed_flags, select_device)
 from utils.train_step import TrainStep
 from utils.vocabulary import Vocab
 
@@ -188,6 +188,7 @@ class Trainer:
     def __init__(self, args, log):
         self.args, self.log = args, log
         self.rank, self.world_size = distributed.get_rank(), distributed.get_world_size()
+        self.last_train_loss = None  # the last logged training loss
 
     # ---- evaluation ------------------------------------------------------------------------------------------
     def evaluate(self, iterator) -> float:
@@ -216,6 +217,8 @@ class Trainer:
         device = self.device
         resolve_speed_flags(args, device)
         configure_backends(args, device)
+        if not args.no_env:
+            log.info(environment_summary(device))
         self.autocast = amp_context(args, device)
         seed_everything(args.seed)
 
@@ -294,7 +297,9 @@ class Trainer:
                     used_lr = self.optimizer.param_groups[0]["lr"]
                     self.scheduler.step(train_step)
                     if not math.isfinite(loss):
-                        self.diverged(train_step, loss)
+                        self.diverged(train_step, "training loss", loss)
+                    if not math.isfinite(grad_norm) and not self.scaler.is_enabled():  # fp16: a skipped step
+                        self.diverged(train_step, "gradient norm", grad_norm)
                     acc["loss"] += loss
                     acc["steps"] += 1
                     acc["tokens"] += target.numel()
@@ -310,9 +315,7 @@ class Trainer:
                                                    avg_elapsed * 1000, tok_per_s, cur_loss, args.dataset))
                         record = {"epoch": epoch, "train_batch": tr_iter.batch, "lr": used_lr,
                                   "train_time/batch": avg_elapsed * 1000, "train_throughput": tok_per_s,
-                                  "train_loss": cur_loss, "grad_norm": grad_norm}
-                        record["train_bits_per_character" if uses_bpc(args.dataset) else "train_perplexity"] = (
-                            cur_loss / math.log(2) if uses_bpc(args.dataset) else safe_exp(cur_loss))
+                                  **loss_metrics("train", cur_loss, args.dataset), "grad_norm": grad_norm}
                         if self.scaler.is_enabled():
                             skipped = self.step.skipped_steps
                             record["skipped_steps"] = skipped
@@ -334,13 +337,15 @@ class Trainer:
                         if not args.no_eval and not preempted:
                             eval_start = time.time()
                             val_loss = self.evaluate(va_iter)
+                            if not math.isfinite(val_loss):
+                                self.diverged(train_step, "validation loss", val_loss)
                             log.info(LINE)
                             log.info(format_eval_line(train_step // args.eval_interval, train_step,
                                                       time.time() - eval_start, val_loss, args.dataset))
                             log.info(LINE)
                             metrics.log(train_step, {"valid_elapsed": time.time() - eval_start,
-                                                     "valid_loss": val_loss,
-                                                     "valid_perplexity": safe_exp(val_loss)}, tb_prefix="valid")
+                                                     **loss_metrics("valid", val_loss, args.dataset)},
+                                        tb_prefix="valid")
                             self.scheduler.step_eval(val_loss)
                         is_best = val_loss is not None and (best_val_loss is None or val_loss < best_val_loss)
                         if is_best:
@@ -395,10 +400,12 @@ class Trainer:
         log.info(f"Training time: {train_elapsed / 60:.2f} minutes")
         log.info(f"Training throughput: {throughput.avg:.2f} tok/s")
         summary = {"train_throughput": throughput.avg, "train_elapsed": train_elapsed / 60}
+        if self.last_train_loss is not None:
+            summary["train_loss"] = self.last_train_loss
         if test_loss is not None:
-            summary.update(test_loss=test_loss, test_perplexity=safe_exp(test_loss))
+            summary.update(loss_metrics("test", test_loss, args.dataset))
         if best_val_loss is not None:
-            summary.update(valid_loss=best_val_loss, valid_perplexity=safe_exp(best_val_loss))
+            summary.update(loss_metrics("valid", best_val_loss, args.dataset))
         metrics.log("SUMMARY", summary)
         metrics.close()
         return check_targets(args, best_val_loss, throughput.avg, log)
@@ -458,23 +465,31 @@ class Trainer:
         log.info(f"Resuming from {path} at step {ckpt['train_step']}")
         return {k: ckpt[k] for k in progress}
 
-    def diverged(self, step: int, loss: float) -> None:
+    def diverged(self, step: int, what: str, value: float) -> None:
+        """Stop without writing a checkpoint: the last one written holds the last good weights."""
         last = self.work_dir / "checkpoint_last.pt"
         kept = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was written yet"
-        raise TrainingDiverged(f"the training loss became {loss} at step {step}; stopped without saving, {kept}; "
+        raise TrainingDiverged(f"the {what} became {value} at step {step}; stopped without saving, {kept}; "
                                "lower --lr, raise --warmup_step or use --bf16 instead of --fp16")
 
 
 def resolve_restart(args, work_dir: Path, log) -> str:
     """The checkpoint to resume from ("" for a fresh start).
 
-    --restart PATH: that checkpoint. --restart auto: the work dir's checkpoint_last.pt when there is one.
+    --restart PATH: that checkpoint (a folder: its checkpoint_last.pt, or a fresh start while it has none, so
+    one command line serves the first launch and every requeue). --restart auto: the work dir's
+    checkpoint_last.pt when there is one.
     When torchrun restarted the workers after a failure (--max-restarts, TORCHELASTIC_RESTART_COUNT > 0), the
     work dir's checkpoint_last.pt is this run's latest state, so it wins over --restart when it exists.
     Rank 0 looks at the file system for all ranks.
     """
     restarted = distributed.env_int("TORCHELASTIC_RESTART_COUNT", 0) > 0
     if not restarted and args.restart != "auto":
+        folder = Path(args.restart)
+        empty = bool(args.restart) and folder.is_dir() and not (folder / "checkpoint_last.pt").exists()
+        if distributed.broadcast_object(empty):
+            log.info(f"No checkpoint in {folder} yet, starting training from random init")
+            return ""
         return args.restart
     last = work_dir / "checkpoint_last.pt"
     why = "torchrun restarted the workers" if restarted else "--restart auto"
@@ -562,6 +577,8 @@ def train(args, preemption: PreemptionHandler) -> int:
                         filemode="a" if resuming else "w")
     if rank == 0 and not args.debug:
         log.info(f"Experiment dir : {trainer_work_dir}")
+        for partial in remove_partial_writes(trainer_work_dir):
+            log.info(f"Removed {partial.name}: a checkpoint write cut short by a killed run")
         dump_config(args, trainer_work_dir / CONFIG_DUMP_NAME, section="train")
     log.info(f"world size: {world_size}" + (f" ({args.multi_gpu})" if world_size > 1 else ""))
     trainer = Trainer(args, log)

@@ -66,16 +66,35 @@ def load_for_inference(model_path: Optional[str] = None, torchscript_path: Optio
     if torchscript_path:
         loaded = _load_torchscript(Path(torchscript_path), device)
     elif manual_config is not None:                     # random weights, built with the run's lengths
-        from mem_transformer import MemTransformerLM
-
         config = {**manual_config, **(overrides or {})}
         config.pop("dtype", None)
-        loaded = LoadedModel(MemTransformerLM(**config), None, config, None, "config")
+        loaded = LoadedModel(model_from_config(config, "--manual_config"), None, config, None, "config")
     else:
         loaded = _load_checkpoint(Path(model_path))
     apply_lengths(loaded.model, overrides or {})
     loaded.model = loaded.model.to(device).eval()
     return loaded
+
+
+def model_from_config(config: dict, where: str) -> torch.nn.Module:
+    """MemTransformerLM(**config), with a one-line error naming missing or unknown keys."""
+    import inspect
+
+    from mem_transformer import MemTransformerLM
+
+    params = inspect.signature(MemTransformerLM.__init__).parameters
+    required = [name for name, p in params.items() if name != "self" and p.default is inspect.Parameter.empty]
+    missing = [name for name in required if name not in config]
+    unknown = sorted(set(config) - set(params))
+    if missing or unknown:
+        parts = ([f"missing {', '.join(missing)}"] if missing else []) + (
+            [f"unknown {', '.join(unknown)}"] if unknown else [])
+        raise UserError(f"{where}: the model config is incomplete or wrong ({'; '.join(parts)}); it needs "
+                        f"{', '.join(required)} (see a checkpoint's model_config)")
+    try:
+        return MemTransformerLM(**config)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"{where}: the model config is invalid ({exc})") from None
 
 
 def apply_lengths(model: torch.nn.Module, lengths: dict) -> None:
@@ -101,7 +120,7 @@ def _load_checkpoint(path: Path) -> LoadedModel:
     if config["n_token"] != len(vocab):
         raise UserError(f"checkpoint {path}: the model predicts {config['n_token']} tokens but its vocabulary has "
                         f"{len(vocab)}; the file is inconsistent, use another checkpoint")
-    model = MemTransformerLM(**config)
+    model = model_from_config(config, f"checkpoint {path}")
     state = reference_state_dict_to_ours(ckpt["model_state"], config) if reference else ckpt["model_state"]
     try:
         model.load_state_dict(state)

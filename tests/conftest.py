@@ -26,3 +26,10 @@ def attn_impl(request, monkeypatch) -> str:
     import model_testlib
     monkeypatch.setattr(model_testlib, "ATTN_IMPL", request.param)
     return request.param
+
+
+@pytest.fixture(scope="session")
+def demo_corpus(tmp_path_factory) -> Path:
+    """A small synthetic demo corpus (tests/cli_runner.py: 12 batches of 16 x 8 per epoch) for the CLI tests."""
+    import cli_runner
+    return cli_runner.demo_corpus(tmp_path_factory.mktemp("demo_corpus") / "demo")

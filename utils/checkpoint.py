@@ -8,6 +8,7 @@ so no code from the file runs, and turn them into plain dicts.
 """
 import collections
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,13 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
         with torch.serialization.safe_globals(_REFERENCE_SAFE_GLOBALS):
             state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many kinds for truncated / corrupt / unsafe files
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = str(exc).strip()
+        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        if unsafe:
+            raise UserError(f"checkpoint {path} holds a pickled Python object ({unsafe[1]}) that is not loaded, "
+                            "since loading it could run code from the file: use a checkpoint written by train.py "
+                            "or by the reference trainer") from None
+        reason = text.splitlines()[0].split(". ")[0] if text else type(exc).__name__  # torch adds long advice
         raise UserError(
             f"checkpoint {path} cannot be read ({reason[:200]}); it is truncated, corrupt or not a "
             "checkpoint: use another one (checkpoint_best.pt / checkpoint_last.pt)"
@@ -115,6 +122,19 @@ def copy_checkpoint_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> No
             pass
         raise
     _fsync_dir(dst.parent)
+
+
+def remove_partial_writes(directory: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files of checkpoint writes that never finished (their process was killed before
+    the rename); returns them. The checkpoints themselves are never half-written, only these files are."""
+    removed = []
+    for tmp in sorted(Path(directory).glob(".*.pt.*.tmp")):
+        try:
+            tmp.unlink()
+        except FileNotFoundError:
+            continue
+        removed.append(tmp)
+    return removed
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -169,7 +169,7 @@ def _add_run_flags(group, *, dllog_file: str) -> None:
                             "math on the CPU")
     _flag(group, "log_all_ranks", "one log file per rank")
     group.add_argument("--dllog_file", type=str, default=dllog_file, help="name of the JSON log in work_dir")
-    _flag(group, "no_env", "do not log the environment (collect_env)")
+    _flag(group, "no_env", "do not log the environment (versions, device; changed: one line, not collect_env)")
     group.add_argument("--log_interval", type=int, default=10, help="log every N steps")
     group.add_argument("--target_throughput", type=float, default=None,
                        help="exit 1 when the average throughput (tok/s) is below this")
@@ -222,11 +222,13 @@ def train_parser() -> StrictArgumentParser:
     _flag(general, "append_dataset", "append the dataset name to work_dir")
     _flag(general, "append_time", "append a timestamp to work_dir")
     general.add_argument("--restart", type=str, default="",
-                         help="checkpoint file or directory to resume from; 'auto': work_dir/checkpoint_last.pt "
-                              "when it exists, else a fresh start (run.sub uses it after a requeue)")
+                         help="checkpoint file or directory to resume from (a directory without "
+                              "checkpoint_last.pt: a fresh start); 'auto': work_dir/checkpoint_last.pt when it "
+                              "exists, else a fresh start (run.sub uses it after a requeue)")
     general.add_argument("--txtlog_file", type=str, default="train_log.log", help="name of the text log")
     _flag(general, "save_all", "also keep checkpoint_{step}.pt at every evaluation")
-    _flag(general, "no_eval", "no periodic evaluation (and no checkpoints at evaluations, no final test)")
+    _flag(general, "no_eval", "no periodic evaluation and no final test (checkpoints are still written every "
+                             "--eval_interval steps)")
     _flag(general, "no_test", "skip the final test evaluation")
     general.add_argument("--apex_amp_opt_level", type=str, default="O2", choices=["O0", "O1", "O2", "O3"],
                          help="accepted for old command lines and ignored (apex is not used)")

@@ -57,6 +57,14 @@ def uses_bpc(dataset: str) -> bool:
     return dataset in BPC_DATASETS
 
 
+def loss_metrics(prefix: str, loss: float, dataset: str) -> dict:
+    """The metrics record of a loss: `{prefix}_loss` and `{prefix}_perplexity`, or for character-level
+    datasets `{prefix}_bits_per_character` (the reference's DLLogger keys)."""
+    if uses_bpc(dataset):
+        return {f"{prefix}_loss": loss, f"{prefix}_bits_per_character": loss / math.log(2)}
+    return {f"{prefix}_loss": loss, f"{prefix}_perplexity": safe_exp(loss)}
+
+
 def safe_exp(x: float) -> float:
     try:
         return math.exp(x)

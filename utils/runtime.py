@@ -1,6 +1,8 @@
 """Device and precision choices shared by train.py and eval.py."""
 import contextlib
 import logging
+import os
+import platform
 from typing import Callable
 
 import torch
@@ -22,6 +24,16 @@ def select_device(args, log: logging.Logger) -> torch.device:
     if args.cuda:
         log.warning("--cuda: no GPU found, running on the CPU")
     return torch.device("cpu")
+
+
+def environment_summary(device: torch.device) -> str:
+    """One log line on the software and the hardware (the reference logged torch's collect_env instead)."""
+    parts = [f"python {platform.python_version()}", f"torch {torch.__version__}"]
+    if device.type == "cuda":
+        parts.append(f"CUDA {torch.version.cuda}, {torch.cuda.device_count()} x {torch.cuda.get_device_name(device)}")
+    else:
+        parts.append(f"CPU with {os.cpu_count()} cores, {torch.get_num_threads()} threads")
+    return "Environment: " + ", ".join(parts)
 
 
 def amp_dtype(args) -> torch.dtype | None:

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Transformer-XL large on enwik8, reported in bits per character (the reference's legacy recipe).
+#   bash run_enwik8_large.sh train <#GPUs> [train.py flags]    e.g. --max_step 1000 --work_dir LM-TFM
+#   bash run_enwik8_large.sh eval  <#GPUs> [eval.py flags]     e.g. --model LM-TFM/checkpoint_best.pt
+# = torchrun --standalone --nproc_per_node=<#GPUs> train.py|eval.py --config_file configs/enwik8.yaml --config large [flags]
+exec bash "$(dirname "${BASH_SOURCE[0]}")/scripts/run_recipe.sh" "$(basename "$0")" configs/enwik8.yaml large "$@"

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Transformer-XL base on WikiText-103 (the reference's recipe; presets per system in the file, e.g. --config dgxa100_8gpu_fp16).
+#   bash run_wt103_base.sh train <#GPUs> [train.py flags]    e.g. --max_step 1000 --work_dir LM-TFM
+#   bash run_wt103_base.sh eval  <#GPUs> [eval.py flags]     e.g. --model LM-TFM/checkpoint_best.pt
+# = torchrun --standalone --nproc_per_node=<#GPUs> train.py|eval.py --config_file configs/wt103_base.yaml [flags]
+exec bash "$(dirname "${BASH_SOURCE[0]}")/scripts/run_recipe.sh" "$(basename "$0")" configs/wt103_base.yaml default "$@"

@@ -1,0 +1,153 @@
+"""The run_<dataset>_<size>.sh recipes: the command line each one builds (with a stand-in torchrun that
+records its arguments), that this command line parses with train.py's / eval.py's flags, their usage
+errors, and one real training + evaluation through run_wt2_base.sh on a tiny corpus."""
+import json
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from utils.config import eval_parser, parse_args, train_parser
+from utils.demo_corpus import write_demo_corpus
+
+# recipe -> (preset file, preset); the presets the recipes must use
+RECIPES = {
+    "run_wt103_base.sh": ("configs/wt103_base.yaml", None),
+    "run_wt103_large.sh": ("configs/wt103_large.yaml", None),
+    "run_wt2_base.sh": ("configs/wt2.yaml", None),
+    "run_ptb_base.sh": ("configs/ptb.yaml", None),
+    "run_enwik8_base.sh": ("configs/enwik8.yaml", None),
+    "run_enwik8_large.sh": ("configs/enwik8.yaml", "large"),
+    "run_text8_base.sh": ("configs/text8.yaml", None),
+    "run_text8_large.sh": ("configs/text8.yaml", "large"),
+    "run_lm1b_base.sh": ("configs/lm1b.yaml", None),
+    "run_lm1b_large.sh": ("configs/lm1b.yaml", "large"),
+}
+DATASETS = {"wt103": "wt103", "wt2": "wt2", "ptb": "ptb", "enwik8": "enwik8", "text8": "text8", "lm1b": "lm1b"}
+# flags with spaces, an empty value and shell characters must arrive as the same separate words
+EXTRA = ["--work_dir", "runs/my run", "--seed", "7", "--dllog_file", "a'b\"c $HOME;.json", "--txtlog_file", ""]
+EXTRA_EVAL = ["--work_dir", "runs/my run", "--seed", "7", "--dllog_file", "a'b\"c $HOME;.json"]
+
+
+@pytest.fixture
+def fake_torchrun(tmp_path):
+    """A `torchrun` first on PATH that writes its arguments and OMP_NUM_THREADS to a JSON file."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = tmp_path / "torchrun.json"
+    script = bin_dir / "torchrun"
+    script.write_text(f"#!{sys.executable}\nimport json, os, sys\n"
+                      f"json.dump({{'argv': sys.argv[1:], 'omp': os.environ.get('OMP_NUM_THREADS')}}, "
+                      f"open({str(record)!r}, 'w'))\n")
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", OMP_NUM_THREADS="8")
+    return env, record
+
+
+def run_recipe(recipe, args, env, cwd):
+    return subprocess.run(["bash", str(REPO / recipe), *args], env=env, cwd=cwd, capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_every_recipe_is_listed():
+    assert sorted(p.name for p in REPO.glob("run_*_*.sh") if "multinode" not in p.name) == sorted(RECIPES)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_recipe_command_line(recipe, mode, fake_torchrun, tmp_path):
+    env, record = fake_torchrun
+    extra = EXTRA if mode == "train" else EXTRA_EVAL
+    result = run_recipe(recipe, [mode, "4", *extra], env, cwd=tmp_path)  # from another folder than the repo
+    assert result.returncode == 0, result.stderr
+    called = json.loads(record.read_text())
+    config_file, preset = RECIPES[recipe]
+    expected = ["--standalone", "--nproc_per_node=4", str(REPO / f"{mode}.py"), "--config_file", str(REPO / config_file)]
+    expected += ["--config", preset] if preset else []
+    assert called["argv"] == expected + extra
+    assert called["omp"] == "1"  # the reference's recipes export OMP_NUM_THREADS=1
+
+    # what torchrun would start parses with the script's own flags, with the recipe's dataset
+    args = parse_args(train_parser() if mode == "train" else eval_parser(), called["argv"][3:], section=mode)
+    assert args.dataset == DATASETS[recipe.split("_")[1]]
+    assert args.config == (preset or "default")
+    assert args.work_dir == "runs/my run" and args.seed == 7 and args.dllog_file == "a'b\"c $HOME;.json"
+    if mode == "train":
+        assert args.txtlog_file == ""
+        assert args.multi_gpu == "ddp"  # 4 processes need DDP (several processes without it are refused)
+
+
+@pytest.mark.parametrize("args", [[], ["help"], ["Train", "1"], ["--help"], ["train"], ["eval", "0"],
+                                  ["train", "two"], ["train", "-1"], ["train", "--max_step", "5"]])
+def test_recipe_usage_errors(args, fake_torchrun, tmp_path):
+    env, record = fake_torchrun
+    result = run_recipe("run_wt103_base.sh", args, env, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.startswith("usage: bash run_wt103_base.sh train|eval <#GPUs>")
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stdout == ""
+    assert not record.exists()
+
+
+def _summary(path):
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    return [r for r in records if r["step"] == "SUMMARY"][-1]
+
+
+@pytest.mark.slow
+def test_wt2_recipe_trains_then_evaluates(tmp_path):
+    """The real chain: run_wt2_base.sh -> torchrun -> train.py, then run_wt2_base.sh eval on its checkpoint."""
+    data = write_demo_corpus(tmp_path / "data", n_train_docs=12, n_eval_docs=2, sentences_per_doc=(10, 20))
+    work = tmp_path / "run dir"
+    tiny = ["--data", str(data), "--work_dir", str(work), "--no_cuda", "--n_layer", "2", "--d_model", "32",
+            "--n_head", "2", "--d_head", "16", "--d_inner", "64"]
+    lengths = ["--tgt_len", "16", "--mem_len", "16"]
+    train = run_recipe("run_wt2_base.sh", ["train", "1", *tiny, *lengths, "--eval_tgt_len", "16", "--batch_size", "4",
+                                           "--eval_batch_size", "4", "--max_step", "6", "--eval_interval", "3",
+                                           "--warmup_step", "2", "--log_interval", "2"],
+                       dict(os.environ), cwd=tmp_path)
+    assert train.returncode == 0, train.stdout[-2000:] + train.stderr[-2000:]
+    assert "| epoch   1 step        6 |" in train.stdout
+    assert "| End of training | test time:" in train.stdout
+    config = (work / "config.yaml").read_text()  # the preset file was applied under the overrides
+    assert "dataset: wt2" in config and "dropout: 0.3" in config and "n_layer: 2" in config
+    assert (work / "checkpoint_best.pt").is_file() and (work / "checkpoint_last.pt").is_file()
+
+    # eval.py with the training-time test settings must score the best checkpoint as train.py's final test did
+    evaluation = run_recipe("run_wt2_base.sh", ["eval", "1", *tiny[:5], "--model", str(work / "checkpoint_best.pt"),
+                                                *lengths, "--batch_size", "4", "--clamp_len", "-1",
+                                                "--no_same_length", "--split", "test"],
+                            dict(os.environ), cwd=tmp_path)
+    assert evaluation.returncode == 0, evaluation.stdout[-2000:] + evaluation.stderr[-2000:]
+    assert "Evaluating with: math fp32 type pytorch bsz 4 tgt_len 16 ext_len 0 mem_len 16 clamp_len -1" in evaluation.stdout
+    assert "| test loss " in evaluation.stdout
+    trained, evaluated = _summary(work / "train_log.json"), _summary(work / "eval_log.json")
+    assert evaluated["eval_loss"] == pytest.approx(trained["test_loss"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_recipe_saves_a_checkpoint_and_exits_0(tmp_path):
+    """A scheduler or a user stopping the recipe (SIGTERM to the script): the worker finishes its step,
+    writes a checkpoint and the recipe exits 0 (torchrun itself would exit 1 on the signal)."""
+    data = write_demo_corpus(tmp_path / "data", n_train_docs=40, n_eval_docs=2, sentences_per_doc=(10, 20))
+    work = tmp_path / "work"
+    args = ["train", "1", "--data", str(data), "--work_dir", str(work), "--no_cuda", "--n_layer", "1",
+            "--d_model", "16", "--n_head", "2", "--d_head", "8", "--d_inner", "32", "--tgt_len", "8",
+            "--mem_len", "8", "--eval_tgt_len", "8", "--batch_size", "2", "--max_step", "100000",
+            "--eval_interval", "100000", "--log_interval", "1"]
+    proc = subprocess.Popen(["bash", str(REPO / "run_wt2_base.sh"), *args], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        for line in proc.stdout:                    # wait until training runs
+            if "| epoch   1 step        3 |" in line:
+                break
+        proc.send_signal(15)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+    assert proc.returncode == 0, out[-2000:]
+    assert "Received SIGTERM" in out
+    assert (work / "checkpoint_last.pt").is_file()
