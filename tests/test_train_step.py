@@ -112,3 +112,32 @@ def test_benchmark_script_runs_the_training_step_and_reports(tmp_path):
     result = json.loads(out.read_text())
     assert result["steps"] == 2 and result["tokens_per_s"] > 0 and result["checkpoint_activations"]
     assert result["batch_size"] == 4 and result["tgt_len"] == 8 and result["precision"] == "bf16"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attn_type", [0, 1, 2, 3])
+def test_compiled_training_step_equals_the_eager_one(attn_type):
+    """train.py --compile: two steps through torch.compile give the eager losses, gradient norms, memories
+    and updated weights, for every attention type (2 layers, so a later layer's stored input is checked)."""
+    import shutil
+    if not any(shutil.which(cc) for cc in ("g++", "c++", "clang++")):
+        pytest.skip("no C++ compiler on PATH: torch.compile's CPU backend (inductor) cannot build kernels")
+    from utils.runtime import compile_model
+    data = tokens(13, 2, 40)
+    results = []
+    for compile_ in (False, True):
+        torch._dynamo.reset()
+        model = tiny_model(attn_type, n_layer=2, dtype=torch.float32, tgt_len=6, mem_len=6).train()
+        step = make_step(model)
+        step.forward_model = compile_model(model, Namespace(compile=compile_, cuda_graphs=False))
+        mems = [None]
+        out = [step(data[:6], data[1:7], mems)]
+        first_mems = mems[0].clone()
+        out.append(step(data[6:12], data[7:13], mems))
+        results.append((out, first_mems, mems[0], [p.detach().clone() for p in model.parameters()]))
+    (eager, eager_m1, eager_m2, eager_w), (comp, comp_m1, comp_m2, comp_w) = results
+    for (l_e, n_e), (l_c, n_c) in zip(eager, comp):
+        assert l_c == pytest.approx(l_e, rel=1e-5) and n_c == pytest.approx(n_e, rel=1e-4)
+    assert (comp_m1 - eager_m1).abs().max().item() < 1e-4
+    assert (comp_m2 - eager_m2).abs().max().item() < 1e-4
+    assert max((a - b).abs().max().item() for a, b in zip(eager_w, comp_w)) < 1e-4

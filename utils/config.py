@@ -21,6 +21,7 @@ import argparse
 import difflib
 import json
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -234,6 +235,10 @@ def train_parser() -> StrictArgumentParser:
                          help="accepted for old command lines and ignored (apex is not used)")
     general.add_argument("--amp", type=_amp_impl, default="pytorch", choices=["pytorch"],
                          help="mixed-precision implementation (changed: only pytorch = torch.amp)")
+    general.add_argument("--init_loss_scale", type=float, default=2.0 ** 16,
+                         help="--fp16: the dynamic loss scale to start from (ours; torch.amp's default); halved "
+                              "at each step with a non-finite gradient (the step is skipped), doubled after 2000 "
+                              "steps without one")
 
     dataset = parser.add_argument_group("dataset setup")
     _add_data_flags(dataset)
@@ -635,6 +640,8 @@ def check_train_args(args: argparse.Namespace) -> None:
         _require(args.eval_tgt_len <= args.mem_len + args.tgt_len,
                  f"--eval_tgt_len ({args.eval_tgt_len}) must be <= --mem_len + --tgt_len "
                  f"({args.mem_len} + {args.tgt_len})")
+    _require(args.init_loss_scale > 0 and math.isfinite(args.init_loss_scale),
+             f"--init_loss_scale must be a positive number, got {args.init_loss_scale}")
     _require(not (args.cuda_graphs and args.compile is False), "--cuda_graphs needs --compile; drop --no_compile")
     _require(not (args.cuda_graphs and args.batch_chunk > 1),
              "--cuda_graphs needs --batch_chunk 1 (a graph's buffers are reused by the next chunk)")
