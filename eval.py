@@ -8,6 +8,7 @@
 Reads our checkpoints and the reference trainer's (without running pickled code); the text is encoded with
 the vocabulary stored in the checkpoint. Output lines are the reference eval.py's.
 """
+import utils.openmp_env  # noqa: F401  (first: bounds OpenMP's spin-wait before torch loads it)
 import json
 import os
 import platform
@@ -26,7 +27,7 @@ from utils.errors import UserError, run_cli
 from utils.evaluation import evaluate_stream, reduce_eval_result
 from utils.metrics import (DOUBLE_LINE, AverageMeter, MetricsWriter, format_eval_progress_line,
                            format_split_result, safe_exp, setup_logging)
-from utils.runtime import environment_summary, select_device
+from utils.runtime import configure_backends, environment_summary, resolve_speed_flags, select_device
 
 def load_model(args, device, log) -> LoadedModel:
     """The model, its vocabulary, model_config and dataset from --load_torchscript, --manual_config or the
@@ -102,12 +103,16 @@ def main() -> int:
         work_dir.mkdir(parents=True, exist_ok=True)
     log = setup_logging(None if args.debug else work_dir / "eval_log.log", rank, args.log_all_ranks, filemode="a")
     device = select_device(args, log)
+    resolve_speed_flags(args, device)
+    configure_backends(args, device)
     if not args.no_env:
         log.info(environment_summary(device))
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
 
     loaded = load_model(args, device, log)
+    if not isinstance(loaded.model, torch.jit.ScriptModule):
+        loaded.model.set_attn_impl(args.attn_impl)
     vocab, model_config, trained_on = loaded.vocab, loaded.model_config, loaded.dataset
     precision = precision_of(args)
     runtime = "torchscript" if args.load_torchscript and args.type != "compile" else args.type

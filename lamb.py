@@ -17,7 +17,9 @@ a hard clamp as the scaling function, eps in the trust-ratio denominator, trust 
 `fused=True` (what `--optim jitlamb` gives) runs the whole parameter list with `torch._foreach_*` kernels: the
 norms come from `torch._foreach_norm` and the trust ratios are computed on the device with `torch.where`, so a
 step has no per-tensor Python math and no GPU->CPU synchronisation. `fused=False` (`--optim lamb`) is the
-plain loop, one tensor at a time. Both give the same results.
+plain loop, one tensor at a time. Both give the same results. `compile=True` (with fused, what `--compile`
+gives) runs the multi-tensor step through torch.compile, which fuses its passes over the parameters into a few
+kernels; the learning rate then enters as a device tensor, so a new value each step compiles nothing.
 
 State per parameter: `exp_avg` (m), `exp_avg_sq` (v) tensors and `step` (an int, counted but unused by the
 math), so `optimizer.state_dict()` holds tensors and plain types only and loads with `weights_only=True`.
@@ -40,6 +42,7 @@ class Lamb(Optimizer):
         weight_decay: factor of p added to the update direction.
         adam: force the trust ratio to 1 (Adam without bias correction, decay in the update).
         fused: multi-tensor implementation (`torch._foreach_*`); False runs the plain per-tensor loop.
+        compile: run the multi-tensor step through torch.compile (fused=True only).
     """
 
     def __init__(
@@ -51,6 +54,7 @@ class Lamb(Optimizer):
         weight_decay: float = 0.0,
         adam: bool = False,
         fused: bool = True,
+        compile: bool = False,
     ):
         if not lr >= 0.0:
             raise ValueError(f"Invalid learning rate: {lr}")
@@ -64,6 +68,15 @@ class Lamb(Optimizer):
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, adam=adam, fused=fused)
         super().__init__(params, defaults)
+        # not a group option: the state dict stays the same with and without compilation
+        self._compiled_update = torch.compile(_lamb_multi_tensor, dynamic=False) if compile else None
+        self._lr_tensors: dict[torch.device, torch.Tensor] = {}
+
+    def _lr_tensor(self, lr: float, device: torch.device) -> torch.Tensor:
+        """lr as a float32 scalar tensor on `device` (the compiled step reads it; no recompilation)."""
+        if device not in self._lr_tensors:
+            self._lr_tensors[device] = torch.zeros((), dtype=torch.float32, device=device)
+        return self._lr_tensors[device].fill_(lr)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None):
@@ -96,11 +109,15 @@ class Lamb(Optimizer):
                     lst.append(t)
 
             update = _lamb_multi_tensor if group["fused"] else _lamb_per_tensor
+            compiled = group["fused"] and self._compiled_update is not None
+            if compiled:
+                update = self._compiled_update
             beta1, beta2 = group["betas"]
-            for params, grads, exp_avgs, exp_avg_sqs in buckets.values():
+            for (device, _), (params, grads, exp_avgs, exp_avg_sqs) in buckets.items():
+                lr = self._lr_tensor(group["lr"], device) if compiled else group["lr"]
                 update(
                     params, grads, exp_avgs, exp_avg_sqs,
-                    lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                    lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
                     weight_decay=group["weight_decay"], adam=group["adam"],
                 )
         return loss
@@ -123,7 +140,8 @@ def _lamb_per_tensor(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, 
 
 
 def _lamb_multi_tensor(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, eps, weight_decay, adam):
-    """The same update with multi-tensor kernels; all tensors share one device and dtype. No host syncs."""
+    """The same update with multi-tensor kernels; all tensors share one device and dtype. No host syncs.
+    lr is a float or (compiled step) a scalar tensor."""
     torch._foreach_mul_(exp_avgs, beta1)
     torch._foreach_add_(exp_avgs, grads, alpha=1 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
@@ -138,5 +156,12 @@ def _lamb_multi_tensor(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2
         w_norms = torch.stack(torch._foreach_norm(params)).clamp(0, 10)   # not in place: DTensors (FSDP)
         u_norms = torch.stack(torch._foreach_norm(updates))
         trust = torch.where((w_norms == 0) | (u_norms == 0), torch.ones_like(w_norms), w_norms / (u_norms + eps))
+        if isinstance(lr, torch.Tensor):
+            trust = trust * lr
         torch._foreach_mul_(updates, trust.unbind(0))
-    torch._foreach_add_(params, updates, alpha=-lr)
+    elif isinstance(lr, torch.Tensor):
+        torch._foreach_mul_(updates, lr)
+    if isinstance(lr, torch.Tensor):
+        torch._foreach_sub_(params, updates)
+    else:
+        torch._foreach_add_(params, updates, alpha=-lr)

@@ -25,8 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from torch.utils.checkpoint import checkpoint
+
 from utils.adaptive_softmax import AdaptiveEmbedding, ProjectedAdaptiveLogSoftmax, normalize_tie_projs
+from utils.config import ATTN_IMPLS
 from utils.errors import UserError
+from utils.flex_attention import relative_flex_attention
 from utils.log_uniform_sampler import LogUniformSampler, sample_logits
 
 
@@ -47,7 +51,7 @@ def last_rows(table: Tensor, n: int) -> Tensor:
     return torch.cat([pad, table], 0)
 
 
-# ---- attention scores (one function per term; a fused kernel can replace `attention`) -------------------
+# ---- attention scores (one function per term; `attn_impl` picks the kernel that combines them) ---------
 def rel_position_scores(q: Tensor, r: Tensor, r_bias: Optional[Tensor]) -> Tensor:
     """Relative-position term: out[b, h, i, j] = q[b, h, i] · r[klen-1-d] (+ r_bias[klen-1-d, h]), d = mlen+i-j.
 
@@ -80,20 +84,42 @@ def attention(q: Tensor, k: Tensor, v: Tensor, pos_scores: Optional[Tensor], mas
     return torch.matmul(prob, v)
 
 
+def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, pos_scores: Optional[Tensor], mask: Tensor,
+                   dropatt: float, training: bool, scale: float) -> Tensor:
+    """`attention` by F.scaled_dot_product_attention, q *not* scaled (scale is passed to the kernel).
+
+    The position term and the mask become one additive bias (a single pass over [bsz, H, qlen, klen]; the
+    relative shift is a view); the kernel fuses q·kᵀ, the bias, softmax, dropout and ·v (on a GPU: the
+    memory-efficient kernel, which also returns the bias gradient). Without a position term the mask is
+    passed as a boolean mask (True = visible).
+    """
+    if pos_scores is None:
+        attn_mask = torch.logical_not(mask)
+    else:
+        attn_mask = pos_scores.masked_fill(mask, float("-inf"))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropatt if training else 0.0,
+                                          scale=scale)
+
+
 # ---- layers ---------------------------------------------------------------------------------------------
 class MultiHeadAttn(nn.Module):
     """Attention of the current segment over [memory; segment], residual and LayerNorm (post- or pre-LN).
 
-    forward(h, mem, mask, r, r_w_bias, r_bias), by attn_type:
+    forward(h, mem, mask, r, r_w_bias, r_bias, band), by attn_type:
       0: r = sinusoid of distances [klen, d_model], r_w_bias / r_bias = the shared u / v biases [H, Dh]
       1: r = learned distance table [T, H, Dh], r_w_bias [H, Dh], r_bias = table [T, H]
       2, 3: positions are already in h and mem; r, r_w_bias, r_bias are unused.
+    band = (lo, hi) describes the mask as offsets (key j visible to query i iff lo < j - i <= hi, see
+    MemTransformerLM._mask_band); attn_impl 'flex' needs it, the other implementations read the mask.
     """
+
+    attn_impl: str
 
     def __init__(self, attn_type: int, n_head: int, d_model: int, d_head: int, dropout: float,
                  dropatt: float, pre_lnorm: bool):
         super().__init__()
         self.attn_type = attn_type
+        self.attn_impl = "math"                                                  # see ATTN_IMPLS
         self.n_head = n_head
         self.d_head = d_head
         self.scale = 1.0 / math.sqrt(d_head)
@@ -106,7 +132,7 @@ class MultiHeadAttn(nn.Module):
         self.dropatt = nn.Dropout(dropatt)
 
     def forward(self, h: Tensor, mem: Optional[Tensor], mask: Tensor, r: Tensor, r_w_bias: Tensor,
-                r_bias: Tensor) -> Tensor:
+                r_bias: Tensor, band: Optional[Tuple[int, int]] = None) -> Tensor:
         qlen, bsz = h.size(0), h.size(1)
         n_head, d_head = self.n_head, self.d_head
         hd = n_head * d_head
@@ -121,21 +147,42 @@ class MultiHeadAttn(nn.Module):
         k = kv[:, :, 0].permute(1, 2, 0, 3)                                     # [bsz, H, klen, Dh]
         v = kv[:, :, 1].permute(1, 2, 0, 3)                                     # [bsz, H, klen, Dh]
 
-        pos_scores: Optional[Tensor] = None
+        # the position term: q_pos · r_pos (+ pos_bias) for the keys of distances klen-1 .. 0
+        q_pos: Optional[Tensor] = None
+        r_pos: Optional[Tensor] = None
+        pos_bias: Optional[Tensor] = None
         if self.r_net is not None:                                              # type 0
-            r_head = self.r_net(r).view(klen, n_head, d_head)                   # [klen, H, Dh]
-            pos_scores = rel_position_scores((q + r_bias.unsqueeze(1)) * self.scale, r_head, None)
+            r_pos = self.r_net(r).view(klen, n_head, d_head)                    # [klen, H, Dh]
+            q_pos = (q + r_bias.unsqueeze(1)) * self.scale
             q = q + r_w_bias.unsqueeze(1)
         elif self.attn_type == 1:
-            pos_scores = rel_position_scores(q * self.scale, last_rows(r, klen), last_rows(r_bias, klen) * self.scale)
+            r_pos, pos_bias = last_rows(r, klen), last_rows(r_bias, klen) * self.scale
+            q_pos = q * self.scale
             q = q + r_w_bias.unsqueeze(1)
 
-        vec = attention(q * self.scale, k, v, pos_scores, mask, self.dropatt.p, self.training)
+        dropatt = self.dropatt.p
+        if not torch.jit.is_scripting() and band is not None and self._flex_applies():
+            vec = relative_flex_attention(q, k, v, q_pos, r_pos, band, self.scale)
+        else:
+            pos_scores: Optional[Tensor] = None
+            if q_pos is not None and r_pos is not None:
+                pos_scores = rel_position_scores(q_pos, r_pos, pos_bias)
+            if self.attn_impl == "math":
+                vec = attention(q * self.scale, k, v, pos_scores, mask, dropatt, self.training)
+            else:
+                vec = sdpa_attention(q, k, v, pos_scores, mask, dropatt, self.training, self.scale)
         vec = vec.permute(2, 0, 1, 3).reshape(qlen, bsz, hd)                    # [qlen, bsz, H*Dh]
         out = self.drop(self.o_net(vec))
         if self.pre_lnorm:
             return h + out
         return self.layer_norm(h + out)
+
+    @torch.jit.unused
+    def _flex_applies(self) -> bool:
+        """FlexAttention runs inside torch.compile only (eagerly it is a slow reference implementation), for
+        attention type 0, without attention dropout; elsewhere attn_impl 'flex' falls back to 'sdpa'."""
+        return (self.attn_impl == "flex" and self.attn_type == 0 and torch.compiler.is_compiling()
+                and not (self.training and self.dropatt.p > 0))
 
 
 class PositionwiseFF(nn.Module):
@@ -156,15 +203,28 @@ class PositionwiseFF(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    """Attention, then feed-forward. With checkpoint_activations (training only) the layer keeps only its
+    inputs for the backward pass and recomputes the rest there (same dropout masks)."""
+
+    checkpoint_activations: bool
+
     def __init__(self, attn_type: int, n_head: int, d_model: int, d_head: int, d_inner: int, dropout: float,
                  dropatt: float, pre_lnorm: bool):
         super().__init__()
         self.attn = MultiHeadAttn(attn_type, n_head, d_model, d_head, dropout, dropatt, pre_lnorm)
         self.ff = PositionwiseFF(d_model, d_inner, dropout, pre_lnorm)
+        self.checkpoint_activations = False
 
     def forward(self, h: Tensor, mem: Optional[Tensor], mask: Tensor, r: Tensor, r_w_bias: Tensor,
-                r_bias: Tensor) -> Tensor:
-        return self.ff(self.attn(h, mem, mask, r, r_w_bias, r_bias))
+                r_bias: Tensor, band: Optional[Tuple[int, int]] = None) -> Tensor:
+        if not torch.jit.is_scripting() and self.checkpoint_activations and self.training \
+                and torch.is_grad_enabled():
+            return checkpoint(self.layer, h, mem, mask, r, r_w_bias, r_bias, band, use_reentrant=False)
+        return self.layer(h, mem, mask, r, r_w_bias, r_bias, band)
+
+    def layer(self, h: Tensor, mem: Optional[Tensor], mask: Tensor, r: Tensor, r_w_bias: Tensor,
+              r_bias: Tensor, band: Optional[Tuple[int, int]] = None) -> Tensor:
+        return self.ff(self.attn(h, mem, mask, r, r_w_bias, r_bias, band))
 
 
 # ---- the model ------------------------------------------------------------------------------------------
@@ -272,6 +332,26 @@ class MemTransformerLM(nn.Module):
             if isinstance(module, MultiHeadAttn):
                 module.dropatt.p = p
 
+    def set_attn_impl(self, impl: str):
+        """How attention is computed (same results, different kernels): 'math' (explicit matmuls and
+        softmax), 'sdpa' (F.scaled_dot_product_attention with the position term as an additive bias) or
+        'flex' (FlexAttention under torch.compile, the shift done inside the kernel; 'sdpa' elsewhere)."""
+        if impl not in ATTN_IMPLS:
+            raise UserError(f"attention implementation must be one of {', '.join(ATTN_IMPLS)}, got {impl!r}")
+        if impl == "flex":
+            try:
+                import torch.nn.attention.flex_attention  # noqa: F401
+            except ImportError:
+                raise UserError(f"--attn_impl flex needs FlexAttention (PyTorch >= 2.5, this is "
+                                f"{torch.__version__}); use --attn_impl sdpa") from None
+        for layer in self.layers:
+            layer.attn.attn_impl = impl
+
+    def set_checkpoint_activations(self, enabled: bool):
+        """Recompute each layer's activations in the backward pass instead of keeping them (training only)."""
+        for layer in self.layers:
+            layer.checkpoint_activations = bool(enabled)
+
     @torch.jit.export
     def init_mems(self, bsz: int) -> Optional[Tensor]:
         """Empty memory [n_layer, 0, bsz, d_model], or None when mem_len == 0."""
@@ -281,17 +361,21 @@ class MemTransformerLM(nn.Module):
         return torch.zeros(self.n_layer, 0, bsz, self.d_model, dtype=like.dtype, device=like.device)
 
     # ---- core -----------------------------------------------------------------------------------------
-    def _attn_mask(self, qlen: int, mlen: int, device: torch.device) -> Tensor:
-        """[qlen, klen] bool, True = key not visible. Causal over [memory; segment]; with same_length every
-        query sees at most mem_len + 1 keys (the mem_len before it and itself)."""
+    def _mask_band(self, qlen: int, mlen: int) -> Tuple[int, int]:
+        """(lo, hi): query i sees key j exactly when lo < j - i <= hi. Causal over [memory; segment]
+        (hi = mlen); with same_length every query sees at most mem_len + 1 keys (the mem_len before it and
+        itself); otherwise lo is below every j - i."""
         klen = mlen + qlen
-        ones = torch.ones(qlen, klen, dtype=torch.bool, device=device)
-        mask = torch.triu(ones, diagonal=1 + mlen)
-        if self.same_length:
-            mask_len = klen - self.mem_len - 1
-            shift = qlen - mask_len if mask_len > 0 else qlen
-            mask = mask | torch.tril(ones, diagonal=-shift)
-        return mask
+        if not self.same_length:
+            return -klen, mlen
+        mask_len = klen - self.mem_len - 1
+        return -(qlen - mask_len if mask_len > 0 else qlen), mlen
+
+    def _attn_mask(self, qlen: int, mlen: int, device: torch.device) -> Tensor:
+        """[qlen, klen] bool, True = key not visible (outside the band of _mask_band)."""
+        lo, hi = self._mask_band(qlen, mlen)
+        ones = torch.ones(qlen, mlen + qlen, dtype=torch.bool, device=device)
+        return torch.triu(ones, diagonal=1 + hi) | torch.tril(ones, diagonal=lo)
 
     def _sinusoid_of_distances(self, klen: int, like: Tensor) -> Tensor:
         """Sinusoid of the distances klen-1 .. 0 (clamped to clamp_len) -> [klen, d_model], like's dtype."""
@@ -308,6 +392,7 @@ class MemTransformerLM(nn.Module):
         klen = mlen + qlen
         word_emb = self.word_emb(data)                                          # [qlen, bsz, d_model]
         mask = self._attn_mask(qlen, mlen, data.device)                         # [qlen, klen]
+        band = self._mask_band(qlen, mlen)
         unused = word_emb.new_empty(0)
         mem_list: List[Optional[Tensor]] = []
         for i in range(self.n_layer):
@@ -319,7 +404,7 @@ class MemTransformerLM(nn.Module):
             core_out = self.drop(word_emb)
             for i, layer in enumerate(self.layers):
                 hids.append(core_out.detach())
-                core_out = layer(core_out, mem_list[i], mask, pos_emb, self.r_w_bias, self.r_r_bias)
+                core_out = layer(core_out, mem_list[i], mask, pos_emb, self.r_w_bias, self.r_r_bias, band)
         elif self.r_bias is not None and self.r_emb is not None and self.r_w_bias is not None:   # type 1
             core_out = self.drop(word_emb)
             for i, layer in enumerate(self.layers):
@@ -327,7 +412,7 @@ class MemTransformerLM(nn.Module):
                 r_emb, r_bias = self.r_emb[i], self.r_bias[i]                   # [max_klen, H, Dh], [max_klen, H]
                 if self.clamp_len > 0:
                     r_emb, r_bias = r_emb[-self.clamp_len:], r_bias[-self.clamp_len:]
-                core_out = layer(core_out, mem_list[i], mask, r_emb, self.r_w_bias[i], r_bias)
+                core_out = layer(core_out, mem_list[i], mask, r_emb, self.r_w_bias[i], r_bias, band)
         elif self.r_emb is not None:                                            # type 3
             core_out = self.drop(word_emb)
             for i, layer in enumerate(self.layers):
@@ -336,7 +421,7 @@ class MemTransformerLM(nn.Module):
                 mem_i = mem_list[i]
                 if mem_i is not None:
                     mem_i = mem_i + pos[:mlen]
-                core_out = layer(core_out + pos[mlen:], mem_i, mask, unused, unused, unused)
+                core_out = layer(core_out + pos[mlen:], mem_i, mask, unused, unused, unused, band)
         else:                                                                   # type 2
             pos_emb = self._sinusoid_of_distances(klen, word_emb).unsqueeze(1)   # [klen, 1, d_model]
             core_out = self.drop(word_emb + pos_emb[mlen:])
@@ -348,7 +433,7 @@ class MemTransformerLM(nn.Module):
                         mem_i = self.drop(mem_i + pos_emb[:mlen])
                 else:
                     hids.append(core_out.detach())
-                core_out = layer(core_out, mem_i, mask, unused, unused, unused)
+                core_out = layer(core_out, mem_i, mask, unused, unused, unused, band)
 
         core_out = self.drop(core_out)
         return core_out, self._update_mems(hids, mems, qlen, mlen)

@@ -7,6 +7,7 @@
 
 The flags, presets and log lines are the reference trainer's (NVIDIA DeepLearningExamples); see README.md.
 """
+import utils.openmp_env  # noqa: F401  (first: bounds OpenMP's spin-wait before torch loads it)
 import contextlib
 import itertools
 import math
@@ -24,7 +25,7 @@ from utils.checkpoint import copy_checkpoint_atomic, load_checkpoint, remove_par
 from utils.config import dump_config, parse_args, train_parser, CONFIG_DUMP_NAME
 from utils.errors import UserError, run_cli
 from utils.fsdp import (full_model_state, full_optimizer_state, grad_scaler as sharded_grad_scaler, is_sharded,
-                        load_model_state, load_optimizer_state, scalar)
+                        load_model_state, load_optimizer_state)
 from utils.evaluation import eval_lengths, evaluate_stream, reduce_eval_result
 from utils.lr_scheduler import build_scheduler
 from utils.metrics import (DOUBLE_LINE, LINE, AverageMeter, MetricsWriter, format_eval_line, format_test_line,
@@ -33,7 +34,9 @@ from utils.model_init import count_parameters, init_weights
 from utils.optimizers import build_optimizer
 from utils.preemption import PreemptionHandler, clear_marker, write_marker
 from utils.reference_compat import reference_state_dict_to_ours
-from utils.runtime import amp_context, environment_summary, grad_scaler, select_device
+from utils.runtime import (amp_context, compile_model, configure_backends, environment_summary, grad_scaler,
+                           resolve_speed_flags, select_device)
+from utils.train_step import TrainStep
 from utils.vocabulary import Vocab
 
 CHECKPOINT_FORMAT = "txl-train-v1"
@@ -205,41 +208,15 @@ class Trainer:
 
     # ---- one optimizer step ----------------------------------------------------------------------------------
     def train_step(self, data, target) -> tuple[float, float]:
-        args, model = self.args, self.para_model
-        self.optimizer.zero_grad(set_to_none=True)
-        chunks = args.batch_chunk
-        data_chunks = torch.chunk(data, chunks, 1)
-        target_chunks = torch.chunk(target, chunks, 1)
-        step_loss = torch.zeros((), device=self.device)
-        for i in range(chunks):
-            # gradients are synchronized across ranks once per step, in the backward of the last chunk
-            sync = distributed.no_grad_sync(model) if i < chunks - 1 else contextlib.nullcontext()
-            with sync:
-                mems = self.mems[i]
-                if args.swap_mem and mems is not None:
-                    mems = mems.to(self.device, non_blocking=True)
-                with self.autocast():
-                    loss, mems = model(data_chunks[i], target_chunks[i], mems)
-                loss = loss.float().mean() / chunks
-                self.scaler.scale(loss).backward()
-                if args.swap_mem and mems is not None:
-                    mems = mems.to("cpu", non_blocking=True)
-                self.mems[i] = mems
-                step_loss += loss.detach()
-        self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.clip)
-        scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else None
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        if scale_before is not None and self.scaler.get_scale() < scale_before:
-            self.skipped_steps += 1
-        return step_loss.item(), scalar(grad_norm)
+        return self.step(data, target, self.mems)
 
     # ---- everything ------------------------------------------------------------------------------------------
     def run(self) -> int:
         args, log = self.args, self.log
         self.device = select_device(args, log)
         device = self.device
+        resolve_speed_flags(args, device)
+        configure_backends(args, device)
         if not args.no_env:
             log.info(environment_summary(device))
         self.autocast = amp_context(args, device)
@@ -262,6 +239,8 @@ class Trainer:
         model_config = build_model_config(args, n_token)
         model = MemTransformerLM(**model_config)
         init_weights(model, args.init, args.init_range, args.init_std, args.proj_init_std)
+        model.set_attn_impl(args.attn_impl)
+        model.set_checkpoint_activations(args.checkpoint_activations)
         n_all, n_nonemb = count_parameters(model)
         if not (args.multi_gpu == "fsdp" and self.world_size > 1):
             model.to(device)                                 # FSDP moves each rank's shards there itself
@@ -270,6 +249,8 @@ class Trainer:
         self.optimizer = build_optimizer(args, model)        # after sharding: FSDP replaces the parameters
         self.scheduler = build_scheduler(args, self.optimizer)
         self.scaler = sharded_grad_scaler(args, device) if is_sharded(model) else grad_scaler(args, device)
+        self.step = TrainStep(model, compile_model(self.para_model, args), self.optimizer, self.scaler,
+                              self.autocast, args.clip, args.batch_chunk, args.swap_mem, args.cuda_graphs)
         # Every rank built the same initial weights from --seed; dropout (and sampled softmax) now draw from a
         # stream of their own per rank, so that ranks do not repeat each other's dropout masks.
         seed_everything(args.seed + self.rank)
@@ -292,7 +273,6 @@ class Trainer:
             if progress is None:
                 return 1
 
-        self.skipped_steps = 0
         throughput = AverageMeter(warmup=args.mem_len // args.tgt_len + 2)
         metrics = MetricsWriter(None if args.debug else self.work_dir / args.dllog_file,
                                 None if args.debug else self.work_dir / "tensorboard",
@@ -337,11 +317,13 @@ class Trainer:
                                   "train_time/batch": avg_elapsed * 1000, "train_throughput": tok_per_s,
                                   **loss_metrics("train", cur_loss, args.dataset), "grad_norm": grad_norm}
                         if self.scaler.is_enabled():
-                            record["skipped_steps"] = self.skipped_steps
-                            if self.skipped_steps:
-                                log.info(f"fp16: {self.skipped_steps} of the last {acc['steps']} steps skipped "
+                            skipped = self.step.skipped_steps
+                            record["skipped_steps"] = skipped
+                            record["loss_scale"] = self.scaler.get_scale()
+                            if skipped:
+                                log.info(f"fp16: {skipped} of the last {acc['steps']} steps skipped "
                                          f"(loss scale now {self.scaler.get_scale():.0f})")
-                            self.skipped_steps = 0
+                            self.step.skipped_steps = 0
                         metrics.log(train_step, record, tb_prefix="train")
                         self.last_train_loss = cur_loss
                         acc = {"loss": 0.0, "steps": 0, "tokens": 0, "elapsed": 0.0}

@@ -19,6 +19,15 @@ def shared_dir() -> Path:
     return SHARED
 
 
+@pytest.fixture(params=["math", "sdpa"])
+def attn_impl(request, monkeypatch) -> str:
+    """Runs a test once per eager attention implementation (tiny_model uses it; 'flex' needs torch.compile
+    and has its own tests). Use with `pytestmark = pytest.mark.usefixtures("attn_impl")`."""
+    import model_testlib
+    monkeypatch.setattr(model_testlib, "ATTN_IMPL", request.param)
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def demo_corpus(tmp_path_factory) -> Path:
     """A small synthetic demo corpus (tests/cli_runner.py: 12 batches of 16 x 8 per epoch) for the CLI tests."""

@@ -5,10 +5,15 @@ import torch
 
 from mem_transformer import MemTransformerLM
 
+# The attention implementation tiny_model sets; the `attn_impl` fixture (conftest.py) runs a test module
+# once per implementation by changing it.
+ATTN_IMPL = "math"
+
 
 def tiny_model(attn_type=0, n_layer=2, n_token=40, d_model=16, n_head=2, d_head=8, d_inner=24, tgt_len=6,
                ext_len=0, mem_len=6, seed=0, dtype=torch.float64, **kwargs):
-    """A small MemTransformerLM in eval mode whose parameters are all random (so no term can hide)."""
+    """A small MemTransformerLM in eval mode whose parameters are all random (so no term can hide), computing
+    attention with ATTN_IMPL."""
     torch.manual_seed(seed)
     kwargs.setdefault("dropout", 0.0)
     kwargs.setdefault("dropatt", 0.0)
@@ -18,6 +23,7 @@ def tiny_model(attn_type=0, n_layer=2, n_token=40, d_model=16, n_head=2, d_head=
         for name, p in model.named_parameters():
             scale = 0.3 if "layer_norm" not in name else 0.1
             p.copy_(torch.randn_like(p) * scale + (1.0 if name.endswith("layer_norm.weight") else 0.0))
+    model.set_attn_impl(ATTN_IMPL)
     return model.to(dtype).eval()
 
 

@@ -1,5 +1,6 @@
 """LAMB: both implementations against a float64 element-by-element reference written from the formula."""
 import io
+import shutil
 import math
 
 import pytest
@@ -165,3 +166,26 @@ def test_fused_step_never_reads_values_back_to_the_host():
     Lamb(params, lr=0.1, weight_decay=0.01, fused=True).step()
     with pytest.raises(RuntimeError, match="meta"):
         Lamb(params, lr=0.1, fused=False).step()  # the per-tensor loop branches on the norms
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("adam", [False, True])
+def test_compiled_step_matches_the_eager_step_and_compiles_once_while_the_lr_changes(adam):
+    from torch._dynamo.utils import counters
+    if not any(shutil.which(cc) for cc in ("g++", "c++", "clang++")):
+        pytest.skip("no C++ compiler on PATH: torch.compile's CPU backend (inductor) cannot build kernels")
+    results = []
+    for compile in (False, True):
+        params = make_params()
+        opt = Lamb(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=0.01, adam=adam, compile=compile)
+        graphs_before = counters["stats"]["unique_graphs"]
+        for step in range(4):
+            opt.param_groups[0]["lr"] = LR * (4 - step) / 4                  # a schedule: new value every step
+            for p, g in zip(params, grads_for(step, params)):
+                p.grad = g
+            opt.step()
+        if compile:
+            assert counters["stats"]["unique_graphs"] - graphs_before == 1
+        results.append(params)
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-7)

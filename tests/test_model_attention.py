@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from mem_transformer import last_rows, rel_position_scores
 from model_testlib import sinusoid, tiny_model, tokens
 
+pytestmark = pytest.mark.usefixtures("attn_impl")      # every test for each attention implementation
+
 
 @pytest.mark.parametrize("qlen,mlen", [(3, 4), (5, 0)])        # qlen < klen, qlen == klen
 @pytest.mark.parametrize("clamp_len", [-1, 2])

@@ -27,7 +27,7 @@ def test_reference_fixture_loads_strictly(shared_dir):
     assert torch.equal(model.layers[1].ff.fc2.bias, ck["model_state"]["layers.1.pos_ff.CoreNet.3.bias"])
 
 
-def test_reference_fixture_gives_the_reference_perplexity_on_its_manual_texts(shared_dir):
+def test_reference_fixture_gives_the_reference_perplexity_on_its_manual_texts(shared_dir, attn_impl):
     """expected.json: what the reference's eval.py printed for `--manual <words> --tgt_len T --mem_len M`
     (batch size 1, segments of T tokens carrying memory, tokens = Moses tokenization + <eos>)."""
     sacremoses = pytest.importorskip("sacremoses")
@@ -46,6 +46,7 @@ def test_reference_fixture_gives_the_reference_perplexity_on_its_manual_texts(sh
         config = dict(ck["model_config"], tgt_len=tgt_len, mem_len=mem_len, ext_len=0)
         model = MemTransformerLM(**config)
         model.load_state_dict(reference_state_dict_to_ours(ck["model_state"], config), strict=True)
+        model.set_attn_impl(attn_impl)
         model.eval()
         data, mems, total = ids.view(-1, 1), None, 0.0
         with torch.no_grad():

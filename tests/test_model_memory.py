@@ -5,6 +5,8 @@ import torch
 
 from model_testlib import tiny_model, tokens
 
+pytestmark = pytest.mark.usefixtures("attn_impl")      # every test for each attention implementation
+
 L = 6          # segment length
 
 

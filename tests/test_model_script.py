@@ -7,7 +7,8 @@ import torch
 
 from model_testlib import tiny_model, tokens
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.*deprecated:DeprecationWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:.*torch.jit.*deprecated:DeprecationWarning"),
+              pytest.mark.usefixtures("attn_impl")]      # every test for each attention implementation
 
 
 @pytest.mark.parametrize("attn_type", [0, 1, 2, 3])

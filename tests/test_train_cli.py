@@ -175,6 +175,27 @@ def test_mixed_precision_on_the_cpu(demo_corpus, trained, tmp_path, precision):
     assert (scaler is not None and scaler["scale"] > 0) if precision == "fp16" else scaler is None
 
 
+def test_fp16_logs_its_skipped_steps_once_per_interval(demo_corpus, tmp_path):
+    """A loss scale far too large: float16 gradients overflow, the scaler skips those steps and halves its
+    scale each time; each log interval says how many it skipped, and the scale at every interval is the
+    starting one halved once per skipped step so far (no growth within 2000 steps)."""
+    init = 2.0 ** 30
+    argv = tiny_args(demo_corpus, tmp_path / "work", max_step=20, eval_interval=20, no_test=True,
+                     init_loss_scale=init)
+    result = cli_runner.train(argv + ["--fp16"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    intervals = [r for r in records(tmp_path / "work") if isinstance(r["step"], int) and "train_loss" in r]
+    assert [r["step"] for r in intervals] == [5, 10, 15, 20]
+    skipped = [r["skipped_steps"] for r in intervals]
+    assert skipped[0] == 5                          # 2^30 .. 2^26: every gradient overflows in float16
+    assert 0 < sum(skipped) < 20                    # it recovered and trained
+    for i, r in enumerate(intervals):
+        assert r["loss_scale"] == init / 2 ** sum(skipped[:i + 1])
+    lines = [l for l in result.lines if "steps skipped" in l]
+    assert len(lines) == sum(1 for s in skipped if s)
+    assert lines[0].endswith(f"fp16: 5 of the last 5 steps skipped (loss scale now {init / 2 ** 5:.0f})")
+
+
 def test_restart_from_a_folder_without_a_checkpoint_starts_from_scratch(demo_corpus, tmp_path):
     """The first launch of a job that always passes --restart <work_dir> (as requeued jobs do)."""
     work = tmp_path / "work"

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from utils.linear_nll import linear_nll
+
 
 def normalize_tie_projs(tie_projs: Optional[List[bool]], n_clusters: int) -> List[bool]:
     """One flag per cluster (head first); missing flags mean untied, extra ones are ignored."""
@@ -43,6 +45,51 @@ def _float_logits(x: Tensor) -> Tensor:
     if x.dtype == torch.float16 or x.dtype == torch.bfloat16:
         return x.float()
     return x
+
+
+def _project(hidden: Tensor, proj: Optional[Tensor]) -> Tensor:
+    return hidden if proj is None else torch.matmul(hidden, proj)
+
+
+@torch.compiler.disable
+def adaptive_nll(hidden: Tensor, target: Tensor, weights: List[Tensor], biases: List[Tensor],
+                 projs: List[Optional[Tensor]], cutoffs: List[int], head_size: int) -> Tensor:
+    """NLL [N] of the targets under the (adaptive) softmax with the clusters' parameters (`cluster_params`).
+
+    Every token is scored by the head (its shortlist id, or the head column of its tail cluster). Tail tokens
+    are grouped by one stable sort of their cluster ids; the cluster sizes are read back from the device once
+    (one host sync per call, however many clusters), and each tail cluster runs one fused linear + NLL on its
+    tokens. Runs eagerly under torch.compile (its shapes depend on the data).
+    """
+    if not cutoffs:
+        return linear_nll(_project(hidden, projs[0]), weights[0], biases[0], target)
+    cluster = _cluster_ids(target, cutoffs)
+    head_col = torch.where(cluster == 0, target, head_size - cluster)
+    nll = linear_nll(_project(hidden, projs[0]), weights[0], biases[0], head_col)
+    order = torch.argsort(cluster, stable=True)
+    counts = torch.bincount(cluster, minlength=len(cutoffs) + 1).tolist()
+    bounds = [0] + list(cutoffs)
+    start = counts[0]
+    tail_idx: List[Tensor] = []
+    tail_nll: List[Tensor] = []
+    for i in range(1, len(cutoffs) + 1):
+        if counts[i] > 0:
+            idx = order[start:start + counts[i]]                                   # positions in cluster i
+            tail_idx.append(idx)
+            tail_nll.append(linear_nll(_project(hidden.index_select(0, idx), projs[i]), weights[i], biases[i],
+                                       target.index_select(0, idx) - bounds[i]))
+        start += counts[i]
+    if tail_idx:
+        nll = nll.index_add(0, torch.cat(tail_idx), torch.cat(tail_nll))
+    return nll
+
+
+def _cluster_ids(target: Tensor, cutoffs: List[int]) -> Tensor:
+    """0 for shortlist tokens, i for tokens of tail cluster i."""
+    cluster = torch.zeros_like(target)
+    for c in cutoffs:
+        cluster = cluster + (target >= c).long()
+    return cluster
 
 
 class AdaptiveEmbedding(nn.Module):
@@ -216,14 +263,15 @@ class ProjectedAdaptiveLogSoftmax(nn.Module):
     def forward(self, hidden: Tensor, target: Tensor, emb_weights: List[Tensor], emb_projs: List[Tensor]) -> Tensor:
         """hidden [N, d_proj], target [N] -> NLL [N] in the original order."""
         weights, biases, projs = self.cluster_params(emb_weights, emb_projs)
+        if not torch.jit.is_scripting():
+            return adaptive_nll(hidden, target, weights, biases, projs, self.cutoffs, self.head_size)
+        # TorchScript: the same NLL with autograd's own ops
         head_logit = _float_logits(self._logits(hidden, weights[0], biases[0], projs[0]))   # [N, head_size]
         if self.n_clusters == 0:
             return F.cross_entropy(head_logit, target, reduction="none")
 
         # cluster id of every target, and the head column that scores it (shortlist id or head_size - i)
-        cluster = torch.zeros_like(target)
-        for c in self.cutoffs:
-            cluster = cluster + (target >= c).long()
+        cluster = _cluster_ids(target, self.cutoffs)
         head_col = torch.where(cluster == 0, target, self.head_size - cluster)
         logprob = F.log_softmax(head_logit, dim=1).gather(1, head_col.unsqueeze(1)).squeeze(1)   # [N]
         for i in range(1, self.n_clusters + 1):

@@ -21,6 +21,7 @@ import argparse
 import difflib
 import json
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -43,6 +44,7 @@ DATASETS = ("wt103", "wt2", "ptb", "enwik8", "text8", "lm1b", "custom")
 AFFINITY_MODES = ("socket", "single", "single_unique", "socket_unique_interleaved",
                   "socket_unique_continuous", "disabled")
 OPTIMIZERS = ("adam", "sgd", "adagrad", "lamb", "jitlamb")
+ATTN_IMPLS = ("math", "sdpa", "flex")   # MemTransformerLM.set_attn_impl
 SCHEDULERS = ("cosine", "inv_sqrt", "dev_perf", "constant")
 # keys of a preset that only make sense on the command line
 _CLI_ONLY = ("config", "config_file")
@@ -158,6 +160,14 @@ def _add_run_flags(group, *, dllog_file: str) -> None:
     group.set_defaults(cuda=None)  # None: automatic
     _flag(group, "fp16", "float16 mixed precision")
     _flag(group, "bf16", "bfloat16 mixed precision, no loss scaling (ours; exclusive with --fp16)")
+    _flag(group, "tf32", "float32 matmuls on TF32 tensor cores (ours; default: on with CUDA, as in the "
+                         "reference's container; --no_tf32 for full float32)")
+    group.set_defaults(tf32=None)  # None: automatic
+    group.add_argument("--attn_impl", type=str, default="auto", choices=("auto",) + ATTN_IMPLS,
+                       help="attention kernel, same results (ours): math (matmuls + softmax), sdpa "
+                            "(scaled_dot_product_attention, position term as a bias), flex (FlexAttention for "
+                            "attn_type 0 with --compile and --dropatt 0; sdpa otherwise); auto: sdpa on CUDA, "
+                            "math on the CPU")
     _flag(group, "log_all_ranks", "one log file per rank")
     group.add_argument("--dllog_file", type=str, default=dllog_file, help="name of the JSON log in work_dir")
     _flag(group, "no_env", "do not log the environment (versions, device; changed: one line, not collect_env)")
@@ -225,6 +235,10 @@ def train_parser() -> StrictArgumentParser:
                          help="accepted for old command lines and ignored (apex is not used)")
     general.add_argument("--amp", type=_amp_impl, default="pytorch", choices=["pytorch"],
                          help="mixed-precision implementation (changed: only pytorch = torch.amp)")
+    general.add_argument("--init_loss_scale", type=float, default=2.0 ** 16,
+                         help="--fp16: the dynamic loss scale to start from (ours; torch.amp's default); halved "
+                              "at each step with a non-finite gradient (the step is skipped), doubled after 2000 "
+                              "steps without one")
 
     dataset = parser.add_argument_group("dataset setup")
     _add_data_flags(dataset)
@@ -302,6 +316,15 @@ def train_parser() -> StrictArgumentParser:
     training.add_argument("--gpu0_bsz", type=int, default=-1, help="batch size on GPU 0 (dp only)")
     _flag(training, "varlen", "variable-length segments")
     _flag(training, "swap_mem", "keep the memory on the CPU between chunks")
+
+    speed = parser.add_argument_group("speed and memory (ours)")
+    _flag(speed, "compile", "torch.compile the model and the jitlamb step (default: on with CUDA, off on the "
+                            "CPU; --no_compile to switch off)")
+    speed.set_defaults(compile=None)  # None: automatic
+    _flag(speed, "cuda_graphs", "replay the compiled step as CUDA graphs (torch.compile mode reduce-overhead; "
+                                "needs --compile, a GPU and --batch_chunk 1)")
+    _flag(speed, "checkpoint_activations", "recompute each layer's activations in the backward pass instead of "
+                                           "keeping them (less memory, ~1/3 more compute)")
 
     valid = parser.add_argument_group("validation setup")
     valid.add_argument("--eval_tgt_len", type=int, default=192, help="segment length for evaluation")
@@ -617,6 +640,11 @@ def check_train_args(args: argparse.Namespace) -> None:
         _require(args.eval_tgt_len <= args.mem_len + args.tgt_len,
                  f"--eval_tgt_len ({args.eval_tgt_len}) must be <= --mem_len + --tgt_len "
                  f"({args.mem_len} + {args.tgt_len})")
+    _require(args.init_loss_scale > 0 and math.isfinite(args.init_loss_scale),
+             f"--init_loss_scale must be a positive number, got {args.init_loss_scale}")
+    _require(not (args.cuda_graphs and args.compile is False), "--cuda_graphs needs --compile; drop --no_compile")
+    _require(not (args.cuda_graphs and args.batch_chunk > 1),
+             "--cuda_graphs needs --batch_chunk 1 (a graph's buffers are reused by the next chunk)")
     _require(args.batch_size % args.batch_chunk == 0,
              f"--batch_size ({args.batch_size}) must be divisible by --batch_chunk ({args.batch_chunk})")
     if args.local_batch_size is not None:

@@ -101,4 +101,5 @@ def grad_scaler(args, device: torch.device):
     """Loss scaling for --fp16 that agrees across shards on skipping a step (each rank sees only its shard
     of the gradients, so the inf/NaN check must be reduced over ranks)."""
     from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-    return ShardedGradScaler(device.type, enabled=bool(getattr(args, "fp16", False)))
+    return ShardedGradScaler(device.type, init_scale=getattr(args, "init_loss_scale", 2.0 ** 16),
+                             enabled=bool(getattr(args, "fp16", False)))

@@ -2,9 +2,9 @@
 
 | --optim   | optimizer                                               |
 |-----------|---------------------------------------------------------|
-| jitlamb   | `lamb.Lamb(lr, weight_decay, fused=True)` (multi-tensor) |
+| jitlamb   | `lamb.Lamb(lr, weight_decay, fused=True)` (multi-tensor; compiled with `--compile`) |
 | lamb      | `lamb.Lamb(lr, weight_decay, fused=False)` (per tensor)  |
-| adam      | `torch.optim.Adam(lr, weight_decay)`                    |
+| adam      | `torch.optim.Adam(lr, weight_decay)` (the fused kernel on CUDA) |
 | sgd       | `torch.optim.SGD(lr, momentum=--mom)`                   |
 | adagrad   | `torch.optim.Adagrad(lr)`                               |
 
@@ -23,11 +23,13 @@ def build_optimizer(args, model: torch.nn.Module) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     name = args.optim.lower()
     if name == "jitlamb":
-        return Lamb(params, lr=args.lr, weight_decay=args.weight_decay, fused=True)
+        return Lamb(params, lr=args.lr, weight_decay=args.weight_decay, fused=True,
+                    compile=bool(getattr(args, "compile", False)))
     if name == "lamb":
         return Lamb(params, lr=args.lr, weight_decay=args.weight_decay, fused=False)
     if name == "adam":
-        return torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay)
+        fused = bool(params) and all(p.is_cuda and p.is_floating_point() for p in params)
+        return torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay, fused=fused or None)
     if name == "sgd":
         return torch.optim.SGD(params, lr=args.lr, momentum=args.mom)
     if name == "adagrad":

@@ -7,6 +7,8 @@ from typing import Callable
 
 import torch
 
+from utils.errors import UserError
+
 
 def select_device(args, log: logging.Logger) -> torch.device:
     """CUDA when a GPU is present (device LOCAL_RANK), unless --no_cuda; the CPU otherwise.
@@ -52,4 +54,76 @@ def amp_context(args, device: torch.device) -> Callable[[], contextlib.AbstractC
 
 def grad_scaler(args, device: torch.device) -> torch.amp.GradScaler:
     """Dynamic loss scaling for --fp16 only (bf16 has float32's range and needs none)."""
-    return torch.amp.GradScaler(device.type, enabled=bool(getattr(args, "fp16", False)))
+    return torch.amp.GradScaler(device.type, init_scale=getattr(args, "init_loss_scale", 2.0 ** 16),
+                                enabled=bool(getattr(args, "fp16", False)))
+
+
+# ---- speed: automatic flags, backends, compilation, the CPU allocator ----------------------------------------
+
+def resolve_speed_flags(args, device: torch.device) -> None:
+    """Fill in the automatic speed flags for `device`, in place (the resolved values are logged and dumped).
+
+    --compile     on for CUDA; off on the CPU, where compiling costs more than a short run gains
+    --attn_impl   auto -> sdpa on CUDA (fused kernel with the position term as a bias), math on the CPU
+    --tf32        on for CUDA (float32 matmuls on tensor cores, as in the reference's container)
+    """
+    if hasattr(args, "compile") and args.compile is None:                  # train.py only
+        args.compile = device.type == "cuda"
+    if getattr(args, "cuda_graphs", False) and device.type != "cuda":
+        raise UserError("--cuda_graphs needs a GPU (this run is on the CPU); drop --cuda_graphs")
+    if getattr(args, "attn_impl", "auto") == "auto":
+        args.attn_impl = "sdpa" if device.type == "cuda" else CPU_ATTN_IMPL
+    if getattr(args, "tf32", None) is None:
+        args.tf32 = device.type == "cuda"
+
+
+# the faster implementation on the CPU, measured with scripts/benchmark_train.py (docs in README.md)
+CPU_ATTN_IMPL = "math"
+
+
+def configure_backends(args, device: torch.device) -> None:
+    """Process-wide numeric and allocator settings for the run."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = bool(args.tf32)
+        torch.backends.cudnn.allow_tf32 = bool(args.tf32)
+    else:
+        tune_cpu_allocator()
+
+
+def tune_cpu_allocator() -> bool:
+    """Keep freed memory in the process (glibc malloc) instead of returning it to the OS at once.
+
+    A training step allocates and frees several [tokens, vocabulary] buffers (100+ MB each). glibc serves
+    blocks that large with fresh mmap()s, so every step the kernel zero-fills every page again (tens of ms
+    per buffer). With mmap off and a high trim threshold freed blocks are reused; the price is that the
+    process keeps its peak heap. Returns whether the settings took (glibc only; elsewhere nothing changes).
+    """
+    global _ALLOCATOR_TUNED
+    if _ALLOCATOR_TUNED is not None:
+        return _ALLOCATOR_TUNED
+    _ALLOCATOR_TUNED = False
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4
+    _ALLOCATOR_TUNED = bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 1 << 30))
+    return _ALLOCATOR_TUNED
+
+
+_ALLOCATOR_TUNED = None
+
+
+def compile_model(model: torch.nn.Module, args) -> torch.nn.Module:
+    """torch.compile of the training model (--compile), static shapes; CUDA graphs with --cuda_graphs.
+
+    The output layer runs eagerly in any case (its tail clusters have data-dependent sizes); everything up to
+    it, forward and backward, is compiled. A segment with an empty memory (the first) and one with a full
+    memory are two shapes, so two graphs.
+    """
+    if not args.compile:
+        return model
+    mode = "reduce-overhead" if getattr(args, "cuda_graphs", False) else None
+    return torch.compile(model, dynamic=False, mode=mode)

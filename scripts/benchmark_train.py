@@ -1,0 +1,291 @@
+#!/usr/bin/env python3
+"""Training speed of a preset: tokens/s, ms/step, peak memory and MFU, through train.py's own training step.
+
+    python scripts/benchmark_train.py --preset base --batch_size 32 --precision bf16
+    python scripts/benchmark_train.py --preset large --batch_size 16 --precision bf16 --checkpoint_activations
+    python scripts/benchmark_train.py --preset cpu_small --data ../shared/data/wikitext-2   # the CPU benchmark
+    python scripts/benchmark_train.py --preset base --batch_size 32 -- --attn_impl math --no_compile
+
+Presets: base / large = configs/wt103_base.yaml / wt103_large.yaml (preset `default`), cpu_small =
+configs/cpu_small.yaml (`default`: WikiText-2, 4 layers, d_model 256, tgt = mem = 64, batch 16). The flags
+are parsed by train.py's parser (anything after `--` is passed to it), the model, optimizer, LR schedule,
+loss scaler and step are train.py's (utils/train_step.py), batches come from the same iterator.
+
+Data: `--data DIR` reads the preset's corpus from DIR (as train.py does). Without it the batches are a
+synthetic token stream of the preset's vocabulary size (wt103: 267,735; wt2: 33,278) whose ids follow Zipf's
+law with exponent --zipf (ids are frequency ranks, as in the reference's vocabularies), so the adaptive
+softmax sees realistic cluster sizes; the shares of tokens per cluster are printed and enter the FLOPs.
+
+Timing: --warmup steps (compilation happens there; its time is printed), then --steps timed steps, each
+ending with the loss read back to the host (as in train.py). tokens/s = target tokens of the timed steps /
+their wall time. Peak memory: on CUDA the allocator's peak over the timed steps (allocated and reserved);
+on the CPU the process's peak resident memory. --saved_activations also measures the bytes autograd keeps
+for the backward pass of one step (eager model, parameters excluded): the activation memory on any device.
+MFU and the FLOPs formula: utils/flops.py (and README.md, "Performance").
+"""
+import argparse
+import json
+import math
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import utils.openmp_env  # noqa: E402,F401  (before torch: bounds OpenMP's spin-wait)
+import torch  # noqa: E402
+
+import data_utils  # noqa: E402
+import train  # noqa: E402
+from mem_transformer import MemTransformerLM  # noqa: E402
+from utils.config import parse_args, train_parser  # noqa: E402
+from utils.errors import UserError, run_cli  # noqa: E402
+from utils.flops import cluster_fractions, cluster_sizes, mfu, peak_flops, training_flops_per_token  # noqa: E402
+from utils.lr_scheduler import build_scheduler  # noqa: E402
+from utils.metrics import setup_logging  # noqa: E402
+from utils.model_init import count_parameters, init_weights  # noqa: E402
+from utils.optimizers import build_optimizer  # noqa: E402
+from utils.runtime import (amp_context, compile_model, configure_backends, grad_scaler,  # noqa: E402
+                           resolve_speed_flags, select_device)
+from utils.train_step import TrainStep  # noqa: E402
+
+PRESETS = {
+    "base": ("configs/wt103_base.yaml", "default"),
+    "large": ("configs/wt103_large.yaml", "default"),
+    "cpu_small": ("configs/cpu_small.yaml", "default"),
+}
+# vocabulary sizes of the reference's word vocabularies (synthetic data)
+VOCAB_SIZES = {"wt103": 267735, "wt2": 33278, "ptb": 10000}
+PRECISIONS = {"fp32": ["--no_tf32"], "tf32": ["--tf32"], "bf16": ["--bf16"], "fp16": ["--fp16"]}
+
+
+def parse_cli(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
+                                     epilog="Flags after `--` go to train.py's parser.")
+    parser.add_argument("--preset", choices=sorted(PRESETS), required=True)
+    parser.add_argument("--config", default=None, help="another preset name in the preset's file")
+    parser.add_argument("--batch_size", type=int, default=None, help="batch size (default: the preset's)")
+    parser.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32",
+                        help="fp32 (no TF32), tf32, bf16 or fp16 (mixed precision, float32 weights)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile (default: train.py's: on with CUDA, off on the CPU)")
+    parser.add_argument("--attn_impl", default=None, help="math, sdpa, flex (default: train.py's auto)")
+    parser.add_argument("--checkpoint_activations", action="store_true")
+    parser.add_argument("--cuda_graphs", action="store_true")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation)")
+    parser.add_argument("--data", default=None, help="read the preset's corpus from here instead of synthetic data")
+    parser.add_argument("--zipf", type=float, default=1.3, help="exponent of the synthetic token distribution")
+    parser.add_argument("--saved_activations", action="store_true",
+                        help="also measure the bytes saved for backward by one eager step")
+    parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    parser.add_argument("--json", default=None, help="append the result as one JSON line to this file")
+    if "--" in argv:
+        cut = argv.index("--")
+        ours, extra = argv[:cut], argv[cut + 1:]
+    else:
+        ours, extra = argv, []
+    return parser.parse_args(ours), extra
+
+
+def train_args(bench, extra):
+    """train.py's arguments for the benchmark, parsed by train.py's own parser."""
+    config_file, name = PRESETS[bench.preset]
+    argv = ["--config_file", str(REPO / config_file), "--config", bench.config or name, "--debug",
+            "--no_eval", "--max_step", str(bench.warmup + bench.steps)]
+    argv += PRECISIONS[bench.precision]
+    if bench.batch_size is not None:
+        argv += ["--batch_size", str(bench.batch_size), "--batch_chunk", "1"]
+    if bench.compile is not None:
+        argv += ["--compile" if bench.compile else "--no_compile"]
+    if bench.attn_impl:
+        argv += ["--attn_impl", bench.attn_impl]
+    if bench.checkpoint_activations:
+        argv += ["--checkpoint_activations"]
+    if bench.cuda_graphs:
+        argv += ["--cuda_graphs"]
+    if bench.device != "auto":
+        argv += ["--cuda" if bench.device == "cuda" else "--no_cuda"]
+    if bench.data:
+        argv += ["--data", bench.data]
+    return parse_args(train_parser(), argv + extra, section="train")
+
+
+def zipf_stream(n_token: int, length: int, exponent: float, seed: int) -> torch.Tensor:
+    ranks = torch.arange(1, n_token + 1, dtype=torch.float64)
+    probs = ranks.pow(-exponent)
+    gen = torch.Generator().manual_seed(seed)
+    return torch.multinomial(probs / probs.sum(), length, replacement=True, generator=gen)
+
+
+def batches(bench, args, device):
+    """(iterator, n_token, description) with the preset's batch and segment sizes."""
+    tokens_needed = (bench.warmup + bench.steps + 2) * args.tgt_len * args.batch_size + args.ext_len
+    if bench.data:
+        corpus = data_utils.get_lm_corpus(args.data, args.dataset, args.vocab, cache_dir=args.cache_dir,
+                                          verbose=False, progress=False,
+                                          **train.corpus_options(args))
+        it = corpus.get_iterator("train", args.batch_size, args.tgt_len, device=device, ext_len=args.ext_len,
+                                 seed=args.seed)
+        if it.n_batch < bench.warmup + bench.steps:
+            raise UserError(f"{args.data}: {it.n_batch} batches, fewer than --warmup + --steps")
+        return it, len(corpus.vocab), f"{args.dataset} train ({args.data})"
+    if args.dataset not in VOCAB_SIZES:
+        raise UserError(f"no synthetic vocabulary size for --dataset {args.dataset}; pass --data DIR")
+    n_token = VOCAB_SIZES[args.dataset]
+    stream = zipf_stream(n_token, tokens_needed, bench.zipf, args.seed)
+    it = data_utils.LMOrderedIterator(stream, args.batch_size, args.tgt_len, device=device, ext_len=args.ext_len)
+    return it, n_token, f"synthetic Zipf(s={bench.zipf}) over {n_token} ids"
+
+
+def saved_activation_bytes(model, data, target, mems, autocast) -> int:
+    """Bytes of the tensors autograd saves for backward in one forward (parameters and repeats excluded)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params and storage.device.type != "meta":
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast():
+        loss, _ = model(data, target, mems)
+    loss.float().mean().backward()
+    model.zero_grad(set_to_none=True)
+    return sum(seen.values())
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def run(bench, extra) -> dict:
+    args = train_args(bench, extra)
+    log = setup_logging(None)
+    device = select_device(args, log)
+    resolve_speed_flags(args, device)
+    configure_backends(args, device)
+    train.seed_everything(args.seed)
+    iterator, n_token, data_desc = batches(bench, args, device)
+
+    model_config = train.build_model_config(args, n_token)
+    model = MemTransformerLM(**model_config)
+    init_weights(model, args.init, args.init_range, args.init_std, args.proj_init_std)
+    model.set_attn_impl(args.attn_impl)
+    model.set_checkpoint_activations(args.checkpoint_activations)
+    model.to(device)
+    optimizer = build_optimizer(args, model)
+    scheduler = build_scheduler(args, optimizer)
+    scaler = grad_scaler(args, device)
+    autocast = amp_context(args, device)
+    step = TrainStep(model, compile_model(model, args), optimizer, scaler, autocast, args.clip, args.batch_chunk,
+                     args.swap_mem, args.cuda_graphs)
+    mems = [None] * args.batch_chunk
+    n_all, n_nonemb = count_parameters(model)
+
+    sizes = cluster_sizes(n_token, model_config["cutoffs"])
+    counts = [0] * len(sizes)
+    bounds = [0] + list(model_config["cutoffs"]) + [n_token]
+    step_times, tokens, losses = [], 0, []
+    saved = None
+    start = time.perf_counter()
+    warmup_s = None
+    for i, (data, target, _, _) in enumerate(iterator):
+        if i == bench.warmup + bench.steps:
+            break
+        if i == bench.warmup:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+            warmup_s = time.perf_counter() - start
+        t0 = time.perf_counter()
+        loss, _ = step(data, target, mems)
+        scheduler.step(i + 1)
+        if i >= bench.warmup:
+            step_times.append(time.perf_counter() - t0)
+            tokens += target.numel()
+            losses.append(loss)
+            flat = target.reshape(-1)
+            for c in range(len(sizes)):
+                counts[c] += int(((flat >= bounds[c]) & (flat < bounds[c + 1])).sum())
+    if len(step_times) < bench.steps:
+        raise UserError(f"the data gave only {bench.warmup + len(step_times)} batches")
+    elapsed = sum(step_times)
+    if bench.saved_activations:
+        saved = saved_activation_bytes(model, data, target, mems[0], autocast)
+
+    fractions = cluster_fractions(counts)
+    flops = training_flops_per_token(model_config, fractions)
+    tok_s = tokens / elapsed
+    name = device_name(device)
+    peak = peak_flops(name) if device.type == "cuda" else None
+    result = {
+        "preset": bench.preset, "config": bench.config or PRESETS[bench.preset][1], "device": name,
+        "torch": torch.__version__, "precision": bench.precision, "batch_size": args.batch_size,
+        "tgt_len": args.tgt_len, "mem_len": args.mem_len, "compile": args.compile, "attn_impl": args.attn_impl,
+        "cuda_graphs": args.cuda_graphs, "checkpoint_activations": args.checkpoint_activations,
+        "extra_flags": extra, "data": data_desc, "params": n_all, "nonemb_params": n_nonemb,
+        "steps": bench.steps, "warmup_steps": bench.warmup, "warmup_s": warmup_s,
+        "tokens_per_s": tok_s, "ms_per_step": 1000 * elapsed / len(step_times),
+        "ms_per_step_median": 1000 * statistics.median(step_times),
+        "flops_per_token": flops, "cluster_fractions": fractions, "peak_flops": peak,
+        "mfu": mfu(tok_s, flops, peak), "last_loss": losses[-1] if losses else None,
+    }
+    if device.type == "cuda":
+        result["peak_memory_allocated"] = torch.cuda.max_memory_allocated(device)
+        result["peak_memory_reserved"] = torch.cuda.max_memory_reserved(device)
+    else:
+        result["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if saved is not None:
+        result["saved_activations"] = saved
+    return result
+
+
+def gb(n: float) -> str:
+    return f"{n / 2 ** 30:.2f} GiB"
+
+
+def report(r: dict) -> str:
+    lines = [f"preset {r['preset']} ({r['config']}) | {r['device']} | torch {r['torch']} | {r['precision']} | "
+             f"batch {r['batch_size']} x tgt_len {r['tgt_len']} (mem_len {r['mem_len']}) | compile "
+             f"{'on' if r['compile'] else 'off'}{' + CUDA graphs' if r['cuda_graphs'] else ''} | attn "
+             f"{r['attn_impl']} | activation checkpointing {'on' if r['checkpoint_activations'] else 'off'}"
+             + (f" | {' '.join(r['extra_flags'])}" if r["extra_flags"] else ""),
+             f"data: {r['data']}; {r['params']:,} parameters ({r['nonemb_params']:,} non-embedding); tokens per "
+             f"cluster: {', '.join(f'{f:.4f}' for f in r['cluster_fractions'])}",
+             f"warm-up: {r['warmup_steps']} steps in {r['warmup_s']:.1f} s; timed: {r['steps']} steps"]
+    memory = (f"peak memory {gb(r['peak_memory_allocated'])} allocated, {gb(r['peak_memory_reserved'])} reserved"
+              if "peak_memory_allocated" in r else f"peak RSS {gb(r['peak_rss'])} (process)")
+    if "saved_activations" in r:
+        memory += f" | saved activations {gb(r['saved_activations'])}"
+    util = (f"MFU {100 * r['mfu']:.1f}% of {r['peak_flops'] / 1e12:.0f} TFLOP/s" if r["mfu"] is not None
+            else "MFU n/a (no datasheet peak for this device)")
+    lines.append(f"tokens/s {r['tokens_per_s']:.0f} | ms/step {r['ms_per_step']:.1f} (median "
+                 f"{r['ms_per_step_median']:.1f}) | {memory} | FLOPs/token {r['flops_per_token'] / 1e6:.1f} M | "
+                 f"{r['tokens_per_s'] * r['flops_per_token'] / 1e12:.2f} TFLOP/s | {util} | loss {r['last_loss']:.3f}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    bench, extra = parse_cli(sys.argv[1:] if argv is None else argv)
+    if bench.steps < 1 or bench.warmup < 0:
+        raise UserError("--steps must be >= 1 and --warmup >= 0")
+    result = run(bench, extra)
+    print(report(result), flush=True)
+    if bench.json:
+        with open(bench.json, "a", encoding="utf-8") as f:
+            f.write(json.dumps(result) + "\n")
+    if not math.isfinite(result["last_loss"]):
+        raise UserError(f"the training loss is {result['last_loss']}: the configuration does not train")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,46 @@
+"""Relative attention with FlexAttention (attn_impl 'flex'): the Transformer-XL shift is done inside the kernel.
+
+The position term is computed unshifted, bd[b, h, i, m] = q_pos[b, h, i] · r_pos[m] with
+row m of r_pos holding distance klen-1-m, and the kernel reads bd[b, h, i, j + qlen-1-i] for query i and
+key j (distance mlen + i - j): no shifted copy, no mask tensor in the score matrix, and blocks that the
+causal mask hides entirely are skipped. Keys past the diagonal would read beyond the row; they are masked,
+and the index is clamped so they never read outside it.
+
+FlexAttention generates its kernels with torch.compile: the model uses this path only while being compiled
+(`--compile`), for attention type 0 (Transformer-XL; the presets' type) and without attention dropout
+(`--dropatt 0`); otherwise 'flex' falls back to 'sdpa'. Its backward pass runs on GPUs only (PyTorch has no
+CPU backward for FlexAttention), so on the CPU only its forward pass is tested.
+"""
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+
+def relative_flex_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Optional[Tensor], r_pos: Optional[Tensor],
+                            band: Tuple[int, int], scale: float) -> Tensor:
+    """softmax(scale · q·kᵀ + shifted position term, over the keys of the band) · v.
+
+    q [bsz, H, qlen, Dh] (not scaled), k, v [bsz, H, klen, Dh]; q_pos [bsz, H, qlen, Dh] (scaled) and
+    r_pos [klen, H, Dh], or None for no position term; band (lo, hi): query i sees key j exactly when lo < j - i <= hi. -> [bsz, H, qlen, Dh]
+    """
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    qlen, klen = q.size(2), k.size(2)
+    lo, hi = band
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        offset = kv_idx - q_idx
+        return (offset <= hi) & (offset > lo)
+
+    block_mask = create_block_mask(mask_mod, None, None, qlen, klen, device=q.device)
+    score_mod = None
+    if q_pos is not None and r_pos is not None:
+        bd = torch.matmul(q_pos, r_pos.permute(1, 2, 0))                       # [bsz, H, qlen, klen]
+        shift = qlen - 1
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score + bd[b, h, q_idx, torch.clamp(kv_idx + shift - q_idx, max=klen - 1)]
+
+    return flex_attention(q.contiguous(), k.contiguous(), v.contiguous(), score_mod=score_mod,
+                          block_mask=block_mask, scale=scale)

@@ -1,0 +1,95 @@
+"""Per-token NLL of a linear output layer, `nll[n] = logsumexp(z[n]) - z[n, target[n]]` with z = h·Wᵀ + b,
+computed with one [N, V] buffer for forward and backward together.
+
+The output layer is the largest tensor of a language model's step ([tokens, vocabulary]). Autograd's
+`F.cross_entropy(F.linear(h, W, b), t)` keeps the logits, a log-softmax copy, a zero-filled gradient of the
+same size and the gradient of the logits: four [N, V] buffers and as many full passes over memory. Here:
+
+    forward   z = h·Wᵀ + b (the matmul's own dtype: float32, or bf16/fp16 under autocast),
+              lse = logsumexp(z) in float32, in row blocks small enough for the cache; z is kept
+    backward  z <- softmax(z) * g, minus g at the target (in place, in row blocks), then
+              dh = dz·W, dW = dzᵀ·h, db = Σ dz
+
+The log-sum-exp and the softmax are float32 whatever the matmul dtype (the logits of a bf16 matmul are only
+rounded once, as they are with autocast's own cross-entropy). The saved logits are reused in place by the
+backward, so the graph can be run backward once (a second backward raises a clear error).
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# Elements per row block of the float32 passes: ~1 MB on the CPU (stays in cache), 64 MB on a GPU (bounds
+# the float32 temporaries of a half-precision logits buffer).
+_BLOCK_ELEMENTS = {"cpu": 1 << 22, "default": 1 << 24}
+
+
+def _row_blocks(n_rows: int, n_cols: int, device: torch.device) -> int:
+    budget = _BLOCK_ELEMENTS.get(device.type, _BLOCK_ELEMENTS["default"])
+    return max(1, min(n_rows, budget // max(1, n_cols)))
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype autocast would run a matmul of x in (x's own dtype when autocast is off)."""
+    device_type = x.device.type
+    if x.dtype in (torch.float32, torch.float16, torch.bfloat16) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+class _LinearNLL(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor) -> Tensor:
+        dtype = _compute_dtype(hidden)
+        h, w = hidden.to(dtype), weight.to(dtype)
+        b = None if bias is None else bias.to(dtype)
+        with torch.autocast(hidden.device.type, enabled=False):
+            logits = F.linear(h, w, b)                                            # [N, V]
+            acc = torch.float64 if dtype == torch.float64 else torch.float32
+            lse = torch.empty(logits.size(0), dtype=acc, device=logits.device)
+            step = _row_blocks(logits.size(0), logits.size(1), logits.device)
+            for start in range(0, logits.size(0), step):
+                lse[start:start + step] = torch.logsumexp(logits[start:start + step].to(acc), dim=1)
+            nll = lse - logits.gather(1, target.unsqueeze(1)).squeeze(1).to(acc)
+        ctx.save_for_backward(h, w, lse, target)
+        ctx.logits = logits                     # reused in place by backward: not a saved tensor
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return nll
+
+    @staticmethod
+    def backward(ctx, grad_nll: Tensor):
+        h, w, lse, target = ctx.saved_tensors
+        logits = ctx.logits
+        if logits is None:
+            raise RuntimeError("the fused output-layer loss can be differentiated once per forward "
+                               "(backward with retain_graph=True through it is not supported)")
+        ctx.logits = None
+        grad = logits                                                            # becomes d nll / d logits
+        g = grad_nll.to(lse.dtype)
+        step = _row_blocks(grad.size(0), grad.size(1), grad.device)
+        with torch.autocast(grad.device.type, enabled=False):
+            for start in range(0, grad.size(0), step):
+                block = grad[start:start + step]
+                p = block.to(lse.dtype).sub_(lse[start:start + step, None]).exp_()   # softmax, float32
+                p.mul_(g[start:start + step, None])
+                block.copy_(p)                                                   # no copy when float32
+            rows = torch.arange(grad.size(0), device=grad.device)
+            grad.index_put_((rows, target), -g.to(grad.dtype), accumulate=True)   # - g at the target
+            hidden_dtype, weight_dtype, bias_dtype = ctx.dtypes
+            grad_hidden = grad_weight = grad_bias = None
+            if ctx.needs_input_grad[0]:
+                grad_hidden = torch.mm(grad, w).to(hidden_dtype)
+            if ctx.needs_input_grad[1]:
+                grad_weight = torch.mm(grad.t(), h).to(weight_dtype)
+            if bias_dtype is not None and ctx.needs_input_grad[2]:
+                grad_bias = grad.sum(0, dtype=lse.dtype).to(bias_dtype)
+        return grad_hidden, grad_weight, grad_bias, None
+
+
+def linear_nll(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor) -> Tensor:
+    """hidden [N, d], weight [V, d], bias [V] or None, target [N] (ids in [0, V)) -> NLL [N], float32
+    (float64 for float64 inputs). Equal to F.cross_entropy(F.linear(hidden, weight, bias).float(), target,
+    reduction="none") with less memory."""
+    return _LinearNLL.apply(hidden, weight, bias, target)
