@@ -398,8 +398,8 @@ class Trainer:
             log.info(format_test_line(time.time() - test_start, test_loss, args.dataset))
             log.info(DOUBLE_LINE)
         log.info(f"Training time: {train_elapsed / 60:.2f} minutes")
-        log.info(f"Training throughput: {throughput.avg:.2f} tok/s")
-        summary = {"train_throughput": throughput.avg, "train_elapsed": train_elapsed / 60}
+        log.info(f"Training throughput: {throughput.avg_or_warmup():.2f} tok/s")
+        summary = {"train_throughput": throughput.avg_or_warmup(), "train_elapsed": train_elapsed / 60}
         if self.last_train_loss is not None:
             summary["train_loss"] = self.last_train_loss
         if test_loss is not None:
@@ -408,7 +408,7 @@ class Trainer:
             summary.update(loss_metrics("valid", best_val_loss, args.dataset))
         metrics.log("SUMMARY", summary)
         metrics.close()
-        return check_targets(args, best_val_loss, throughput.avg, log)
+        return check_targets(args, best_val_loss, throughput.avg_or_warmup(), log)
 
     # ---- restart ---------------------------------------------------------------------------------------------
     def restore(self, path, tr_iter, vocab, model_config, progress) -> dict | None:

@@ -36,3 +36,13 @@ def test_average_meter_skips_warmup_and_weights_by_n():
         meter.update(val, n)
     assert meter.avg == (1.0 * 1 + 4.0 * 3) / 4
     assert meter.values == [1.0, 4.0]
+    assert meter.avg_or_warmup() == meter.avg
+
+
+def test_average_meter_of_a_run_no_longer_than_its_warmup_averages_every_update():
+    meter = AverageMeter(warmup=3)
+    assert meter.avg_or_warmup() == 0.0
+    for val, n in [(10.0, 1.0), (40.0, 2.0)]:
+        meter.update(val, n)
+    assert meter.avg == 0.0
+    assert meter.avg_or_warmup() == (10.0 * 1 + 40.0 * 2) / 3

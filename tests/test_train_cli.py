@@ -158,6 +158,14 @@ def test_no_eval_append_dataset_append_time_local_batch_size(demo_corpus, tmp_pa
     last = torch.load(work_dir / "checkpoint_last.pt", weights_only=True)
     assert last["train_step"] == 6 and last["memory"][0][0].shape[2] == 8 and last["best_val_loss"] is None
     assert (work_dir / CONFIG_DUMP_NAME).is_file() and (work_dir / "train_log.log").is_file()
+    # 2 log intervals, fewer than the throughput's warm-up (mem_len // tgt_len + 2 = 3): the summary averages
+    # them all instead of printing 0
+    interval_tok_s = [r["train_throughput"] for r in records(work_dir) if isinstance(r["step"], int)
+                      and "train_throughput" in r]
+    (line,) = [l for l in result.lines if l.startswith("Training throughput")]
+    (summary_tok_s,) = parse_line(line, "training_throughput")
+    assert len(interval_tok_s) == 2 and min(interval_tok_s) <= summary_tok_s + 0.01
+    assert summary_tok_s <= max(interval_tok_s) + 0.01
 
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])

@@ -32,10 +32,14 @@ class AverageMeter:
         self.avg = 0.0
         self.iters = 0
         self.values = []
+        self.all_sum = 0.0     # warm-up updates included
+        self.all_count = 0.0
 
     def update(self, val: float, n: float = 1.0) -> None:
         self.iters += 1
         self.val = val
+        self.all_sum += val * n
+        self.all_count += n
         if self.iters <= self.warmup:
             return
         self.sum += val * n
@@ -44,12 +48,21 @@ class AverageMeter:
         if self.keep:
             self.values.append(val)
 
+    def avg_or_warmup(self) -> float:
+        """The average after the warm-up; over every update when there were no more than the warm-up ones
+        (a short run, or a short resumed one), so that a run that did work never reports 0."""
+        if self.count:
+            return self.avg
+        return self.all_sum / self.all_count if self.all_count else 0.0
+
     def state_dict(self) -> dict:
-        return {"sum": self.sum, "count": self.count, "iters": self.iters, "val": self.val}
+        return {"sum": self.sum, "count": self.count, "iters": self.iters, "val": self.val,
+                "all_sum": self.all_sum, "all_count": self.all_count}
 
     def load_state_dict(self, state: dict) -> None:
         self.sum, self.count, self.iters, self.val = state["sum"], state["count"], state["iters"], state["val"]
         self.avg = self.sum / self.count if self.count else 0.0
+        self.all_sum, self.all_count = state.get("all_sum", self.sum), state.get("all_count", self.count)
 
 
 def uses_bpc(dataset: str) -> bool:
