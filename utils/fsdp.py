@@ -13,6 +13,8 @@ trainer calls them without asking which mode it runs in.
 import torch
 from torch import nn
 
+from utils.runtime import scaler_options
+
 
 def shard_model(model: nn.Module, device: torch.device) -> nn.Module:
     """Shard `model` in place over all ranks (the parameters move to `device`); returns it."""
@@ -101,5 +103,4 @@ def grad_scaler(args, device: torch.device):
     """Loss scaling for --fp16 that agrees across shards on skipping a step (each rank sees only its shard
     of the gradients, so the inf/NaN check must be reduced over ranks)."""
     from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-    return ShardedGradScaler(device.type, init_scale=getattr(args, "init_loss_scale", 2.0 ** 16),
-                             enabled=bool(getattr(args, "fp16", False)))
+    return ShardedGradScaler(device.type, **scaler_options(args))

@@ -55,14 +55,6 @@ class AverageMeter:
             return self.avg
         return self.all_sum / self.all_count if self.all_count else 0.0
 
-    def state_dict(self) -> dict:
-        return {"sum": self.sum, "count": self.count, "iters": self.iters, "val": self.val,
-                "all_sum": self.all_sum, "all_count": self.all_count}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.sum, self.count, self.iters, self.val = state["sum"], state["count"], state["iters"], state["val"]
-        self.avg = self.sum / self.count if self.count else 0.0
-        self.all_sum, self.all_count = state.get("all_sum", self.sum), state.get("all_count", self.count)
 
 
 def uses_bpc(dataset: str) -> bool:

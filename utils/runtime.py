@@ -52,10 +52,13 @@ def amp_context(args, device: torch.device) -> Callable[[], contextlib.AbstractC
     return lambda: torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def scaler_options(args) -> dict:
+    """Dynamic loss scaling for --fp16 only (bf16 has float32's range and needs none), from --init_loss_scale."""
+    return {"init_scale": getattr(args, "init_loss_scale", 2.0 ** 16), "enabled": bool(getattr(args, "fp16", False))}
+
+
 def grad_scaler(args, device: torch.device) -> torch.amp.GradScaler:
-    """Dynamic loss scaling for --fp16 only (bf16 has float32's range and needs none)."""
-    return torch.amp.GradScaler(device.type, init_scale=getattr(args, "init_loss_scale", 2.0 ** 16),
-                                enabled=bool(getattr(args, "fp16", False)))
+    return torch.amp.GradScaler(device.type, **scaler_options(args))
 
 
 # ---- speed: automatic flags, backends, compilation, the CPU allocator ----------------------------------------
