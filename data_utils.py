@@ -44,8 +44,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from utils.errors import UserError
-from utils.vocabulary import BPEVocab, Vocab, check_text_file
+from utils.io.errors import UserError
+from utils.data.vocabulary import BPEVocab, Vocab, check_text_file
 
 CACHE_FORMAT = "txl-data-cache"
 CACHE_VERSION = 1

@@ -8,7 +8,7 @@
 Reads our checkpoints and the reference trainer's (without running pickled code); the text is encoded with
 the vocabulary stored in the checkpoint. Output lines are the reference eval.py's.
 """
-import utils.openmp_env  # noqa: F401  (first: bounds OpenMP's spin-wait before torch loads it)
+import utils.runtime.openmp_env  # noqa: F401  (first: bounds OpenMP's spin-wait before torch loads it)
 import json
 import os
 import platform
@@ -21,13 +21,13 @@ import torch
 import data_utils
 from inference.runtime import (LoadedModel, length_overrides, load_for_inference, precision_of, prepare_runtime,
                                save_torchscript, warm_up)
-from utils import distributed
-from utils.config import eval_parser, eval_splits, parse_args
-from utils.errors import UserError, run_cli
-from utils.evaluation import evaluate_stream, reduce_eval_result
-from utils.metrics import (DOUBLE_LINE, AverageMeter, MetricsWriter, format_eval_progress_line,
+from utils.distributed import group as distributed
+from utils.config.cli import eval_parser, eval_splits, parse_args
+from utils.io.errors import UserError, run_cli
+from utils.training.evaluation import evaluate_stream, reduce_eval_result
+from utils.training.metrics import (DOUBLE_LINE, AverageMeter, MetricsWriter, format_eval_progress_line,
                            format_split_result, safe_exp, setup_logging)
-from utils.runtime import configure_backends, environment_summary, resolve_speed_flags, select_device
+from utils.runtime.device import configure_backends, environment_summary, resolve_speed_flags, select_device
 
 def load_model(args, device, log) -> LoadedModel:
     """The model, its vocabulary, model_config and dataset from --load_torchscript, --manual_config or the
@@ -96,14 +96,14 @@ def evaluate(model, iterator, args, device, log, meters) -> tuple[float, int]:
 def main() -> int:
     distributed.adopt_slurm_env()                       # one process per srun task: ranks from SLURM_* variables
     args = parse_args(eval_parser(), section="eval")
-    distributed.init_from_env(args)
+    args = distributed.init_from_env(args)
     rank, world_size = distributed.get_rank(), distributed.get_world_size()
     work_dir = Path(args.work_dir)
     if rank == 0 and not args.debug:
         work_dir.mkdir(parents=True, exist_ok=True)
     log = setup_logging(None if args.debug else work_dir / "eval_log.log", rank, args.log_all_ranks, filemode="a")
     device = select_device(args, log)
-    resolve_speed_flags(args, device)
+    args = resolve_speed_flags(args, device)
     configure_backends(args, device)
     if not args.no_env:
         log.info(environment_summary(device))

@@ -20,9 +20,9 @@ import torch
 from inference.generation import check_sampling, generate
 from inference.runtime import current_lengths, length_overrides, load_for_inference, precision_of, prepare_runtime
 from inference.text import TextCodec
-from utils.config import generate_parser
-from utils.errors import UserError, run_cli
-from utils.runtime import select_device
+from utils.config.cli import generate_parser
+from utils.io.errors import UserError, run_cli
+from utils.runtime.device import select_device
 
 
 def read_prompt(args) -> str:

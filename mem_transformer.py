@@ -27,11 +27,10 @@ from torch import Tensor, nn
 
 from torch.utils.checkpoint import checkpoint
 
-from utils.adaptive_softmax import AdaptiveEmbedding, ProjectedAdaptiveLogSoftmax, normalize_tie_projs
-from utils.config import ATTN_IMPLS
-from utils.errors import UserError
-from utils.flex_attention import relative_flex_attention
-from utils.log_uniform_sampler import LogUniformSampler, sample_logits
+from utils.io.errors import UserError
+from utils.model.adaptive_softmax import AdaptiveEmbedding, ProjectedAdaptiveLogSoftmax, normalize_tie_projs
+from utils.model.attention import ATTN_IMPLS, relative_flex_attention
+from utils.model.log_uniform_sampler import LogUniformSampler, sample_logits
 
 
 # ---- positions ------------------------------------------------------------------------------------------

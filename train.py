@@ -7,7 +7,7 @@
 
 The flags, presets and log lines are the reference trainer's (NVIDIA DeepLearningExamples); see README.md.
 """
-import utils.openmp_env  # noqa: F401  (first: bounds OpenMP's spin-wait before torch loads it)
+import utils.runtime.openmp_env  # noqa: F401  (first: bounds OpenMP's spin-wait before torch loads it)
 import contextlib
 import itertools
 import math
@@ -20,24 +20,24 @@ import torch
 
 import data_utils
 from mem_transformer import MemTransformerLM
-from utils import distributed
-from utils.checkpoint import copy_checkpoint_atomic, load_checkpoint, remove_partial_writes, save_checkpoint_atomic
-from utils.config import dump_config, parse_args, train_parser, CONFIG_DUMP_NAME
-from utils.errors import UserError, run_cli
-from utils.fsdp import (full_model_state, full_optimizer_state, grad_scaler as sharded_grad_scaler, is_sharded,
+from utils.distributed import group as distributed
+from utils.io.checkpoint import copy_checkpoint_atomic, load_checkpoint, remove_partial_writes, save_checkpoint_atomic
+from utils.config.cli import dump_config, parse_args, train_parser, CONFIG_DUMP_NAME
+from utils.io.errors import UserError, run_cli
+from utils.distributed.fsdp import (full_model_state, full_optimizer_state, grad_scaler as sharded_grad_scaler, is_sharded,
                         load_model_state, load_optimizer_state)
-from utils.evaluation import eval_lengths, evaluate_stream, reduce_eval_result
-from utils.lr_scheduler import build_scheduler
-from utils.metrics import (DOUBLE_LINE, LINE, AverageMeter, MetricsWriter, format_eval_line, format_test_line,
+from utils.training.evaluation import eval_lengths, evaluate_stream, reduce_eval_result
+from utils.training.lr_scheduler import build_scheduler
+from utils.training.metrics import (DOUBLE_LINE, LINE, AverageMeter, MetricsWriter, format_eval_line, format_test_line,
                            format_train_line, loss_metrics, safe_exp, setup_logging)
-from utils.model_init import count_parameters, init_weights
-from utils.optimizers import build_optimizer
-from utils.preemption import PreemptionHandler, clear_marker, write_marker
-from utils.reference_compat import reference_state_dict_to_ours
-from utils.runtime import (amp_context, compile_model, configure_backends, environment_summary, grad_scaler,
+from utils.model.init import count_parameters, init_weights
+from utils.training.optimizers import build_optimizer
+from utils.training.preemption import PreemptionHandler, clear_marker, write_marker
+from utils.model.reference_compat import reference_state_dict_to_ours
+from utils.runtime.device import (amp_context, compile_model, configure_backends, environment_summary, grad_scaler,
                            resolve_speed_flags, select_device)
-from utils.train_step import TrainStep
-from utils.vocabulary import Vocab
+from utils.training.train_step import TrainStep
+from utils.data.vocabulary import Vocab
 
 CHECKPOINT_FORMAT = "txl-train-v1"
 
@@ -215,7 +215,7 @@ class Trainer:
         args, log = self.args, self.log
         self.device = select_device(args, log)
         device = self.device
-        resolve_speed_flags(args, device)
+        args = self.args = resolve_speed_flags(args, device)
         configure_backends(args, device)
         if not args.no_env:
             log.info(environment_summary(device))
@@ -543,7 +543,7 @@ def main() -> int:
     distributed.adopt_slurm_env()                       # one process per srun task: ranks from SLURM_* variables
     args = parse_args(train_parser(), section="train")
     with PreemptionHandler() as preemption:
-        distributed.init_from_env(args)
+        args = distributed.init_from_env(args)
         try:
             code = train(args, preemption)
         except (torch.distributed.DistError, RuntimeError) as exc:

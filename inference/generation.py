@@ -20,7 +20,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 from torch import Tensor
 
-from utils.errors import UserError
+from utils.io.errors import UserError
 
 
 @dataclass

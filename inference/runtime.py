@@ -23,9 +23,9 @@ from typing import Optional
 
 import torch
 
-from utils.checkpoint import load_checkpoint
-from utils.errors import UserError
-from utils.vocabulary import Vocab
+from utils.io.checkpoint import load_checkpoint
+from utils.io.errors import UserError
+from utils.data.vocabulary import Vocab
 
 TORCHSCRIPT_EXTRA = "txl_meta.json"  # vocabulary, model_config and dataset, stored inside a TorchScript file
 RUNTIMES = ("pytorch", "torchscript", "compile")
@@ -111,7 +111,7 @@ def current_lengths(model: torch.nn.Module) -> dict:
 
 def _load_checkpoint(path: Path) -> LoadedModel:
     from mem_transformer import MemTransformerLM
-    from utils.reference_compat import reference_state_dict_to_ours
+    from utils.model.reference_compat import reference_state_dict_to_ours
 
     ckpt = load_checkpoint(path, map_location="cpu")
     config = dict(ckpt["model_config"])

@@ -16,8 +16,8 @@ import functools
 import re
 from typing import Iterable, Optional, Sequence
 
-from utils.errors import UserError
-from utils.vocabulary import BPEVocab
+from utils.io.errors import UserError
+from utils.data.vocabulary import BPEVocab
 
 KINDS = ("word", "chars", "text8", "bytes", "bpe")
 _START_SYMBOLS = ("<eos>", "<S>")

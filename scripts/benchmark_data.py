@@ -30,8 +30,8 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from data_utils import get_lm_corpus  # noqa: E402
-from utils.errors import UserError, run_cli  # noqa: E402
-from utils.vocabulary import Vocab  # noqa: E402
+from utils.io.errors import UserError, run_cli  # noqa: E402
+from utils.data.vocabulary import Vocab  # noqa: E402
 
 
 class BaselineVocab:

@@ -26,7 +26,7 @@ import torch  # noqa: E402
 from inference.generation import generate  # noqa: E402
 from inference.runtime import (current_lengths, length_overrides, load_for_inference, precision_of,  # noqa: E402
                                prepare_runtime)
-from utils.errors import UserError, run_cli  # noqa: E402
+from utils.io.errors import UserError, run_cli  # noqa: E402
 
 CHECKPOINTS = (10, 50, 100, 200, 300, 400, 500)
 WINDOW = 10

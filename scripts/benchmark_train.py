@@ -9,7 +9,7 @@
 Presets: base / large = configs/wt103_base.yaml / wt103_large.yaml (preset `default`), cpu_small =
 configs/cpu_small.yaml (`default`: WikiText-2, 4 layers, d_model 256, tgt = mem = 64, batch 16). The flags
 are parsed by train.py's parser (anything after `--` is passed to it), the model, optimizer, LR schedule,
-loss scaler and step are train.py's (utils/train_step.py), batches come from the same iterator.
+loss scaler and step are train.py's (utils/training/train_step.py), batches come from the same iterator.
 
 Data: `--data DIR` reads the preset's corpus from DIR (as train.py does). Without it the batches are a
 synthetic token stream of the preset's vocabulary size (wt103: 267,735; wt2: 33,278) whose ids follow Zipf's
@@ -21,7 +21,7 @@ ending with the loss read back to the host (as in train.py). tokens/s = target t
 their wall time. Peak memory: on CUDA the allocator's peak over the timed steps (allocated and reserved);
 on the CPU the process's peak resident memory. --saved_activations also measures the bytes autograd keeps
 for the backward pass of one step (eager model, parameters excluded): the activation memory on any device.
-MFU and the FLOPs formula: utils/flops.py (and README.md, "Performance").
+MFU and the FLOPs formula: utils/model/flops.py (and README.md, "Performance").
 """
 import argparse
 import json
@@ -36,22 +36,22 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import utils.openmp_env  # noqa: E402,F401  (before torch: bounds OpenMP's spin-wait)
+import utils.runtime.openmp_env  # noqa: E402,F401  (before torch: bounds OpenMP's spin-wait)
 import torch  # noqa: E402
 
 import data_utils  # noqa: E402
 import train  # noqa: E402
 from mem_transformer import MemTransformerLM  # noqa: E402
-from utils.config import parse_args, train_parser  # noqa: E402
-from utils.errors import UserError, run_cli  # noqa: E402
-from utils.flops import cluster_fractions, cluster_sizes, mfu, peak_flops, training_flops_per_token  # noqa: E402
-from utils.lr_scheduler import build_scheduler  # noqa: E402
-from utils.metrics import setup_logging  # noqa: E402
-from utils.model_init import count_parameters, init_weights  # noqa: E402
-from utils.optimizers import build_optimizer  # noqa: E402
-from utils.runtime import (amp_context, compile_model, configure_backends, grad_scaler,  # noqa: E402
+from utils.config.cli import parse_args, train_parser  # noqa: E402
+from utils.io.errors import UserError, run_cli  # noqa: E402
+from utils.model.flops import cluster_fractions, cluster_sizes, mfu, peak_flops, training_flops_per_token  # noqa: E402
+from utils.training.lr_scheduler import build_scheduler  # noqa: E402
+from utils.training.metrics import setup_logging  # noqa: E402
+from utils.model.init import count_parameters, init_weights  # noqa: E402
+from utils.training.optimizers import build_optimizer  # noqa: E402
+from utils.runtime.device import (amp_context, compile_model, configure_backends, grad_scaler,  # noqa: E402
                            resolve_speed_flags, select_device)
-from utils.train_step import TrainStep  # noqa: E402
+from utils.training.train_step import TrainStep  # noqa: E402
 
 PRESETS = {
     "base": ("configs/wt103_base.yaml", "default"),
@@ -170,7 +170,7 @@ def run(bench, extra) -> dict:
     args = train_args(bench, extra)
     log = setup_logging(None)
     device = select_device(args, log)
-    resolve_speed_flags(args, device)
+    args = resolve_speed_flags(args, device)
     configure_backends(args, device)
     train.seed_everything(args.seed)
     iterator, n_token, data_desc = batches(bench, args, device)

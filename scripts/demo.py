@@ -7,7 +7,7 @@ perplexities.
     python scripts/demo.py --max_step 100   # any further flag goes to both train.py runs
 
 Steps, each printed before it runs so that it can be repeated by hand:
-1. `python -m utils.demo_corpus data/demo` (synthetic text with long-range structure; no download),
+1. `python -m utils.data.demo_corpus data/demo` (synthetic text with long-range structure; no download),
 2. `train.py --config_file configs/cpu_small.yaml --config demo` with the preset's mem_len, then with --mem_len 0,
 3. `eval.py` on the test split of each, with the preset's segment length; the model trained with memory
    is evaluated with its memory, the model trained without memory without memory (--mem_len 0).
@@ -26,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from utils.config import load_preset  # noqa: E402
+from utils.config.cli import load_preset  # noqa: E402
 
 PRESET_FILE = "configs/cpu_small.yaml"
 PRESET = "demo"
@@ -66,7 +66,7 @@ def main() -> None:
     start = time.time()
 
     if not all((REPO / data / f"{split}.txt").is_file() for split in ("train", "valid", "test")):
-        run([python, "-m", "utils.demo_corpus", str(data)], env)
+        run([python, "-m", "utils.data.demo_corpus", str(data)], env)
 
     common = ["--config_file", PRESET_FILE, "--config", PRESET, "--data", str(data)]
     runs = {"with memory": (work / "with_memory", []), "without memory": (work / "no_memory", ["--mem_len", "0"])}

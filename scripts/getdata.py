@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from utils.errors import UserError, run_cli  # noqa: E402
+from utils.io.errors import UserError, run_cli  # noqa: E402
 
 SPLITS = ("train", "valid", "test")
 LM1B_ROOT = "1-billion-word-language-modeling-benchmark-r13output"

@@ -27,9 +27,9 @@ EVAL = str(REPO / "eval.py")
 
 # torch._dynamo: the first optimizer built imports it (seconds)
 _PRELOAD = ["torch", "torch._dynamo", "numpy", "yaml", "sacremoses", "torch.utils.tensorboard", "data_utils",
-            "mem_transformer", "lamb", "utils.checkpoint", "utils.config", "utils.distributed", "utils.evaluation",
-            "utils.metrics", "utils.model_init", "utils.optimizers", "utils.lr_scheduler", "utils.reference_compat",
-            "utils.vocabulary", "utils.preemption", "utils.runtime"]
+            "mem_transformer", "lamb", "utils.io.checkpoint", "utils.config.cli", "utils.distributed.group", "utils.training.evaluation",
+            "utils.training.metrics", "utils.model.init", "utils.training.optimizers", "utils.training.lr_scheduler", "utils.model.reference_compat",
+            "utils.data.vocabulary", "utils.training.preemption", "utils.runtime.device"]
 # launcher variables a test process may have inherited: a CLI run here is always a single process
 _LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                   "TORCHELASTIC_RUN_ID", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
@@ -114,7 +114,7 @@ def evaluate(argv, tmp_path: Path, **kwargs) -> Result:
 def demo_corpus(path: Path, train_docs: int = 4, eval_docs: int = 2) -> Path:
     """The synthetic demo corpus, small: with the default sizes ~1.3k training words (an epoch of 12
     batches of 16 x 8), ~700 words per evaluation split."""
-    from utils.demo_corpus import write_demo_corpus
+    from utils.data.demo_corpus import write_demo_corpus
     return write_demo_corpus(path, n_train_docs=train_docs, n_eval_docs=eval_docs)
 
 
@@ -141,7 +141,7 @@ def tiny_args(data: Path, work_dir: Path, **overrides) -> list[str]:
 def signal_after_step(step: int, name: str = "SIGTERM") -> None:
     """Deliver signal `name` to this process right after optimizer step `step` (as a cluster scheduler would;
     the training loop reads the scheduler's LR right after each step)."""
-    from utils.lr_scheduler import LRScheduler
+    from utils.training.lr_scheduler import LRScheduler
     original = LRScheduler.step
 
     def step_then_signal(self, train_step):
@@ -155,7 +155,7 @@ def signal_after_step(step: int, name: str = "SIGTERM") -> None:
 def sigkill_while_saving(save_number: int) -> None:
     """On the `save_number`-th checkpoint write, write half of the bytes, flush them, and die by SIGKILL."""
     import torch
-    from utils import checkpoint
+    from utils.io import checkpoint
     original = torch.save
     calls = [0]
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from model_testlib import tiny_model
-from utils.demo_corpus import write_demo_corpus
-from utils.vocabulary import Vocab
+from utils.data.demo_corpus import write_demo_corpus
+from utils.data.vocabulary import Vocab
 
 REPO = Path(__file__).resolve().parent.parent
 _RESULT = re.compile(r"\| (\w+) loss +[\d.naif-]+ \| \1 ppl +([\d.]+|inf|nan) ")

@@ -1,5 +1,5 @@
 """The reference's data rules (reference-inventory.md §5.1, §5.3, §5.4) written out plainly, line by line and
-with torch ops, independently of data_utils / utils.vocabulary, so tests compare against the rule and not
+with torch ops, independently of data_utils / utils.data.vocabulary, so tests compare against the rule and not
 against our own output."""
 import collections
 

@@ -1,14 +1,14 @@
-"""Flag schema, YAML presets and strict parsing (utils/config.py) and the shipped configs/*.yaml."""
+"""Flag schema, YAML presets and strict parsing (utils/config/cli.py) and the shipped configs/*.yaml."""
 import logging
 import sys
 
 import pytest
 import yaml
 
-from utils import config as cfg
-from utils.config import (CONFIG_DIR, dump_config, eval_parser, eval_splits, load_presets, parse_args,
+from utils.config import cli as cfg
+from utils.config.cli import (CONFIG_DIR, dump_config, eval_parser, eval_splits, load_presets, parse_args,
                           train_parser)
-from utils.errors import UserError, run_cli
+from utils.io.errors import UserError, run_cli
 
 BASE = str(CONFIG_DIR / "wt103_base.yaml")
 LARGE = str(CONFIG_DIR / "wt103_large.yaml")
@@ -192,11 +192,11 @@ def test_recipe_values():
 def test_apex_is_refused_and_its_opt_level_ignored_with_a_note(caplog):
     with pytest.raises(UserError, match="apex AMP is not supported"):
         train("--amp", "apex")
-    with caplog.at_level(logging.WARNING, logger="utils.config"):
+    with caplog.at_level(logging.WARNING, logger="utils.config.cli"):
         args = train("--apex_amp_opt_level", "O1")
     assert args.amp == "pytorch" and "ignored" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="utils.config"):
+    with caplog.at_level(logging.WARNING, logger="utils.config.cli"):
         train()
     assert "apex" not in caplog.text
 
@@ -233,7 +233,7 @@ def test_eval_specifics(caplog):
         evaluate("--percentiles", "101")
     with pytest.raises(UserError, match="JSON"):
         evaluate("--manual_config", "{not json")
-    with caplog.at_level(logging.WARNING, logger="utils.config"):
+    with caplog.at_level(logging.WARNING, logger="utils.config.cli"):
         evaluate("--same_length", "--tgt_len", "128", "--mem_len", "64")
     assert "same_length" in caplog.text
 

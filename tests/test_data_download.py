@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from data_utils import get_lm_corpus
-from utils.errors import UserError
+from utils.io.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))

@@ -12,8 +12,8 @@ import torch
 import data_utils
 import reference_rules as ref
 from data_utils import LMOrderedIterator, LMShuffledIterator, SentenceData, get_lm_corpus, tokenize_raw
-from utils.errors import UserError
-from utils.vocabulary import BPEVocab, Vocab
+from utils.io.errors import UserError
+from utils.data.vocabulary import BPEVocab, Vocab
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -77,7 +77,7 @@ def test_real_corpora_match_the_reference_rule(shared_dir, module_cache, folder,
 
 
 def test_wt103_mode_on_ptb_gives_the_reference_checkpoint_vocab(shared_dir, module_cache):
-    from utils.checkpoint import load_checkpoint
+    from utils.io.checkpoint import load_checkpoint
 
     ref_vocab = load_checkpoint(shared_dir / "fixtures/reference-checkpoint/ptb_tiny_attn0.pt")["vocab"]
     corpus = get_lm_corpus(shared_dir / "data/ptb", "wt103", cache_dir=module_cache, verbose=False)
@@ -179,7 +179,7 @@ def test_bad_input_one_clear_line_and_no_partial_cache(tmp_path, case, message):
 def test_cli_shows_one_line(tmp_path):
     data = write_splits(tmp_path / "data", ["a\n", "a\n"], names=("train", "valid"))
     code = (
-        "import sys; from utils.errors import run_cli; from data_utils import get_lm_corpus; "
+        "import sys; from utils.io.errors import run_cli; from data_utils import get_lm_corpus; "
         f"run_cli(lambda: get_lm_corpus({str(data)!r}, 'wt2', cache_dir={str(tmp_path / 'c')!r}) and 0)"
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)

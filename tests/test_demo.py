@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from conftest import REPO
-from utils.demo_corpus import DemoLanguage, write_demo_corpus
+from utils.data.demo_corpus import DemoLanguage, write_demo_corpus
 
 
 def documents(path):

@@ -14,9 +14,9 @@ import torch
 
 from dist_testlib import (kill_quietly, last_checkpoint, max_weight_difference, python_train, start_ranks, step_losses, summary, torchrun, valid_losses, wait_all, wait_for,
                           worker_pid, free_port)
-from utils.demo_corpus import write_demo_corpus
+from utils.data.demo_corpus import write_demo_corpus
 
-from utils.distributed import adopt_slurm_env, first_host
+from utils.distributed.group import adopt_slurm_env, first_host
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not available")
 
@@ -82,8 +82,8 @@ def assert_loads_into_one_process(ckpt, reference):
     """A checkpoint written by several processes has the single-process layout: full weights and a numbered
     optimizer state that a plain model and optimizer load, equal to what the single process saved."""
     from mem_transformer import MemTransformerLM
-    from utils.config import parse_args, train_parser
-    from utils.optimizers import build_optimizer
+    from utils.config.cli import parse_args, train_parser
+    from utils.training.optimizers import build_optimizer
 
     model = MemTransformerLM(**ckpt["model_config"])
     model.load_state_dict(ckpt["model_state"], strict=True)
@@ -232,7 +232,7 @@ def test_peer_that_dies_mid_training_ends_the_job_with_a_clear_message(data, tmp
 def test_uneven_batch_split_is_refused():
     from argparse import Namespace
     from train import check_batch_split
-    from utils.errors import UserError
+    from utils.io.errors import UserError
 
     check_batch_split(Namespace(batch_size=6, batch_chunk=2), 1)       # one process: 6 columns in 2 chunks
     check_batch_split(Namespace(batch_size=8, batch_chunk=2), 2)
@@ -244,15 +244,15 @@ def test_uneven_batch_split_is_refused():
 
 def test_several_processes_use_ddp_and_refuse_dp(monkeypatch):
     from argparse import Namespace
-    from utils import distributed
-    from utils.errors import UserError
+    from utils.config.cli import Settings
+    from utils.distributed import group as distributed
+    from utils.io.errors import UserError
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setattr(distributed, "init_distributed", lambda device, timeout: None)
     with pytest.raises(UserError, match="--multi_gpu dp is a single-process mode"):
         distributed.init_from_env(Namespace(multi_gpu="dp", cuda=False, dist_timeout=5))
-    args = Namespace(multi_gpu=None, cuda=False, dist_timeout=5)
-    distributed.init_from_env(args)
+    args = distributed.init_from_env(Settings(multi_gpu=None, cuda=False, dist_timeout=5))
     assert args.multi_gpu == "ddp"
 
 

@@ -166,7 +166,7 @@ def test_manual_text_on_our_checkpoint(trained, tmp_path):
     import torch
     from data_utils import tokenize_raw
     from mem_transformer import MemTransformerLM
-    from utils.vocabulary import Vocab
+    from utils.data.vocabulary import Vocab
 
     words = (trained[0] / "valid.txt").read_text().split()[:30]
     path = trained[1] / "checkpoint_best.pt"

@@ -13,14 +13,14 @@ import torch
 from inference_testlib import REPO, perplexities, run_cli, write_checkpoint, write_corpus
 from inference_testlib import one_thread  # noqa: F401  (autouse: one thread per test module)
 from inference.runtime import warm_up
-from utils.errors import UserError
+from utils.io.errors import UserError
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.*deprecated:DeprecationWarning")
 
 EVAL_ARGS = ["--dataset", "custom", "--split", "valid", "--batch_size", "4", "--tgt_len", "8", "--mem_len", "16",
              "--clamp_len", "6", "--same_length", "--debug", "--log_interval", "1000"]
-MODEL_CODE = ["mem_transformer", "utils.adaptive_softmax", "utils.log_uniform_sampler", "utils.model_init",
-              "utils.reference_compat"]
+MODEL_CODE = ["mem_transformer", "utils.model.adaptive_softmax", "utils.model.log_uniform_sampler", "utils.model.init",
+              "utils.model.reference_compat"]
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,11 @@
-"""utils/flops.py: the FLOPs-per-token formula against PyTorch's own count of the matrix products that one
+"""utils/model/flops.py: the FLOPs-per-token formula against PyTorch's own count of the matrix products that one
 training step (forward and backward) runs, and MFU's arithmetic."""
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from mem_transformer import MemTransformerLM
-from utils.flops import cluster_fractions, cluster_sizes, mfu, peak_flops, training_flops_per_token
+from utils.model.flops import cluster_fractions, cluster_sizes, mfu, peak_flops, training_flops_per_token
 
 
 def counted_flops_per_token(model_config: dict, bsz: int, fill_memory: bool) -> tuple[float, list]:

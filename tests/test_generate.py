@@ -10,8 +10,8 @@ from inference.text import TextCodec, detokenize_words
 from inference_testlib import run_cli, write_checkpoint, write_corpus
 from inference_testlib import one_thread  # noqa: F401  (autouse: one thread per test module)
 from model_testlib import tiny_model, tokens
-from utils.errors import UserError
-from utils.vocabulary import BPEVocab, Vocab
+from utils.io.errors import UserError
+from utils.data.vocabulary import BPEVocab, Vocab
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.*deprecated:DeprecationWarning")
 

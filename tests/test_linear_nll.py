@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import utils.linear_nll as linear_nll_module
-from utils.linear_nll import linear_nll
+import utils.model.linear_nll as linear_nll_module
+from utils.model.linear_nll import linear_nll
 
 
 def inputs(n=7, d=5, vocab=11, dtype=torch.float64, bias=True, seed=0):

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from utils.errors import UserError
-from utils.lr_scheduler import LRScheduler, build_scheduler
+from utils.io.errors import UserError
+from utils.training.lr_scheduler import LRScheduler, build_scheduler
 
 LR0, W, M, ETA = 0.01, 10, 50, 0.001
 

@@ -1,7 +1,7 @@
 """Log lines match the reference's examples character for character; the meter averages correctly."""
 import math
 
-from utils.metrics import (AverageMeter, format_eval_line, format_split_result, format_test_line,
+from utils.training.metrics import (AverageMeter, format_eval_line, format_split_result, format_test_line,
                            format_train_line)
 
 

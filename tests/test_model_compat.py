@@ -8,14 +8,14 @@ import torch
 
 from mem_transformer import MemTransformerLM
 from model_testlib import spec_log_probs, tokens
-from utils.errors import UserError
-from utils.reference_compat import reference_state_dict_to_ours
+from utils.io.errors import UserError
+from utils.model.reference_compat import reference_state_dict_to_ours
 
 FIXTURE = "fixtures/reference-checkpoint"
 
 
 def load_fixture(shared_dir):
-    from utils.checkpoint import load_checkpoint
+    from utils.io.checkpoint import load_checkpoint
     return load_checkpoint(shared_dir / FIXTURE / "ptb_tiny_attn0.pt")
 
 

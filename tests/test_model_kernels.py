@@ -70,7 +70,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(attn_impl):
 
 
 def test_an_unknown_attention_implementation_is_refused():
-    from utils.errors import UserError
+    from utils.io.errors import UserError
     with pytest.raises(UserError, match="attention implementation"):
         tiny_model(0).set_attn_impl("fused")
 

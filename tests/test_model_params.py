@@ -8,8 +8,8 @@ from torch import nn
 
 from mem_transformer import MemTransformerLM
 from model_testlib import tiny_model, tokens
-from utils.errors import UserError
-from utils.model_init import count_parameters, init_weights
+from utils.io.errors import UserError
+from utils.model.init import count_parameters, init_weights
 
 WT103 = dict(n_token=267735, cutoffs=[19997, 39997, 199997], tie_weight=True, dropout=0.1, dropatt=0.0,
              tgt_len=192, ext_len=0, mem_len=192, tie_projs=[False, True, True, True])

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from model_testlib import spec_log_probs, tiny_model, tokens
-from utils.log_uniform_sampler import LogUniformSampler, sample_logits
-from utils.model_init import init_weights
+from utils.model.log_uniform_sampler import LogUniformSampler, sample_logits
+from utils.model.init import init_weights
 
 N_TOKEN = 40
 CONFIGS = {                                           # d_model 16

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from lamb import Lamb
-from utils.errors import UserError
-from utils.optimizers import build_optimizer
+from utils.io.errors import UserError
+from utils.training.optimizers import build_optimizer
 
 
 def build(optim):

@@ -10,8 +10,8 @@ import sys
 import pytest
 
 from conftest import REPO
-from utils.config import eval_parser, parse_args, train_parser
-from utils.demo_corpus import write_demo_corpus
+from utils.config.cli import eval_parser, parse_args, train_parser
+from utils.data.demo_corpus import write_demo_corpus
 
 # recipe -> (preset file, preset); the presets the recipes must use
 RECIPES = {

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from dist_testlib import REPO, TINY, last_checkpoint, max_weight_difference, step_losses, summary, wait_for
-from utils.demo_corpus import write_demo_corpus
+from utils.data.demo_corpus import write_demo_corpus
 
 STEPS = 30
 TOL = 1e-5

@@ -8,7 +8,7 @@ import torch
 
 import cli_runner
 from cli_runner import parse_line, tiny_args
-from utils.config import CONFIG_DUMP_NAME, parse_args, train_parser
+from utils.config.cli import CONFIG_DUMP_NAME, parse_args, train_parser
 
 CHECKPOINT_KEYS = {"format", "args", "model_config", "model_state", "optimizer_state", "scheduler_state",
                    "scaler_state", "vocab", "world_size", "batch_chunk", "rng_states", "memory", "data_states",

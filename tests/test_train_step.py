@@ -12,10 +12,10 @@ import torch
 from conftest import REPO
 from lamb import Lamb
 from model_testlib import tiny_model, tokens
-from utils.config import parse_args, train_parser
-from utils.errors import UserError
-from utils.runtime import amp_context, grad_scaler, resolve_speed_flags
-from utils.train_step import TrainStep
+from utils.config.cli import parse_args, train_parser
+from utils.io.errors import UserError
+from utils.runtime.device import amp_context, grad_scaler, resolve_speed_flags
+from utils.training.train_step import TrainStep
 
 
 def make_step(model, batch_chunk=1, precision=None, **scaler_kw):
@@ -72,14 +72,11 @@ def speed_args(*argv):
 
 
 def test_speed_flags_resolve_per_device():
-    args = speed_args()
-    resolve_speed_flags(args, torch.device("cpu"))
+    args = resolve_speed_flags(speed_args(), torch.device("cpu"))
     assert (args.compile, args.attn_impl, args.tf32) == (False, "math", False)
-    args = speed_args()
-    resolve_speed_flags(args, torch.device("cuda"))
+    args = resolve_speed_flags(speed_args(), torch.device("cuda"))
     assert (args.compile, args.attn_impl, args.tf32) == (True, "sdpa", True)
-    args = speed_args("--no_compile", "--attn_impl", "flex", "--no_tf32")
-    resolve_speed_flags(args, torch.device("cuda"))
+    args = resolve_speed_flags(speed_args("--no_compile", "--attn_impl", "flex", "--no_tf32"), torch.device("cuda"))
     assert (args.compile, args.attn_impl, args.tf32) == (False, "flex", False)
 
 
@@ -122,7 +119,7 @@ def test_compiled_training_step_equals_the_eager_one(attn_type):
     import shutil
     if not any(shutil.which(cc) for cc in ("g++", "c++", "clang++")):
         pytest.skip("no C++ compiler on PATH: torch.compile's CPU backend (inductor) cannot build kernels")
-    from utils.runtime import compile_model
+    from utils.runtime.device import compile_model
     data = tokens(13, 2, 40)
     results = []
     for compile_ in (False, True):

@@ -1,4 +1,4 @@
-"""utils/vocabulary.py: the reference's word-vocabulary rules, encoding, errors, JSON form, BPE."""
+"""utils/data/vocabulary.py: the reference's word-vocabulary rules, encoding, errors, JSON form, BPE."""
 import json
 import random
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 import reference_rules as ref
-import utils.vocabulary as vocabulary
-from utils.errors import UserError
-from utils.vocabulary import BPEVocab, Vocab
+import utils.data.vocabulary as vocabulary
+from utils.io.errors import UserError
+from utils.data.vocabulary import BPEVocab, Vocab
 
 # Whitespace that str.split() splits on besides ' ' and '\t', and line ends of every kind.
 ODD_SPACES = ["\xa0", "\x0b", "\x0c", "\x1c", "\x1f", "\x85", "\u2028", "\u3000"]
@@ -187,7 +187,7 @@ def test_from_reference_dict():
 
 def test_reference_checkpoint_vocab_counts(shared_dir):
     """Our counting on PTB train in 'wt103' mode gives the reference checkpoint's vocab and counter."""
-    from utils.checkpoint import load_checkpoint
+    from utils.io.checkpoint import load_checkpoint
 
     ref_vocab = load_checkpoint(shared_dir / "fixtures/reference-checkpoint/ptb_tiny_attn0.pt")["vocab"]
     v = Vocab(special=["<eos>"], lower_case=False).build([shared_dir / "data/ptb/train.txt"])

@@ -15,8 +15,8 @@ import re
 
 import torch
 
-from utils.adaptive_softmax import normalize_tie_projs, own_out_proj_clusters
-from utils.errors import UserError
+from utils.model.adaptive_softmax import normalize_tie_projs, own_out_proj_clusters
+from utils.io.errors import UserError
 
 _UNCHANGED = re.compile(r"word_emb\.emb_layers\.\d+\.weight|word_emb\.emb_projs\.\d+|r_w_bias|r_r_bias|r_emb|r_bias"
                         r"|crit\.cluster_weight|crit\.cluster_bias|crit\.out_layers_biases\.\d+")

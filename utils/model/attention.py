@@ -1,4 +1,5 @@
-"""Relative attention with FlexAttention (attn_impl 'flex'): the Transformer-XL shift is done inside the kernel.
+"""The attention implementations the model offers (ATTN_IMPLS), and relative attention with FlexAttention
+(attn_impl 'flex'): the Transformer-XL shift is done inside the kernel.
 
 The position term is computed unshifted, bd[b, h, i, m] = q_pos[b, h, i] · r_pos[m] with
 row m of r_pos holding distance klen-1-m, and the kernel reads bd[b, h, i, j + qlen-1-i] for query i and
@@ -15,6 +16,9 @@ from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+
+# MemTransformerLM.set_attn_impl: matmuls + softmax, scaled_dot_product_attention, FlexAttention
+ATTN_IMPLS = ("math", "sdpa", "flex")
 
 
 def relative_flex_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Optional[Tensor], r_pos: Optional[Tensor],

@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch
 
-from utils.errors import UserError
+from utils.io.errors import UserError
 
 
 def select_device(args, log: logging.Logger) -> torch.device:
@@ -63,21 +63,24 @@ def grad_scaler(args, device: torch.device) -> torch.amp.GradScaler:
 
 # ---- speed: automatic flags, backends, compilation, the CPU allocator ----------------------------------------
 
-def resolve_speed_flags(args, device: torch.device) -> None:
-    """Fill in the automatic speed flags for `device`, in place (the resolved values are logged and dumped).
+def resolve_speed_flags(args, device: torch.device):
+    """`args` with the automatic speed flags filled in for `device` (a new configuration; the resolved values
+    are logged and dumped).
 
     --compile     on for CUDA; off on the CPU, where compiling costs more than a short run gains
     --attn_impl   auto -> sdpa on CUDA (fused kernel with the position term as a bias), math on the CPU
     --tf32        on for CUDA (float32 matmuls on tensor cores, as in the reference's container)
     """
-    if hasattr(args, "compile") and args.compile is None:                  # train.py only
-        args.compile = device.type == "cuda"
     if getattr(args, "cuda_graphs", False) and device.type != "cuda":
         raise UserError("--cuda_graphs needs a GPU (this run is on the CPU); drop --cuda_graphs")
+    changes = {}
+    if hasattr(args, "compile") and args.compile is None:                  # train.py only
+        changes["compile"] = device.type == "cuda"
     if getattr(args, "attn_impl", "auto") == "auto":
-        args.attn_impl = "sdpa" if device.type == "cuda" else CPU_ATTN_IMPL
+        changes["attn_impl"] = "sdpa" if device.type == "cuda" else CPU_ATTN_IMPL
     if getattr(args, "tf32", None) is None:
-        args.tf32 = device.type == "cuda"
+        changes["tf32"] = device.type == "cuda"
+    return args.replace(**changes)
 
 
 # the faster implementation on the CPU, measured with scripts/benchmark_train.py (docs in README.md)

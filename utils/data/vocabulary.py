@@ -30,7 +30,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from utils.errors import UserError
+from utils.io.errors import UserError
 
 VOCAB_FORMAT = 1
 EOS = "<eos>"

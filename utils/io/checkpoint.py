@@ -2,7 +2,7 @@
 
 Our checkpoints hold tensors and plain Python types only, so `torch.load(..., weights_only=True)` reads them.
 The reference trainer (NVIDIA DeepLearningExamples) pickled three Python objects into its checkpoints:
-`args` (argparse.Namespace), `vocab` (its utils.vocabulary.Vocab) and, inside the vocab, a
+`args` (argparse.Namespace), `vocab` (its utils.data.vocabulary.Vocab) and, inside the vocab, a
 collections.Counter. We read those with inert stand-in classes registered for the weights-only unpickler,
 so no code from the file runs, and turn them into plain dicts.
 """
@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from utils.errors import UserError
+from utils.io.errors import UserError
 
 
 class _ReferenceNamespace:
@@ -23,7 +23,7 @@ class _ReferenceNamespace:
 
 
 class _ReferenceVocab:
-    """Stand-in for the reference's utils.vocabulary.Vocab: only holds attributes."""
+    """Stand-in for the reference's utils.data.vocabulary.Vocab: only holds attributes."""
 
 
 _REFERENCE_SAFE_GLOBALS = [

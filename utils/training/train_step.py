@@ -13,8 +13,8 @@ from typing import Callable, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from utils import distributed
-from utils.fsdp import scalar
+from utils.distributed import group as distributed
+from utils.distributed.fsdp import scalar
 
 
 class TrainStep:

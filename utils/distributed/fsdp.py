@@ -13,7 +13,7 @@ trainer calls them without asking which mode it runs in.
 import torch
 from torch import nn
 
-from utils.runtime import scaler_options
+from utils.runtime.device import scaler_options
 
 
 def shard_model(model: nn.Module, device: torch.device) -> nn.Module:

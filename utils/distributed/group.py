@@ -83,7 +83,7 @@ def init_distributed(device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S)
     """
     if env_int("WORLD_SIZE", 1) <= 1 or is_initialized():
         return is_initialized()
-    from utils.errors import UserError
+    from utils.io.errors import UserError
     backend = "nccl" if device.type == "cuda" else "gloo"
     rank, world_size = env_int("RANK", 0), env_int("WORLD_SIZE", 1)
     where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
@@ -136,8 +136,9 @@ def all_reduce_item(value: float, op: str = "mean") -> float:
     return tensor.item()
 
 
-def init_from_env(args) -> None:
-    """Join the process group when torchrun (or Slurm's srun) started several processes.
+def init_from_env(args):
+    """Join the process group when torchrun (or Slurm's srun) started several processes; returns `args` with
+    --multi_gpu resolved.
 
     The device is not known yet at this point, so the backend follows the availability of CUDA: NCCL when
     GPUs are present and not disabled with --no_cuda, gloo otherwise. Several processes train with DDP
@@ -146,20 +147,21 @@ def init_from_env(args) -> None:
     """
     world_size = env_int("WORLD_SIZE", 1)
     if world_size <= 1:
-        return
-    from utils.errors import UserError
+        return args
+    from utils.io.errors import UserError
     if hasattr(args, "multi_gpu"):
         if args.multi_gpu == "dp":
             raise UserError(f"WORLD_SIZE={world_size} but --multi_gpu dp is a single-process mode; use --multi_gpu "
                             "ddp (or fsdp) with several processes, or start one process for dp")
         if args.multi_gpu is None:
-            args.multi_gpu = "ddp"
+            args = args.replace(multi_gpu="ddp")
     use_cuda = torch.cuda.is_available() and args.cuda is not False
     if use_cuda:
         local_rank = env_int("LOCAL_RANK", getattr(args, "local_rank", 0))
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
     init_distributed(torch.device("cuda" if use_cuda else "cpu"),
                      getattr(args, "dist_timeout", DEFAULT_TIMEOUT_S))
+    return args
 
 
 def shutdown() -> None:
@@ -194,7 +196,7 @@ def any_rank(flag: bool) -> bool:
 
 def wrap_model(model: torch.nn.Module, args, device: torch.device) -> torch.nn.Module:
     """The module the training step calls: DistributedDataParallel around `model` (--multi_gpu ddp), `model`
-    itself sharded in place with FSDP2 (--multi_gpu fsdp, see utils/fsdp.py), or `model` in one process.
+    itself sharded in place with FSDP2 (--multi_gpu fsdp, see utils/distributed/fsdp.py), or `model` in one process.
 
     DDP looks for unused parameters only when the model can have some: with adaptive softmax a batch may
     hold no token of a cluster, leaving that cluster's embedding and output weights without a gradient.
@@ -202,7 +204,7 @@ def wrap_model(model: torch.nn.Module, args, device: torch.device) -> torch.nn.M
     if not is_initialized() or get_world_size() == 1:
         return model
     if getattr(args, "multi_gpu", "ddp") == "fsdp":
-        from utils.fsdp import shard_model
+        from utils.distributed.fsdp import shard_model
         return shard_model(model, device)
     from torch.nn.parallel import DistributedDataParallel
     device_ids = [device.index] if device.type == "cuda" else None

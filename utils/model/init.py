@@ -12,7 +12,7 @@ from typing import Tuple
 import torch
 from torch import nn
 
-from utils.adaptive_softmax import AdaptiveEmbedding, ProjectedAdaptiveLogSoftmax
+from utils.model.adaptive_softmax import AdaptiveEmbedding, ProjectedAdaptiveLogSoftmax
 
 
 def init_weights(model: nn.Module, init: str = "normal", init_range: float = 0.1, init_std: float = 0.02,

@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from utils.config import SCHEDULERS
-from utils.errors import UserError
+from utils.config.cli import SCHEDULERS
+from utils.io.errors import UserError
 
 # ReduceLROnPlateau defaults used by the reference's dev_perf schedule
 _PLATEAU_THRESHOLD = 1e-4

@@ -6,8 +6,8 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
-from utils import distributed
-from utils.errors import UserError
+from utils.distributed import group as distributed
+from utils.io.errors import UserError
 
 
 def eval_lengths(tgt_len: int, ext_len: int, mem_len: int, eval_tgt_len: int) -> tuple[int, int, int]:

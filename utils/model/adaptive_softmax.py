@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from utils.linear_nll import linear_nll
+from utils.model.linear_nll import linear_nll
 
 
 def normalize_tie_projs(tie_projs: Optional[List[bool]], n_clusters: int) -> List[bool]:

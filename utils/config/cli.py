@@ -30,11 +30,12 @@ from typing import Any, Sequence
 
 import yaml
 
-from utils.errors import UserError
+from utils.io.errors import UserError
+from utils.model.attention import ATTN_IMPLS
 
 LOG = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO_ROOT / "configs"
 SECTIONS = ("train", "eval")
 DEFAULT_PRESET = "default"
@@ -44,7 +45,6 @@ DATASETS = ("wt103", "wt2", "ptb", "enwik8", "text8", "lm1b", "custom")
 AFFINITY_MODES = ("socket", "single", "single_unique", "socket_unique_interleaved",
                   "socket_unique_continuous", "disabled")
 OPTIMIZERS = ("adam", "sgd", "adagrad", "lamb", "jitlamb")
-ATTN_IMPLS = ("math", "sdpa", "flex")   # MemTransformerLM.set_attn_impl
 SCHEDULERS = ("cosine", "inv_sqrt", "dev_perf", "constant")
 # keys of a preset that only make sense on the command line
 _CLI_ONLY = ("config", "config_file")
@@ -54,6 +54,16 @@ _NOT_DUMPED = _CLI_ONLY + ("local_rank", "apex_amp_opt_level")
 
 # --------------------------------------------------------------------------------------------------------
 # argparse with one-line errors and no abbreviations
+
+
+class Settings(argparse.Namespace):
+    """Parsed flags. Code that needs another value derives a new object with `replace` instead of assigning."""
+
+    def replace(self, **changes: Any) -> "Settings":
+        return Settings(**{**vars(self), **changes})
+
+    def to_dict(self) -> dict:
+        return dict(vars(self))
 
 
 def _did_you_mean(word: str, candidates: Sequence[str], quote: bool = False) -> str:
@@ -591,7 +601,7 @@ def parse_args(parser: StrictArgumentParser, argv: Sequence[str] | None = None,
         raw = load_preset(resolved_file, name, section)
         preset = _coerce_preset(parser, raw, where=f"{resolved_file} [{name}.{section}]")
 
-    args = parser.parse_args(argv, namespace=argparse.Namespace(**preset))
+    args = parser.parse_args(argv, namespace=Settings(**preset))
     args.config = config or DEFAULT_PRESET
     args.config_file = None if resolved_file is None else str(resolved_file)
 

@@ -13,9 +13,9 @@ sparse optimizer for sampled softmax is not needed: our embeddings produce dense
 """
 import torch
 
-from lamb import Lamb
-from utils.config import OPTIMIZERS
-from utils.errors import UserError
+from utils.training.lamb import Lamb
+from utils.config.cli import OPTIMIZERS
+from utils.io.errors import UserError
 
 
 def build_optimizer(args, model: torch.nn.Module) -> torch.optim.Optimizer:

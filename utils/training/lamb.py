@@ -1,0 +1,167 @@
+"""LAMB with the reference trainer's math, as a plain per-tensor loop and as a multi-tensor implementation.
+
+For every parameter tensor p with gradient g (one "layer" = one tensor, biases and LayerNorm included):
+
+    m     <- beta1 * m + (1 - beta1) * g
+    v     <- beta2 * v + (1 - beta2) * g * g
+    u     <- m / (sqrt(v) + eps)                  no bias correction ("paper v3 does not use debiasing")
+    u     <- u + weight_decay * p                 decay folded into the update direction
+    w     <- clamp(||p||_2, 0, 10)
+    n     <- ||u||_2
+    trust <- 1 if w == 0 or n == 0 else w / (n + eps)        (adam=True: trust = 1 always)
+    p     <- p - lr * trust * u
+
+This is the math of the reference's `Lamb` / `JITLamb` (it differs from the LAMB paper: no bias correction,
+a hard clamp as the scaling function, eps in the trust-ratio denominator, trust 1 for zero norms).
+
+`fused=True` (what `--optim jitlamb` gives) runs the whole parameter list with `torch._foreach_*` kernels: the
+norms come from `torch._foreach_norm` and the trust ratios are computed on the device with `torch.where`, so a
+step has no per-tensor Python math and no GPU->CPU synchronisation. `fused=False` (`--optim lamb`) is the
+plain loop, one tensor at a time. Both give the same results. `compile=True` (with fused, what `--compile`
+gives) runs the multi-tensor step through torch.compile, which fuses its passes over the parameters into a few
+kernels; the learning rate then enters as a device tensor, so a new value each step compiles nothing.
+
+State per parameter: `exp_avg` (m), `exp_avg_sq` (v) tensors and `step` (an int, counted but unused by the
+math), so `optimizer.state_dict()` holds tensors and plain types only and loads with `weights_only=True`.
+"""
+from collections import defaultdict
+from typing import Callable, Iterable
+
+import torch
+from torch.optim import Optimizer
+
+
+class Lamb(Optimizer):
+    """LAMB as in the reference trainer (see the module docstring for the exact update).
+
+    Args:
+        params: parameters or parameter groups.
+        lr: learning rate.
+        betas: coefficients of the running averages of the gradient and of its square.
+        eps: added to sqrt(v) and to the update norm in the trust ratio.
+        weight_decay: factor of p added to the update direction.
+        adam: force the trust ratio to 1 (Adam without bias correction, decay in the update).
+        fused: multi-tensor implementation (`torch._foreach_*`); False runs the plain per-tensor loop.
+        compile: run the multi-tensor step through torch.compile (fused=True only).
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        adam: bool = False,
+        fused: bool = True,
+        compile: bool = False,
+    ):
+        if not lr >= 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not eps >= 0.0:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if not 0.0 <= betas[0] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+        if not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, adam=adam, fused=fused)
+        super().__init__(params, defaults)
+        # not a group option: the state dict stays the same with and without compilation
+        self._compiled_update = torch.compile(_lamb_multi_tensor, dynamic=False) if compile else None
+        self._lr_tensors: dict[torch.device, torch.Tensor] = {}
+
+    def _lr_tensor(self, lr: float, device: torch.device) -> torch.Tensor:
+        """lr as a float32 scalar tensor on `device` (the compiled step reads it; no recompilation)."""
+        if device not in self._lr_tensors:
+            self._lr_tensors[device] = torch.zeros((), dtype=torch.float32, device=device)
+        return self._lr_tensors[device].fill_(lr)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None):
+        """One LAMB step over every parameter that has a gradient; returns the closure's loss, if any."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        for group in self.param_groups:
+            # (device, dtype) -> [params, grads, exp_avgs, exp_avg_sqs]; foreach kernels want uniform lists
+            buckets: dict[tuple, list[list[torch.Tensor]]] = defaultdict(lambda: [[], [], [], []])
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                if grad.is_sparse or grad.layout != torch.strided:
+                    raise RuntimeError(
+                        f"Lamb does not support sparse gradients (parameter of shape {tuple(p.shape)}); "
+                        "use dense gradients (e.g. nn.Embedding(sparse=False)) or another optimizer"
+                    )
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
+                bucket = buckets[(p.device, p.dtype)]
+                for lst, t in zip(bucket, (p, grad, state["exp_avg"], state["exp_avg_sq"])):
+                    lst.append(t)
+
+            update = _lamb_multi_tensor if group["fused"] else _lamb_per_tensor
+            compiled = group["fused"] and self._compiled_update is not None
+            if compiled:
+                update = self._compiled_update
+            beta1, beta2 = group["betas"]
+            for (device, _), (params, grads, exp_avgs, exp_avg_sqs) in buckets.items():
+                lr = self._lr_tensor(group["lr"], device) if compiled else group["lr"]
+                update(
+                    params, grads, exp_avgs, exp_avg_sqs,
+                    lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
+                    weight_decay=group["weight_decay"], adam=group["adam"],
+                )
+        return loss
+
+
+def _lamb_per_tensor(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, eps, weight_decay, adam):
+    """The update of the module docstring, one tensor at a time (syncs with the device for the zero tests)."""
+    for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
+        m.mul_(beta1).add_(g, alpha=1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        u = m / v.sqrt().add_(eps)
+        if weight_decay != 0:
+            u.add_(p, alpha=weight_decay)
+        if not adam:
+            w_norm = p.norm(2).clamp(0, 10)
+            u_norm = u.norm(2)
+            if w_norm != 0 and u_norm != 0:
+                u.mul_(w_norm / (u_norm + eps))
+        p.add_(u, alpha=-lr)
+
+
+def _lamb_multi_tensor(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, eps, weight_decay, adam):
+    """The same update with multi-tensor kernels; all tensors share one device and dtype. No host syncs.
+    lr is a float or (compiled step) a scalar tensor."""
+    torch._foreach_mul_(exp_avgs, beta1)
+    torch._foreach_add_(exp_avgs, grads, alpha=1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_add_(denom, eps)
+    updates = torch._foreach_div(exp_avgs, denom)
+    del denom
+    if weight_decay != 0:
+        torch._foreach_add_(updates, params, alpha=weight_decay)
+    if not adam:
+        w_norms = torch.stack(torch._foreach_norm(params)).clamp(0, 10)   # not in place: DTensors (FSDP)
+        u_norms = torch.stack(torch._foreach_norm(updates))
+        trust = torch.where((w_norms == 0) | (u_norms == 0), torch.ones_like(w_norms), w_norms / (u_norms + eps))
+        if isinstance(lr, torch.Tensor):
+            trust = trust * lr
+        torch._foreach_mul_(updates, trust.unbind(0))
+    elif isinstance(lr, torch.Tensor):
+        torch._foreach_mul_(updates, lr)
+    if isinstance(lr, torch.Tensor):
+        torch._foreach_sub_(params, updates)
+    else:
+        torch._foreach_add_(params, updates, alpha=-lr)
