@@ -149,7 +149,7 @@ def main() -> int:
     meters = {"throughput": AverageMeter(warmup=warmup, keep=args.save_data),
               "latency": AverageMeter(warmup=warmup, keep=args.save_data)}
     metrics = MetricsWriter(None if args.debug else work_dir / args.dllog_file, enabled=rank == 0, append=True)
-    metrics.log("PARAMETER", {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+    metrics.log("PARAMETER", {k: v for k, v in args.to_dict().items() if isinstance(v, (int, float, str, bool))})
     dataset = trained_on if args.manual else args.dataset
     results = {}
     for split, iterator in splits.items():
@@ -194,7 +194,7 @@ def report_latency(args, meters, work_dir: Path, log, metrics, device, run_name:
     if latency.size == 0:
         log.info("No timing samples after the warm-up batches; evaluate more batches for latency figures")
         return
-    data = {"args": {k: v for k, v in vars(args).items()}, "device": device_name(device),
+    data = {"args": args.to_dict(), "device": device_name(device),
             "world_size": distributed.get_world_size(), "throughput": throughput.tolist(), "latency": latency.tolist()}
     if not args.debug and distributed.is_main_process():
         path = work_dir / f"eval_data_{args.batch_size}_{run_name}.json"

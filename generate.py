@@ -20,7 +20,7 @@ import torch
 from inference.generation import check_sampling, generate
 from inference.runtime import current_lengths, length_overrides, load_for_inference, precision_of, prepare_runtime
 from inference.text import TextCodec
-from utils.config.cli import generate_parser
+from utils.config.cli import generate_parser, parse_args
 from utils.io.errors import UserError, run_cli
 from utils.runtime.device import select_device
 
@@ -46,22 +46,9 @@ def stderr_logger() -> logging.Logger:
     return log
 
 
-def check_args(args) -> None:
-    if (args.model is None) == (args.load_torchscript is None):
-        raise UserError("pass either --model CHECKPOINT or --load_torchscript FILE")
-    if args.fp16 and args.bf16:
-        raise UserError("--fp16 and --bf16 exclude each other; pick one")
-    if args.num_tokens < 1 or args.num_samples < 1:
-        raise UserError("--num_tokens and --num_samples must be >= 1")
-    for name in ("tgt_len", "mem_len"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    check_sampling(args.temperature, args.top_k, args.top_p)
-
-
 def main() -> int:
-    args = generate_parser().parse_args()
-    check_args(args)
+    args = parse_args(generate_parser())
+    check_sampling(args.temperature, args.top_k, args.top_p)
     log = stderr_logger()
     device = select_device(args, log)
     prompt = read_prompt(args)

@@ -150,7 +150,7 @@ def checkpoint_state(args, model_config, model, optimizer, scheduler, scaler, vo
     optimizer_state = full_optimizer_state(model, optimizer)
     return {
         "format": CHECKPOINT_FORMAT,
-        "args": {k: v for k, v in vars(args).items()},
+        "args": args.to_dict(),
         "model_config": model_config,
         "model_state": model_state,
         "optimizer_state": optimizer_state,
@@ -256,7 +256,7 @@ class Trainer:
         seed_everything(args.seed + self.rank)
 
         log.info(DOUBLE_LINE)
-        for key, value in sorted(vars(args).items()):
+        for key, value in sorted(args.to_dict().items()):
             log.info(f"    - {key} : {value}")
         log.info(DOUBLE_LINE)
         log.info(f"#params = {n_all}")
@@ -277,7 +277,7 @@ class Trainer:
         metrics = MetricsWriter(None if args.debug else self.work_dir / args.dllog_file,
                                 None if args.debug else self.work_dir / "tensorboard",
                                 enabled=self.rank == 0, append=bool(restart))
-        metrics.log("PARAMETER", {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+        metrics.log("PARAMETER", {k: v for k, v in args.to_dict().items() if isinstance(v, (int, float, str, bool))})
         train_step = progress["train_step"]
         best_val_loss = progress["best_val_loss"]
         acc = dict(progress["log_acc"])
@@ -568,7 +568,7 @@ def is_peer_failure(exc: BaseException) -> bool:
 def train(args, preemption: PreemptionHandler) -> int:
     rank, world_size = distributed.get_rank(), distributed.get_world_size()
     if args.local_batch_size is not None:
-        args.batch_size = world_size * args.local_batch_size
+        args = args.replace(batch_size=world_size * args.local_batch_size)
     check_batch_split(args, world_size)
     trainer_work_dir = make_work_dir(args, rank)
     log_file = None if args.debug else trainer_work_dir / args.txtlog_file

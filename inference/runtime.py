@@ -45,12 +45,12 @@ class LoadedModel:
 
 def precision_of(args) -> str:
     """'fp16', 'bf16' or 'fp32' from the --fp16 / --bf16 flags."""
-    return "fp16" if getattr(args, "fp16", False) else "bf16" if getattr(args, "bf16", False) else "fp32"
+    return "fp16" if args.fp16 else "bf16" if args.bf16 else "fp32"
 
 
 def length_overrides(args) -> dict:
     """The segment/memory settings a run sets on the model (the reference's eval.py overrides)."""
-    return {key: getattr(args, key) for key in LENGTH_KEYS if getattr(args, key, None) is not None}
+    return {key: getattr(args, key) for key in LENGTH_KEYS if getattr(args, key) is not None}
 
 
 # ---- loading --------------------------------------------------------------------------------------------

@@ -106,7 +106,7 @@ def test_train_negative_ext_len(demo_corpus, tmp_path):
 
 def test_train_non_positive_loss_scale(demo_corpus, tmp_path):
     result = cli_runner.train(tiny_args(demo_corpus, tmp_path / "work", init_loss_scale=0, fp16=True), tmp_path)
-    assert_error(result, "--init_loss_scale must be a positive number, got 0.0")
+    assert_error(result, "--init_loss_scale must be > 0, got 0.0")
 
 
 def test_train_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(checkpoint, tmp_path):

@@ -404,8 +404,8 @@ def test_dump_config_reloads_as_a_preset(tmp_path, section):
     assert not {"config", "config_file", "local_rank", "tied", "apex_amp_opt_level"} & set(dumped)
     again = parse_args(parser(), ["--config_file", str(path)], section)
     left_out = {"config", "config_file"}
-    assert {k: v for k, v in vars(again).items() if k not in left_out} == \
-           {k: v for k, v in vars(args).items() if k not in left_out}
+    assert {k: v for k, v in again.to_dict().items() if k not in left_out} == \
+           {k: v for k, v in args.to_dict().items() if k not in left_out}
 
 
 def test_parse_args_defaults_to_sys_argv(monkeypatch):

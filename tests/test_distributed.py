@@ -244,7 +244,7 @@ def test_uneven_batch_split_is_refused():
 
 def test_several_processes_use_ddp_and_refuse_dp(monkeypatch):
     from argparse import Namespace
-    from utils.config.cli import Settings
+    from utils.config.schema import Config
     from utils.distributed import group as distributed
     from utils.io.errors import UserError
 
@@ -252,7 +252,7 @@ def test_several_processes_use_ddp_and_refuse_dp(monkeypatch):
     monkeypatch.setattr(distributed, "init_distributed", lambda device, timeout: None)
     with pytest.raises(UserError, match="--multi_gpu dp is a single-process mode"):
         distributed.init_from_env(Namespace(multi_gpu="dp", cuda=False, dist_timeout=5))
-    args = distributed.init_from_env(Settings(multi_gpu=None, cuda=False, dist_timeout=5))
+    args = distributed.init_from_env(Config.build("train", dict(multi_gpu=None, cuda=False, dist_timeout=5)))
     assert args.multi_gpu == "ddp"
 
 

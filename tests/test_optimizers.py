@@ -1,16 +1,16 @@
 """build_optimizer: each --optim value gives the reference's optimizer with the flags it reads."""
-import argparse
 
 import pytest
 import torch
 
 from lamb import Lamb
+from utils.config.schema import Config
 from utils.io.errors import UserError
 from utils.training.optimizers import build_optimizer
 
 
 def build(optim):
-    args = argparse.Namespace(optim=optim, lr=0.02, weight_decay=0.1, mom=0.9)
+    args = Config.build("train", dict(optim=optim, lr=0.02, weight_decay=0.1, mom=0.9))
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
     model[1].bias.requires_grad_(False)
     return build_optimizer(args, model)

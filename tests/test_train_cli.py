@@ -106,7 +106,8 @@ def test_dumped_config_reloads_to_the_same_flags(trained):
     _, work_dir, argv = trained
     original = parse_args(train_parser(), argv)
     reloaded = parse_args(train_parser(), ["--config_file", str(work_dir / CONFIG_DUMP_NAME)])
-    differ = {k for k in vars(original) if getattr(original, k) != getattr(reloaded, k)}
+    original, reloaded = original.to_dict(), reloaded.to_dict()
+    differ = {k for k in original if original[k] != reloaded[k]}
     assert differ == {"config_file"}
 
 

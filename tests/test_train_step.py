@@ -4,7 +4,6 @@ fp16 loss scaling skips and counts overflowing steps, float32 master weights und
 import json
 import subprocess
 import sys
-from argparse import Namespace
 
 import pytest
 import torch
@@ -15,11 +14,12 @@ from model_testlib import tiny_model, tokens
 from utils.config.cli import parse_args, train_parser
 from utils.io.errors import UserError
 from utils.runtime.device import amp_context, grad_scaler, resolve_speed_flags
+from utils.config.schema import Config
 from utils.training.train_step import TrainStep
 
 
 def make_step(model, batch_chunk=1, precision=None, **scaler_kw):
-    args = Namespace(fp16=precision == "fp16", bf16=precision == "bf16")
+    args = Config.build("train", dict(fp16=precision == "fp16", bf16=precision == "bf16"))
     device = torch.device("cpu")
     scaler = torch.amp.GradScaler("cpu", **scaler_kw) if scaler_kw else grad_scaler(args, device)
     optimizer = Lamb(model.parameters(), lr=0.01)
@@ -126,7 +126,7 @@ def test_compiled_training_step_equals_the_eager_one(attn_type):
         torch._dynamo.reset()
         model = tiny_model(attn_type, n_layer=2, dtype=torch.float32, tgt_len=6, mem_len=6).train()
         step = make_step(model)
-        step.forward_model = compile_model(model, Namespace(compile=compile_, cuda_graphs=False))
+        step.forward_model = compile_model(model, Config.build("train", dict(compile=compile_)))
         mems = [None]
         out = [step(data[:6], data[1:7], mems)]
         first_mems = mems[0].clone()

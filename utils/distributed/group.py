@@ -149,7 +149,7 @@ def init_from_env(args):
     if world_size <= 1:
         return args
     from utils.io.errors import UserError
-    if hasattr(args, "multi_gpu"):
+    if args.cli == "train":
         if args.multi_gpu == "dp":
             raise UserError(f"WORLD_SIZE={world_size} but --multi_gpu dp is a single-process mode; use --multi_gpu "
                             "ddp (or fsdp) with several processes, or start one process for dp")
@@ -157,10 +157,10 @@ def init_from_env(args):
             args = args.replace(multi_gpu="ddp")
     use_cuda = torch.cuda.is_available() and args.cuda is not False
     if use_cuda:
-        local_rank = env_int("LOCAL_RANK", getattr(args, "local_rank", 0))
+        local_rank = env_int("LOCAL_RANK", args.local_rank)
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
     init_distributed(torch.device("cuda" if use_cuda else "cpu"),
-                     getattr(args, "dist_timeout", DEFAULT_TIMEOUT_S))
+                     args.dist_timeout)
     return args
 
 
@@ -203,7 +203,7 @@ def wrap_model(model: torch.nn.Module, args, device: torch.device) -> torch.nn.M
     """
     if not is_initialized() or get_world_size() == 1:
         return model
-    if getattr(args, "multi_gpu", "ddp") == "fsdp":
+    if args.multi_gpu == "fsdp":
         from utils.distributed.fsdp import shard_model
         return shard_model(model, device)
     from torch.nn.parallel import DistributedDataParallel

@@ -37,9 +37,9 @@ def environment_summary(device: torch.device) -> str:
 
 
 def amp_dtype(args) -> torch.dtype | None:
-    if getattr(args, "bf16", False):
+    if args.bf16:
         return torch.bfloat16
-    if getattr(args, "fp16", False):
+    if args.fp16:
         return torch.float16
     return None
 
@@ -54,7 +54,7 @@ def amp_context(args, device: torch.device) -> Callable[[], contextlib.AbstractC
 
 def scaler_options(args) -> dict:
     """Dynamic loss scaling for --fp16 only (bf16 has float32's range and needs none), from --init_loss_scale."""
-    return {"init_scale": getattr(args, "init_loss_scale", 2.0 ** 16), "enabled": bool(getattr(args, "fp16", False))}
+    return {"init_scale": args.init_loss_scale, "enabled": bool(args.fp16)}
 
 
 def grad_scaler(args, device: torch.device) -> torch.amp.GradScaler:
@@ -71,14 +71,14 @@ def resolve_speed_flags(args, device: torch.device):
     --attn_impl   auto -> sdpa on CUDA (fused kernel with the position term as a bias), math on the CPU
     --tf32        on for CUDA (float32 matmuls on tensor cores, as in the reference's container)
     """
-    if getattr(args, "cuda_graphs", False) and device.type != "cuda":
+    if args.cuda_graphs and device.type != "cuda":
         raise UserError("--cuda_graphs needs a GPU (this run is on the CPU); drop --cuda_graphs")
     changes = {}
-    if hasattr(args, "compile") and args.compile is None:                  # train.py only
+    if args.compile is None:                  # train.py reads it
         changes["compile"] = device.type == "cuda"
-    if getattr(args, "attn_impl", "auto") == "auto":
+    if args.attn_impl == "auto":
         changes["attn_impl"] = "sdpa" if device.type == "cuda" else CPU_ATTN_IMPL
-    if getattr(args, "tf32", None) is None:
+    if args.tf32 is None:
         changes["tf32"] = device.type == "cuda"
     return args.replace(**changes)
 
@@ -131,5 +131,5 @@ def compile_model(model: torch.nn.Module, args) -> torch.nn.Module:
     """
     if not args.compile:
         return model
-    mode = "reduce-overhead" if getattr(args, "cuda_graphs", False) else None
+    mode = "reduce-overhead" if args.cuda_graphs else None
     return torch.compile(model, dynamic=False, mode=mode)
