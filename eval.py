@@ -22,12 +22,15 @@ import data_utils
 from inference.runtime import (LoadedModel, length_overrides, load_for_inference, precision_of, prepare_runtime,
                                save_torchscript, warm_up)
 from utils.distributed import group as distributed
-from utils.config.cli import eval_parser, eval_splits, parse_args
+from utils.config.cli import eval_parser, eval_splits, fill_from_checkpoint, parse_args
 from utils.io.errors import UserError, run_cli
 from utils.training.evaluation import evaluate_stream, reduce_eval_result
 from utils.training.metrics import (DOUBLE_LINE, AverageMeter, MetricsWriter, format_eval_progress_line,
                            format_split_result, safe_exp, setup_logging)
 from utils.runtime.device import configure_backends, environment_summary, resolve_speed_flags, select_device
+
+DATA_OPTIONS = ("data", "dataset")   # taken from the checkpoint when not given
+
 
 def load_model(args, device, log) -> LoadedModel:
     """The model, its vocabulary, model_config and dataset from --load_torchscript, --manual_config or the
@@ -37,6 +40,16 @@ def load_model(args, device, log) -> LoadedModel:
     model_path = args.model or str(Path(args.work_dir) / "checkpoint_best.pt")
     return load_for_inference(model_path=model_path, torchscript_path=args.load_torchscript,
                               manual_config=args.manual_config, overrides=length_overrides(args), device=device)
+
+
+def data_from_checkpoint(args, loaded: LoadedModel, log):
+    """--data and --dataset from the configuration stored in the checkpoint unless the user set them (on the
+    command line or in a preset): a model is scored on the corpus it was trained on."""
+    filled = fill_from_checkpoint(args, loaded.settings, DATA_OPTIONS)
+    taken = [name for name in DATA_OPTIONS if getattr(filled, name) != getattr(args, name)]
+    if taken:
+        log.info("From the checkpoint's configuration: " + ", ".join(f"--{n} {getattr(filled, n)}" for n in taken))
+    return filled
 
 
 def manual_ids(args, vocab) -> np.ndarray:
@@ -111,6 +124,7 @@ def main() -> int:
     np.random.seed(args.seed)
 
     loaded = load_model(args, device, log)
+    args = data_from_checkpoint(args, loaded, log)
     if not isinstance(loaded.model, torch.jit.ScriptModule):
         loaded.model.set_attn_impl(args.attn_impl)
     vocab, model_config, trained_on = loaded.vocab, loaded.model_config, loaded.dataset

@@ -41,6 +41,7 @@ class LoadedModel:
     model_config: dict            # the constructor arguments it was built with (the reference's key names)
     dataset: Optional[str]        # dataset the model was trained on, when known
     source: str                   # "checkpoint", "torchscript" or "config"
+    settings: Optional[dict] = None  # the configuration stored in one of our checkpoints (flat option values)
 
 
 def precision_of(args) -> str:
@@ -128,7 +129,8 @@ def _load_checkpoint(path: Path) -> LoadedModel:
         raise UserError(f"checkpoint {path} does not fit its own model_config ({str(exc).splitlines()[0][:200]})") from None
     args = ckpt.get("args")
     dataset = args.get("dataset") if isinstance(args, dict) else None
-    return LoadedModel(model, vocab, config, dataset, "checkpoint")
+    settings = dict(args) if isinstance(args, dict) and not reference else None
+    return LoadedModel(model, vocab, config, dataset, "checkpoint", settings)
 
 
 def _load_torchscript(path: Path, device: torch.device) -> LoadedModel:

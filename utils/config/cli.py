@@ -27,8 +27,9 @@ import yaml
 
 from utils.config.presets import (CONFIG_DIR, DEFAULT_PRESET, REPO_ROOT, SECTIONS, did_you_mean,  # noqa: F401
                                   files_with_preset, load_preset, load_presets, resolve_config_file)
+from utils.config import schema
 from utils.config.schema import (CLIS, DATASETS, EVAL, GENERATE, GROUP_TITLES, OPTIMIZERS, SCHEDULERS,  # noqa: F401
-                                 SPECS, TRAIN, Config, ConversionError, Spec, options_of, out_of_range, parse_json_object,
+                                 TRAIN, Config, ConversionError, Spec, options_of, out_of_range, parse_json_object,
                                  range_text)
 from utils.io.errors import UserError
 
@@ -293,7 +294,7 @@ def parse_args(parser: StrictArgumentParser, argv: Sequence[str] | None = None,
 def check_ranges(values: dict) -> None:
     """Every value within its option's declared range: one line naming the option, the value and the range."""
     for name, value in values.items():
-        spec = SPECS[name]
+        spec = schema.SPECS[name]
         if value is None or spec.kind is bool:
             continue
         for item in value if isinstance(value, list) else [value]:
@@ -308,7 +309,7 @@ def check_ranges(values: dict) -> None:
 def warn_no_effect(cfg: Config) -> None:
     """One warning line for each reference flag given that does nothing here, and for --multi_gpu dp."""
     for name in sorted(cfg.given):
-        note = SPECS[name].option.no_effect
+        note = schema.SPECS[name].option.no_effect
         if note:
             LOG.warning(f"note: --{name} is ignored (no effect in this project): {note}")
     if cfg.cli == TRAIN and cfg.multi_gpu == "dp":
