@@ -110,6 +110,24 @@ def test_split_all_scores_valid_then_test_as_train_py_did(trained, tmp_path):
     assert len(times) == 2 and all(times)
 
 
+def test_data_and_dataset_come_from_the_checkpoint_unless_given(trained, tmp_path):
+    """Without --data / --dataset eval.py scores the corpus the model was trained on (stored in the checkpoint)
+    and says so; given flags win."""
+    corpus, work, _ = trained
+    lengths = ["--tgt_len", 8, "--mem_len", 8, "--batch_size", 4, "--split", "valid"]
+    stored = cli_runner.evaluate(["--model", work / "checkpoint_best.pt", "--work_dir", tmp_path / "a", *lengths],
+                                 tmp_path, name="stored")
+    assert stored.returncode == 0, stored.stderr
+    assert f"From the checkpoint's configuration: --data {corpus}, --dataset custom" in stored.lines
+    given = cli_runner.evaluate(eval_argv(trained, tmp_path, "--split", "valid"), tmp_path, name="given")
+    assert given.returncode == 0, given.stderr
+    assert not any(line.startswith("From the checkpoint") for line in given.lines)
+    assert result_lines(stored, "valid") == result_lines(given, "valid")
+    elsewhere = cli_runner.evaluate(["--model", work / "checkpoint_best.pt", "--work_dir", tmp_path / "b",
+                                     "--data", tmp_path / "missing", *lengths], tmp_path, name="elsewhere")
+    assert elsewhere.returncode == 2 and str(tmp_path / "missing") in elsewhere.stderr
+
+
 def test_text_is_encoded_with_the_checkpoint_vocabulary(trained, tmp_path):
     """Another folder with the same valid.txt but a different train.txt (whose vocabulary would number the
     words differently) gives the same result: the ids come from the checkpoint's vocabulary."""
