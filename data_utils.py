@@ -46,22 +46,13 @@ import torch
 
 from utils.io.atomic import atomic_open, fsync_dir, write_text_atomic
 from utils.io.errors import UserError
+from utils.data.datasets import DATASETS
 from utils.data.vocabulary import BPEVocab, Vocab, check_text_file
 
 CACHE_FORMAT = "txl-data-cache"
 CACHE_VERSION = 1
-DATASETS = ("wt103", "wt2", "ptb", "enwik8", "text8", "lm1b", "custom")
 VOCAB_TYPES = ("word", "bpe")
 SPLITS = ("train", "valid", "test")
-# Where scripts/getdata.py puts each dataset (relative to the repository root).
-DEFAULT_DATA_DIRS = {
-    "wt103": "data/wikitext-103",
-    "wt2": "data/wikitext-2",
-    "ptb": "data/ptb",
-    "enwik8": "data/enwik8",
-    "text8": "data/text8",
-    "lm1b": "data/one-billion-words",
-}
 LM1B_TRAIN_GLOB = "1-billion-word-language-modeling-benchmark-r13output/training-monolingual.tokenized.shuffled/news.en-*"
 LM1B_VOCAB = "1b_word_vocab.txt"
 
@@ -307,10 +298,6 @@ class SentenceData:
     def __getitem__(self, i: int) -> np.ndarray:
         return np.asarray(self.tokens[self.starts[i] : self.starts[i + 1]])
 
-    @property
-    def n_tokens(self) -> int:
-        return int(self.starts[-1])
-
     def n_pairs(self) -> int:
         """(input, target) pairs in all sentences: sum of max(length - 1, 0), read in blocks."""
         total = 0
@@ -422,6 +409,8 @@ def encode_split(datadir: str | os.PathLike, dataset: str, split: str, vocab) ->
     check_text_file(path, f"{split} split")
     if dataset == "lm1b":
         return SentenceData.from_sentences(vocab.encode_file(path, ordered=False, add_eos=False, add_double_eos=True))
+    if isinstance(vocab, BPEVocab):  # the whole file then <|endoftext|>, as in the cache
+        return vocab.encode_file(path)
     add_eos = _RULES[dataset].add_eos if dataset in _RULES else True
     return vocab.encode_file(path, ordered=True, add_eos=add_eos)
 
