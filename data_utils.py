@@ -44,23 +44,15 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
+from utils.io.atomic import atomic_open, fsync_dir, write_text_atomic
 from utils.io.errors import UserError
+from utils.data.datasets import DATASETS
 from utils.data.vocabulary import BPEVocab, Vocab, check_text_file
 
 CACHE_FORMAT = "txl-data-cache"
 CACHE_VERSION = 1
-DATASETS = ("wt103", "wt2", "ptb", "enwik8", "text8", "lm1b", "custom")
 VOCAB_TYPES = ("word", "bpe")
 SPLITS = ("train", "valid", "test")
-# Where scripts/getdata.py puts each dataset (relative to the repository root).
-DEFAULT_DATA_DIRS = {
-    "wt103": "data/wikitext-103",
-    "wt2": "data/wikitext-2",
-    "ptb": "data/ptb",
-    "enwik8": "data/enwik8",
-    "text8": "data/text8",
-    "lm1b": "data/one-billion-words",
-}
 LM1B_TRAIN_GLOB = "1-billion-word-language-modeling-benchmark-r13output/training-monolingual.tokenized.shuffled/news.en-*"
 LM1B_VOCAB = "1b_word_vocab.txt"
 
@@ -247,13 +239,13 @@ def id_dtype(vocab_size: int) -> np.dtype:
 
 
 class _NpyWriter:
-    """Append-only writer of a 1-D .npy file whose length is known only at the end."""
+    """Append-only writer of a 1-D .npy file whose length is known only at the end, into `f` (a binary file
+    from utils.io.atomic.atomic_open, opened by the caller): append(), then finish() writes the header."""
 
     HEADER = 128
 
-    def __init__(self, path: Path, dtype, high: int | None = None):
-        self.path, self.dtype, self.high, self.n = path, np.dtype(dtype), high, 0
-        self.f = open(path, "wb")
+    def __init__(self, f, dtype, high: int | None = None):
+        self.f, self.dtype, self.high, self.n = f, np.dtype(dtype), high, 0
         self.f.write(b"\0" * self.HEADER)
 
     def append(self, ids: np.ndarray) -> None:
@@ -263,7 +255,7 @@ class _NpyWriter:
         self.f.write(ids.astype(self.dtype, copy=False).tobytes())
         self.n += len(ids)
 
-    def close(self) -> int:
+    def finish(self) -> int:
         header = io.BytesIO()
         np.lib.format.write_array_header_1_0(
             header, {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": (self.n,)}
@@ -271,7 +263,6 @@ class _NpyWriter:
         assert len(header.getvalue()) == self.HEADER
         self.f.seek(0)
         self.f.write(header.getvalue())
-        self.f.close()
         return self.n
 
 
@@ -306,10 +297,6 @@ class SentenceData:
 
     def __getitem__(self, i: int) -> np.ndarray:
         return np.asarray(self.tokens[self.starts[i] : self.starts[i + 1]])
-
-    @property
-    def n_tokens(self) -> int:
-        return int(self.starts[-1])
 
     def n_pairs(self) -> int:
         """(input, target) pairs in all sentences: sum of max(length - 1, 0), read in blocks."""
@@ -422,6 +409,8 @@ def encode_split(datadir: str | os.PathLike, dataset: str, split: str, vocab) ->
     check_text_file(path, f"{split} split")
     if dataset == "lm1b":
         return SentenceData.from_sentences(vocab.encode_file(path, ordered=False, add_eos=False, add_double_eos=True))
+    if isinstance(vocab, BPEVocab):  # the whole file then <|endoftext|>, as in the cache
+        return vocab.encode_file(path)
     add_eos = _RULES[dataset].add_eos if dataset in _RULES else True
     return vocab.encode_file(path, ordered=True, add_eos=add_eos)
 
@@ -500,7 +489,7 @@ def _build(datadir, root, key, opts, files, sources, verbose, progress) -> None:
         for split, info in splits.items():
             if info["n_tokens"] == 0:
                 raise UserError(f"{_first(files[split])}: {split} split has no tokens")
-        (tmp / "vocab.json").write_text(json.dumps(vocab.to_dict(), ensure_ascii=False), encoding="utf-8")
+        write_text_atomic(tmp / "vocab.json", json.dumps(vocab.to_dict(), ensure_ascii=False))
         meta = {
             "format": CACHE_FORMAT,
             "version": CACHE_VERSION,
@@ -510,7 +499,7 @@ def _build(datadir, root, key, opts, files, sources, verbose, progress) -> None:
             "vocab_size": len(vocab),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        write_text_atomic(tmp / "meta.json", json.dumps(meta, indent=1))
         final = root / key
         if final.exists():  # stale: move it away first, so that the rename below is atomic
             old = Path(tempfile.mkdtemp(prefix=f".{key}.old-", dir=root))
@@ -520,6 +509,7 @@ def _build(datadir, root, key, opts, files, sources, verbose, progress) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    fsync_dir(root)  # the rename is on disk (the files in the folder were fsynced as they were written)
     _say(verbose, f"Dataset cache written to {root / key} in {time.perf_counter() - started:.1f}s")
 
 
@@ -548,12 +538,11 @@ def _build_words(tmp: Path, files: dict, rule: _WordRule, verbose: bool, progres
 
 
 def _write_split(tmp: Path, split: str, blocks, dtype, n_vocab: int) -> dict:
-    writer = _NpyWriter(tmp / f"{split}.npy", dtype, high=n_vocab)
-    try:
+    with atomic_open(tmp / f"{split}.npy", "wb") as f:
+        writer = _NpyWriter(f, dtype, high=n_vocab)
         for ids, _ in blocks:
             writer.append(ids)
-    finally:
-        n = writer.close()
+        n = writer.finish()
     return {"file": f"{split}.npy", "dtype": np.dtype(dtype).name, "n_tokens": n}
 
 
@@ -576,10 +565,11 @@ def _build_lm1b(tmp: Path, files: dict, verbose: bool, progress: bool):
     splits = {}
     for split in SPLITS:
         paths = files[split] if isinstance(files[split], list) else [files[split]]
-        tokens = _NpyWriter(tmp / f"{split}.npy", dtype, high=len(vocab))
-        starts = _NpyWriter(tmp / f"{split}.starts.npy", np.int64)
         shards = []
-        try:
+        with (atomic_open(tmp / f"{split}.npy", "wb") as f_tokens,
+              atomic_open(tmp / f"{split}.starts.npy", "wb") as f_starts):
+            tokens = _NpyWriter(f_tokens, dtype, high=len(vocab))
+            starts = _NpyWriter(f_starts, np.int64)
             for i, path in enumerate(paths):
                 if verbose and len(paths) > 1:
                     print(f"encoding {split} shard {i + 1}/{len(paths)}: {path.name}", flush=True)
@@ -589,8 +579,7 @@ def _build_lm1b(tmp: Path, files: dict, verbose: bool, progress: bool):
                     tokens.append(ids)
             shards.append(starts.n)
             starts.append(np.array([tokens.n]))
-        finally:
-            n_tokens, n_starts = tokens.close(), starts.close()
+            n_tokens, n_starts = tokens.finish(), starts.finish()
         splits[split] = {
             "file": f"{split}.npy",
             "dtype": dtype.name,

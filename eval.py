@@ -10,7 +10,6 @@ the vocabulary stored in the checkpoint. Output lines are the reference eval.py'
 """
 import utils.runtime.openmp_env  # noqa: F401  (first: bounds OpenMP's spin-wait before torch loads it)
 import json
-import os
 import platform
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from inference.runtime import (LoadedModel, length_overrides, load_for_inference
                                save_torchscript, warm_up)
 from utils.distributed import group as distributed
 from utils.config.cli import eval_parser, eval_splits, fill_from_checkpoint, parse_args
+from utils.io.atomic import write_text_atomic
 from utils.io.errors import UserError, run_cli
 from utils.training.evaluation import evaluate_stream, reduce_eval_result
 from utils.training.metrics import (DOUBLE_LINE, AverageMeter, MetricsWriter, format_eval_progress_line,
@@ -212,9 +212,7 @@ def report_latency(args, meters, work_dir: Path, log, metrics, device, run_name:
             "world_size": distributed.get_world_size(), "throughput": throughput.tolist(), "latency": latency.tolist()}
     if not args.debug and distributed.is_main_process():
         path = work_dir / f"eval_data_{args.batch_size}_{run_name}.json"
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(data))
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps(data))
     summary = {"eval_throughput": float(throughput.mean()), "eval_avg_latency": float(latency.mean())}
     log.info(f"Throughput Avg: {throughput.mean():.2f} tok/s")
     log.info(f"Latency Avg: {latency.mean():.2f} ms")

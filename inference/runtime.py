@@ -15,7 +15,6 @@ uses) is imported only when a model is built from a checkpoint or a config.
 """
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Optional
 
 import torch
 
+from utils.io.atomic import atomic_open
 from utils.io.checkpoint import load_checkpoint
 from utils.io.errors import UserError
 from utils.data.vocabulary import Vocab
@@ -214,13 +214,6 @@ def save_torchscript(model: torch.nn.Module, path: str | os.PathLike, vocab, mod
     scripted = model if isinstance(model, torch.jit.ScriptModule) else torch.jit.script(model)
     meta = {"vocab": None if vocab is None else vocab.to_dict(), "model_config": model_config, "dataset": dataset}
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.jit.save(scripted, tmp, _extra_files={TORCHSCRIPT_EXTRA: json.dumps(meta)})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "wb") as f:
+        torch.jit.save(scripted, f, _extra_files={TORCHSCRIPT_EXTRA: json.dumps(meta)})
     return path

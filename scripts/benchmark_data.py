@@ -30,6 +30,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from data_utils import get_lm_corpus  # noqa: E402
+from utils.io.atomic import write_text_atomic  # noqa: E402
 from utils.io.errors import UserError, run_cli  # noqa: E402
 from utils.data.vocabulary import Vocab  # noqa: E402
 
@@ -226,7 +227,7 @@ def main() -> int:
             print(f"  first training batch (32 x 192) from the map     {loaded['first_batch'] * 1000:6.1f} ms")
             results["large"] = {"mb": big_mb, "copies": copies, "build": built, "load": loaded}
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+        write_text_atomic(args.json, json.dumps(results, indent=1))
     return 0
 
 

@@ -26,6 +26,7 @@ import torch  # noqa: E402
 from inference.generation import generate  # noqa: E402
 from inference.runtime import (current_lengths, length_overrides, load_for_inference, precision_of,  # noqa: E402
                                prepare_runtime)
+from utils.io.atomic import write_text_atomic  # noqa: E402
 from utils.io.errors import UserError, run_cli  # noqa: E402
 
 CHECKPOINTS = (10, 50, 100, 200, 300, 400, 500)
@@ -119,7 +120,7 @@ def main() -> int:
     print(f"for comparison, recomputing all {args.prompt_len + CHECKPOINTS[-1]} tokens without memory: "
           f"{full:.3f} ms per token")
     if args.json:
-        Path(args.json).write_text(json.dumps({
+        write_text_atomic(args.json, json.dumps({
             "model": args.model or args.load_torchscript, "mem_len": lengths["mem_len"], "device": str(device),
             "threads": torch.get_num_threads(), "precision": precision_of(args), "num_samples": args.num_samples,
             "ms_per_token": table, "ratio": ratio, "flat": flat, "recompute_ms": full}, indent=1) + "\n")

@@ -35,6 +35,10 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from utils.io.atomic import atomic_open, write_text_atomic  # noqa: E402
+
 TYPES = ("pytorch", "torchscript", "compile")
 PRECISIONS = ("fp32", "fp16", "bf16")
 BATCH_SIZES = (1, 2, 4, 8, 16, 32)
@@ -106,9 +110,7 @@ def write_synthetic_corpus(folder: Path, n_token: int = BASE_VOCAB, test_tokens:
         ranks = np.searchsorted(cumulative, rng.random(n_words), side="right").clip(max=n_token - 2)
         files[split] = "\n".join(" ".join(words[r] for r in ranks[i:i + 100]) for i in range(0, n_words, 100)) + "\n"
     for name, text in files.items():
-        tmp = folder / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, folder / name)
+        write_text_atomic(folder / name, text)
     return folder
 
 
@@ -228,8 +230,8 @@ def main() -> int:
               f"checkpoint {args.checkpoint or 'none (random weights)'}; max_size {args.max_size or 'all'}.\n"
               f"Command: python scripts/benchmark_inference.py {shlex.join(sys.argv[1:])}")
     table = markdown(rows, header)
-    (out / "results.md").write_text(table)
-    with open(out / "results.csv", "w", newline="") as f:
+    write_text_atomic(out / "results.md", table)
+    with atomic_open(out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)

@@ -28,6 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from utils.io.atomic import atomic_open, copy_file_atomic, write_bytes_atomic, write_text_atomic  # noqa: E402
 from utils.io.errors import UserError, run_cli  # noqa: E402
 
 SPLITS = ("train", "valid", "test")
@@ -79,31 +80,17 @@ def download(name: str, downloads: Path, mirror: str | None = None) -> Path:
 def _fetch(url: str, target: Path) -> None:
     from tqdm import tqdm
 
-    part = target.with_name(target.name + ".part")
     request = urllib.request.Request(url, headers=_HEADERS)
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response, open(part, "wb") as out:
-            total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=target.name, file=sys.stderr) as bar:
-                while block := response.read(1 << 20):
-                    out.write(block)
-                    bar.update(len(block))
-        os.replace(part, target)
-    finally:
-        part.unlink(missing_ok=True)
+    with urllib.request.urlopen(request, timeout=60) as response, atomic_open(target, "wb") as out:
+        total = int(response.headers.get("Content-Length") or 0) or None
+        with tqdm(total=total, unit="B", unit_scale=True, desc=target.name, file=sys.stderr) as bar:
+            while block := response.read(1 << 20):
+                out.write(block)
+                bar.update(len(block))
 
 
 def _complete(folder: Path, names=tuple(f"{s}.txt" for s in SPLITS)) -> bool:
     return all((folder / n).is_file() and (folder / n).stat().st_size > 0 for n in names)
-
-
-def _write_atomic(path: Path, data: bytes | str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    if isinstance(data, str):
-        tmp.write_text(data, encoding="utf-8")
-    else:
-        tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -142,9 +129,9 @@ def _write_char_splits(out: Path, parts, to_text) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for split, part in zip(SPLITS, parts):
         print(f"  {split}.txt: {len(part):,} characters", flush=True)
-        _write_atomic(out / f"{split}.txt.raw", part)
+        write_bytes_atomic(out / f"{split}.txt.raw", part if isinstance(part, bytes) else part.encode("utf-8"))
     for split, part in zip(SPLITS, parts):  # the .txt files last: they mark the dataset as complete
-        _write_atomic(out / f"{split}.txt", to_text(part))
+        write_text_atomic(out / f"{split}.txt", to_text(part))
 
 
 def prepare_wikitext(archive: Path, out: Path) -> None:
@@ -156,7 +143,7 @@ def prepare_wikitext(archive: Path, out: Path) -> None:
             member = members.get(f"wiki.{split}.tokens")
             if member is None:
                 raise UserError(f"{archive}: has no wiki.{split}.tokens; the download is damaged, delete it and retry")
-            _write_atomic(out / f"{split}.txt", z.read(member))
+            write_bytes_atomic(out / f"{split}.txt", z.read(member))
 
 
 def prepare_ptb(archive: Path, out: Path, out_char: Path) -> None:
@@ -169,7 +156,7 @@ def prepare_ptb(archive: Path, out: Path, out_char: Path) -> None:
                 member = members.get(pattern.format(split))
                 if member is None:
                     raise UserError(f"{archive}: has no {pattern.format(split)}; the download is damaged")
-                _write_atomic(folder / f"{split}.txt", tar.extractfile(member).read())
+                write_bytes_atomic(folder / f"{split}.txt", tar.extractfile(member).read())
 
 
 def prepare_lm1b(archive: Path, vocab: Path, out: Path) -> None:
@@ -187,14 +174,13 @@ def prepare_lm1b(archive: Path, vocab: Path, out: Path) -> None:
                 tar.extractall(tmp)
         os.replace(tmp / LM1B_ROOT, out / LM1B_ROOT)
         shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copyfile(vocab, out / "1b_word_vocab.txt")
+    copy_file_atomic(vocab, out / "1b_word_vocab.txt")
     # Two different heldout shards (the reference used shard 0 for both): shard 0 is the usual test set.
     for split, shard in (("valid", 1), ("test", 0)):
         source = out / LM1B_HELDOUT.format(shard)
         if not source.is_file():
             raise UserError(f"{source}: missing from {archive.name}; the download is damaged, delete it and retry")
-        shutil.copyfile(source, out / f"{split}.txt.tmp")
-        os.replace(out / f"{split}.txt.tmp", out / f"{split}.txt")
+        copy_file_atomic(source, out / f"{split}.txt")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -234,6 +234,7 @@ def test_bpe_corpus_trained_offline_and_loaded(wt_dir, tmp_path):
     assert isinstance(corpus.vocab, BPEVocab) and len(corpus.vocab) % 8 == 0
     text = (wt_dir / "valid.txt").read_text()
     assert corpus.valid.tolist() == corpus.vocab.tokenizer.encode(text).ids + [corpus.vocab.eot_idx]
+    assert np.array_equal(data_utils.encode_split(wt_dir, "wt2", "valid", corpus.vocab), corpus.valid)  # eval.py's path
     model = tmp_path / "tok"
     model.mkdir()
     corpus.vocab.tokenizer.model.save(str(model))

@@ -17,6 +17,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+from utils.data.datasets import DATASETS
+
 TRAIN, EVAL, GENERATE = "train", "eval", "generate"
 CLIS = (TRAIN, EVAL, GENERATE)
 ALL = CLIS
@@ -24,7 +26,6 @@ TRAIN_EVAL = (TRAIN, EVAL)
 
 OPTIMIZERS = ("adam", "sgd", "adagrad", "lamb", "jitlamb")
 SCHEDULERS = ("cosine", "inv_sqrt", "dev_perf", "constant")
-DATASETS = ("wt103", "wt2", "ptb", "enwik8", "text8", "lm1b", "custom")
 AFFINITY_MODES = ("socket", "single", "single_unique", "socket_unique_interleaved",
                   "socket_unique_continuous", "disabled")
 

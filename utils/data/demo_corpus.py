@@ -19,6 +19,8 @@ import os
 import random
 from pathlib import Path
 
+from utils.io.atomic import write_text_atomic
+
 SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
 FUNCTION_WORDS = ["the", "a", "of", "and", "to", "in", "with", "from", "by", "for"]
 VERBS = ["sees", "finds", "meets", "helps", "follows", "calls", "visits", "leaves", "brings", "knows",
@@ -77,9 +79,7 @@ def write_demo_corpus(out_dir: str | os.PathLike, n_train_docs: int = 1200, n_ev
         lines = []
         for _ in range(n_docs):
             lines += language.document(rng, rng.randint(*sentences_per_doc))
-        tmp = out / f".{split}.txt.tmp"
-        tmp.write_text("".join(" ".join(line) + "\n" for line in lines))
-        os.replace(tmp, out / f"{split}.txt")
+        write_text_atomic(out / f"{split}.txt", "".join(" ".join(line) + "\n" for line in lines))
     return out
 
 

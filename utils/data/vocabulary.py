@@ -292,13 +292,6 @@ class Vocab:
                 self._add_counts(ids[ids >= 0])
                 sink(ids)
 
-    def count_sents(self, sents: Iterable[Sequence[str]], verbose: bool = False) -> None:
-        """Count lists of symbols (already tokenized)."""
-        if verbose:
-            print("counting sentences ...", flush=True)
-        for symbols in sents:
-            self._add_counts(np.fromiter(map(self._prov.__getitem__, symbols), np.int64, len(symbols)))
-
     @property
     def counter(self) -> collections.Counter:
         """The counts as a Counter in first-seen order (what the reference's `vocab.counter` holds)."""
@@ -642,9 +635,7 @@ class BPEVocab:
         ids = self.tokenizer.encode(text).ids
         return ids + [self.eot_idx] if add_eos or add_double_eos else ids
 
-    def encode_chunks(
-        self, path: str | os.PathLike, add_eos: bool = True, add_double_eos: bool = False, progress: bool = False
-    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def encode_chunks(self, path: str | os.PathLike, progress: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """The whole file's ids then `<|endoftext|>`, block by block (pieces encoded in parallel)."""
         tail = ""
         chunks = iter_text_chunks(
@@ -664,7 +655,8 @@ class BPEVocab:
         encodings = self.tokenizer.encode_batch(pieces, add_special_tokens=False)
         return np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), np.int64)
 
-    def encode_file(self, path, ordered=True, add_eos=True, add_double_eos=False, verbose=False, progress=False):
+    def encode_file(self, path: str | os.PathLike, verbose: bool = False, progress: bool = False) -> np.ndarray:
+        """The whole file's ids then `<|endoftext|>` (no per-line ends, unlike Vocab.encode_file)."""
         if verbose:
             print(f"encoding file {path} ...", flush=True)
         return np.concatenate([ids for ids, _ in self.encode_chunks(path, progress=progress)])

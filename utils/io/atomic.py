@@ -1,12 +1,112 @@
-"""PLACEHOLDER until the atomic-writer branch lands."""
+"""All-or-nothing file writes: a reader (or a process started after a crash) sees either the old file or the
+complete new one, never a half-written file.
+
+The data goes to a hidden temporary file in the target's directory (`.<name>.<random>.tmp`), which is flushed
+and fsynced, renamed onto the target with os.replace (atomic on POSIX and Windows), and the directory is then
+fsynced so that the rename itself survives a power loss. If anything fails before the rename, the temporary
+file is removed and the target is left as it was. A process killed outright can leave a temporary file
+behind; `remove_temp_files` deletes those.
+"""
+import contextlib
 import os
-import tempfile
+import secrets
+import shutil
 from pathlib import Path
+from typing import IO, Any, Iterator
+
+TEMP_SUFFIX = ".tmp"
 
 
-def write_text_atomic(path, text):
+def fsync_dir(directory: str | os.PathLike) -> None:
+    """Flush a directory entry (a rename or a new file in it) to disk; a no-op where the platform refuses."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # Windows cannot open a directory
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on a directory
+        pass
+    finally:
+        os.close(fd)
+
+
+def _create_temp(path: Path) -> tuple[int, Path]:
+    # os.open with mode 0o666 honours the umask, so the final file gets the usual permissions (mkstemp's 0o600
+    # would make results and data files private to their writer).
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}{TEMP_SUFFIX}")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "wb", encoding: str | None = None,
+                newline: str | None = None) -> Iterator[IO[Any]]:
+    """Open `path` for writing through a temporary file that replaces it when the block ends without error.
+
+    `mode` is "wb" (binary) or "w" (text, UTF-8 unless `encoding` says otherwise; `newline` as for open).
+    The parent directory is created. On an exception in the block the target is untouched and the temporary
+    file is removed."""
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_open writes whole files: mode must be 'w' or 'wb', not {mode!r}")
+    if mode == "wb" and (encoding is not None or newline is not None):
+        raise ValueError("encoding and newline apply to text mode ('w') only")
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = _create_temp(path)
+    try:
+        text = {"encoding": encoding or "utf-8", "newline": newline} if mode == "w" else {}
+        with os.fdopen(fd, mode, **text) as f:  # closes fd itself if it fails (e.g. an unknown encoding)
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str, encoding: str = "utf-8", newline: str | None = None) -> None:
+    """Replace `path` with `text` (UTF-8 by default), atomically."""
+    with atomic_open(path, "w", encoding=encoding, newline=newline) as f:
         f.write(text)
-    os.replace(tmp, path)
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Replace `path` with `data`, atomically."""
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+
+
+def torch_save_atomic(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save(obj) into `path`, atomically: a failed save (e.g. an object that cannot be pickled) leaves
+    the previous file as it was."""
+    import torch  # here, so that scripts which only write text do not import torch
+
+    with atomic_open(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def copy_file_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copy the file `src` to `dst`, atomically (`dst` is the old file or a complete copy)."""
+    with open(src, "rb") as inp, atomic_open(dst, "wb") as out:
+        shutil.copyfileobj(inp, out, 1 << 24)
+
+
+def remove_temp_files(directory: str | os.PathLike, pattern: str = "*") -> list[Path]:
+    """Delete the temporary files of writes into `directory` that never finished (their process was killed
+    before the rename), for targets whose names match the glob `pattern`; returns the files removed."""
+    removed = []
+    for tmp in sorted(Path(directory).glob(f".{pattern}.*{TEMP_SUFFIX}")):
+        try:
+            tmp.unlink()
+        except FileNotFoundError:
+            continue
+        removed.append(tmp)
+    return removed

@@ -1,4 +1,4 @@
-"""Checkpoint files: atomic writes, and safe loads of ours and of the reference trainer's.
+"""Checkpoint files: atomic writes (utils.io.atomic), and safe loads of ours and of the reference trainer's.
 
 Our checkpoints hold tensors and plain Python types only, so `torch.load(..., weights_only=True)` reads them.
 The reference trainer (NVIDIA DeepLearningExamples) pickled three Python objects into its checkpoints:
@@ -9,12 +9,12 @@ so no code from the file runs, and turn them into plain dicts.
 import collections
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from utils.io.atomic import copy_file_atomic, remove_temp_files, torch_save_atomic
 from utils.io.errors import UserError
 
 
@@ -81,70 +81,17 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
 
 
 def save_checkpoint_atomic(state: dict, path: str | os.PathLike) -> None:
-    """Write `state` to `path` so that `path` is always either the old file or the complete new one.
-
-    The data goes to a temporary file in the same directory, is flushed to disk, and is renamed into place;
-    a process killed at any moment leaves the previous checkpoint intact.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
+    """Write `state` to `path` so that `path` is always either the old file or the complete new one
+    (utils.io.atomic): a process killed at any moment leaves the previous checkpoint intact."""
+    torch_save_atomic(state, path)
 
 
 def copy_checkpoint_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     """Copy a finished checkpoint file to `dst` with the same all-or-nothing guarantee."""
-    src, dst = Path(src), Path(dst)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    try:
-        with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
-            while chunk := inp.read(1 << 24):
-                out.write(chunk)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(dst.parent)
+    copy_file_atomic(src, dst)
 
 
 def remove_partial_writes(directory: str | os.PathLike) -> list[Path]:
     """Delete the temporary files of checkpoint writes that never finished (their process was killed before
     the rename); returns them. The checkpoints themselves are never half-written, only these files are."""
-    removed = []
-    for tmp in sorted(Path(directory).glob(".*.pt.*.tmp")):
-        try:
-            tmp.unlink()
-        except FileNotFoundError:
-            continue
-        removed.append(tmp)
-    return removed
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    return remove_temp_files(directory, "*.pt")

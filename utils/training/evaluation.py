@@ -1,7 +1,7 @@
 """Perplexity evaluation over a batch stream, shared by train.py (periodic eval, final test) and eval.py."""
 import contextlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
 import torch
@@ -26,8 +26,6 @@ class EvalResult:
     total_loss: float = 0.0      # sum over scored tokens of the NLL (nats)
     total_len: int = 0           # scored positions per stream (segment lengths of warm batches)
     n_batches: int = 0           # all batches run, warm-up included
-    latencies: list = field(default_factory=list)      # seconds per batch
-    throughputs: list = field(default_factory=list)    # target tokens / second per batch
 
     @property
     def loss(self) -> float:
@@ -50,8 +48,8 @@ def evaluate_stream(model: torch.nn.Module, batches: Iterable, device: torch.dev
     """Run `model` over `batches` of (data, target, seq_len, warm), carrying the memory.
 
     The mean NLL of a batch counts `seq_len` times, and only for warm batches (the first batches of an
-    evaluation stream only prime the memory). `timed` synchronizes the device around each forward and
-    records latency and throughput. `on_batch(index, seconds, mean_loss, n_tokens)` is called after each batch.
+    evaluation stream only prime the memory). `on_batch(index, seconds, mean_loss, n_tokens)` is called after
+    each batch; `timed` synchronizes the device around each forward, so that `seconds` is the batch's latency.
     """
     result = EvalResult()
     autocast = autocast or contextlib.nullcontext
@@ -72,9 +70,6 @@ def evaluate_stream(model: torch.nn.Module, batches: Iterable, device: torch.dev
             result.total_loss += seq_len * loss_value
             result.total_len += seq_len
         result.n_batches += 1
-        if timed:
-            result.latencies.append(elapsed)
-            result.throughputs.append(target.numel() / elapsed if elapsed > 0 else float("inf"))
         if on_batch is not None:
             on_batch(index, elapsed, loss_value, target.numel())
     return result

@@ -10,11 +10,12 @@ So that a job script can tell "stopped early, resume me" from "finished", rank 0
 that work dir removes it when it starts. run.sub requeues the Slurm job when it finds the file.
 """
 import logging
-import os
 import signal
 from pathlib import Path
 from types import FrameType
 from typing import Optional
+
+from utils.io.atomic import write_text_atomic
 
 LOG = logging.getLogger("txl")
 
@@ -55,10 +56,8 @@ class PreemptionHandler:
 def write_marker(work_dir: Path, signal_name: str, step: int) -> None:
     """Leave `work_dir/preempted` (atomically) saying that the run stopped early with a checkpoint."""
     path = Path(work_dir) / MARKER_NAME
-    tmp = path.with_name(f".{MARKER_NAME}.tmp")
-    tmp.write_text(f"stopped by {signal_name} after step {step} with a checkpoint; resume with "
-                   f"--restart {work_dir} (or --restart auto)\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, f"stopped by {signal_name} after step {step} with a checkpoint; resume with "
+                            f"--restart {work_dir} (or --restart auto)\n")
 
 
 def clear_marker(work_dir: Path) -> None:
