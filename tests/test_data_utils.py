@@ -524,6 +524,7 @@ def test_shuffled_iterator_rank_split_shuffle_and_resume():
 # =============================================================================================================
 # Concurrency, raw text
 # =============================================================================================================
+@pytest.mark.slow
 def test_concurrent_processes_build_the_cache_once(wt_dir, tmp_path):
     code = (
         "import sys; from data_utils import get_lm_corpus; "

@@ -197,6 +197,7 @@ def test_preemption_signal_to_one_rank_stops_all_and_resume_is_exact(data, refer
     assert diff <= TOL, f"weights after preemption + resume differ from the uninterrupted run by {diff:.3g}"
 
 
+@pytest.mark.slow
 def test_peer_that_never_joins_ends_with_a_clear_message(data, tmp_path):
     """Rank 0 of 2 alone: after --dist_timeout it exits with one line that says what happened."""
     procs = start_ranks(2, data, tmp_path, "--max_step", "5", timeout_s=3)
@@ -243,7 +244,6 @@ def test_uneven_batch_split_is_refused():
 
 
 def test_several_processes_use_ddp_and_refuse_dp(monkeypatch):
-    from argparse import Namespace
     from utils.config.schema import Config
     from utils.distributed import group as distributed
     from utils.io.errors import UserError
@@ -251,7 +251,7 @@ def test_several_processes_use_ddp_and_refuse_dp(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setattr(distributed, "init_distributed", lambda device, timeout: None)
     with pytest.raises(UserError, match="--multi_gpu dp is a single-process mode"):
-        distributed.init_from_env(Namespace(multi_gpu="dp", cuda=False, dist_timeout=5))
+        distributed.init_from_env(Config.build("train", dict(multi_gpu="dp", cuda=False, dist_timeout=5)))
     args = distributed.init_from_env(Config.build("train", dict(multi_gpu=None, cuda=False, dist_timeout=5)))
     assert args.multi_gpu == "ddp"
 
