@@ -10,7 +10,7 @@ from utils.training.optimizers import build_optimizer
 
 
 def build(optim):
-    args = argparse.Namespace(optim=optim, lr=0.02, weight_decay=0.1, mom=0.9)
+    args = argparse.Namespace(optim=optim, lr=0.02, weight_decay=0.1, mom=0.9, compile=False)
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
     model[1].bias.requires_grad_(False)
     return build_optimizer(args, model)

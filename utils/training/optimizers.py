@@ -24,7 +24,7 @@ def build_optimizer(args, model: torch.nn.Module) -> torch.optim.Optimizer:
     name = args.optim.lower()
     if name == "jitlamb":
         return Lamb(params, lr=args.lr, weight_decay=args.weight_decay, fused=True,
-                    compile=bool(getattr(args, "compile", False)))
+                    compile=bool(args.compile))
     if name == "lamb":
         return Lamb(params, lr=args.lr, weight_decay=args.weight_decay, fused=False)
     if name == "adam":
