@@ -37,8 +37,9 @@ class Trainer:
         self.guard = DivergenceGuard(self.work_dir)
         self.evaluator = Evaluator(model, args, device, self.autocast, log, self.guard)
         self.train_iter, self.valid_iter, self.test_iter = self._iterators(corpus)
-        self.n_params = count_parameters(model)
-        self._build_optimization(model)
+        self.n_params = count_parameters(model)             # (all, non-embedding), before FSDP shards them
+        self.model = model
+        self.optimizer, self.scheduler, self.scaler, self.optimizer_step = self._build_optimization(model)
         self.checkpointer = Checkpointer(args, self.work_dir, log, device, dict(
             model_config=model_config, vocab=corpus.vocab, model=model, optimizer=self.optimizer,
             scheduler=self.scheduler, scaler=self.scaler, train_iter=self.train_iter))
@@ -63,18 +64,19 @@ class Trainer:
                        for split in ("valid", "test"))
         return train, valid, test
 
-    def _build_optimization(self, model) -> None:
-        """The model on the device (DDP- or FSDP-wrapped), optimizer, LR schedule, loss scaler, step."""
+    def _build_optimization(self, model) -> tuple:
+        """(optimizer, LR schedule, loss scaler, step) of the model, which goes on the device (DDP- or
+        FSDP-wrapped for several processes)."""
         args, device = self.args, self.device
         if not (args.multi_gpu == "fsdp" and self.world_size > 1):
             model.to(device)                                 # FSDP moves each rank's shards there itself
-        self.model = model
         para_model = distributed.wrap_model(model, args, device)
-        self.optimizer = build_optimizer(args, model)        # after sharding: FSDP replaces the parameters
-        self.scheduler = build_scheduler(args, self.optimizer)
-        self.scaler = sharded_grad_scaler(args, device) if is_sharded(model) else grad_scaler(args, device)
-        self.optimizer_step = TrainStep(model, compile_model(para_model, args), self.optimizer, self.scaler,
-                                        self.autocast, args.clip, args.batch_chunk, args.swap_mem, args.cuda_graphs)
+        optimizer = build_optimizer(args, model)             # after sharding: FSDP replaces the parameters
+        scheduler = build_scheduler(args, optimizer)
+        scaler = sharded_grad_scaler(args, device) if is_sharded(model) else grad_scaler(args, device)
+        step = TrainStep(model, compile_model(para_model, args), optimizer, scaler, self.autocast, args.clip,
+                         args.batch_chunk, args.swap_mem, args.cuda_graphs)
+        return optimizer, scheduler, scaler, step
 
     def _log_configuration(self) -> None:
         log = self.log
