@@ -40,10 +40,10 @@ import utils.runtime.openmp_env  # noqa: E402,F401  (before torch: bounds OpenMP
 import torch  # noqa: E402
 
 import data_utils  # noqa: E402
-import train  # noqa: E402
 from mem_transformer import MemTransformerLM  # noqa: E402
 from utils.config.cli import parse_args, train_parser  # noqa: E402
 from utils.io.errors import UserError, run_cli  # noqa: E402
+from utils.model.model_config import build_model_config  # noqa: E402
 from utils.model.flops import cluster_fractions, cluster_sizes, mfu, peak_flops, training_flops_per_token  # noqa: E402
 from utils.training.lr_scheduler import build_scheduler  # noqa: E402
 from utils.training.metrics import setup_logging  # noqa: E402
@@ -51,6 +51,8 @@ from utils.model.init import count_parameters, init_weights  # noqa: E402
 from utils.training.optimizers import build_optimizer  # noqa: E402
 from utils.runtime.device import (amp_context, compile_model, configure_backends, grad_scaler,  # noqa: E402
                            resolve_speed_flags, select_device)
+from utils.training.rng import seed_everything  # noqa: E402
+from utils.training.run_setup import corpus_options  # noqa: E402
 from utils.training.train_step import TrainStep  # noqa: E402
 
 PRESETS = {
@@ -128,7 +130,7 @@ def batches(bench, args, device):
     if bench.data:
         corpus = data_utils.get_lm_corpus(args.data, args.dataset, args.vocab, cache_dir=args.cache_dir,
                                           verbose=False, progress=False,
-                                          **train.corpus_options(args))
+                                          **corpus_options(args))
         it = corpus.get_iterator("train", args.batch_size, args.tgt_len, device=device, ext_len=args.ext_len,
                                  seed=args.seed)
         if it.n_batch < bench.warmup + bench.steps:
@@ -172,10 +174,10 @@ def run(bench, extra) -> dict:
     device = select_device(args, log)
     args = resolve_speed_flags(args, device)
     configure_backends(args, device)
-    train.seed_everything(args.seed)
+    seed_everything(args.seed)
     iterator, n_token, data_desc = batches(bench, args, device)
 
-    model_config = train.build_model_config(args, n_token)
+    model_config = build_model_config(args, n_token)
     model = MemTransformerLM(**model_config)
     init_weights(model, args.init, args.init_range, args.init_std, args.proj_init_std)
     model.set_attn_impl(args.attn_impl)

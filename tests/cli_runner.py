@@ -29,7 +29,7 @@ EVAL = str(REPO / "eval.py")
 _PRELOAD = ["torch", "torch._dynamo", "numpy", "yaml", "sacremoses", "torch.utils.tensorboard", "data_utils",
             "mem_transformer", "lamb", "utils.io.checkpoint", "utils.config.cli", "utils.distributed.group", "utils.training.evaluation",
             "utils.training.metrics", "utils.model.init", "utils.training.optimizers", "utils.training.lr_scheduler", "utils.model.reference_compat",
-            "utils.data.vocabulary", "utils.training.preemption", "utils.runtime.device"]
+            "utils.data.vocabulary", "utils.training.preemption", "utils.runtime.device", "utils.training.loop"]
 # launcher variables a test process may have inherited: a CLI run here is always a single process
 _LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                   "TORCHELASTIC_RUN_ID", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")

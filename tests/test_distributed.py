@@ -232,7 +232,7 @@ def test_peer_that_dies_mid_training_ends_the_job_with_a_clear_message(data, tmp
 
 def test_uneven_batch_split_is_refused():
     from argparse import Namespace
-    from train import check_batch_split
+    from utils.training.run_setup import check_batch_split
     from utils.io.errors import UserError
 
     check_batch_split(Namespace(batch_size=6, batch_chunk=2), 1)       # one process: 6 columns in 2 chunks
@@ -295,7 +295,7 @@ def test_slurm_task_variables_become_torch_ones():
 def test_which_checkpoint_a_run_resumes_from(tmp_path, monkeypatch, restart, restarts, exists, expected):
     import logging
     from argparse import Namespace
-    from train import resolve_restart
+    from utils.training.checkpointer import resolve_restart
 
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", str(restarts))
     if exists:

@@ -1,0 +1,196 @@
+"""Checkpoints of a training run: what goes into one, writing last / best / every one (--save_all), which
+one a run resumes from, and resuming from it.
+
+A checkpoint (format txl-train-v2) holds, as tensors and plain Python types:
+
+    format, args (the configuration), model_config, vocab, model_state, optimizer_state,
+    and the TrainState (utils/training/state.py): train_step, tokens_seen, epoch, batch, last_iter,
+    best_val_loss, train_elapsed, log_acc, world_size, batch_chunk, data_states, rng_states, memory,
+    scheduler_state, scaler_state.
+
+txl-train-v1 (before TrainState) had the same keys without tokens_seen. eval.py / generate.py read
+format, model_config, model_state, vocab and args["dataset"]. The reference trainer's checkpoints resume with
+their weights only.
+"""
+import logging
+from pathlib import Path
+
+import torch
+
+from utils.data.vocabulary import Vocab
+from utils.distributed import group as distributed
+from utils.distributed.fsdp import full_model_state, full_optimizer_state, load_model_state, load_optimizer_state
+from utils.io.checkpoint import copy_checkpoint_atomic, load_checkpoint, save_checkpoint_atomic
+from utils.io.errors import UserError
+from utils.model.model_config import architecture_differences
+from utils.model.reference_compat import reference_state_dict_to_ours
+from utils.training.rng import rng_state, set_rng_state
+from utils.training.state import TrainState
+
+CHECKPOINT_FORMAT = "txl-train-v2"
+# formats this version resumes from; "reference": load_checkpoint's name for the reference trainer's files
+READABLE_FORMATS = ("txl-train-v1", CHECKPOINT_FORMAT, "reference")
+
+
+def check_format(ckpt: dict, path) -> None:
+    """Refuse a checkpoint of a format this version does not know (written by a newer version)."""
+    if ckpt.get("format") not in READABLE_FORMATS:
+        raise UserError(f"checkpoint {path} was written by a newer version (format {ckpt.get('format')}); this "
+                        f"version reads {', '.join(READABLE_FORMATS[:-1])}: update the code, or restart from a "
+                        "checkpoint written by this version")
+
+
+def resolve_restart(args, work_dir: Path, log: logging.Logger) -> str:
+    """The checkpoint to resume from ("" for a fresh start).
+
+    --restart PATH: that checkpoint (a folder: its checkpoint_last.pt, or a fresh start while it has none, so
+    one command line serves the first launch and every requeue). --restart auto: the work dir's
+    checkpoint_last.pt when there is one.
+    When torchrun restarted the workers after a failure (--max-restarts, TORCHELASTIC_RESTART_COUNT > 0), the
+    work dir's checkpoint_last.pt is this run's latest state, so it wins over --restart when it exists.
+    Rank 0 looks at the file system for all ranks.
+    """
+    restarted = distributed.env_int("TORCHELASTIC_RESTART_COUNT", 0) > 0
+    if not restarted and args.restart != "auto":
+        folder = Path(args.restart)
+        empty = bool(args.restart) and folder.is_dir() and not (folder / "checkpoint_last.pt").exists()
+        if distributed.broadcast_object(empty):
+            log.info(f"No checkpoint in {folder} yet, starting training from random init")
+            return ""
+        return args.restart
+    last = work_dir / "checkpoint_last.pt"
+    why = "torchrun restarted the workers" if restarted else "--restart auto"
+    if distributed.broadcast_object(last.is_file()):
+        log.info(f"{why}: resuming from {last}")
+        return str(last)
+    fallback = "" if args.restart == "auto" else args.restart
+    log.info(f"{why}: no checkpoint in {work_dir} yet, " + (f"resuming from {fallback}" if fallback else
+                                                              "starting from scratch"))
+    return fallback
+
+
+def same_vocab(a: Vocab, b: Vocab) -> bool:
+    return a.to_dict().get("idx2sym") == b.to_dict().get("idx2sym") and len(a) == len(b)
+
+
+class Checkpointer:
+    """Takes and restores the checkpoints of one run: the model, optimizer, scheduler and scaler it was
+    given, the training data iterator's position, and the TrainState."""
+
+    def __init__(self, args, work_dir: Path, log: logging.Logger, device: torch.device, parts: dict):
+        """`parts`: model_config, vocab, model, optimizer, scheduler, scaler, train_iter."""
+        self.args, self.work_dir, self.log, self.device = args, Path(work_dir), log, device
+        self.model_config, self.vocab = parts["model_config"], parts["vocab"]
+        self.model, self.optimizer = parts["model"], parts["optimizer"]
+        self.scheduler, self.scaler, self.train_iter = parts["scheduler"], parts["scaler"], parts["train_iter"]
+        self.rank, self.world_size = distributed.get_rank(), distributed.get_world_size()
+
+    # ---- taking one ------------------------------------------------------------------------------------------
+    def capture(self, state: TrainState, mems: list) -> dict:
+        """The checkpoint of this moment. Every rank calls it (its per-rank parts are gathered, and FSDP
+        gathers the full weights); only rank 0's result is complete."""
+        per_rank = {"rng": rng_state(self.device), "memory": [None if m is None else m.detach().cpu() for m in mems],
+                    "data": self.train_iter.state_dict()}
+        gathered = distributed.gather_objects(per_rank)
+        state.batch, state.last_iter = self.train_iter.batch, self.train_iter.last_iter
+        state.world_size, state.batch_chunk = self.world_size, self.args.batch_chunk
+        state.rng_states = [g["rng"] for g in gathered] if gathered else None
+        state.memory = [g["memory"] for g in gathered] if gathered else None
+        state.data_states = [g["data"] for g in gathered] if gathered else None
+        state.scheduler_state = self.scheduler.state_dict()
+        state.scaler_state = self.scaler.state_dict() if self.scaler.is_enabled() else None
+        model_state = full_model_state(self.model)          # collectives under FSDP: every rank calls them
+        optimizer_state = full_optimizer_state(self.model, self.optimizer)
+        return {"format": CHECKPOINT_FORMAT, "args": self.args.to_dict(), "model_config": self.model_config,
+                "vocab": self.vocab.to_dict(), "model_state": model_state, "optimizer_state": optimizer_state,
+                **state.state_dict()}
+
+    def save(self, ckpt: dict, is_best: bool) -> None:
+        """Rank 0: checkpoint_last.pt, and a copy as checkpoint_best.pt / checkpoint_<step>.pt (--save_all)."""
+        last = self.work_dir / "checkpoint_last.pt"
+        self.log.info(f"Saving checkpoint to {last}")
+        save_checkpoint_atomic(ckpt, last)
+        if is_best:
+            copy_checkpoint_atomic(last, self.work_dir / "checkpoint_best.pt")
+        if self.args.save_all:
+            copy_checkpoint_atomic(last, self.work_dir / f"checkpoint_{ckpt['train_step']}.pt")
+
+    # ---- resuming from one -----------------------------------------------------------------------------------
+    def restore(self, path: str) -> tuple[TrainState, list] | None:
+        """Load the checkpoint at `path` into the model, optimizer, scheduler, scaler and data iterator;
+        returns its TrainState and this rank's memory, or None when it already reached --max_step."""
+        ckpt = load_checkpoint(path, map_location=self.device)
+        check_format(ckpt, path)
+        reference = ckpt["format"] == "reference"
+        self._check_fits(ckpt, path, reference)
+        if ckpt["train_step"] >= self.args.max_step:
+            self.log.info(f"Loaded checkpoint after {ckpt['train_step']} steps, but this run was scheduled for a "
+                          f"total of {self.args.max_step} steps, exiting")
+            return None
+        model_state = reference_state_dict_to_ours(ckpt["model_state"], ckpt["model_config"]) if reference \
+            else ckpt["model_state"]
+        load_model_state(self.model, model_state)
+        self.model.update_dropout(self.args.dropout)
+        self.model.update_dropatt(self.args.dropatt)
+        if reference:
+            return self._restore_reference(ckpt, path), [None] * self.args.batch_chunk
+        state = self._train_state(ckpt)
+        self._restore_optimization(ckpt, state, path)
+        mems = self._restore_position(state)
+        state.drop_snapshot()
+        self.log.info(f"Resuming from {path} at step {state.train_step}")
+        return state, mems
+
+    def _check_fits(self, ckpt: dict, path, reference: bool) -> None:
+        """The checkpoint's vocabulary and architecture are this run's."""
+        ckpt_vocab = Vocab.from_reference(ckpt["vocab"]) if reference else Vocab.from_dict(ckpt["vocab"])
+        if not same_vocab(ckpt_vocab, self.vocab):
+            raise UserError(f"checkpoint {path} was trained with another vocabulary ({len(ckpt_vocab)} symbols, "
+                            f"this corpus has {len(self.vocab)}); restart with the same --data / --dataset / --vocab")
+        differences = architecture_differences(ckpt["model_config"], self.model_config)
+        if differences:
+            raise UserError(f"checkpoint {path} has another model ({', '.join(differences)}); restart with the "
+                            "same model flags")
+
+    def _restore_reference(self, ckpt: dict, path) -> TrainState:
+        self.log.info(f"Loaded the reference checkpoint {path} (model weights, step {ckpt['train_step']}); the "
+                      "optimizer state, memory and data position start fresh")
+        self.scheduler.step(ckpt["train_step"])
+        return TrainState(train_step=ckpt["train_step"], tokens_seen=self._estimated_tokens(ckpt["train_step"]),
+                          best_val_loss=ckpt.get("best_val_loss"))
+
+    def _train_state(self, ckpt: dict) -> TrainState:
+        state = TrainState(tokens_seen=self._estimated_tokens(ckpt["train_step"]))
+        state.load_state_dict(ckpt)                         # a txl-train-v2 checkpoint has the counted tokens
+        return state
+
+    def _estimated_tokens(self, steps: int) -> int:
+        """Checkpoints before txl-train-v2 did not count the tokens: `steps` full batches of this run's size."""
+        return steps * self.args.batch_size * self.args.tgt_len
+
+    def _restore_optimization(self, ckpt: dict, state: TrainState, path) -> None:
+        try:
+            load_optimizer_state(self.model, self.optimizer, ckpt["optimizer_state"])
+        except (ValueError, KeyError) as exc:
+            raise UserError(f"checkpoint {path}: the optimizer state does not fit --optim {self.args.optim} ({exc}); "
+                            "restart with the optimizer it was trained with") from None
+        self.scheduler.load_state_dict(state.scheduler_state)
+        if state.scaler_state is not None and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state.scaler_state)
+
+    def _restore_position(self, state: TrainState) -> list:
+        """Put the data iterator (and, with the same layout, the random generators and the memory) where the
+        checkpoint left them; returns this rank's memory."""
+        args = self.args
+        if not state.same_layout(self.world_size, args.batch_chunk):
+            self.log.info(f"Checkpoint written by {state.world_size} process(es) with batch_chunk "
+                          f"{state.batch_chunk}; this run has {self.world_size} and {args.batch_chunk}: memory and "
+                          "random state start fresh, the data stream resumes at the same position")
+            self.train_iter.load_state_dict(dict(state.data_states[0]))
+            return [None] * args.batch_chunk
+        set_rng_state(state.rng_states[self.rank], self.device)
+        mems = [None if m is None else m.to(self.device) for m in state.memory[self.rank]]
+        if args.swap_mem:
+            mems = [None if m is None else m.cpu() for m in mems]
+        self.train_iter.load_state_dict(state.data_states[self.rank])
+        return mems
