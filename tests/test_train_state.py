@@ -10,7 +10,7 @@ import torch
 import cli_runner
 from cli_runner import tiny_args
 from utils.io.errors import UserError
-from utils.training.checkpointer import CHECKPOINT_FORMAT, check_format
+from utils.io.checkpoint import CHECKPOINT_FORMAT, check_format
 from utils.training.lr_scheduler import build_scheduler
 from utils.training.rng import rng_state
 from utils.training.state import LogInterval, TrainState
@@ -108,10 +108,12 @@ def test_a_checkpoint_of_a_newer_format_is_refused_in_one_line(demo_corpus, tmp_
     torch.save({**ckpt, "format": "txl-train-v99"}, newer)
     result = cli_runner.train(tiny_args(demo_corpus, tmp_path / "again", max_step=4, restart=newer), tmp_path,
                               name="newer")
-    assert result.returncode == 2
-    assert result.stderr.strip() == (f"error: checkpoint {newer} was written by a newer version (format "
-                                     "txl-train-v99); this version reads txl-train-v1, txl-train-v2: update the "
-                                     "code, or restart from a checkpoint written by this version")
+    expected = (f"error: checkpoint {newer} was written by a newer version (format txl-train-v99); this version "
+                "reads txl-train-v1, txl-train-v2: update the code, or use a checkpoint written by this version")
+    assert result.returncode == 2 and result.stderr.strip() == expected
+    scored = cli_runner.evaluate(["--model", newer, "--manual", "a", "b", "--work_dir", tmp_path / "eval"], tmp_path,
+                                 name="eval-newer")                 # eval.py refuses it the same way
+    assert scored.returncode == 2 and scored.stderr.strip() == expected
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -46,12 +46,25 @@ def _plain(value: Any) -> Any:
     return value
 
 
+# the format train.py writes, and every format this version reads ("reference": the reference trainer's files)
+CHECKPOINT_FORMAT = "txl-train-v2"
+READABLE_FORMATS = ("txl-train-v1", CHECKPOINT_FORMAT, "reference")
+
+
+def check_format(ckpt: dict, path) -> None:
+    """Refuse a checkpoint of a format this version does not know (written by a newer version)."""
+    if ckpt.get("format") not in READABLE_FORMATS:
+        raise UserError(f"checkpoint {path} was written by a newer version (format {ckpt.get('format')}); this "
+                        f"version reads {', '.join(READABLE_FORMATS[:-1])}: update the code, or use a checkpoint "
+                        "written by this version")
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
     """Load one of our checkpoints or a reference checkpoint without running pickled code.
 
     A directory means `<dir>/checkpoint_last.pt`. Reference checkpoints come back with `args` and `vocab` as
     plain dicts and `format` set to "reference"; ours keep the `format` they were written with.
-    Raises UserError when the file is missing, truncated, corrupt or not a checkpoint.
+    Raises UserError when the file is missing, truncated, corrupt, not a checkpoint or of a newer format.
     """
     path = Path(path)
     if path.is_dir():
@@ -77,6 +90,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
         raise UserError(f"{path} is not a Transformer-XL checkpoint (no model_state / model_config)")
     state = _plain(state)
     state.setdefault("format", "reference")
+    check_format(state, path)
     return state
 
 

@@ -20,25 +20,12 @@ import torch
 from utils.data.vocabulary import Vocab
 from utils.distributed import group as distributed
 from utils.distributed.fsdp import full_model_state, full_optimizer_state, load_model_state, load_optimizer_state
-from utils.io.checkpoint import copy_checkpoint_atomic, load_checkpoint, save_checkpoint_atomic
+from utils.io.checkpoint import CHECKPOINT_FORMAT, copy_checkpoint_atomic, load_checkpoint, save_checkpoint_atomic
 from utils.io.errors import UserError
 from utils.model.model_config import architecture_differences
 from utils.model.reference_compat import reference_state_dict_to_ours
 from utils.training.rng import rng_state, set_rng_state
 from utils.training.state import TrainState
-
-CHECKPOINT_FORMAT = "txl-train-v2"
-# formats this version resumes from; "reference": load_checkpoint's name for the reference trainer's files
-READABLE_FORMATS = ("txl-train-v1", CHECKPOINT_FORMAT, "reference")
-
-
-def check_format(ckpt: dict, path) -> None:
-    """Refuse a checkpoint of a format this version does not know (written by a newer version)."""
-    if ckpt.get("format") not in READABLE_FORMATS:
-        raise UserError(f"checkpoint {path} was written by a newer version (format {ckpt.get('format')}); this "
-                        f"version reads {', '.join(READABLE_FORMATS[:-1])}: update the code, or restart from a "
-                        "checkpoint written by this version")
-
 
 def resolve_restart(args, work_dir: Path, log: logging.Logger) -> str:
     """The checkpoint to resume from ("" for a fresh start).
@@ -120,7 +107,6 @@ class Checkpointer:
         """Load the checkpoint at `path` into the model, optimizer, scheduler, scaler and data iterator;
         returns its TrainState and this rank's memory, or None when it already reached --max_step."""
         ckpt = load_checkpoint(path, map_location=self.device)
-        check_format(ckpt, path)
         reference = ckpt["format"] == "reference"
         self._check_fits(ckpt, path, reference)
         if ckpt["train_step"] >= self.args.max_step:
