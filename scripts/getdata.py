@@ -14,14 +14,21 @@
 A dataset whose folder already has its files is skipped. Downloads go to <data>/.downloads/ (resumed from
 scratch if interrupted; the partial file is never mistaken for a complete one) and show a progress bar.
 `--mirror URL` fetches every archive as URL/<file name> instead (file:// works), for machines without
-internet access. Without network the script stops with one line saying so.
+internet access. Whatever goes wrong on the way (no network, a refused or reset connection, a timeout, a
+garbled or truncated reply, an HTTP error, a proxy that fails, a malformed URL) the script stops with one line
+saying so. The proxy variables (http_proxy, https_proxy, no_proxy) are honoured, except for a mirror on this
+machine (localhost, 127.0.0.0/8, ::1), which is always reached directly: a proxy elsewhere cannot reach it.
+Only the standard library is needed (tqdm, when installed, draws the progress bar).
 """
 import argparse
+import http.client
+import ipaddress
 import os
 import shutil
 import sys
 import tarfile
 import urllib.error
+import urllib.parse
 import urllib.request
 import zipfile
 from pathlib import Path
@@ -51,6 +58,11 @@ SOURCES = {
 }
 DATASETS = ("wt2", "wt103", "ptb", "enwik8", "text8", "lm1b")
 _HEADERS = {"User-Agent": "Mozilla/5.0 (transformer-xl getdata)"}  # some hosts refuse urllib's default agent
+TIMEOUT_S = 60  # for connecting and for each read
+# Everything a download can raise because of the network or the URL (not a bug of this script):
+# URLError (refused, DNS, HTTP errors, unknown scheme), OSError (reset, timeout, SSL, disk full),
+# HTTPException (garbled status line or headers, truncated body), ValueError (malformed URL or port).
+NETWORK_ERRORS = (urllib.error.URLError, OSError, http.client.HTTPException, ValueError)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -68,25 +80,74 @@ def download(name: str, downloads: Path, mirror: str | None = None) -> Path:
         try:
             _fetch(url, target)
             return target
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            reason = getattr(exc, "reason", None) or exc
-            reasons.append(f"{url}: {reason}")
+        except NETWORK_ERRORS as exc:
+            reasons.append(f"{url}: {_describe(exc)}")
     raise UserError(
         f"cannot download {name} ({'; '.join(reasons)}); check the network connection, or pass --mirror with "
         "a folder or server that has the file"
     )
 
 
-def _fetch(url: str, target: Path) -> None:
-    from tqdm import tqdm
+def _describe(exc: BaseException) -> str:
+    """A short reason for a failed download, on one line (a garbled reply may hold any bytes)."""
+    if isinstance(exc, urllib.error.HTTPError):
+        return f"HTTP {exc.code} {exc.reason}"
+    if isinstance(exc, urllib.error.URLError):
+        if not isinstance(exc.reason, BaseException):  # a text such as "unknown url type: ..."
+            return " ".join(str(exc.reason).split())[:200]
+        exc = exc.reason
+    text = " ".join(str(exc).split())[:200]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
-    request = urllib.request.Request(url, headers=_HEADERS)
-    with urllib.request.urlopen(request, timeout=60) as response, atomic_open(target, "wb") as out:
+
+def _is_loopback(url: str) -> bool:
+    host = urllib.parse.urlsplit(url).hostname or ""
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _open(url: str):
+    """urlopen with the proxy variables as they are now (urlopen reads them once per process), none for a
+    mirror on this machine: a proxy elsewhere cannot reach this machine's loopback."""
+    proxies = {} if _is_loopback(url) else None  # None: from the environment
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler(proxies))
+    return opener.open(urllib.request.Request(url, headers=_HEADERS), timeout=TIMEOUT_S)
+
+
+def _progress(total, name):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # the standard library is enough to download; the bar is a bonus
+        return _NoBar()
+    return tqdm(total=total, unit="B", unit_scale=True, desc=name, file=sys.stderr)
+
+
+class _NoBar:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, n):
+        pass
+
+
+def _fetch(url: str, target: Path) -> None:
+    with _open(url) as response, atomic_open(target, "wb") as out:   # a failed download leaves no file
         total = int(response.headers.get("Content-Length") or 0) or None
-        with tqdm(total=total, unit="B", unit_scale=True, desc=target.name, file=sys.stderr) as bar:
+        received = 0
+        with _progress(total, target.name) as bar:
             while block := response.read(1 << 20):
                 out.write(block)
+                received += len(block)
                 bar.update(len(block))
+        if total is not None and received != total:  # a server that closed early without saying so
+            raise http.client.IncompleteRead(b"", total - received)
 
 
 def _complete(folder: Path, names=tuple(f"{s}.txt" for s in SPLITS)) -> bool:

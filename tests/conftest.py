@@ -1,4 +1,9 @@
-"""Shared test fixtures: the repository root on sys.path, and ../shared when it exists."""
+"""Shared test fixtures: the repository root on sys.path, and ../shared when it exists.
+
+How to compare numbers (bitwise only where the project promises it: same inputs and shapes in the same
+process, exact resume; a dtype-fitted tolerance from numerics.py wherever inputs or shapes differ) and what a
+test may not assume about the machine: tests/README.md.
+"""
 import os
 import sys
 from pathlib import Path

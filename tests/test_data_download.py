@@ -1,9 +1,17 @@
-"""scripts/getdata.py: offline failure in one line, preparation of each dataset on tiny synthetic archives."""
+"""scripts/getdata.py: every network failure in one line, preparation of each dataset on tiny synthetic archives.
+
+The network failures are served from 127.0.0.1 by the tests themselves (a port bound but not listening, a
+server that resets, closes, answers garbage, stops half-way or never answers), so they do not depend on the
+machine's network, on a port being free, or on the proxy settings of whoever runs the tests.
+"""
 import io
 import os
+import socket
+import struct
 import subprocess
 import sys
 import tarfile
+import threading
 import urllib.error
 import zipfile
 from pathlib import Path
@@ -17,23 +25,176 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 import getdata  # noqa: E402
 
+PROXY_VARS = ("http_proxy", "https_proxy", "ftp_proxy", "all_proxy", "no_proxy")
 
-def test_offline_is_one_line(tmp_path):
-    proc = subprocess.run(
-        ["bash", str(REPO / "getdata.sh"), "--data", str(tmp_path), "--mirror", "http://127.0.0.1:9", "wt2"],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert proc.returncode == 2
-    assert proc.stderr.count("\n") == 1
+
+@pytest.fixture
+def closed_port():
+    """A port on 127.0.0.1 that refuses connections: bound by this test (so nothing else takes it) but not
+    listening. (A fixed port such as 9 may be open on some machines: the discard service.)"""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield s.getsockname()[1]
+
+
+@pytest.fixture
+def serve():
+    """serve(reply) -> a base URL on 127.0.0.1 whose every connection gets `reply(conn)` (raw bytes)."""
+    servers = []
+
+    def start(reply):
+        server = socket.socket()
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        server.settimeout(0.2)
+        stop = threading.Event()
+
+        def loop():
+            while not stop.is_set():
+                try:
+                    conn, _ = server.accept()
+                except OSError:
+                    continue
+                with conn:
+                    conn.settimeout(5)
+                    try:
+                        conn.recv(65536)                   # the request
+                        reply(conn)
+                    except OSError:
+                        pass
+        thread = threading.Thread(target=loop, daemon=True)
+        thread.start()
+        servers.append((server, stop, thread))
+        return f"http://127.0.0.1:{server.getsockname()[1]}"
+    yield start
+    for server, stop, thread in servers:
+        stop.set()
+        thread.join(5)
+        server.close()
+
+
+def reset(conn):             # RST instead of an orderly close
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def close(conn):             # an orderly close without a reply
+    pass
+
+
+def garbage(conn):
+    conn.sendall(b"\x00\xffnot HTTP at all\r\n\r\n")
+
+
+def truncated(conn):         # promises 1000 bytes, sends 10, closes
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n0123456789")
+
+
+def not_found(conn):
+    conn.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+
+
+def silent(conn):            # accepts, never answers (the test lowers the timeout)
+    threading.Event().wait(3)
+
+
+def served_file(conn):
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello")
+
+
+def no_proxy_env(monkeypatch, **proxies):
+    for name in PROXY_VARS:
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+    for name, value in proxies.items():
+        monkeypatch.setenv(name, value)
+
+
+def assert_one_line_failure(tmp_path, url, *reason_parts):
+    with pytest.raises(UserError) as info:
+        getdata.download("1b_word_vocab.txt", tmp_path / ".downloads", mirror=url)
+    message = str(info.value)
+    assert message.startswith(f"cannot download 1b_word_vocab.txt ({url}/1b_word_vocab.txt: "), message
+    assert "\n" not in message and "network" in message
+    for part in reason_parts:                                          # each a text or a tuple of alternatives
+        assert any(alt in message for alt in ((part,) if isinstance(part, str) else part)), message
+    assert os.listdir(tmp_path / ".downloads") == []                  # no partial file left
+
+
+def run_getdata(tmp_path, mirror, **env):
+    """getdata.sh as a user runs it, with this interpreter (python3 on PATH may lack the requirements)."""
+    child_env = {k: v for k, v in os.environ.items() if k.lower() not in PROXY_VARS}
+    child_env.update(PYTHON=sys.executable, **env)
+    return subprocess.run(["bash", str(REPO / "getdata.sh"), "--data", str(tmp_path), "--mirror", mirror, "wt2"],
+                          capture_output=True, text=True, timeout=120, env=child_env)
+
+
+def assert_cli_one_line(proc, tmp_path):
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
     assert proc.stderr.startswith("error: cannot download wikitext-2-v1.zip") and "network" in proc.stderr
     assert not (tmp_path / "wikitext-2").exists() and os.listdir(tmp_path / ".downloads") == []
+
+
+def test_offline_is_one_line(tmp_path, closed_port):
+    assert_cli_one_line(run_getdata(tmp_path, f"http://127.0.0.1:{closed_port}"), tmp_path)
+
+
+def test_garbled_reply_on_the_command_line_is_one_line(tmp_path, serve):
+    assert_cli_one_line(run_getdata(tmp_path, serve(garbage)), tmp_path)
+
+
+def test_a_dead_proxy_in_the_environment_is_one_line(tmp_path, closed_port):
+    """A mirror elsewhere goes through the proxy (here a refused one); nothing is looked up on the network."""
+    proxy = f"http://127.0.0.1:{closed_port}"
+    proc = run_getdata(tmp_path, "http://mirror.invalid/data", http_proxy=proxy, HTTP_PROXY=proxy)
+    assert_cli_one_line(proc, tmp_path)
+    assert "Connection refused" in proc.stderr or "ConnectionRefusedError" in proc.stderr
+
+
+@pytest.mark.parametrize("reply, reason", [
+    (reset, ("ConnectionResetError", "RemoteDisconnected")),  # the latter when the RST comes after the read
+    (close, "RemoteDisconnected"),
+    (garbage, "BadStatusLine"),
+    (truncated, "IncompleteRead"),
+    (not_found, "HTTP 404 Not Found"),
+])
+def test_each_failure_of_a_server_is_one_line(tmp_path, monkeypatch, serve, reply, reason):
+    no_proxy_env(monkeypatch)
+    assert_one_line_failure(tmp_path, serve(reply), reason)
+
+
+def test_a_server_that_never_answers_times_out_in_one_line(tmp_path, monkeypatch, serve):
+    no_proxy_env(monkeypatch)
+    monkeypatch.setattr(getdata, "TIMEOUT_S", 0.5)
+    assert_one_line_failure(tmp_path, serve(silent), "timed out")
+
+
+@pytest.mark.parametrize("url, reason", [
+    ("http://127.0.0.1:notaport", "InvalidURL"),
+    ("nosuchscheme://host", "unknown url type"),
+])
+def test_a_malformed_mirror_is_one_line(tmp_path, monkeypatch, url, reason):
+    no_proxy_env(monkeypatch)
+    assert_one_line_failure(tmp_path, url, reason)
+
+
+def test_refused_connection_is_one_line(tmp_path, monkeypatch, closed_port):
+    no_proxy_env(monkeypatch)
+    assert_one_line_failure(tmp_path, f"http://127.0.0.1:{closed_port}", "Connection refused")
+
+
+@pytest.mark.parametrize("variable", ["http_proxy", "HTTP_PROXY", "all_proxy"])
+def test_a_mirror_on_this_machine_bypasses_any_proxy(tmp_path, monkeypatch, serve, closed_port, variable):
+    no_proxy_env(monkeypatch, **{variable: f"http://127.0.0.1:{closed_port}"})
+    path = getdata.download("1b_word_vocab.txt", tmp_path / ".downloads", mirror=serve(served_file))
+    assert path.read_bytes() == b"hello" and os.listdir(tmp_path / ".downloads") == ["1b_word_vocab.txt"]
 
 
 def test_public_sources_unreachable(tmp_path, monkeypatch):
     def no_network(*args, **kwargs):
         raise urllib.error.URLError("Name or service not known")
 
-    monkeypatch.setattr(getdata.urllib.request, "urlopen", no_network)
+    monkeypatch.setattr(getdata, "_open", no_network)
     with pytest.raises(UserError, match=r"cannot download enwik8\.zip \(http://mattmahoney\.net/dc/enwik8\.zip: Name"):
         getdata.get_dataset("enwik8", tmp_path, mirror=None)
 

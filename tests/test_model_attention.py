@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from mem_transformer import last_rows, rel_position_scores
 from model_testlib import sinusoid, tiny_model, tokens
+from numerics import assert_rounding_close, moved_beyond_rounding
 
 pytestmark = pytest.mark.usefixtures("attn_impl")      # every test for each attention implementation
 
@@ -121,9 +122,12 @@ def test_changing_a_token_changes_no_earlier_nll(attn_type, adaptive):
         changed = data.clone()
         changed[t, 1] = (changed[t, 1] + 7) % 40
         nll, _ = model(changed[:8], data[1:9], mems)
-        assert torch.equal(nll[:t], base[:t])                            # nothing before t moves
-        assert not torch.equal(nll[t:, 1], base[t:, 1])                  # the change is seen from t on
-        assert torch.equal(nll[:, [0, 2]], base[:, [0, 2]])              # other sequences untouched
+        # Other inputs than `base`: the products that computed the untouched entries had other rows, which
+        # BLAS may round differently (seen: 1.8e-15 on an AMD EPYC, adaptive softmax), so "untouched" is
+        # "equal up to float64 rounding"; a leak through the mask or across rows would move them by >1e-4.
+        assert_rounding_close(nll[:t], base[:t], f"t={t}: before t")        # nothing before t moves
+        assert moved_beyond_rounding(nll[t:, 1], base[t:, 1]), t            # the change is seen from t on
+        assert_rounding_close(nll[:, [0, 2]], base[:, [0, 2]], f"t={t}: other sequences")  # untouched
 
 
 @pytest.mark.parametrize("qlen", [5, 1])

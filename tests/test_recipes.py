@@ -6,6 +6,7 @@ import os
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -91,6 +92,13 @@ def test_recipe_usage_errors(args, fake_torchrun, tmp_path):
     assert not record.exists()
 
 
+def interpreter_env() -> dict:
+    """This environment with this interpreter's folder first on PATH: the recipes call `torchrun` and
+    `python` from PATH, as in a user's activated environment, but pytest may run as `/path/to/venv/bin/python
+    -m pytest` without the environment activated (then PATH has no torchrun, or another python's)."""
+    return dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+
+
 def _summary(path):
     records = [json.loads(line) for line in path.read_text().splitlines()]
     return [r for r in records if r["step"] == "SUMMARY"][-1]
@@ -107,7 +115,7 @@ def test_wt2_recipe_trains_then_evaluates(tmp_path):
     train = run_recipe("run_wt2_base.sh", ["train", "1", *tiny, *lengths, "--eval_tgt_len", "16", "--batch_size", "4",
                                            "--eval_batch_size", "4", "--max_step", "6", "--eval_interval", "3",
                                            "--warmup_step", "2", "--log_interval", "2"],
-                       dict(os.environ), cwd=tmp_path)
+                       interpreter_env(), cwd=tmp_path)
     assert train.returncode == 0, train.stdout[-2000:] + train.stderr[-2000:]
     assert "| epoch   1 step        6 |" in train.stdout
     assert "| End of training | test time:" in train.stdout
@@ -119,7 +127,7 @@ def test_wt2_recipe_trains_then_evaluates(tmp_path):
     evaluation = run_recipe("run_wt2_base.sh", ["eval", "1", *tiny[:5], "--model", str(work / "checkpoint_best.pt"),
                                                 *lengths, "--batch_size", "4", "--clamp_len", "-1",
                                                 "--no_same_length", "--split", "test"],
-                            dict(os.environ), cwd=tmp_path)
+                            interpreter_env(), cwd=tmp_path)
     assert evaluation.returncode == 0, evaluation.stdout[-2000:] + evaluation.stderr[-2000:]
     assert "Evaluating with: math fp32 type pytorch bsz 4 tgt_len 16 ext_len 0 mem_len 16 clamp_len -1" in evaluation.stdout
     assert "| test loss " in evaluation.stdout
@@ -137,8 +145,8 @@ def test_sigterm_to_a_recipe_saves_a_checkpoint_and_exits_0(tmp_path):
             "--d_model", "16", "--n_head", "2", "--d_head", "8", "--d_inner", "32", "--tgt_len", "8",
             "--mem_len", "8", "--eval_tgt_len", "8", "--batch_size", "2", "--max_step", "100000",
             "--eval_interval", "100000", "--log_interval", "1"]
-    proc = subprocess.Popen(["bash", str(REPO / "run_wt2_base.sh"), *args], cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(["bash", str(REPO / "run_wt2_base.sh"), *args], cwd=tmp_path, env=interpreter_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         for line in proc.stdout:                    # wait until training runs
             if "| epoch   1 step        3 |" in line:
