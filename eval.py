@@ -25,6 +25,7 @@ from utils.config.cli import eval_parser, eval_splits, fill_from_checkpoint, par
 from utils.io.atomic import write_text_atomic
 from utils.io.errors import UserError, run_cli
 from utils.training.evaluation import evaluate_stream, reduce_eval_result
+from utils.training.evaluator import check_targets
 from utils.training.metrics import (DOUBLE_LINE, AverageMeter, MetricsWriter, format_eval_progress_line,
                            format_split_result, safe_exp, setup_logging)
 from utils.runtime.device import configure_backends, environment_summary, resolve_speed_flags, select_device
@@ -110,11 +111,8 @@ def main() -> int:
     distributed.adopt_slurm_env()                       # one process per srun task: ranks from SLURM_* variables
     args = parse_args(eval_parser(), section="eval")
     args = distributed.init_from_env(args)
-    rank, world_size = distributed.get_rank(), distributed.get_world_size()
     work_dir = Path(args.work_dir)
-    if rank == 0 and not args.debug:
-        work_dir.mkdir(parents=True, exist_ok=True)
-    log = setup_logging(None if args.debug else work_dir / "eval_log.log", rank, args.log_all_ranks, filemode="a")
+    log = open_eval_log(args, work_dir)
     device = select_device(args, log)
     args = resolve_speed_flags(args, device)
     configure_backends(args, device)
@@ -125,9 +123,39 @@ def main() -> int:
 
     loaded = load_model(args, device, log)
     args = data_from_checkpoint(args, loaded, log)
+    model, precision, runtime = build_runtime(args, loaded, device, log)
+    splits = split_iterators(args, loaded.vocab, device)
+    log.info(f"Evaluating with: math {precision} type {runtime} bsz {args.batch_size} tgt_len {args.tgt_len} "
+             f"ext_len {args.ext_len} mem_len {args.mem_len} clamp_len {args.clamp_len}")
+    warmup = args.mem_len // args.tgt_len + 2
+    meters = {"throughput": AverageMeter(warmup=warmup, keep=args.save_data),
+              "latency": AverageMeter(warmup=warmup, keep=args.save_data)}
+    metrics = MetricsWriter(None if args.debug else work_dir / args.dllog_file,
+                            enabled=distributed.is_main_process(), append=True)
+    metrics.log("PARAMETER", {k: v for k, v in args.to_dict().items() if isinstance(v, (int, float, str, bool))})
+    dataset = (loaded.dataset if args.manual else args.dataset) or args.dataset
+    losses = [score_split(model, split, iterator, dataset, args, device, log, meters, metrics)
+              for split, iterator in splits.items()]
+    if args.save_data:
+        report_latency(args, meters, work_dir, log, metrics, device, f"{precision}_{runtime}")
+    metrics.close()
+    code = check_targets(args, losses[-1], meters["throughput"].avg, log)
+    distributed.shutdown()
+    return code
+
+
+def open_eval_log(args, work_dir: Path):
+    """eval_log.log in the work dir (appended to), or no file with --debug."""
+    if distributed.is_main_process() and not args.debug:
+        work_dir.mkdir(parents=True, exist_ok=True)
+    return setup_logging(None if args.debug else work_dir / "eval_log.log", distributed.get_rank(),
+                         args.log_all_ranks, filemode="a")
+
+
+def build_runtime(args, loaded: LoadedModel, device, log):
+    """The model in the runtime and precision this run asks for, warmed up; (model, precision, runtime)."""
     if not isinstance(loaded.model, torch.jit.ScriptModule):
         loaded.model.set_attn_impl(args.attn_impl)
-    vocab, model_config, trained_on = loaded.vocab, loaded.model_config, loaded.dataset
     precision = precision_of(args)
     runtime = "torchscript" if args.load_torchscript and args.type != "compile" else args.type
     if args.load_torchscript and args.type == "pytorch":
@@ -135,65 +163,42 @@ def main() -> int:
     start = time.time()
     model = prepare_runtime(loaded.model, runtime, precision, device, args.compile_mode)
     if args.save_torchscript:
-        path = save_torchscript(model if runtime == "torchscript" else loaded.model, args.save_torchscript, vocab,
-                                model_config, trained_on or args.dataset)
+        path = save_torchscript(model if runtime == "torchscript" else loaded.model, args.save_torchscript,
+                                loaded.vocab, loaded.model_config, loaded.dataset or args.dataset)
         log.info(f"Saved the TorchScript model to {path}")
     if runtime != "pytorch" or precision != "fp32":
-        local_bsz = 1 if args.manual else -(-args.batch_size // world_size)
-        warm_up(model, model_config["n_token"], args.tgt_len, args.mem_len, local_bsz, device, precision, runtime)
+        local_bsz = 1 if args.manual else -(-args.batch_size // distributed.get_world_size())
+        warm_up(model, loaded.model_config["n_token"], args.tgt_len, args.mem_len, local_bsz, device, precision,
+                runtime)
         log.info(f"Building the model took {time.time() - start:.2f} seconds")
+    return model, precision, runtime
 
+
+def split_iterators(args, vocab, device) -> dict:
+    """{split: batch iterator}: the --manual text, or the dataset splits (--split) with this rank's columns."""
     if args.manual:
-        splits = {args.split: data_utils.LMOrderedIterator(manual_ids(args, vocab), 1, args.tgt_len, device=device,
-                                                           ext_len=args.ext_len, warmup=False)}
-    else:
-        if vocab is None:
-            corpus = data_utils.get_lm_corpus(args.data, args.dataset, args.manual_vocab, verbose=rank == 0)
-            vocab = corpus.vocab
-        splits = {}
-        for split in eval_splits(args):
-            ids = data_utils.encode_split(args.data, args.dataset, split, vocab)
-            kind = data_utils.LMShuffledIterator if isinstance(ids, data_utils.SentenceData) else data_utils.LMOrderedIterator
-            splits[split] = kind(ids, args.batch_size, args.tgt_len, device=device, mem_len=args.mem_len,
-                                 ext_len=args.ext_len, rank=rank, world_size=world_size)
+        return {args.split: data_utils.LMOrderedIterator(manual_ids(args, vocab), 1, args.tgt_len, device=device,
+                                                         ext_len=args.ext_len, warmup=False)}
+    rank, world_size = distributed.get_rank(), distributed.get_world_size()
+    if vocab is None:
+        vocab = data_utils.get_lm_corpus(args.data, args.dataset, args.manual_vocab, verbose=rank == 0).vocab
+    splits = {}
+    for split in eval_splits(args):
+        ids = data_utils.encode_split(args.data, args.dataset, split, vocab)
+        kind = data_utils.LMShuffledIterator if isinstance(ids, data_utils.SentenceData) else data_utils.LMOrderedIterator
+        splits[split] = kind(ids, args.batch_size, args.tgt_len, device=device, mem_len=args.mem_len,
+                             ext_len=args.ext_len, rank=rank, world_size=world_size)
+    return splits
 
-    log.info(f"Evaluating with: math {precision} type {runtime} bsz {args.batch_size} tgt_len {args.tgt_len} "
-             f"ext_len {args.ext_len} mem_len {args.mem_len} clamp_len {args.clamp_len}")
-    warmup = args.mem_len // args.tgt_len + 2
-    meters = {"throughput": AverageMeter(warmup=warmup, keep=args.save_data),
-              "latency": AverageMeter(warmup=warmup, keep=args.save_data)}
-    metrics = MetricsWriter(None if args.debug else work_dir / args.dllog_file, enabled=rank == 0, append=True)
-    metrics.log("PARAMETER", {k: v for k, v in args.to_dict().items() if isinstance(v, (int, float, str, bool))})
-    dataset = trained_on if args.manual else args.dataset
-    results = {}
-    for split, iterator in splits.items():
-        loss, _ = evaluate(model, iterator, args, device, log, meters)
-        results[split] = loss
-        log.info(DOUBLE_LINE)
-        log.info(format_split_result(split, loss, dataset or args.dataset))
-        log.info(DOUBLE_LINE)
-        metrics.log("SUMMARY", {"split": split, "eval_loss": loss, "eval_ppl": safe_exp(loss)})
 
-    if args.save_data:
-        report_latency(args, meters, work_dir, log, metrics, device, f"{precision}_{runtime}")
-    metrics.close()
-
-    passed = True
-    last_loss = list(results.values())[-1]
-    if args.target_perplexity is not None:
-        ppl = safe_exp(last_loss)
-        log.info(f"Perplexity achieved: {ppl:.2f} target: {args.target_perplexity:.2f}")
-        ok = ppl <= args.target_perplexity
-        log.info(f"Perplexity test {'passed' if ok else 'failed'}")
-        passed &= ok
-    if args.target_throughput is not None:
-        achieved = meters["throughput"].avg
-        log.info(f"Throughput achieved: {achieved:.2f} target: {args.target_throughput:.2f}")
-        ok = achieved >= args.target_throughput
-        log.info(f"Throughput test {'passed' if ok else 'failed'}")
-        passed &= ok
-    distributed.shutdown()
-    return 0 if passed else 1
+def score_split(model, split, iterator, dataset, args, device, log, meters, metrics) -> float:
+    """Evaluate one split, print its result line and log its summary; the mean loss."""
+    loss, _ = evaluate(model, iterator, args, device, log, meters)
+    log.info(DOUBLE_LINE)
+    log.info(format_split_result(split, loss, dataset))
+    log.info(DOUBLE_LINE)
+    metrics.log("SUMMARY", {"split": split, "eval_loss": loss, "eval_ppl": safe_exp(loss)})
+    return loss
 
 
 def device_name(device: torch.device) -> str:
