@@ -73,7 +73,9 @@ def test_help_of_each_cli_shows_its_own_defaults():
     assert "(default: 192)" in help_of(train_parser, "--tgt_len")
     assert "(default: 64)" in help_of(eval_parser, "--tgt_len")
     assert "(default: 640)" in help_of(eval_parser, "--mem_len")
-    assert "(default: none)" in help_of(generate_parser, "--mem_len")
+    assert "(default: the model's)" in help_of(generate_parser, "--mem_len")
+    assert "(default: the model's)" in help_of(generate_parser, "--dataset")
+    assert "(default: none)" in help_of(generate_parser, "--prompt_file")
 
 
 # ---------------------------------------------------------------------------------------------------------
