@@ -105,8 +105,6 @@ def _argparse_type(spec: Spec):
 
 def _shown_default(spec: Spec, cli: str) -> str:
     value = spec.default_for(cli)
-    if spec.name == "local_rank":
-        return "$LOCAL_RANK or 0"
     if value is None and cli == GENERATE and spec.group in ("architecture", "corpus"):
         return "the model's"
     if spec.kind is bool and value is not None:

@@ -12,12 +12,14 @@ every option name is unique), changed only by deriving a new one (`cfg.replace(b
 """
 import dataclasses
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from utils.data.datasets import DATASETS
+from utils.io.errors import UserError
 
 TRAIN, EVAL, GENERATE = "train", "eval", "generate"
 CLIS = (TRAIN, EVAL, GENERATE)
@@ -48,6 +50,7 @@ class Option:
     const: Any = None                    # the value of a bare `--flag` with nargs "?"
     aliases: tuple = ()
     no_effect: Optional[str] = None      # accepted for the reference's command lines: what replaces it
+    default_from: Optional[Callable[[], Any]] = None  # a default read when parsing (e.g. from the environment)
     preset: bool = True                  # False: command line only (--config, --config_file)
     dumped: bool = True                  # written to config.yaml and the checkpoint
 
@@ -100,12 +103,11 @@ def parse_clip(text: Any) -> float:
 
 
 def env_local_rank() -> int:
-    import os
+    """--local_rank's default: $LOCAL_RANK (set by torchrun), else 0."""
     value = os.environ.get("LOCAL_RANK", "0")
     try:
         return int(value)
     except ValueError:
-        from utils.io.errors import UserError
         raise UserError(f"LOCAL_RANK={value!r} is not an integer") from None
 
 
@@ -238,6 +240,7 @@ class DistributedConfig:
     multi_gpu: Optional[str] = opt(None, "multi-GPU mode (changed: a bare --multi_gpu means ddp)",
                                    choices=("ddp", "dp", "fsdp"), nargs="?", const="ddp")
     local_rank: int = opt(0, "local device index (default: $LOCAL_RANK or 0)", clis=ALL, aliases=("--local-rank",),
+                          default_from=env_local_rank,
                           low=0, dumped=False)
     dist_timeout: float = opt(600.0, "seconds to wait for the other processes to join and for any collective; a peer "
                               "that never starts or dies then ends the job with an error instead of a hang (ours)",
@@ -285,7 +288,7 @@ class EvalConfig:
                                "reference's)", clis=(EVAL, GENERATE))
     load_torchscript: Optional[str] = opt(None, "a TorchScript file written by eval.py --save_torchscript (instead "
                                           "of --model)", clis=(EVAL, GENERATE))
-    manual: Optional[list] = opt(None, "evaluate these words instead of a dataset split (batch size 1)", clis=(EVAL,),
+    manual: Optional[list[str]] = opt(None, "evaluate these words instead of a dataset split (batch size 1)", clis=(EVAL,),
                                  nargs="+")
     split: str = opt("all", "split to evaluate (all: valid, then test)", clis=(EVAL,),
                      choices=("all", "valid", "test"))
@@ -299,7 +302,7 @@ class EvalConfig:
     save_data: bool = opt(False, "save latency and throughput samples and print percentiles", clis=(EVAL,))
     repeat: int = opt(1, "evaluate the data this many times", clis=(EVAL,), low=1)
     max_size: Optional[int] = opt(None, "at most this many batches per pass", clis=(EVAL,), low=1)
-    percentiles: list = opt([90, 95, 99], "latency percentiles to report (changed: parsed as integers)",
+    percentiles: list[int] = opt([90, 95, 99], "latency percentiles to report (changed: parsed as integers)",
                             clis=(EVAL,), nargs="+", low=0, high=100)
     save_torchscript: Optional[str] = opt(None, "save the TorchScript model here", clis=(EVAL,))
 
@@ -334,15 +337,15 @@ class Spec:
     name: str
     group: str
     kind: type                 # int, float, str, bool, list, dict
-    item: type                 # the type of list items (int for percentiles, str for manual)
+    item: type                 # the type of a list's items (int for list[int])
     optional: bool             # None is a valid value
     default: Any               # the dataclass default (train.py's)
     option: Option
 
     def default_for(self, cli: str) -> Any:
+        if self.option.default_from is not None:
+            return self.option.default_from()
         value = self.option.cli_defaults.get(cli, self.default)
-        if self.name == "local_rank":
-            return env_local_rank()
         return list(value) if isinstance(value, list) else value
 
     def nullable_for(self, cli: str) -> bool:
@@ -356,7 +359,8 @@ def _type_of(annotation: Any) -> tuple[type, type, bool]:
     if optional:
         annotation = next(a for a in args if a is not type(None))
     kind = typing.get_origin(annotation) or annotation
-    return kind, str, optional
+    items = typing.get_args(annotation) if kind is list else ()
+    return kind, items[0] if items else str, optional
 
 
 def _specs() -> dict[str, Spec]:
@@ -367,8 +371,6 @@ def _specs() -> dict[str, Spec]:
                 raise TypeError(f"option {f.name} is declared twice ({specs[f.name].group} and {group})")
             kind, item, optional = _type_of(f.type)
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            if f.name == "percentiles":
-                item = int
             specs[f.name] = Spec(f.name, group, kind, item, optional, default, f.metadata["option"])
     return specs
 

@@ -88,9 +88,11 @@ class Checkpointer:
         state.scaler_state = self.scaler.state_dict() if self.scaler.is_enabled() else None
         model_state = full_model_state(self.model)          # collectives under FSDP: every rank calls them
         optimizer_state = full_optimizer_state(self.model, self.optimizer)
-        return {"format": CHECKPOINT_FORMAT, "args": self.args.to_dict(), "model_config": self.model_config,
+        ckpt = {"format": CHECKPOINT_FORMAT, "args": self.args.to_dict(), "model_config": self.model_config,
                 "vocab": self.vocab.to_dict(), "model_state": model_state, "optimizer_state": optimizer_state,
                 **state.state_dict()}
+        state.drop_snapshot()                               # the checkpoint holds it; the live objects go on
+        return ckpt
 
     def save(self, ckpt: dict, is_best: bool) -> None:
         """Rank 0: checkpoint_last.pt, and a copy as checkpoint_best.pt / checkpoint_<step>.pt (--save_all)."""
