@@ -10,6 +10,8 @@ This file composes the run: configuration, processes, corpus and model; the loop
 """
 import utils.runtime.openmp_env  # noqa: F401  (first: bounds OpenMP's spin-wait before torch loads it)
 
+import gc
+
 import torch
 
 import data_utils
@@ -46,6 +48,10 @@ def main() -> int:
             raise PeerFailure(f"rank {distributed.get_rank()}: another process of the job failed or stopped "
                               f"answering ({distributed.first_line(exc)}); the job cannot go on. Resume from the "
                               "last checkpoint with --restart <work_dir> (or --restart auto)") from None
+        # An FSDP-sharded model sits in reference cycles (its hooks and sharding state refer back to it): free it
+        # now, while its process group still exists, not during interpreter exit, where tearing down its gloo
+        # state aborted the process now and then ("terminate called without an active exception").
+        gc.collect()
         distributed.shutdown()
         return code
 
