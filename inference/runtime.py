@@ -111,7 +111,6 @@ def current_lengths(model: torch.nn.Module) -> dict:
 
 
 def _load_checkpoint(path: Path) -> LoadedModel:
-    from mem_transformer import MemTransformerLM
     from utils.model.reference_compat import reference_state_dict_to_ours
 
     ckpt = load_checkpoint(path, map_location="cpu")

@@ -26,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from utils.config.cli import load_preset  # noqa: E402
+from utils.config.presets import load_preset  # noqa: E402
 
 PRESET_FILE = "configs/cpu_small.yaml"
 PRESET = "demo"

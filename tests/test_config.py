@@ -6,8 +6,8 @@ import pytest
 import yaml
 
 from utils.config import cli as cfg
-from utils.config.cli import (CONFIG_DIR, dump_config, eval_parser, eval_splits, load_presets, parse_args,
-                          train_parser)
+from utils.config.cli import dump_config, eval_parser, eval_splits, parse_args, train_parser
+from utils.config.presets import CONFIG_DIR, load_presets
 from utils.io.errors import UserError, run_cli
 
 BASE = str(CONFIG_DIR / "wt103_base.yaml")

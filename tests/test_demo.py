@@ -1,7 +1,6 @@
 """The built-in demo corpus (its long-range structure) and scripts/demo.py in a reduced form (few steps,
 small corpus): both runs train and evaluate, the evaluations follow the stated protocol, and the printed
 perplexities are the ones eval.py printed."""
-import math
 import os
 import re
 import subprocess

@@ -25,12 +25,11 @@ from typing import Any, Sequence
 
 import yaml
 
-from utils.config.presets import (CONFIG_DIR, DEFAULT_PRESET, REPO_ROOT, SECTIONS, did_you_mean,  # noqa: F401
-                                  files_with_preset, load_preset, load_presets, resolve_config_file)
 from utils.config import schema
-from utils.config.schema import (CLIS, DATASETS, EVAL, GENERATE, GROUP_TITLES, OPTIMIZERS, SCHEDULERS,  # noqa: F401
-                                 TRAIN, Config, ConversionError, Spec, options_of, out_of_range, parse_json_object,
-                                 range_text)
+from utils.config.presets import (CONFIG_DIR, DEFAULT_PRESET, SECTIONS, did_you_mean, files_with_preset, load_preset,
+                                  resolve_config_file)
+from utils.config.schema import (CLIS, EVAL, GENERATE, GROUP_TITLES, TRAIN, Config, ConversionError, Spec, options_of,
+                                 out_of_range, parse_json_object, range_text)
 from utils.io.errors import UserError
 
 LOG = logging.getLogger(__name__)
@@ -300,10 +299,8 @@ def check_ranges(values: dict) -> None:
         for item in value if isinstance(value, list) else [value]:
             if isinstance(item, (int, float)) and out_of_range(spec, item):
                 what = " (each value)" if isinstance(value, list) else ""
-                shown = item if not isinstance(item, float) or math.isfinite(item) else str(item)
-                finite = "a finite number " if isinstance(item, float) and not math.isfinite(item) and \
-                    spec.option.finite else ""
-                raise UserError(f"--{name}{what} must be {finite}{range_text(spec)}, got {shown}")
+                finite = "a finite number " if spec.option.finite and not math.isfinite(item) else ""
+                raise UserError(f"--{name}{what} must be {finite}{range_text(spec)}, got {item}")
 
 
 def warn_no_effect(cfg: Config) -> None:

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from utils.config.cli import SCHEDULERS
+from utils.config.schema import SCHEDULERS
 from utils.io.errors import UserError
 
 # ReduceLROnPlateau defaults used by the reference's dev_perf schedule

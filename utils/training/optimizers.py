@@ -14,7 +14,7 @@ sparse optimizer for sampled softmax is not needed: our embeddings produce dense
 import torch
 
 from utils.training.lamb import Lamb
-from utils.config.cli import OPTIMIZERS
+from utils.config.schema import OPTIMIZERS
 from utils.io.errors import UserError
 
 
