@@ -127,7 +127,8 @@ def test_train_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(checkpoi
 
 
 def test_eval_missing_checkpoint(tmp_path):
-    result = cli_runner.evaluate(["--model", tmp_path / "none.pt", "--manual", "a"], tmp_path)
+    result = cli_runner.evaluate(["--model", tmp_path / "none.pt", "--manual", "a", "--work_dir", tmp_path / "eval"],
+                                 tmp_path)
     assert_error(result, "none.pt", "does not exist")
 
 
