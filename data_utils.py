@@ -349,6 +349,20 @@ class Corpus:
         )
 
 
+def data_folder(datadir: str | os.PathLike) -> Path:
+    """The corpus folder, or the one-line error that says how to get it."""
+    datadir = Path(datadir)
+    if not datadir.is_dir():
+        raise UserError(f"{datadir}: data folder not found; download the dataset with getdata.sh or pass --data")
+    return datadir
+
+
+def check_corpus(datadir: str | os.PathLike, dataset: str, vocab: str = "word", **options) -> None:
+    """What get_lm_corpus checks before it reads anything (the folder, the options, the source files), without
+    reading or building the corpus: train.py --check."""
+    _source_files(data_folder(datadir), _resolve_options(dataset, vocab, options))
+
+
 def get_lm_corpus(
     datadir: str | os.PathLike,
     dataset: str,
@@ -364,9 +378,7 @@ def get_lm_corpus(
     options: custom_level ('word' | 'char'), lower_case, min_freq, max_size (custom only); bpe_model (a
     tokenizer.json or a folder with vocab.json + merges.txt), bpe_vocab_size (BPE trained on train.txt).
     """
-    datadir = Path(datadir)
-    if not datadir.is_dir():
-        raise UserError(f"{datadir}: data folder not found; download the dataset with getdata.sh or pass --data")
+    datadir = data_folder(datadir)
     opts = _resolve_options(dataset, vocab, options)
     files = _source_files(datadir, opts)
     sources = _describe_sources(datadir, _flat_sources(files))
@@ -400,9 +412,7 @@ def encode_split(datadir: str | os.PathLike, dataset: str, split: str, vocab) ->
         raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
     if split not in SPLITS:
         raise UserError(f"unknown split {split!r}; choose train, valid or test")
-    datadir = Path(datadir)
-    if not datadir.is_dir():
-        raise UserError(f"{datadir}: data folder not found; download the dataset with getdata.sh or pass --data")
+    datadir = data_folder(datadir)
     path = datadir / f"{split}.txt"
     if not path.exists():
         raise UserError(f"{path}: {split} split not found; a {dataset} folder needs train.txt, valid.txt and test.txt")

@@ -11,6 +11,7 @@ the vocabulary stored in the checkpoint. Output lines are the reference eval.py'
 import utils.runtime.openmp_env  # noqa: F401  (first: bounds OpenMP's spin-wait before torch loads it)
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -19,18 +20,37 @@ import torch
 
 import data_utils
 from inference.runtime import (LoadedModel, length_overrides, load_for_inference, precision_of, prepare_runtime,
-                               save_torchscript, warm_up)
-from utils.distributed import group as distributed
+                               save_torchscript, torchscript_file, warm_up)
 from utils.config.cli import eval_parser, eval_splits, fill_from_checkpoint, parse_args
+from utils.distributed import group as distributed
 from utils.io.atomic import write_text_atomic
+from utils.io.checkpoint import load_checkpoint
 from utils.io.errors import UserError, run_cli
+from utils.runtime.device import (check_process_count, configure_backends, environment_summary, resolve_speed_flags,
+                                  select_device)
 from utils.training.evaluation import evaluate_stream, reduce_eval_result
 from utils.training.evaluator import check_targets
 from utils.training.metrics import (DOUBLE_LINE, AverageMeter, MetricsWriter, format_eval_progress_line,
-                           format_split_result, safe_exp, setup_logging)
-from utils.runtime.device import configure_backends, environment_summary, resolve_speed_flags, select_device
+                                    format_split_result, safe_exp, setup_logging)
 
 DATA_OPTIONS = ("data", "dataset")   # taken from the checkpoint when not given
+
+
+def check(args) -> int:
+    """--check N: what each of N processes would check alike before evaluating, done once, in this process:
+    processes against GPUs, the model file and the data folder (from the checkpoint unless given)."""
+    note = check_process_count(args.check, args.cuda)
+    stored = None
+    if args.load_torchscript:
+        torchscript_file(args.load_torchscript)
+    elif args.manual_config is None:
+        ckpt = load_checkpoint(args.model or Path(args.work_dir) / "checkpoint_best.pt")
+        stored = ckpt.get("args") if ckpt["format"] != "reference" else None
+    if not args.manual:
+        data_utils.data_folder(fill_from_checkpoint(args, stored, DATA_OPTIONS).data)
+    if note:
+        print(note, file=sys.stderr)
+    return 0
 
 
 def load_model(args, device, log) -> LoadedModel:
@@ -110,6 +130,8 @@ def evaluate(model, iterator, args, device, log, meters) -> tuple[float, int]:
 def main() -> int:
     distributed.adopt_slurm_env()                       # one process per srun task: ranks from SLURM_* variables
     args = parse_args(eval_parser(), section="eval")
+    if args.check is not None:
+        return check(args)
     args = distributed.init_from_env(args)
     work_dir = Path(args.work_dir)
     log = open_eval_log(args, work_dir)

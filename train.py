@@ -11,6 +11,8 @@ This file composes the run: configuration, processes, corpus and model; the loop
 import utils.runtime.openmp_env  # noqa: F401  (first: bounds OpenMP's spin-wait before torch loads it)
 
 import gc
+import sys
+from pathlib import Path
 
 import torch
 
@@ -18,10 +20,12 @@ import data_utils
 from mem_transformer import MemTransformerLM
 from utils.config.cli import parse_args, train_parser
 from utils.distributed import group as distributed
+from utils.io.checkpoint import checkpoint_file
 from utils.io.errors import UserError, run_cli
 from utils.model.init import init_weights
 from utils.model.model_config import build_model_config
-from utils.runtime.device import configure_backends, environment_summary, resolve_speed_flags, select_device
+from utils.runtime.device import (check_process_count, configure_backends, environment_summary, resolve_speed_flags,
+                                  select_device)
 from utils.training.loop import Trainer
 from utils.training.preemption import PreemptionHandler
 from utils.training.rng import seed_everything
@@ -37,6 +41,8 @@ class PeerFailure(UserError):
 def main() -> int:
     distributed.adopt_slurm_env()                       # one process per srun task: ranks from SLURM_* variables
     args = parse_args(train_parser(), section="train")
+    if args.check is not None:
+        return check(args)
     with PreemptionHandler() as preemption:
         args = distributed.init_from_env(args)
         try:
@@ -62,6 +68,20 @@ def is_peer_failure(exc: BaseException) -> bool:
         return True
     text = str(exc).lower()
     return any(k in text for k in ("connection closed", "connection reset", "broken pipe", "timed out"))
+
+
+def check(args) -> int:
+    """--check N: what each of N processes would check alike before training, done once, in this process: the
+    batch split, processes against GPUs, the data and the checkpoint to resume. Writes nothing."""
+    args = global_batch(args, args.check)
+    check_batch_split(args, args.check)
+    note = check_process_count(args.check, args.cuda)
+    data_utils.check_corpus(args.data, args.dataset, args.vocab, **corpus_options(args))
+    if args.restart and args.restart != "auto" and not Path(args.restart).is_dir():
+        checkpoint_file(args.restart)          # a folder without a checkpoint yet is a fresh start
+    if note:
+        print(note, file=sys.stderr)
+    return 0
 
 
 def train(args, preemption: PreemptionHandler) -> int:

@@ -132,9 +132,16 @@ def _load_checkpoint(path: Path) -> LoadedModel:
     return LoadedModel(model, vocab, config, dataset, "checkpoint", settings)
 
 
-def _load_torchscript(path: Path, device: torch.device) -> LoadedModel:
+def torchscript_file(path: str | os.PathLike) -> Path:
+    """The TorchScript file `path` names, or the one-line error."""
+    path = Path(path)
     if not path.is_file():
         raise UserError(f"TorchScript file {path} does not exist")
+    return path
+
+
+def _load_torchscript(path: Path, device: torch.device) -> LoadedModel:
+    path = torchscript_file(path)
     extra = {TORCHSCRIPT_EXTRA: ""}
     try:
         model = torch.jit.load(str(path), map_location=device, _extra_files=extra)

@@ -5,7 +5,10 @@
 #   torchrun --standalone --nproc_per_node=<#processes> train.py|eval.py --config_file <preset file>
 #            [--config <preset>] [flags]
 # (one process per GPU; 1 on a CPU-only machine). The flags go through untouched and come last, so they
-# override the preset (a later --config picks another preset of the same file).
+# override the preset (a later --config picks another preset of the same file). Before torchrun starts,
+# `train.py|eval.py <the same flags> --check <#processes>` checks once what every process would check alike
+# (flags, preset, data folder, checkpoint, processes against GPUs): a mistake is one line, exit 2, and nothing
+# is started. PYTHON: the interpreter of that check (default: python, as torchrun is found on PATH).
 set -euo pipefail
 
 recipe=$1 config_file=$2 preset=$3
@@ -31,6 +34,8 @@ if [ "$preset" != default ]; then
 fi
 
 export OMP_NUM_THREADS=1
+"${PYTHON:-python}" "$repo/$script" --config_file "$repo/$config_file" ${preset_flags[@]+"${preset_flags[@]}"} \
+    "${@:3}" --check "$nproc" || exit $?
 # torchrun runs in the background so that a SIGTERM / SIGUSR1 sent to this script (a scheduler stopping the
 # job, `kill`) goes to the training processes, which finish their step, save a checkpoint and exit 0. Sent
 # to torchrun itself, it would end the workers and exit 1 with a traceback.

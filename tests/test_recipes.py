@@ -6,6 +6,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -33,18 +34,25 @@ EXTRA = ["--work_dir", "runs/my run", "--seed", "7", "--dllog_file", "a'b\"c $HO
 EXTRA_EVAL = ["--work_dir", "runs/my run", "--seed", "7", "--dllog_file", "a'b\"c $HOME;.json"]
 
 
+def recorder(path: Path, record: Path) -> Path:
+    """An executable that writes its arguments and OMP_NUM_THREADS to the JSON file `record`."""
+    path.write_text(f"#!{sys.executable}\nimport json, os, sys\n"
+                    f"json.dump({{'argv': sys.argv[1:], 'omp': os.environ.get('OMP_NUM_THREADS')}}, "
+                    f"open({str(record)!r}, 'w'))\n")
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return path
+
+
 @pytest.fixture
 def fake_torchrun(tmp_path):
-    """A `torchrun` first on PATH that writes its arguments and OMP_NUM_THREADS to a JSON file."""
+    """A `torchrun` first on PATH, and the interpreter of the recipe's check ($PYTHON), that record their
+    arguments (torchrun.json, check.json)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     record = tmp_path / "torchrun.json"
-    script = bin_dir / "torchrun"
-    script.write_text(f"#!{sys.executable}\nimport json, os, sys\n"
-                      f"json.dump({{'argv': sys.argv[1:], 'omp': os.environ.get('OMP_NUM_THREADS')}}, "
-                      f"open({str(record)!r}, 'w'))\n")
-    script.chmod(script.stat().st_mode | stat.S_IXUSR)
-    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", OMP_NUM_THREADS="8")
+    recorder(bin_dir / "torchrun", record)
+    python = recorder(bin_dir / "check-python", tmp_path / "check.json")
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", OMP_NUM_THREADS="8", PYTHON=str(python))
     return env, record
 
 
@@ -70,6 +78,8 @@ def test_recipe_command_line(recipe, mode, fake_torchrun, tmp_path):
     expected += ["--config", preset] if preset else []
     assert called["argv"] == expected + extra
     assert called["omp"] == "1"  # the reference's recipes export OMP_NUM_THREADS=1
+    checked = json.loads((tmp_path / "check.json").read_text())   # once, before torchrun, with the same flags
+    assert checked["argv"] == expected[2:] + extra + ["--check", "4"]
 
     # what torchrun would start parses with the script's own flags, with the recipe's dataset
     args = parse_args(train_parser() if mode == "train" else eval_parser(), called["argv"][3:], section=mode)
@@ -159,3 +169,47 @@ def test_sigterm_to_a_recipe_saves_a_checkpoint_and_exits_0(tmp_path):
     assert proc.returncode == 0, out[-2000:]
     assert "Received SIGTERM" in out
     assert (work / "checkpoint_last.pt").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# mistakes that every process would make alike: checked once, before torchrun starts any
+
+
+def assert_fails_once(result, error: str, elapsed: float):
+    """Exit 2 within 30 s, at most 3 non-empty lines, no traceback, `error` exactly once."""
+    output = result.stdout + result.stderr
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert result.returncode == 2, output
+    assert elapsed < 30 and len(lines) <= 3 and "Traceback" not in output, output
+    assert sum(error in line for line in lines) == 1, output
+
+
+def timed_recipe(recipe, args, tmp_path):
+    start = time.time()
+    result = run_recipe(recipe, args, interpreter_env(), cwd=tmp_path)
+    return result, time.time() - start
+
+
+def test_missing_data_is_one_line_and_starts_no_process(tmp_path):
+    # the command README and the reference give first; a checkout that has the data gets a folder that has not
+    data = [] if not (REPO / "data" / "wikitext-103").exists() else ["--data", str(tmp_path / "wikitext-103")]
+    result, elapsed = timed_recipe("run_wt103_base.sh", ["train", "8", *data], tmp_path)
+    assert_fails_once(result, "data folder not found; download the dataset with getdata.sh or pass --data", elapsed)
+    assert "world size" not in result.stdout + result.stderr          # no training process started
+
+
+def test_unknown_flag_is_one_line(tmp_path):
+    result, elapsed = timed_recipe("run_ptb_base.sh", ["train", "2", "--no_such_flag", "1"], tmp_path)
+    assert_fails_once(result, "error: unknown flag --no_such_flag", elapsed)
+
+
+def test_missing_checkpoint_to_evaluate_is_one_line(tmp_path):
+    result, elapsed = timed_recipe("run_wt103_base.sh", ["eval", "2", "--model", "missing.pt"], tmp_path)
+    assert_fails_once(result, "error: checkpoint missing.pt does not exist", elapsed)
+
+
+def test_missing_checkpoint_to_resume_is_one_line(tmp_path):
+    corpus = write_demo_corpus(tmp_path / "demo", n_train_docs=2, n_eval_docs=1)
+    result, elapsed = timed_recipe("run_ptb_base.sh", ["train", "2", "--data", str(corpus), "--dataset", "custom",
+                                                       "--restart", str(tmp_path / "gone.pt")], tmp_path)
+    assert_fails_once(result, f"error: checkpoint {tmp_path / 'gone.pt'} does not exist", elapsed)

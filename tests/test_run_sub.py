@@ -10,6 +10,10 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 FAKE_SRUN = """#!/bin/bash
+if [[ $* == *" --check "* ]]; then                 # the one-task check step before the tasks start
+    printf '%s LOCAL_WORLD_SIZE=%s\\n' "$*" "$LOCAL_WORLD_SIZE" >> "$FAKE_LOG/check"
+    exit ${FAKE_CHECK_STATUS:-0}
+fi
 printf '%s\\n' "$*" >> "$FAKE_LOG/srun"
 if [[ -n ${FAKE_PREEMPT:-} && $* == *" train "* ]]; then
     mkdir -p "$WORK_DIR/results/$SLURM_JOB_ID"
@@ -43,7 +47,7 @@ def slurm_stub(tmp_path):
         result = subprocess.run(["bash", "run.sub", *args], cwd=REPO, env=env, capture_output=True, text=True,
                                 timeout=60)
         calls = {name: (tmp_path / name).read_text().splitlines() if (tmp_path / name).exists() else []
-                 for name in ("srun", "scontrol")}
+                 for name in ("srun", "check", "scontrol")}
         return result, calls
     return run_sub
 
@@ -59,6 +63,25 @@ def test_plain_srun_gets_the_recipe_the_environment_flags_and_the_extra_flags(sl
     assert results.is_dir()
     assert "rendezvous gpu07:" in result.stdout                    # the first node of the allocation
     assert "requeue" not in " ".join(calls["scontrol"])
+
+
+def test_one_task_checks_the_flags_before_the_tasks_start(slurm_stub, tmp_path):
+    result, calls = slurm_stub("all", "--max_step", "10", CONFIG="4dgx2_16gpu_fp16", SLURM_NTASKS_PER_NODE="16(x2)")
+    assert result.returncode == 0, result.stderr
+    results = tmp_path / "work" / "results" / "4242"
+    assert calls["check"] == [
+        f"--kill-on-bad-exit=1 --mpi=none --chdir {REPO} --ntasks=1 --nodes=1 --quiet bash run_multinode_wt103_large.sh "
+        f"train --work_dir {results} --restart auto --config 4dgx2_16gpu_fp16 --max_step 10 --check 32 "
+        "LOCAL_WORLD_SIZE=16",
+        f"--kill-on-bad-exit=1 --mpi=none --chdir {REPO} --ntasks=1 --nodes=1 --quiet bash run_multinode_wt103_large.sh "
+        f"eval --work_dir {results} --config 4dgx2_16gpu_fp16 --max_step 10 --check 32 LOCAL_WORLD_SIZE=16"]
+
+
+def test_a_failed_check_starts_no_task(slurm_stub):
+    result, calls = slurm_stub("train", FAKE_CHECK_STATUS="2")
+    assert result.returncode == 2 and calls["srun"] == [] and len(calls["check"]) == 1
+    result, calls = slurm_stub("train", SLURM_NTASKS="3", SLURM_JOB_NUM_NODES="2")   # no tasks-per-node variable
+    assert calls["check"][-1].endswith("--check 3 LOCAL_WORLD_SIZE=2")
 
 
 def test_all_mode_trains_then_evaluates_with_the_eval_flags(slurm_stub, tmp_path):

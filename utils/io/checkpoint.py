@@ -59,6 +59,16 @@ def check_format(ckpt: dict, path) -> None:
                         "written by this version")
 
 
+def checkpoint_file(path: str | os.PathLike) -> Path:
+    """The checkpoint file `path` names (a directory: its checkpoint_last.pt), or the one-line error."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoint_last.pt"
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist; pass the path of a .pt file written by train.py")
+    return path
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
     """Load one of our checkpoints or a reference checkpoint without running pickled code.
 
@@ -66,11 +76,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
     plain dicts and `format` set to "reference"; ours keep the `format` they were written with.
     Raises UserError when the file is missing, truncated, corrupt, not a checkpoint or of a newer format.
     """
-    path = Path(path)
-    if path.is_dir():
-        path = path / "checkpoint_last.pt"
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist; pass the path of a .pt file written by train.py")
+    path = checkpoint_file(path)
     try:
         with torch.serialization.safe_globals(_REFERENCE_SAFE_GLOBALS):
             state = torch.load(path, map_location=map_location, weights_only=True)

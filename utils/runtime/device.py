@@ -3,7 +3,7 @@ import contextlib
 import logging
 import os
 import platform
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -24,6 +24,22 @@ def select_device(args, log: logging.Logger) -> torch.device:
     if args.cuda:
         log.warning("--cuda: no GPU found, running on the CPU")
     return torch.device("cpu")
+
+
+def check_process_count(processes: int, cuda: Optional[bool]) -> Optional[str]:
+    """Before a launch of `processes` processes: more on this machine than its visible GPUs is refused in one
+    line; several processes without a GPU get a one-line note (returned) saying that they run on the CPU. The
+    processes on this machine: $LOCAL_WORLD_SIZE when the launcher sets it (run.sub: tasks per node), else all."""
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE") or processes)
+    gpus = torch.cuda.device_count() if cuda is not False and torch.cuda.is_available() else 0
+    if gpus and processes > gpus:
+        raise UserError(f"{processes} processes but {gpus} GPU(s) visible: start one process per GPU ({gpus}), or "
+                        "pass --no_cuda to run CPU processes")
+    if not gpus and processes > 1:
+        why = "--no_cuda" if cuda is False else "no GPU found"
+        return (f"note: {why}: starting {processes} CPU processes (gloo, {os.environ.get('OMP_NUM_THREADS', 'all')} "
+                "thread(s) each)")
+    return None
 
 
 def environment_summary(device: torch.device) -> str:
