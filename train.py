@@ -35,7 +35,8 @@ from utils.training.run_setup import (check_batch_split, corpus_options, global_
 
 class PeerFailure(UserError):
     """Another process of the job died or stopped answering (raised from a failed collective)."""
-    exit_code = 4
+    exit_code = 4               # scripts/launch.py: PEER_FAILURE_EXIT
+    caused_by_peer = True
 
 
 def main() -> int:

@@ -31,7 +31,7 @@ _PRELOAD = ["torch", "torch._dynamo", "numpy", "yaml", "sacremoses", "torch.util
             "utils.training.metrics", "utils.model.init", "utils.training.optimizers", "utils.training.lr_scheduler", "utils.model.reference_compat",
             "utils.data.vocabulary", "utils.training.preemption", "utils.runtime.device", "utils.training.loop"]
 # launcher variables a test process may have inherited: a CLI run here is always a single process
-_LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+_LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_ERROR_FILE",
                   "TORCHELASTIC_RUN_ID", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
 _context = None
 

@@ -35,25 +35,22 @@ EXTRA_EVAL = ["--work_dir", "runs/my run", "--seed", "7", "--dllog_file", "a'b\"
 
 
 def recorder(path: Path, record: Path) -> Path:
-    """An executable that writes its arguments and OMP_NUM_THREADS to the JSON file `record`."""
+    """An executable that appends its arguments and OMP_NUM_THREADS as a JSON line to `record`."""
     path.write_text(f"#!{sys.executable}\nimport json, os, sys\n"
-                    f"json.dump({{'argv': sys.argv[1:], 'omp': os.environ.get('OMP_NUM_THREADS')}}, "
-                    f"open({str(record)!r}, 'w'))\n")
+                    f"print(json.dumps({{'argv': sys.argv[1:], 'omp': os.environ.get('OMP_NUM_THREADS')}}), "
+                    f"file=open({str(record)!r}, 'a'))\n")
     path.chmod(path.stat().st_mode | stat.S_IXUSR)
     return path
 
 
 @pytest.fixture
-def fake_torchrun(tmp_path):
-    """A `torchrun` first on PATH, and the interpreter of the recipe's check ($PYTHON), that record their
-    arguments (torchrun.json, check.json)."""
+def fake_python(tmp_path):
+    """$PYTHON for the recipes: records each call (the check, then the launcher) in calls.jsonl."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    record = tmp_path / "torchrun.json"
-    recorder(bin_dir / "torchrun", record)
-    python = recorder(bin_dir / "check-python", tmp_path / "check.json")
-    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", OMP_NUM_THREADS="8", PYTHON=str(python))
-    return env, record
+    record = tmp_path / "calls.jsonl"
+    python = recorder(bin_dir / "python", record)
+    return dict(os.environ, OMP_NUM_THREADS="8", PYTHON=str(python)), record
 
 
 def run_recipe(recipe, args, env, cwd):
@@ -67,22 +64,22 @@ def test_every_recipe_is_listed():
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("recipe", list(RECIPES))
-def test_recipe_command_line(recipe, mode, fake_torchrun, tmp_path):
-    env, record = fake_torchrun
+def test_recipe_command_line(recipe, mode, fake_python, tmp_path):
+    env, record = fake_python
     extra = EXTRA if mode == "train" else EXTRA_EVAL
     result = run_recipe(recipe, [mode, "4", *extra], env, cwd=tmp_path)  # from another folder than the repo
     assert result.returncode == 0, result.stderr
-    called = json.loads(record.read_text())
+    checked, called = [json.loads(line) for line in record.read_text().splitlines()]
     config_file, preset = RECIPES[recipe]
-    expected = ["--standalone", "--nproc_per_node=4", str(REPO / f"{mode}.py"), "--config_file", str(REPO / config_file)]
-    expected += ["--config", preset] if preset else []
-    assert called["argv"] == expected + extra
-    assert called["omp"] == "1"  # the reference's recipes export OMP_NUM_THREADS=1
-    checked = json.loads((tmp_path / "check.json").read_text())   # once, before torchrun, with the same flags
-    assert checked["argv"] == expected[2:] + extra + ["--check", "4"]
+    command = [str(REPO / f"{mode}.py"), "--config_file", str(REPO / config_file)]
+    command += ["--config", preset] if preset else []
+    assert checked["argv"] == command + extra + ["--check", "4"]           # once, before any process starts
+    assert called["argv"] == [str(REPO / "scripts" / "launch.py"), "--standalone", "--nproc_per_node=4",
+                              *command, *extra]
+    assert called["omp"] == checked["omp"] == "1"  # the reference's recipes export OMP_NUM_THREADS=1
 
     # what torchrun would start parses with the script's own flags, with the recipe's dataset
-    args = parse_args(train_parser() if mode == "train" else eval_parser(), called["argv"][3:], section=mode)
+    args = parse_args(train_parser() if mode == "train" else eval_parser(), called["argv"][4:], section=mode)
     assert args.dataset == DATASETS[recipe.split("_")[1]]
     assert args.config == (preset or "default")
     assert args.work_dir == "runs/my run" and args.seed == 7 and args.dllog_file == "a'b\"c $HOME;.json"
@@ -93,8 +90,8 @@ def test_recipe_command_line(recipe, mode, fake_torchrun, tmp_path):
 
 @pytest.mark.parametrize("args", [[], ["help"], ["Train", "1"], ["--help"], ["train"], ["eval", "0"],
                                   ["train", "two"], ["train", "-1"], ["train", "--max_step", "5"]])
-def test_recipe_usage_errors(args, fake_torchrun, tmp_path):
-    env, record = fake_torchrun
+def test_recipe_usage_errors(args, fake_python, tmp_path):
+    env, record = fake_python
     result = run_recipe("run_wt103_base.sh", args, env, cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.startswith("usage: bash run_wt103_base.sh train|eval <#GPUs>")
