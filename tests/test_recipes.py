@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import REPO
 from utils.config.cli import eval_parser, parse_args, train_parser
@@ -113,18 +114,19 @@ def _summary(path):
 
 @pytest.mark.slow
 def test_wt2_recipe_trains_then_evaluates(tmp_path):
-    """The real chain: run_wt2_base.sh -> torchrun -> train.py, then run_wt2_base.sh eval on its checkpoint."""
+    """The real chain: run_wt2_base.sh -> scripts/launch.py -> two train.py processes, then run_wt2_base.sh eval
+    on its checkpoint in one process."""
     data = write_demo_corpus(tmp_path / "data", n_train_docs=12, n_eval_docs=2, sentences_per_doc=(10, 20))
     work = tmp_path / "run dir"
     tiny = ["--data", str(data), "--work_dir", str(work), "--no_cuda", "--n_layer", "2", "--d_model", "32",
             "--n_head", "2", "--d_head", "16", "--d_inner", "64"]
     lengths = ["--tgt_len", "16", "--mem_len", "16"]
-    train = run_recipe("run_wt2_base.sh", ["train", "1", *tiny, *lengths, "--eval_tgt_len", "16", "--batch_size", "4",
+    train = run_recipe("run_wt2_base.sh", ["train", "2", *tiny, *lengths, "--eval_tgt_len", "16", "--batch_size", "4",
                                            "--eval_batch_size", "4", "--max_step", "6", "--eval_interval", "3",
                                            "--warmup_step", "2", "--log_interval", "2"],
                        interpreter_env(), cwd=tmp_path)
     assert train.returncode == 0, train.stdout[-2000:] + train.stderr[-2000:]
-    assert "| epoch   1 step        6 |" in train.stdout
+    assert "| epoch   1 step        6 |" in train.stdout and "world size: 2 (ddp)" in train.stdout
     assert "| End of training | test time:" in train.stdout
     config = (work / "config.yaml").read_text()  # the preset file was applied under the overrides
     assert "dataset: wt2" in config and "dropout: 0.3" in config and "n_layer: 2" in config
@@ -144,11 +146,11 @@ def test_wt2_recipe_trains_then_evaluates(tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_to_a_recipe_saves_a_checkpoint_and_exits_0(tmp_path):
-    """A scheduler or a user stopping the recipe (SIGTERM to the script): the worker finishes its step,
-    writes a checkpoint and the recipe exits 0 (torchrun itself would exit 1 on the signal)."""
+    """A scheduler or a user stopping the recipe (SIGTERM to the script): the two workers finish their step,
+    write a checkpoint and the recipe exits 0 (torchrun itself would exit 1 on the signal)."""
     data = write_demo_corpus(tmp_path / "data", n_train_docs=40, n_eval_docs=2, sentences_per_doc=(10, 20))
     work = tmp_path / "work"
-    args = ["train", "1", "--data", str(data), "--work_dir", str(work), "--no_cuda", "--n_layer", "1",
+    args = ["train", "2", "--data", str(data), "--work_dir", str(work), "--no_cuda", "--n_layer", "1",
             "--d_model", "16", "--n_head", "2", "--d_head", "8", "--d_inner", "32", "--tgt_len", "8",
             "--mem_len", "8", "--eval_tgt_len", "8", "--batch_size", "2", "--max_step", "100000",
             "--eval_interval", "100000", "--log_interval", "1"]
@@ -164,8 +166,8 @@ def test_sigterm_to_a_recipe_saves_a_checkpoint_and_exits_0(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, 9)
     assert proc.returncode == 0, out[-2000:]
-    assert "Received SIGTERM" in out
-    assert (work / "checkpoint_last.pt").is_file()
+    assert "Received SIGTERM" in out and "error" not in out
+    assert torch.load(work / "checkpoint_last.pt", weights_only=True)["world_size"] == 2
 
 
 # ---------------------------------------------------------------------------------------------------------
