@@ -638,6 +638,17 @@ def _check_state(state: dict, expected: dict) -> None:
             )
 
 
+def _check_position(state: dict, **upper: int | None) -> None:
+    """A saved position lies inside the stream: each named field an integer in [0, its upper bound] (None: no
+    upper bound), so a damaged checkpoint cannot resume past the end or before the start."""
+    for name, bound in upper.items():
+        value = state.get(name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0 or (bound is not None and value > bound):
+            limit = f"0..{bound}" if bound is not None else ">= 0"
+            raise UserError(f"cannot resume the data stream: its saved {name} is {value!r}, outside this stream "
+                            f"({limit})")
+
+
 def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64))
     if device.type == "cpu":
@@ -824,6 +835,7 @@ class LMOrderedIterator:
             self.roll(*state["roll"])
         else:
             self.unroll()
+        _check_position(state, pos=self.n_rows, batch=self.n_batch)
         self.seed, self.epoch, self.last_iter = state["seed"], state["epoch"], state["last_iter"]
         self._resume = (int(state["pos"]), int(state["batch"]))
 
@@ -982,6 +994,7 @@ class LMShuffledIterator:
         if state.get("retain") is not None:
             expected["columns"] = [self.col_first, self.col_last]
         _check_state(state, expected)
+        _check_position(state, cursor=len(self.data), batch=None)
         self.seed, self.epoch, self.shuffle = state["seed"], state["epoch"], state["shuffle"]
         self.last_iter = state["last_iter"]
         self._resume = dict(state)

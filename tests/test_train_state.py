@@ -87,7 +87,7 @@ def test_a_v1_state_without_tokens_seen_loads_and_keeps_the_estimate():
     state = TrainState(tokens_seen=123)
     state.load_state_dict({"format": "txl-train-v1", "model_state": {}, **v1})
     assert state.tokens_seen == 123 and state.train_step == 37
-    with pytest.raises(KeyError, match="log_acc"):
+    with pytest.raises(UserError, match="lacks log_acc"):
         TrainState().load_state_dict({k: v for k, v in v1.items() if k != "log_acc"})
 
 

@@ -25,7 +25,7 @@ from utils.io.errors import UserError
 from utils.model.model_config import architecture_differences
 from utils.model.reference_compat import reference_state_dict_to_ours
 from utils.training.rng import rng_state, set_rng_state
-from utils.training.state import TrainState
+from utils.training.state import LogInterval, TrainState, check_state_values
 
 def resolve_restart(args, work_dir: Path, log: logging.Logger) -> str:
     """The checkpoint to resume from ("" for a fresh start).
@@ -54,6 +54,11 @@ def resolve_restart(args, work_dir: Path, log: logging.Logger) -> str:
     log.info(f"{why}: no checkpoint in {work_dir} yet, " + (f"resuming from {fallback}" if fallback else
                                                               "starting from scratch"))
     return fallback
+
+
+def _family(optim: str) -> str:
+    """Optimizers whose states are interchangeable: jitlamb is the multi-tensor form of lamb."""
+    return "lamb" if optim in ("lamb", "jitlamb") else optim
 
 
 def same_vocab(a: Vocab, b: Vocab) -> bool:
@@ -107,61 +112,83 @@ class Checkpointer:
     # ---- resuming from one -----------------------------------------------------------------------------------
     def restore(self, path: str) -> tuple[TrainState, list] | None:
         """Load the checkpoint at `path` into the model, optimizer, scheduler, scaler and data iterator;
-        returns its TrainState and this rank's memory, or None when it already reached --max_step."""
+        returns its TrainState and this rank's memory, or None when it already reached --max_step. A checkpoint
+        that does not fit this run (another vocabulary, model, optimizer or data stream; missing, extra or
+        damaged fields) is one UserError naming it."""
         ckpt = load_checkpoint(path, map_location=self.device)
+        try:
+            return self._restore(ckpt, path)
+        except UserError as exc:
+            raise UserError(f"checkpoint {path} cannot be resumed: {exc}") from None
+
+    def _restore(self, ckpt: dict, path) -> tuple[TrainState, list] | None:
         reference = ckpt["format"] == "reference"
-        self._check_fits(ckpt, path, reference)
-        if ckpt["train_step"] >= self.args.max_step:
-            self.log.info(f"Loaded checkpoint after {ckpt['train_step']} steps, but this run was scheduled for a "
+        state = self._reference_state(ckpt) if reference else self._train_state(ckpt)
+        self._check_fits(ckpt, reference)
+        if state.train_step >= self.args.max_step:
+            self.log.info(f"Loaded checkpoint after {state.train_step} steps, but this run was scheduled for a "
                           f"total of {self.args.max_step} steps, exiting")
             return None
-        model_state = reference_state_dict_to_ours(ckpt["model_state"], ckpt["model_config"]) if reference \
-            else ckpt["model_state"]
-        load_model_state(self.model, model_state)
-        self.model.update_dropout(self.args.dropout)
-        self.model.update_dropatt(self.args.dropatt)
+        self._load_weights(ckpt, reference)
         if reference:
-            return self._restore_reference(ckpt, path), [None] * self.args.batch_chunk
-        state = self._train_state(ckpt)
-        self._restore_optimization(ckpt, state, path)
+            self.log.info(f"Loaded the reference checkpoint {path} (model weights, step {state.train_step}); the "
+                          "optimizer state, memory and data position start fresh")
+            self.scheduler.step(state.train_step)
+            return state, [None] * self.args.batch_chunk
+        self._restore_optimization(ckpt, state)
         mems = self._restore_position(state)
         state.drop_snapshot()
         self.log.info(f"Resuming from {path} at step {state.train_step}")
         return state, mems
 
-    def _check_fits(self, ckpt: dict, path, reference: bool) -> None:
-        """The checkpoint's vocabulary and architecture are this run's."""
+    def _check_fits(self, ckpt: dict, reference: bool) -> None:
+        """The checkpoint's vocabulary, architecture and optimizer are this run's."""
         ckpt_vocab = Vocab.from_reference(ckpt["vocab"]) if reference else Vocab.from_dict(ckpt["vocab"])
         if not same_vocab(ckpt_vocab, self.vocab):
-            raise UserError(f"checkpoint {path} was trained with another vocabulary ({len(ckpt_vocab)} symbols, "
-                            f"this corpus has {len(self.vocab)}); restart with the same --data / --dataset / --vocab")
+            raise UserError(f"it was trained with another vocabulary ({len(ckpt_vocab)} symbols, this corpus has "
+                            f"{len(self.vocab)}); restart with the same --data / --dataset / --vocab")
         differences = architecture_differences(ckpt["model_config"], self.model_config)
         if differences:
-            raise UserError(f"checkpoint {path} has another model ({', '.join(differences)}); restart with the "
-                            "same model flags")
+            raise UserError(f"it has another model ({', '.join(differences)}); restart with the same model flags")
+        trained_with = (ckpt.get("args") or {}).get("optim")
+        if not reference and trained_with and _family(trained_with) != _family(self.args.optim):
+            raise UserError(f"it was trained with --optim {trained_with}, this run has --optim {self.args.optim}; "
+                            f"resume with --optim {trained_with}")
 
-    def _restore_reference(self, ckpt: dict, path) -> TrainState:
-        self.log.info(f"Loaded the reference checkpoint {path} (model weights, step {ckpt['train_step']}); the "
-                      "optimizer state, memory and data position start fresh")
-        self.scheduler.step(ckpt["train_step"])
-        return TrainState(train_step=ckpt["train_step"], tokens_seen=self._estimated_tokens(ckpt["train_step"]),
-                          best_val_loss=ckpt.get("best_val_loss"))
+    def _load_weights(self, ckpt: dict, reference: bool) -> None:
+        state = reference_state_dict_to_ours(ckpt["model_state"], ckpt["model_config"]) if reference \
+            else ckpt["model_state"]
+        try:
+            load_model_state(self.model, state)
+        except (RuntimeError, KeyError, ValueError) as exc:   # missing, extra or misshapen weights
+            reason = " ".join(str(exc).split())
+            raise UserError(f"its weights do not fit the model ({reason[:300]})") from None
+        self.model.update_dropout(self.args.dropout)
+        self.model.update_dropatt(self.args.dropatt)
+
+    def _reference_state(self, ckpt: dict) -> TrainState:
+        step, best = ckpt.get("train_step"), ckpt.get("best_val_loss")
+        check_state_values({"train_step": step, "best_val_loss": best, "log_acc": LogInterval().state_dict(),
+                            "world_size": 1, "data_states": None, "rng_states": None, "memory": None})
+        return TrainState(train_step=step, tokens_seen=self._estimated_tokens(step), best_val_loss=best)
 
     def _train_state(self, ckpt: dict) -> TrainState:
-        state = TrainState(tokens_seen=self._estimated_tokens(ckpt["train_step"]))
-        state.load_state_dict(ckpt)                         # a txl-train-v2 checkpoint has the counted tokens
+        state = TrainState()
+        state.load_state_dict(ckpt)                         # checks every field first
+        if "tokens_seen" not in ckpt:                       # txl-train-v1 did not count the tokens
+            state.tokens_seen = self._estimated_tokens(state.train_step)
         return state
 
     def _estimated_tokens(self, steps: int) -> int:
         """Checkpoints before txl-train-v2 did not count the tokens: `steps` full batches of this run's size."""
         return steps * self.args.batch_size * self.args.tgt_len
 
-    def _restore_optimization(self, ckpt: dict, state: TrainState, path) -> None:
+    def _restore_optimization(self, ckpt: dict, state: TrainState) -> None:
         try:
             load_optimizer_state(self.model, self.optimizer, ckpt["optimizer_state"])
-        except (ValueError, KeyError) as exc:
-            raise UserError(f"checkpoint {path}: the optimizer state does not fit --optim {self.args.optim} ({exc}); "
-                            "restart with the optimizer it was trained with") from None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"the optimizer state does not fit --optim {self.args.optim} ({exc}); restart with the "
+                            "optimizer it was trained with") from None
         self.scheduler.load_state_dict(state.scheduler_state)
         if state.scaler_state is not None and self.scaler.is_enabled():
             self.scaler.load_state_dict(state.scaler_state)

@@ -9,8 +9,11 @@ live objects (iterator, generators, memory tensors, scheduler, scaler) hold them
 `torch.load(..., weights_only=True)`. Its keys are those of the first checkpoint format (txl-train-v1), which
 tools and job scripts read (e.g. `ckpt["train_step"]`), plus `tokens_seen`.
 """
+import math
 from dataclasses import asdict, dataclass, field, fields
-from typing import Optional
+from typing import Any, Optional
+
+from utils.io.errors import UserError
 
 
 @dataclass
@@ -69,11 +72,14 @@ class TrainState:
     def load_state_dict(self, state: dict) -> None:
         """Read a state_dict, or the whole checkpoint that holds one (other keys are ignored).
 
-        Checkpoints of format txl-train-v1 have no `tokens_seen`: it keeps its current value."""
+        Checkpoints of format txl-train-v1 have no `tokens_seen`: it keeps its current value. A missing field
+        or one of the wrong type or value (a step that is text, a negative position, fewer per-rank entries
+        than processes) raises UserError naming it, before anything is changed."""
         optional = {"tokens_seen"}
         missing = [f.name for f in fields(self) if f.name not in state and f.name not in optional]
         if missing:
-            raise KeyError(f"the training state lacks {', '.join(missing)}")
+            raise UserError(f"the training state lacks {', '.join(missing)}")
+        check_state_values(state)
         for f in fields(self):
             if f.name in state:
                 setattr(self, f.name, state[f.name])
@@ -83,3 +89,44 @@ class TrainState:
         """Forget the per-rank snapshot once the live objects hold it again (it holds the memory tensors)."""
         self.data_states = self.rng_states = self.memory = None
         self.scheduler_state = self.scaler_state = None
+
+
+# ---- what a stored state may hold ----------------------------------------------------------------------------
+
+def _count(low: int):
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low, f"an integer >= {low}"
+
+
+def _seconds(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+
+
+_CHECKS = {
+    "train_step": _count(0), "tokens_seen": _count(0), "epoch": _count(1), "batch": _count(0),
+    "last_iter": _count(0), "world_size": _count(1), "batch_chunk": _count(1),
+    "train_elapsed": (_seconds, "a number of seconds >= 0"),
+    "best_val_loss": (lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)
+                                            and math.isfinite(v)), "a finite number or none"),
+    "scheduler_state": (lambda v: v is None or isinstance(v, dict), "a mapping or none"),
+    "scaler_state": (lambda v: v is None or isinstance(v, dict), "a mapping or none"),
+}
+_LOG_ACC = {"loss": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+            "steps": _count(0), "tokens": _count(0), "elapsed": (_seconds, "a number of seconds >= 0")}
+
+
+def check_state_values(state: dict) -> None:
+    """Every field of a stored TrainState has the type and range the loop relies on (one line otherwise)."""
+    for name, (ok, expected) in _CHECKS.items():
+        if name in state and not ok(state[name]):
+            raise UserError(f"the training state's {name} is {state[name]!r}, expected {expected}")
+    acc = state["log_acc"]
+    if not isinstance(acc, dict) or set(acc) != set(_LOG_ACC):
+        raise UserError(f"the training state's log_acc is {acc!r}, expected a mapping of {', '.join(_LOG_ACC)}")
+    for name, (ok, expected) in _LOG_ACC.items():
+        if not ok(acc[name]):
+            raise UserError(f"the training state's log_acc.{name} is {acc[name]!r}, expected {expected}")
+    for name in ("data_states", "rng_states", "memory"):
+        value = state[name]
+        if value is not None and (not isinstance(value, list) or len(value) != state["world_size"]):
+            raise UserError(f"the training state's {name} has {len(value) if isinstance(value, list) else value!r} "
+                            f"entries, expected one per process ({state['world_size']})")
