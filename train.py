@@ -27,6 +27,7 @@ from utils.model.model_config import build_model_config
 from utils.runtime.device import (check_process_count, configure_backends, environment_summary, resolve_speed_flags,
                                   select_device)
 from utils.training.loop import Trainer
+from utils.training.memory import check_memory
 from utils.training.preemption import PreemptionHandler
 from utils.training.rng import seed_everything
 from utils.training.run_setup import (check_batch_split, corpus_options, global_batch, make_work_dir, open_log,
@@ -105,9 +106,17 @@ def train(args, preemption: PreemptionHandler) -> int:
     corpus = data_utils.get_lm_corpus(args.data, args.dataset, args.vocab, cache_dir=args.cache_dir,
                                       verbose=rank == 0, progress=rank == 0, **corpus_options(args))
     model_config = build_model_config(args, len(corpus.vocab))
+    check_memory(parameter_count(model_config), args, model_config, device, world_size)
     model = build_model(args, model_config)
     # main() installed the signal handler before the setup, so that a signal during the setup is not lost
     return Trainer(args, log, work_dir, device, corpus, model, model_config, preemption).run()
+
+
+def parameter_count(model_config: dict) -> int:
+    """The model's parameters, counted on the meta device (nothing allocated: a model too large for the
+    machine is refused before it is built)."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in MemTransformerLM(**model_config).parameters())
 
 
 def build_model(args, model_config: dict) -> MemTransformerLM:
