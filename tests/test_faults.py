@@ -1,6 +1,7 @@
 """Faults while files are written (issue 13): a SIGKILL at any point of a checkpoint save loses nothing, a full
 disk or a read-only directory is one line naming the file, and a damaged dataset cache is rebuilt."""
 import contextlib
+import errno
 import os
 import signal
 
@@ -90,3 +91,118 @@ def test_a_kill_while_saving_then_resuming_ends_with_the_uninterrupted_checkpoin
     assert f"Resuming from {work} at step 15" in resumed.lines
     for file in ("checkpoint_last.pt", "checkpoint_best.pt"):
         _assert_same_checkpoint(work / file, uninterrupted / file)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# class 6: a full disk, a directory the user may not write to
+
+
+class _FullDisk:
+    """A file whose write fails with ENOSPC once `room` bytes are written, as a full file system's does."""
+
+    def __init__(self, f, room: int):
+        self.f, self.room = f, room
+
+    def write(self, data) -> int:
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+def full_disk_at(name: str, nth: int, room: int = 1000) -> None:
+    """Hook: the `nth` write of the file called `name` through utils.io.atomic finds the disk full."""
+    from utils.io import atomic
+    original = atomic.atomic_open
+    count = [0]
+
+    @contextlib.contextmanager
+    def full_open(path, *args, **kwargs):
+        count[0] += os.path.basename(path) == name
+        with original(path, *args, **kwargs) as f:
+            yield _FullDisk(f, room) if os.path.basename(path) == name and count[0] == nth else f
+    atomic.atomic_open = full_open
+
+
+@pytest.mark.parametrize("name,best_step", [("checkpoint_last.pt", 10), ("checkpoint_best.pt", 5)])
+def test_a_full_disk_while_saving_is_one_line_and_keeps_the_previous_checkpoint(demo_corpus, tmp_path, name,
+                                                                                 best_step):
+    """ENOSPC at the step-10 save (a torch.save into checkpoint_best.pt, then a copy into checkpoint_last.pt):
+    one line naming the file, exit 2, no temporary file left, the step-5 checkpoint_last.pt intact (and
+    checkpoint_best.pt holds step 5, or step 10 when it was written before the disk filled)."""
+    work = tmp_path / "work"
+    argv = tiny_args(demo_corpus, work, max_step=20, eval_interval=5, no_test=True)
+    result = cli_runner.train(argv, tmp_path, hook=full_disk_at, hook_args=(name, 2))
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"error: cannot write {work / name}: no space left on the device; free space there (the previous file, if "
+        "any, is kept) or write to another directory, and run again"]
+    assert not list(work.glob(".*.tmp"))
+    assert torch.load(work / "checkpoint_last.pt", weights_only=True)["train_step"] == 5
+    assert torch.load(work / "checkpoint_best.pt", weights_only=True)["train_step"] == best_step
+
+
+def _skip_if_modes_do_not_bind(directory):
+    probe = directory / "probe"
+    directory.chmod(0o555)
+    try:
+        probe.write_text("")
+    except PermissionError:
+        return
+    finally:
+        directory.chmod(0o755)
+    probe.unlink()
+    pytest.skip("file modes do not bind for this user (root)")
+
+
+def test_a_read_only_work_dir_at_a_save_is_one_line(demo_corpus, tmp_path):
+    """The work directory turned read-only while the run goes on (a quota, an admin): the first save fails
+    with one line naming the checkpoint and what to do."""
+    work = tmp_path / "work"
+    work.mkdir()
+    _skip_if_modes_do_not_bind(work)
+    argv = tiny_args(demo_corpus, work, max_step=20, eval_interval=5, no_test=True)
+    result = cli_runner.train(argv, tmp_path, hook=read_only_before_save, hook_args=(str(work),))
+    work.chmod(0o755)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [
+        f"error: cannot write {work / 'checkpoint_best.pt'}: permission denied; make {work} writable for this "
+        "user or write to another directory, and run again"]
+
+
+def read_only_before_save(work: str) -> None:
+    """Hook: the work directory becomes read-only just before the first checkpoint is saved."""
+    from utils.training.checkpointer import Checkpointer
+    original = Checkpointer.save
+
+    def save(self, *args, **kwargs):
+        os.chmod(work, 0o555)
+        return original(self, *args, **kwargs)
+    Checkpointer.save = save
+
+
+def denied_at(name: str) -> None:
+    """Hook: creating the temporary file of `name` is refused (EACCES), as in a directory the user may not
+    write to; for root, whom file modes do not stop."""
+    from utils.io import atomic
+    original = atomic._create_temp
+
+    def create(path):
+        if path.name == name:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return original(path)
+    atomic._create_temp = create
+
+
+def test_permission_denied_at_a_save_is_one_line_for_root_too(demo_corpus, tmp_path):
+    work = tmp_path / "work"
+    argv = tiny_args(demo_corpus, work, max_step=20, eval_interval=5, no_test=True)
+    result = cli_runner.train(argv, tmp_path, hook=denied_at, hook_args=("checkpoint_best.pt",))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [
+        f"error: cannot write {work / 'checkpoint_best.pt'}: permission denied; make {work} writable for this "
+        "user or write to another directory, and run again"]
+    assert not list(work.glob("*.pt")) and not list(work.glob(".*.tmp"))
