@@ -2,9 +2,11 @@
 disk or a read-only directory is one line naming the file, and a damaged dataset cache is rebuilt."""
 import contextlib
 import errno
+import json
 import os
 import signal
 
+import numpy as np
 import pytest
 import torch
 
@@ -206,3 +208,88 @@ def test_permission_denied_at_a_save_is_one_line_for_root_too(demo_corpus, tmp_p
         f"error: cannot write {work / 'checkpoint_best.pt'}: permission denied; make {work} writable for this "
         "user or write to another directory, and run again"]
     assert not list(work.glob("*.pt")) and not list(work.glob(".*.tmp"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# class 7: a damaged dataset cache is found by its manifest and rebuilt
+
+
+def _truncate(entry):
+    data = (entry / "train.npy").read_bytes()
+    (entry / "train.npy").write_bytes(data[: len(data) - 7])
+
+
+def _id_out_of_range(entry):
+    ids = np.load(entry / "train.npy", mmap_mode="r+")           # same size, one id past the vocabulary
+    ids[len(ids) // 2] = np.iinfo(ids.dtype).max
+    ids.flush()
+
+
+def _vocab_damaged(entry):
+    text = (entry / "vocab.json").read_text(encoding="utf-8")
+    (entry / "vocab.json").write_text(text.replace('"', "'", 1), encoding="utf-8")
+
+
+def _vocab_swapped(entry):
+    """Two symbols exchanged: still valid JSON of the same size, a vocabulary that maps ids to other words."""
+    vocab = json.loads((entry / "vocab.json").read_text(encoding="utf-8"))
+    vocab["idx2sym"][0], vocab["idx2sym"][1] = vocab["idx2sym"][1], vocab["idx2sym"][0]
+    (entry / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+
+
+def _meta_damaged(entry):
+    (entry / "meta.json").write_bytes((entry / "meta.json").read_bytes()[:-20])
+
+
+def _file_missing(entry):
+    (entry / "valid.npy").unlink()
+
+
+DAMAGES = {"truncated ids": (_truncate, "train.npy has"), "id out of range": (_id_out_of_range, "train.npy holds id"),
+           "vocab.json damaged": (_vocab_damaged, "vocab.json does not match its sha256"),
+           "vocab swapped": (_vocab_swapped, "vocab.json does not match its sha256"),
+           "meta.json damaged": (_meta_damaged, "meta.json: "), "file missing": (_file_missing, "valid.npy is missing")}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_a_damaged_cache_is_rebuilt_with_a_warning(demo_corpus, tmp_path, capsys, damage):
+    import data_utils
+    from data_utils import get_lm_corpus
+    cache = tmp_path / "cache"
+    built = get_lm_corpus(demo_corpus, "custom", cache_dir=cache, verbose=False)
+    truth = {s: np.array(getattr(built, s)) for s in ("train", "valid", "test")}
+    symbols = list(built.vocab.idx2sym)
+    entry = built.cache_path
+    del built
+    damage_it, reason = DAMAGES[damage]
+    damage_it(entry)
+
+    corpus = get_lm_corpus(demo_corpus, "custom", cache_dir=cache)
+    out, err = capsys.readouterr()
+    assert len(err.splitlines()) == 1 and err.startswith(f"warning: dataset cache {entry} is damaged ({reason}")
+    assert err.rstrip().endswith("; rebuilding it")
+    assert "Producing dataset custom..." in out
+    assert list(corpus.vocab.idx2sym) == symbols
+    for split, ids in truth.items():
+        assert np.array_equal(getattr(corpus, split), ids), split
+    get_lm_corpus(demo_corpus, "custom", cache_dir=cache, verbose=False)   # the rebuilt cache loads quietly
+    assert capsys.readouterr().err == ""
+    assert sorted(p.name for p in (cache / os.listdir(cache)[0]).iterdir() if not p.name.startswith(".")) == [
+        entry.name]
+    assert data_utils.CACHE_FORMAT in (entry / "meta.json").read_text()
+
+
+def test_train_on_a_damaged_cache_rebuilds_it_and_trains(demo_corpus, tmp_path):
+    """train.py, whose first run wrote the cache: ids past the vocabulary would be an IndexError in the
+    embedding mid-run; the second run rebuilds the cache with a warning line and trains."""
+    from data_utils import get_lm_corpus
+    cache = tmp_path / "cache"
+    entry = get_lm_corpus(demo_corpus, "custom", cache_dir=cache, verbose=False).cache_path
+    _id_out_of_range(entry)
+    result = cli_runner.train(tiny_args(demo_corpus, tmp_path / "work", cache_dir=cache, max_step=4, eval_interval=4,
+                                        no_test=True), tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert [l for l in result.stderr.splitlines() if "damaged" in l] == [
+        f"warning: dataset cache {entry} is damaged (train.npy holds id 255, the manifest says "
+        f"{get_lm_corpus(demo_corpus, 'custom', cache_dir=cache, verbose=False).train.max()} and the vocabulary "
+        f"has {len(get_lm_corpus(demo_corpus, 'custom', cache_dir=cache, verbose=False).vocab)}); rebuilding it"]
