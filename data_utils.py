@@ -29,6 +29,7 @@ ext_len extra rows in front), the number of target rows, and whether the batch c
 the evaluation warm-up batches). `state_dict()` / `load_state_dict()` save and restore the exact position.
 """
 import contextlib
+import errno
 import hashlib
 import io
 import json
@@ -587,11 +588,26 @@ def _build(datadir, root, key, opts, files, sources, verbose, progress) -> None:
             os.replace(final, old / "cache")
             shutil.rmtree(old, ignore_errors=True)
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            _raise_build_fault(exc, root)
         raise
     fsync_dir(root)  # the rename is on disk (the files in the folder were fsynced as they were written)
     _say(verbose, f"Dataset cache written to {root / key} in {time.perf_counter() - started:.1f}s")
+
+
+def _raise_build_fault(exc: OSError, root: Path) -> None:
+    """A full disk or a file the user may not read while the cache is built: one line, not a traceback (the
+    writes through utils.io.atomic already say so themselves; these are the plain reads and scratch files)."""
+    if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+        raise UserError(f"cannot write the dataset cache in {root}: {os.strerror(exc.errno).lower()}; free space "
+                        "there or pass another --cache_dir") from None
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        where = exc.filename or root
+        raise UserError(f"cannot {'write' if str(where).startswith(str(root)) else 'read'} {where}: "
+                        f"{os.strerror(exc.errno).lower()}; fix its permissions or pass another --data / "
+                        "--cache_dir") from None
 
 
 def _first(value):

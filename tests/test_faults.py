@@ -4,6 +4,7 @@ import contextlib
 import errno
 import json
 import os
+import shutil
 import signal
 
 import numpy as np
@@ -113,6 +114,12 @@ class _FullDisk:
 
     def __getattr__(self, name):
         return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
 
 
 def full_disk_at(name: str, nth: int, room: int = 1000) -> None:
@@ -293,3 +300,61 @@ def test_train_on_a_damaged_cache_rebuilds_it_and_trains(demo_corpus, tmp_path):
         f"warning: dataset cache {entry} is damaged (train.npy holds id 255, the manifest says "
         f"{get_lm_corpus(demo_corpus, 'custom', cache_dir=cache, verbose=False).train.max()} and the vocabulary "
         f"has {len(get_lm_corpus(demo_corpus, 'custom', cache_dir=cache, verbose=False).vocab)}); rebuilding it"]
+
+
+def test_a_full_disk_while_the_cache_is_built_is_one_line_and_leaves_no_partial_cache(demo_corpus, tmp_path,
+                                                                                      monkeypatch):
+    """ENOSPC in the scratch file of the vocabulary count (a plain open) and in a token file (atomic_open)."""
+    import data_utils
+    from utils.io.errors import UserError
+    cache = tmp_path / "cache"
+    real_open = open
+
+    def full_open(path, mode="r", *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        return _FullDisk(f, 0) if str(path).endswith(".prov") else f
+    monkeypatch.setattr(data_utils, "open", full_open, raising=False)
+    with pytest.raises(UserError) as error:
+        data_utils.get_lm_corpus(demo_corpus, "custom", cache_dir=cache, verbose=False)
+    root = next(cache.iterdir())
+    assert str(error.value) == (f"cannot write the dataset cache in {root}: no space left on device; free space "
+                                "there or pass another --cache_dir")
+    assert [p.name for p in root.iterdir() if not p.name.endswith(".lock")] == []
+    monkeypatch.undo()
+
+    from utils.io import atomic
+    real_atomic_open = atomic.atomic_open
+
+    @contextlib.contextmanager
+    def full_atomic_open(path, *args, **kwargs):
+        with real_atomic_open(path, *args, **kwargs) as f:
+            yield _FullDisk(f, 100) if os.path.basename(path) == "valid.npy" else f
+    monkeypatch.setattr(data_utils, "atomic_open", full_atomic_open)
+    with pytest.raises(UserError, match=r"^cannot write .*valid\.npy: no space left on the device; free space"):
+        data_utils.get_lm_corpus(demo_corpus, "custom", cache_dir=cache, verbose=False)
+    assert [p.name for p in root.iterdir() if not p.name.endswith(".lock")] == []
+
+
+@pytest.mark.parametrize("how", ["chmod", "injected"])
+def test_an_unreadable_data_file_is_one_line(demo_corpus, tmp_path, monkeypatch, how):
+    """A data file the user may not read: by its mode, and (for root, whom modes do not stop) by an open that
+    raises EACCES for it."""
+    import builtins
+    import data_utils
+    from utils.io.errors import UserError
+    data = tmp_path / "data"
+    shutil.copytree(demo_corpus, data)
+    if how == "chmod":
+        _skip_if_modes_do_not_bind(data)
+        (data / "valid.txt").chmod(0)
+    else:
+        real_open = builtins.open
+
+        def denied_open(path, *args, **kwargs):
+            if str(path) == str(data / "valid.txt"):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+            return real_open(path, *args, **kwargs)
+        monkeypatch.setattr(builtins, "open", denied_open)
+    with pytest.raises(UserError) as error:
+        data_utils.get_lm_corpus(data, "custom", cache_dir=tmp_path / "cache", verbose=False)
+    assert str(error.value).startswith(f"cannot read {data / 'valid.txt'}: permission denied")
