@@ -22,7 +22,9 @@ version, options, the source files' sizes and modification times, token counts),
 offset of each sentence). Splits are loaded memory-mapped, so a corpus larger than memory trains from disk.
 A cache is built in a temporary folder and renamed into place (a crash never leaves half a cache), under a
 file lock (concurrent ranks build it once; the others wait and load it), and rebuilt when a source file's
-size or modification time changes. A cache written by another format version is an error.
+size or modification time changes, and rebuilt with a warning line when its files do not match the manifest in
+meta.json (sizes, sha256 of vocab.json, largest ids; docs/data.md). A cache written by another format version
+is an error.
 
 Iterators yield `(data, target, seq_len, warm)`: int64 tensors `[len, bsz]` on `device` (data has up to
 ext_len extra rows in front), the number of target rows, and whether the batch counts in the loss (false for
