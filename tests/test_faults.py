@@ -96,6 +96,38 @@ def test_a_kill_while_saving_then_resuming_ends_with_the_uninterrupted_checkpoin
         _assert_same_checkpoint(work / file, uninterrupted / file)
 
 
+def kill_after_step(step: int) -> None:
+    """Hook: SIGKILL right after optimizer step `step` (not at a save: the work since the last one is lost)."""
+    cli_runner.signal_after_step(step, "SIGKILL")
+
+
+@pytest.mark.slow
+def test_a_loop_of_kills_at_random_moments_ends_with_the_uninterrupted_checkpoints(demo_corpus, tmp_path,
+                                                                                   uninterrupted):
+    """Kill after a random step or during / after a random checkpoint write, resume with the same command,
+    until a run finishes: checkpoint_last.pt and checkpoint_best.pt equal the uninterrupted run's bit for bit."""
+    import random
+    rng = random.Random(13)
+    work = tmp_path / "work"
+    argv = tiny_args(demo_corpus, work, max_step=20, eval_interval=5, no_test=True, restart=work)
+    for run in range(12):
+        if rng.random() < 0.3:
+            hook, hook_args = kill_after_step, (rng.randint(1, 20),)
+        else:
+            hook, hook_args = kill_at_write, (rng.choice(["checkpoint_best.pt", "checkpoint_last.pt"]),
+                                              rng.randint(1, 2), rng.choice(["during", "after"]))
+        result = cli_runner.train(argv, tmp_path, name=f"run{run}", hook=hook, hook_args=hook_args)
+        # exit 1: "Loaded checkpoint after 20 steps" (the kill came after the final save was complete)
+        if result.returncode == 0 or (result.returncode == 1 and "Loaded checkpoint after 20 steps" in result.stdout):
+            break
+        assert result.returncode == -signal.SIGKILL, result.stderr
+    else:
+        pytest.fail("no run finished")
+    assert run >= 3                                                  # the seed gives several kills
+    for file in ("checkpoint_last.pt", "checkpoint_best.pt"):
+        _assert_same_checkpoint(work / file, uninterrupted / file)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # class 6: a full disk, a directory the user may not write to
 
