@@ -390,3 +390,22 @@ def test_an_unreadable_data_file_is_one_line(demo_corpus, tmp_path, monkeypatch,
     with pytest.raises(UserError) as error:
         data_utils.get_lm_corpus(data, "custom", cache_dir=tmp_path / "cache", verbose=False)
     assert str(error.value).startswith(f"cannot read {data / 'valid.txt'}: permission denied")
+
+
+def test_a_run_continuing_another_directory_writes_its_own_best(demo_corpus, tmp_path):
+    """--restart from another work directory's checkpoint (its best validation loss recorded, but no
+    checkpoint_best.pt here): the next validation writes checkpoint_best.pt, even with a higher loss than the
+    other run's best (a learning rate that makes the loss rise after the restart)."""
+    first = tmp_path / "first"
+    result = cli_runner.train(tiny_args(demo_corpus, first, max_step=10, eval_interval=5, no_test=True), tmp_path,
+                              name="first")
+    assert result.returncode == 0, result.stderr
+    second = tmp_path / "second"
+    result = cli_runner.train(tiny_args(demo_corpus, second, max_step=15, eval_interval=5, no_test=True, lr=5,
+                                        restart=first / "checkpoint_last.pt"), tmp_path, name="second")
+    assert result.returncode == 0, result.stderr
+    old_best = torch.load(first / "checkpoint_best.pt", weights_only=True)["best_val_loss"]
+    assert (f"No {second / 'checkpoint_best.pt'} for the checkpoint's best validation loss {old_best:.4f}: the "
+            "next validation writes it") in result.lines
+    best = torch.load(second / "checkpoint_best.pt", weights_only=True)
+    assert best["train_step"] == 15 and best["best_val_loss"] > old_best   # written although worse

@@ -132,11 +132,23 @@ class Checkpointer:
         if reference:
             return self._restore_reference(ckpt, path), [None] * self.args.batch_chunk
         state = self._train_state(ckpt)
+        self._forget_a_missing_best(state)
         self._restore_optimization(ckpt, state, path)
         mems = self._restore_position(state)
         state.drop_snapshot()
         self.log.info(f"Resuming from {path} at step {state.train_step}")
         return state, mems
+
+    def _forget_a_missing_best(self, state: TrainState) -> None:
+        """A checkpoint's best validation loss promises a checkpoint_best.pt of that loss. This work dir has
+        none when the run continues another directory's checkpoint (or the file was deleted): forget the loss,
+        so that the next validation writes one, instead of never while the loss stays above the old best."""
+        best = self.work_dir / "checkpoint_best.pt"
+        if state.best_val_loss is None or distributed.broadcast_object(best.is_file()):
+            return
+        self.log.info(f"No {best} for the checkpoint's best validation loss {state.best_val_loss:.4f}: the next "
+                      "validation writes it")
+        state.best_val_loss = None
 
     def _check_fits(self, ckpt: dict, path, reference: bool) -> None:
         """The checkpoint's vocabulary and architecture are this run's."""
