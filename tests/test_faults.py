@@ -409,3 +409,18 @@ def test_a_run_continuing_another_directory_writes_its_own_best(demo_corpus, tmp
             "next validation writes it") in result.lines
     best = torch.load(second / "checkpoint_best.pt", weights_only=True)
     assert best["train_step"] == 15 and best["best_val_loss"] > old_best   # written although worse
+
+
+def test_a_kill_while_saving_keeps_every_save_all_checkpoint(demo_corpus, tmp_path):
+    """--save_all: killed while checkpoint_10.pt is written, then resumed: every checkpoint_<step>.pt exists
+    (before issue 13 checkpoint_last.pt, written first, already held step 10 and checkpoint_10.pt was never
+    written)."""
+    work = tmp_path / "work"
+    argv = tiny_args(demo_corpus, work, max_step=20, eval_interval=5, no_test=True, save_all=True)
+    killed = cli_runner.train(argv, tmp_path, name="killed", hook=kill_at_write,
+                              hook_args=("checkpoint_10.pt", 1, "during"))
+    assert killed.returncode == -signal.SIGKILL
+    resumed = cli_runner.train(argv + ["--restart", str(work)], tmp_path, name="resumed")
+    assert resumed.returncode == 0, resumed.stderr
+    for step in (5, 10, 15, 20):
+        assert torch.load(work / f"checkpoint_{step}.pt", weights_only=True)["train_step"] == step
