@@ -101,7 +101,6 @@ def kill_after_step(step: int) -> None:
     cli_runner.signal_after_step(step, "SIGKILL")
 
 
-@pytest.mark.slow
 def test_a_loop_of_kills_at_random_moments_ends_with_the_uninterrupted_checkpoints(demo_corpus, tmp_path,
                                                                                    uninterrupted):
     """Kill after a random step or during / after a random checkpoint write, resume with the same command,
