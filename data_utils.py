@@ -22,19 +22,23 @@ version, options, the source files' sizes and modification times, token counts),
 offset of each sentence). Splits are loaded memory-mapped, so a corpus larger than memory trains from disk.
 A cache is built in a temporary folder and renamed into place (a crash never leaves half a cache), under a
 file lock (concurrent ranks build it once; the others wait and load it), and rebuilt when a source file's
-size or modification time changes. A cache written by another format version is an error.
+size or modification time changes, and rebuilt with a warning line when its files do not match the manifest in
+meta.json (sizes, sha256 of vocab.json, largest ids; docs/data.md). A cache written by another format version
+is an error.
 
 Iterators yield `(data, target, seq_len, warm)`: int64 tensors `[len, bsz]` on `device` (data has up to
 ext_len extra rows in front), the number of target rows, and whether the batch counts in the loss (false for
 the evaluation warm-up batches). `state_dict()` / `load_state_dict()` save and restore the exact position.
 """
 import contextlib
+import errno
 import hashlib
 import io
 import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -385,22 +389,19 @@ def get_lm_corpus(
     key = _cache_key(opts)
     roots = _cache_roots(datadir, cache_dir)
     for root in roots:
-        meta = _valid_meta(root / key, opts, sources, verbose)
-        if meta is not None:
-            _say(verbose, "Loading cached dataset...")
-            return _load(datadir, root / key, meta)
+        corpus = _load_checked(datadir, root / key, opts, sources, verbose)
+        if corpus is not None:
+            return corpus
     root = next((r for r in roots if _writable(r)), None)
     if root is None:
         raise UserError(f"no writable folder for the dataset cache (tried {', '.join(map(str, roots))}); pass --cache_dir")
     with _build_lock(root, key, verbose):
-        meta = _valid_meta(root / key, opts, sources, verbose=False)  # another process may have built it
-        if meta is None:
+        corpus = _load_checked(datadir, root / key, opts, sources, verbose, quiet=True)  # another process's build
+        if corpus is None:
             _say(verbose, f"Producing dataset {dataset}...")
             _build(datadir, root, key, opts, files, sources, verbose, progress)
-            meta = _read_meta(root / key)
-        else:
-            _say(verbose, "Loading cached dataset...")
-    return _load(datadir, root / key, meta)
+            corpus = _load(datadir, root / key, _read_meta(root / key))
+    return corpus
 
 
 def encode_split(datadir: str | os.PathLike, dataset: str, split: str, vocab) -> "np.ndarray | SentenceData":
@@ -425,14 +426,23 @@ def encode_split(datadir: str | os.PathLike, dataset: str, split: str, vocab) ->
     return vocab.encode_file(path, ordered=True, add_eos=add_eos)
 
 
+class _Damaged(Exception):
+    """A cache whose files do not match its manifest (or cannot be parsed): rebuilt with a warning."""
+
+
 def _read_meta(path: Path) -> dict:
     meta_file = path / "meta.json"
     try:
-        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        text = meta_file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UserError(f"{meta_file}: unreadable dataset cache ({exc.strerror}); make it readable, or pass "
+                        "another --cache_dir") from None
+    try:
+        meta = json.loads(text)
         if not isinstance(meta, dict) or meta.get("format") != CACHE_FORMAT:
             raise ValueError("not a data cache")
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{meta_file}: unreadable dataset cache ({exc}); delete {path} to rebuild it") from None
+    except ValueError as exc:
+        raise _Damaged(f"meta.json: {str(exc)[:200]}") from None
     if meta.get("version") != CACHE_VERSION:
         raise UserError(
             f"{meta_file}: dataset cache written by another version (cache format {meta.get('version')}, this "
@@ -457,29 +467,92 @@ def _valid_meta(path: Path, opts: dict, sources: list[dict], verbose: bool) -> d
     return meta
 
 
+def _load_checked(datadir: Path, path: Path, opts: dict, sources: list[dict], verbose: bool,
+                  quiet: bool = False) -> Corpus | None:
+    """The corpus cached at `path`; None when there is none, it is stale, or it is damaged (then a warning line
+    on stderr says so, and the caller rebuilds it)."""
+    try:
+        meta = _valid_meta(path, opts, sources, verbose and not quiet)
+        if meta is None:
+            return None
+        corpus = _load(datadir, path, meta)
+    except _Damaged as exc:
+        if not quiet:
+            print(f"warning: dataset cache {path} is damaged ({exc}); rebuilding it", file=sys.stderr, flush=True)
+        return None
+    if not quiet:
+        _say(verbose, "Loading cached dataset...")
+    return corpus
+
+
+# The manifest (meta.json's "manifest") catches a damaged cache at load, before a run indexes an embedding
+# with a wrong id: every file's size in bytes (a truncated or extended file), the sha256 of the small
+# vocab.json, and each token file's largest id, compared with the file's (and required to be below the
+# vocabulary size). Hashing the token files would cost seconds per load for a 500 MB corpus (sha256 reads
+# ~1 GB/s); their maximum is a numpy reduction over the memory map at memory speed, and every id that could
+# break training (one past the vocabulary) is found by it. A changed id within the vocabulary's range is not
+# detected: that would need the hash.
+def _manifest(path: Path, splits: dict) -> dict:
+    manifest = {"vocab.json": {"bytes": (path / "vocab.json").stat().st_size,
+                               "sha256": hashlib.sha256((path / "vocab.json").read_bytes()).hexdigest()}}
+    for info in splits.values():
+        ids = np.load(path / info["file"], mmap_mode="r")
+        manifest[info["file"]] = {"bytes": (path / info["file"]).stat().st_size,
+                                  "max_id": int(ids.max()) if len(ids) else -1}
+        if "starts" in info:
+            manifest[info["starts"]] = {"bytes": (path / info["starts"]).stat().st_size}
+    return manifest
+
+
+def _check_manifest(path: Path, meta: dict) -> None:
+    manifest = meta.get("manifest")
+    if not isinstance(manifest, dict):
+        raise _Damaged("meta.json has no manifest of the cache's files")
+    for name, entry in manifest.items():
+        try:
+            size = (path / name).stat().st_size
+        except FileNotFoundError:
+            raise _Damaged(f"{name} is missing") from None
+        if size != entry.get("bytes"):
+            raise _Damaged(f"{name} has {size} bytes, the manifest says {entry.get('bytes')}")
+    vocab_file = path / "vocab.json"
+    if hashlib.sha256(vocab_file.read_bytes()).hexdigest() != manifest.get("vocab.json", {}).get("sha256"):
+        raise _Damaged("vocab.json does not match its sha256 in the manifest")
+
+
 def _load(datadir: Path, path: Path, meta: dict) -> Corpus:
     try:
+        _check_manifest(path, meta)
         vocab = Vocab.from_dict(json.loads((path / "vocab.json").read_text(encoding="utf-8")))
-    except (OSError, ValueError, UserError) as exc:
-        raise UserError(f"{path / 'vocab.json'}: unreadable ({str(exc)[:200]}); delete {path} to rebuild it") from None
-    splits = {}
-    for split, info in meta["splits"].items():
-        tokens = _load_ids(path / info["file"], info["n_tokens"], path)
-        if "starts" in info:
-            starts = _load_ids(path / info["starts"], info["n_sentences"] + 1, path)
-            splits[split] = SentenceData(tokens, starts, info["shards"])
-        else:
-            splits[split] = tokens
+        splits = {}
+        for split, info in meta["splits"].items():
+            tokens = _load_ids(path / info["file"], info["n_tokens"])
+            high = int(tokens.max()) if len(tokens) else -1
+            if high >= len(vocab) or high != meta["manifest"][info["file"]].get("max_id"):
+                raise _Damaged(f"{info['file']} holds id {high}, the manifest says "
+                               f"{meta['manifest'][info['file']].get('max_id')} and the vocabulary has {len(vocab)}")
+            if "starts" in info:
+                starts = _load_ids(path / info["starts"], info["n_sentences"] + 1)
+                if starts[0] != 0 or starts[-1] != len(tokens) or np.any(np.diff(starts) < 0):
+                    raise _Damaged(f"{info['starts']} holds sentence offsets out of order or range")
+                splits[split] = SentenceData(tokens, starts, info["shards"])
+            else:
+                splits[split] = tokens
+    except OSError as exc:
+        raise UserError(f"{path}: unreadable dataset cache ({exc}); make it readable, or pass another "
+                        "--cache_dir") from None
+    except (ValueError, KeyError, TypeError, UserError) as exc:   # damaged JSON, a vocabulary that does not parse
+        raise _Damaged(str(exc)[:200]) from None
     return Corpus(meta["options"]["dataset"], datadir, vocab, splits, path, meta)
 
 
-def _load_ids(file: Path, length: int, cache: Path) -> np.ndarray:
+def _load_ids(file: Path, length: int) -> np.ndarray:
     try:
         ids = np.load(file, mmap_mode="r")
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{file}: unreadable ({str(exc)[:200]}); delete {cache} to rebuild the dataset cache") from None
+    except ValueError as exc:
+        raise _Damaged(f"{file.name}: {str(exc)[:200]}") from None
     if ids.ndim != 1 or len(ids) != length:
-        raise UserError(f"{file}: has {ids.shape} ids, the cache says {length}; delete {cache} to rebuild it")
+        raise _Damaged(f"{file.name} has {ids.shape} ids, meta.json says {length}")
     return ids
 
 
@@ -508,6 +581,7 @@ def _build(datadir, root, key, opts, files, sources, verbose, progress) -> None:
             "splits": splits,
             "vocab_size": len(vocab),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "manifest": _manifest(tmp, splits),
         }
         write_text_atomic(tmp / "meta.json", json.dumps(meta, indent=1))
         final = root / key
@@ -516,11 +590,26 @@ def _build(datadir, root, key, opts, files, sources, verbose, progress) -> None:
             os.replace(final, old / "cache")
             shutil.rmtree(old, ignore_errors=True)
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            _raise_build_fault(exc, root)
         raise
     fsync_dir(root)  # the rename is on disk (the files in the folder were fsynced as they were written)
     _say(verbose, f"Dataset cache written to {root / key} in {time.perf_counter() - started:.1f}s")
+
+
+def _raise_build_fault(exc: OSError, root: Path) -> None:
+    """A full disk or a file the user may not read while the cache is built: one line, not a traceback (the
+    writes through utils.io.atomic already say so themselves; these are the plain reads and scratch files)."""
+    if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+        raise UserError(f"cannot write the dataset cache in {root}: {os.strerror(exc.errno).lower()}; free space "
+                        "there or pass another --cache_dir") from None
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        where = exc.filename or root
+        raise UserError(f"cannot {'write' if str(where).startswith(str(root)) else 'read'} {where}: "
+                        f"{os.strerror(exc.errno).lower()}; fix its permissions or pass another --data / "
+                        "--cache_dir") from None
 
 
 def _first(value):

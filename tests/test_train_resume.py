@@ -89,7 +89,7 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(demo_corpus, 
     killed = cli_runner.train(argv, tmp_path, name="killed", hook=cli_runner.sigkill_while_saving, hook_args=(2,))
     assert killed.returncode == -9                                    # died writing the step-10 checkpoint
     assert "Saving checkpoint" in killed.lines[-1]
-    partial = list(work.glob(".checkpoint_last.pt.*.tmp"))
+    partial = list(work.glob(".checkpoint_*.pt.*.tmp"))  # step 10 is a new best: written first, then last
     assert len(partial) == 1 and partial[0].stat().st_size > 0        # the half-written file is not the checkpoint
     for name in ("checkpoint_last.pt", "checkpoint_best.pt"):
         assert torch.load(work / name, weights_only=True)["train_step"] == 5

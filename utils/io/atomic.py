@@ -8,6 +8,7 @@ file is removed and the target is left as it was. A process killed outright can 
 behind; `remove_temp_files` deletes those.
 """
 import contextlib
+import errno
 import os
 import secrets
 import shutil
@@ -56,8 +57,12 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", encoding: str | None 
     if mode == "wb" and (encoding is not None or newline is not None):
         raise ValueError("encoding and newline apply to text mode ('w') only")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _create_temp(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = _create_temp(path)
+    except OSError as exc:
+        _raise_user_fault(exc, path)
+        raise
     try:
         text = {"encoding": encoding or "utf-8", "newline": newline} if mode == "w" else {}
         with os.fdopen(fd, mode, **text) as f:  # closes fd itself if it fails (e.g. an unknown encoding)
@@ -65,11 +70,30 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", encoding: str | None 
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        _raise_user_fault(exc, path)
         raise
     fsync_dir(path.parent)
+
+
+# A full disk or a directory the user may not write to is the user's to fix, not a bug: one line naming the
+# file (utils.io.errors.UserError) instead of a traceback. The target is untouched either way (see above).
+_FULL = {errno.ENOSPC: "no space left on the device", getattr(errno, "EDQUOT", -1): "disk quota exceeded"}
+_DENIED = {errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+           errno.EROFS: "read-only file system"}
+
+
+def _raise_user_fault(exc: BaseException, path: Path) -> None:
+    if not isinstance(exc, OSError) or exc.errno not in {**_FULL, **_DENIED}:
+        return
+    from utils.io.errors import UserError
+    if exc.errno in _FULL:
+        raise UserError(f"cannot write {path}: {_FULL[exc.errno]}; free space there (the previous file, if any, "
+                        "is kept) or write to another directory, and run again") from None
+    raise UserError(f"cannot write {path}: {_DENIED[exc.errno]}; make {path.parent} writable for this user or "
+                    "write to another directory, and run again") from None
 
 
 def write_text_atomic(path: str | os.PathLike, text: str, encoding: str = "utf-8", newline: str | None = None) -> None:
@@ -90,7 +114,32 @@ def torch_save_atomic(obj: Any, path: str | os.PathLike) -> None:
     import torch  # here, so that scripts which only write text do not import torch
 
     with atomic_open(path, "wb") as f:
-        torch.save(obj, f)
+        recorder = _WriteErrors(f)
+        try:
+            torch.save(obj, recorder)
+        except RuntimeError:
+            # torch's zip writer turns the OSError of a write (a full disk) into "RuntimeError: unexpected
+            # pos": raise the OSError itself, which atomic_open reports as one line
+            if recorder.error is not None:
+                raise recorder.error from None
+            raise
+
+
+class _WriteErrors:
+    """A binary file that remembers the OSError its write raised."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
 
 
 def copy_file_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> None:

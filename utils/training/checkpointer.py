@@ -100,14 +100,23 @@ class Checkpointer:
         return ckpt
 
     def save(self, ckpt: dict, is_best: bool) -> None:
-        """Rank 0: checkpoint_last.pt, and a copy as checkpoint_best.pt / checkpoint_<step>.pt (--save_all)."""
+        """Rank 0: checkpoint_last.pt, and a copy as checkpoint_best.pt / checkpoint_<step>.pt (--save_all).
+
+        checkpoint_last.pt is written last: it records (best_val_loss, the step) that this save is done, so
+        the copies it promises must exist before it does. A process killed anywhere in between leaves the
+        previous checkpoint_last.pt, the resumed run redoes the steps since then and writes every file of this
+        save again, bit for bit the same. (Written first, checkpoint_last.pt would record the new best
+        validation loss while checkpoint_best.pt still held an older step, and a resumed run would never write
+        the best again.)"""
         last = self.work_dir / "checkpoint_last.pt"
-        self.log.info(f"Saving checkpoint to {last}")
-        save_checkpoint_atomic(ckpt, last)
-        if is_best:
-            copy_checkpoint_atomic(last, self.work_dir / "checkpoint_best.pt")
+        files = [self.work_dir / "checkpoint_best.pt"] if is_best else []
         if self.args.save_all:
-            copy_checkpoint_atomic(last, self.work_dir / f"checkpoint_{ckpt['train_step']}.pt")
+            files.append(self.work_dir / f"checkpoint_{ckpt['train_step']}.pt")
+        files.append(last)
+        self.log.info(f"Saving checkpoint to {last}")
+        save_checkpoint_atomic(ckpt, files[0])              # serialised once, the others are copies of it
+        for file in files[1:]:
+            copy_checkpoint_atomic(files[0], file)
 
     # ---- resuming from one -----------------------------------------------------------------------------------
     def restore(self, path: str) -> tuple[TrainState, list] | None:
@@ -135,11 +144,23 @@ class Checkpointer:
                           "optimizer state, memory and data position start fresh")
             self.scheduler.step(state.train_step)
             return state, [None] * self.args.batch_chunk
+        self._forget_a_missing_best(state)
         self._restore_optimization(ckpt, state)
         mems = self._restore_position(state)
         state.drop_snapshot()
         self.log.info(f"Resuming from {path} at step {state.train_step}")
         return state, mems
+
+    def _forget_a_missing_best(self, state: TrainState) -> None:
+        """A checkpoint's best validation loss promises a checkpoint_best.pt of that loss. This work dir has
+        none when the run continues another directory's checkpoint (or the file was deleted): forget the loss,
+        so that the next validation writes one, instead of never while the loss stays above the old best."""
+        best = self.work_dir / "checkpoint_best.pt"
+        if state.best_val_loss is None or distributed.broadcast_object(best.is_file()):
+            return
+        self.log.info(f"No {best} for the checkpoint's best validation loss {state.best_val_loss:.4f}: the next "
+                      "validation writes it")
+        state.best_val_loss = None
 
     def _check_fits(self, ckpt: dict, reference: bool) -> None:
         """The checkpoint's vocabulary, architecture and optimizer are this run's."""
