@@ -1,0 +1,152 @@
+"""Hostile and broken input that must end in one line, not a traceback, a hang or lost data (issue 13):
+preset files that attack the YAML loader (class 8), symbolic links planted in the work directory (class 11),
+the permissions of what a run writes (class 12), and a vocabulary that does not match the checkpoint (class 10).
+"""
+import resource
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+import cli_runner
+from cli_runner import tiny_args
+from utils.config.presets import CONFIG_DIR, MAX_PRESET_BYTES, MAX_PRESET_NODES, load_preset, load_presets
+from utils.io.errors import UserError
+
+
+def assert_one_line_error(result, *words, code=2):
+    assert result.returncode == code, (result.returncode, result.stderr)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[:2000]
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+# --- class 8: presets that attack the YAML loader -----------------------------------------------------------
+
+def billion_laughs(levels: int = 9) -> str:
+    """The classic alias bomb: level k is a list of nine aliases of level k-1, so level 9 stands for 9**9
+    (387 million) strings while the file is under a kilobyte."""
+    lines = ['l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for k in range(1, levels + 1):
+        lines.append(f"l{k}: &l{k} [" + ", ".join([f"*l{k - 1}"] * 9) + "]")
+    lines.append(f"default:\n  train:\n    n_layer: *l{levels}")
+    return "\n".join(lines) + "\n"
+
+
+def merge_bomb(levels: int = 9) -> str:
+    """The same with merge keys: each level merges nine copies of the previous mapping, and PyYAML's
+    flatten_mapping copies the merged pairs, so the pairs multiply by nine per level."""
+    lines = ["m0: &m0 {" + ", ".join(f"k{i}: {i}" for i in range(9)) + "}"]
+    for k in range(1, levels + 1):
+        lines.append(f"m{k}: &m{k} {{<<: [" + ", ".join([f"*m{k - 1}"] * 9) + "]}")
+    lines.append(f"default:\n  train:\n    <<: *m{levels}")
+    return "\n".join(lines) + "\n"
+
+
+def load_bounded(path: Path, seconds: float = 1.0, extra_bytes: int = 200 << 20):
+    """load_presets(path), asserting it ends within `seconds` and grows the peak memory of this process by
+    less than `extra_bytes` (ru_maxrss is a high-water mark: it only shows growth beyond the earlier peak,
+    so a bomb that allocates gigabytes shows up, a small allocation does not)."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    start = time.perf_counter()
+    try:
+        return load_presets(path)
+    finally:
+        elapsed = time.perf_counter() - start
+        grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+        assert elapsed < seconds, f"took {elapsed:.2f} s"
+        assert grown < extra_bytes, f"peak memory grew by {grown >> 20} MiB"
+
+
+@pytest.mark.parametrize("text", [billion_laughs(), merge_bomb()], ids=["aliases", "merge_keys"])
+def test_alias_bomb_is_refused_at_once(tmp_path, text):
+    path = tmp_path / "bomb.yaml"
+    path.write_text(text)
+    assert len(text) < 2000
+    with pytest.raises(UserError) as info:
+        load_bounded(path)
+    assert str(info.value) == (f"config file {path} is refused: its aliases expand to more than "
+                               f"{MAX_PRESET_NODES:,} values; a preset file holds a few hundred values")
+
+
+def test_a_smaller_bomb_under_the_budget_still_loads(tmp_path):
+    # 9**4 = 6561 strings: legitimate sharing well within the budget is not mistaken for an attack
+    path = tmp_path / "small.yaml"
+    path.write_text(billion_laughs(levels=3).replace("n_layer", "shared"))
+    loaded = load_bounded(path)
+    assert len(loaded["default"]["train"]["shared"]) == 9 and loaded["default"]["train"]["shared"][0][0][0] == ["lol"] * 9
+
+
+@pytest.mark.parametrize("text", ["a: &a [1, *a]\n", "a: &a {b: *a}\n"], ids=["list", "mapping"])
+def test_an_anchor_that_contains_itself_is_refused(tmp_path, text):
+    path = tmp_path / "loop.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError, match="^config file .* is refused: an anchor contains an alias of itself; "):
+        load_bounded(path)
+
+
+def test_a_huge_file_is_refused_before_it_is_read(tmp_path):
+    path = tmp_path / "huge.yaml"
+    with open(path, "wb") as f:   # a sparse file of 300 MB: reading it would cost its size in memory
+        f.truncate(300 << 20)
+    with pytest.raises(UserError) as info:
+        load_bounded(path, extra_bytes=50 << 20)
+    assert str(info.value) == (f"config file {path} is 314,572,800 bytes, over the limit of {MAX_PRESET_BYTES:,} "
+                               "bytes for a preset file; pass a preset file (configs/*.yaml), not a data file")
+
+
+def test_a_file_just_under_the_limit_is_parsed_within_a_second(tmp_path):
+    lines, size = ["default:", "  train:"], 0
+    while size < MAX_PRESET_BYTES - 100:
+        lines.append(f"    key_{len(lines):07d}: {len(lines)}")
+        size += len(lines[-1]) + 1
+    path = tmp_path / "long.yaml"
+    path.write_text("\n".join(lines)[:MAX_PRESET_BYTES] + "\n")
+    assert path.stat().st_size <= MAX_PRESET_BYTES
+    assert len(load_bounded(path, seconds=3.0)["default"]["train"]) == len(lines) - 2  # 3 s: a shared CI core
+
+
+def test_a_non_utf8_file_names_the_byte(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("# café\ndefault:\n  train: {n_layer: 2}\n".encode("latin-1"))
+    with pytest.raises(UserError) as info:
+        load_bounded(path)
+    assert str(info.value) == f"config file {path} is not UTF-8 text (byte 0xe9 at offset 5); save it as UTF-8"
+
+
+@pytest.mark.parametrize("text, words", [
+    ("[" * 100_000, "is not valid YAML: while increasing flow level exceeded maximum nesting depth"),
+    ("default:\n  train:\n    seed: 2001-13-45\n", "holds a value that cannot be read: month must be in 1..12; "),
+    ("default:\n  train:\n    seed: " + "1" * 5000 + "\n", "holds a value that cannot be read: Exceeds the limit"),
+    ("default:\n  train:\n    x: \x00\n", "is not valid YAML: unacceptable character #x0000"),
+    ("default:\n  train:\n    x: !!python/object:os.system {}\n", "is not valid YAML: could not determine a constructor"),
+], ids=["deep_nesting", "bad_date", "huge_integer", "nul", "python_tag"])
+def test_neighbours_end_in_one_short_line(tmp_path, text, words):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError) as info:
+        load_bounded(path)
+    message = str(info.value)
+    assert words in message and "\n" not in message and len(message) < 500, message
+
+
+def test_shipped_presets_with_anchors_and_merge_keys_load_as_plain_yaml_does():
+    # the bounded loader gives exactly what yaml.safe_load gives for the shipped files (anchors, `<<: *train`)
+    for path in sorted(CONFIG_DIR.glob("*.yaml")):
+        plain = yaml.safe_load(path.read_text())
+        for name, preset in load_presets(path).items():
+            assert preset == plain[name], (path.name, name)
+    assert load_preset(CONFIG_DIR / "wt103_large.yaml", "default", "train")["n_layer"] == 18
+
+
+def test_train_with_a_bomb_preset_prints_one_line_and_touches_nothing(tmp_path, demo_corpus):
+    path = tmp_path / "bomb.yaml"
+    path.write_text(billion_laughs())
+    work = tmp_path / "work"
+    start = time.perf_counter()
+    result = cli_runner.train(tiny_args(demo_corpus, work) + ["--config_file", str(path)], tmp_path)
+    assert_one_line_error(result, str(path), "is refused: its aliases expand")
+    assert time.perf_counter() - start < 30   # a forked process; the load itself is asserted above (< 1 s)
+    assert not work.exists()
