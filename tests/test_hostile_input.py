@@ -150,3 +150,81 @@ def test_train_with_a_bomb_preset_prints_one_line_and_touches_nothing(tmp_path, 
     assert_one_line_error(result, str(path), "is refused: its aliases expand")
     assert time.perf_counter() - start < 30   # a forked process; the load itself is asserted above (< 1 s)
     assert not work.exists()
+
+
+# --- class 11: never write through a symbolic link in the work directory -------------------------------------
+
+VICTIM_TEXT = "export PATH=/usr/bin  # someone's file that a link in the work directory points at\n"
+
+
+def plant_link(work: Path, name: str, tmp_path: Path) -> Path:
+    victim = tmp_path / f"victim_{name}"
+    victim.write_text(VICTIM_TEXT)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / name).symlink_to(victim)
+    return victim
+
+
+@pytest.mark.parametrize("mode", ["a", "w"])
+def test_open_nofollow_refuses_a_link_and_leaves_its_target(tmp_path, mode):
+    from utils.io.atomic import open_nofollow
+    victim = plant_link(tmp_path / "work", "train_log.log", tmp_path)
+    with pytest.raises(UserError) as info:
+        open_nofollow(tmp_path / "work" / "train_log.log", mode)
+    assert str(info.value) == (f"{tmp_path / 'work' / 'train_log.log'} is a symbolic link (to {victim}); a run does "
+                               "not write through links, which could overwrite their target: remove the link or "
+                               "choose another work directory")
+    assert victim.read_text() == VICTIM_TEXT
+
+
+def test_open_nofollow_appends_to_and_rewrites_a_plain_file(tmp_path):
+    from utils.io.atomic import open_nofollow
+    path = tmp_path / "log.txt"
+    with open_nofollow(path, "a") as f:
+        f.write("one\n")
+    with open_nofollow(path, "a") as f:
+        f.write("two\n")
+    assert path.read_text() == "one\ntwo\n"
+    with open_nofollow(path, "w") as f:
+        f.write("three\n")
+    assert path.read_text() == "three\n"
+
+
+def test_atomic_writes_replace_a_link_not_its_target(tmp_path):
+    # os.replace renames onto the directory entry: the link is replaced by the new file, its target is untouched
+    import torch
+    from utils.io.atomic import copy_file_atomic, torch_save_atomic, write_text_atomic
+    work = tmp_path / "work"
+    victims = {name: plant_link(work, name, tmp_path) for name in ("config.yaml", "checkpoint_last.pt", "copy.pt")}
+    write_text_atomic(work / "config.yaml", "default: {}\n")
+    torch_save_atomic({"x": torch.arange(3)}, work / "checkpoint_last.pt")
+    copy_file_atomic(work / "checkpoint_last.pt", work / "copy.pt")
+    for name, victim in victims.items():
+        assert not (work / name).is_symlink() and (work / name).is_file(), name
+        assert victim.read_text() == VICTIM_TEXT, name
+    assert (work / "config.yaml").read_text() == "default: {}\n"
+    assert torch.equal(torch.load(work / "copy.pt")["x"], torch.arange(3))
+
+
+@pytest.mark.parametrize("name", ["train_log.log", "train_log.json"])
+def test_train_refuses_a_log_that_is_a_link(tmp_path, demo_corpus, name):
+    work = tmp_path / "work"
+    victim = plant_link(work, name, tmp_path)
+    result = cli_runner.train(tiny_args(demo_corpus, work), tmp_path)
+    assert_one_line_error(result, f"{work / name} is a symbolic link (to {victim})")
+    assert victim.read_text() == VICTIM_TEXT
+    assert not list(work.glob("*.pt"))
+
+
+def test_train_replaces_links_to_its_config_and_checkpoints(tmp_path, demo_corpus):
+    work = tmp_path / "work"
+    victims = [plant_link(work, name, tmp_path) for name in ("config.yaml", "checkpoint_best.pt")]
+    result = cli_runner.train(tiny_args(demo_corpus, work), tmp_path)
+    assert "Traceback" not in result.stderr, result.stderr
+    for victim in victims:
+        assert victim.read_text() == VICTIM_TEXT
+    if result.returncode == 0:    # (a run that refuses a work directory holding checkpoints is fine as well)
+        assert not (work / "config.yaml").is_symlink() and (work / "config.yaml").is_file()
+        assert not (work / "checkpoint_best.pt").is_symlink() and (work / "checkpoint_best.pt").is_file()
+    else:
+        assert_one_line_error(result)
