@@ -228,3 +228,18 @@ def test_train_replaces_links_to_its_config_and_checkpoints(tmp_path, demo_corpu
         assert not (work / "checkpoint_best.pt").is_symlink() and (work / "checkpoint_best.pt").is_file()
     else:
         assert_one_line_error(result)
+
+
+# --- class 12: what a run writes honours the umask ----------------------------------------------------------
+
+@pytest.mark.parametrize("umask, expected", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_train_writes_checkpoints_and_logs_with_the_umask(tmp_path, demo_corpus, umask, expected):
+    import os
+    import stat
+    work = tmp_path / "work"
+    result = cli_runner.train(tiny_args(demo_corpus, work), tmp_path, hook=os.umask, hook_args=(umask,))
+    assert result.returncode == 0, result.stderr
+    written = sorted(p for p in work.iterdir() if p.is_file())
+    assert {"checkpoint_last.pt", "checkpoint_best.pt", "config.yaml", "train_log.log"} <= {p.name for p in written}
+    for path in written:
+        assert stat.S_IMODE(path.stat().st_mode) == expected, (path.name, oct(path.stat().st_mode))
