@@ -47,7 +47,7 @@ import torch
 from utils.io.atomic import atomic_open, fsync_dir, write_text_atomic
 from utils.io.errors import UserError
 from utils.data.datasets import DATASETS
-from utils.data.vocabulary import BPEVocab, Vocab, check_text_file
+from utils.data.vocabulary import BPEVocab, Vocab, check_fingerprint, check_text_file
 
 CACHE_FORMAT = "txl-data-cache"
 CACHE_VERSION = 1
@@ -462,6 +462,9 @@ def _load(datadir: Path, path: Path, meta: dict) -> Corpus:
         vocab = Vocab.from_dict(json.loads((path / "vocab.json").read_text(encoding="utf-8")))
     except (OSError, ValueError, UserError) as exc:
         raise UserError(f"{path / 'vocab.json'}: unreadable ({str(exc)[:200]}); delete {path} to rebuild it") from None
+    # the cached ids were written with the vocabulary of meta.json: another vocab.json would misread them all
+    check_fingerprint(vocab, meta.get("vocab_fingerprint"), str(path / "vocab.json"),
+                      f"it was replaced since the cache was built; delete {path} to rebuild it")
     splits = {}
     for split, info in meta["splits"].items():
         tokens = _load_ids(path / info["file"], info["n_tokens"], path)
@@ -507,6 +510,7 @@ def _build(datadir, root, key, opts, files, sources, verbose, progress) -> None:
             "sources": sources,
             "splits": splits,
             "vocab_size": len(vocab),
+            "vocab_fingerprint": vocab.fingerprint(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         write_text_atomic(tmp / "meta.json", json.dumps(meta, indent=1))

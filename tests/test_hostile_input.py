@@ -243,3 +243,89 @@ def test_train_writes_checkpoints_and_logs_with_the_umask(tmp_path, demo_corpus,
     assert {"checkpoint_last.pt", "checkpoint_best.pt", "config.yaml", "train_log.log"} <= {p.name for p in written}
     for path in written:
         assert stat.S_IMODE(path.stat().st_mode) == expected, (path.name, oct(path.stat().st_mode))
+
+
+# --- class 10: a vocabulary swapped for another one ---------------------------------------------------------
+
+def sha256_of_symbols(symbols) -> str:
+    import hashlib
+    import json
+    text = json.dumps({"idx2sym": list(symbols), "type": "word"}, ensure_ascii=False, sort_keys=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def swap_two(symbols: list) -> list:
+    swapped = list(symbols)
+    swapped[-1], swapped[-2] = swapped[-2], swapped[-1]
+    return swapped
+
+
+def test_word_fingerprint_is_the_hash_of_the_ordered_symbols():
+    from utils.data.vocabulary import Vocab
+    vocab = Vocab.from_dict({"type": "word", "idx2sym": ["<eos>", "the", "cat", "sat"], "special": ["<eos>"]})
+    assert vocab.fingerprint() == sha256_of_symbols(["<eos>", "the", "cat", "sat"])
+    swapped = Vocab.from_dict({"type": "word", "idx2sym": ["<eos>", "the", "sat", "cat"], "special": ["<eos>"]})
+    assert swapped.fingerprint() != vocab.fingerprint()
+
+
+def test_bpe_vocabularies_of_one_size_are_not_the_same(tmp_path):
+    # before the fingerprint, resuming compared idx2sym lists, which BPE vocabularies do not have: any two BPE
+    # vocabularies of one size passed as the same
+    import random
+    from utils.data.vocabulary import BPEVocab
+    from utils.training.checkpointer import same_vocab
+    vocabs = []
+    for seed in (1, 2):
+        rng = random.Random(seed)
+        path = tmp_path / f"train{seed}.txt"
+        path.write_text("\n".join(" ".join("".join(rng.choice("abcdefghij") for _ in range(rng.randint(2, 6)))
+                                           for _ in range(12)) for _ in range(300)) + "\n")
+        vocabs.append(BPEVocab.train([path], vocab_size=300, min_frequency=1))
+    assert len(vocabs[0]) == len(vocabs[1])
+    assert vocabs[0].fingerprint() != vocabs[1].fingerprint()
+    assert not same_vocab(vocabs[0], vocabs[1])
+    assert same_vocab(vocabs[0], BPEVocab.from_dict(vocabs[0].to_dict()))
+
+
+def copy_corpus(demo_corpus: Path, target: Path) -> Path:
+    target.mkdir(parents=True)
+    for name in ("train.txt", "valid.txt", "test.txt"):
+        (target / name).write_bytes((demo_corpus / name).read_bytes())
+    return target
+
+
+def test_a_cache_whose_vocab_json_was_swapped_is_refused(tmp_path, demo_corpus):
+    import json
+    import data_utils
+    data = copy_corpus(demo_corpus, tmp_path / "data")
+    corpus = data_utils.get_lm_corpus(data, "custom", cache_dir=tmp_path / "cache", verbose=False)
+    assert corpus.meta["vocab_fingerprint"] == sha256_of_symbols(corpus.vocab.idx2sym)
+    vocab_json = corpus.cache_path / "vocab.json"
+    stored = json.loads(vocab_json.read_text())
+    stored["idx2sym"] = swap_two(stored["idx2sym"])    # the same size: only the ids of two words change
+    vocab_json.write_text(json.dumps(stored))
+    with pytest.raises(UserError) as info:
+        data_utils.get_lm_corpus(data, "custom", cache_dir=tmp_path / "cache", verbose=False)
+    message = str(info.value)
+    assert message.startswith(f"{vocab_json}: the vocabulary is not the one it was written with (fingerprint "), message
+    assert message.endswith(f"; it was replaced since the cache was built; delete {corpus.cache_path} to rebuild it")
+
+
+def test_a_checkpoint_whose_vocabulary_was_swapped_is_refused(tmp_path, demo_corpus):
+    import torch
+    data = copy_corpus(demo_corpus, tmp_path / "data")
+    work = tmp_path / "work"
+    result = cli_runner.train(tiny_args(data, work, max_step=10), tmp_path)
+    assert result.returncode == 0, result.stderr
+    ckpt = torch.load(work / "checkpoint_last.pt", weights_only=False)
+    assert ckpt["vocab_fingerprint"] == sha256_of_symbols(ckpt["vocab"]["idx2sym"])
+    ckpt["vocab"]["idx2sym"] = swap_two(ckpt["vocab"]["idx2sym"])
+    altered = tmp_path / "altered.pt"
+    torch.save(ckpt, altered)
+    expected = f"checkpoint {altered}: the vocabulary is not the one it was written with (fingerprint "
+
+    scored = cli_runner.evaluate(["--model", altered, "--data", data, "--dataset", "custom", "--split", "test",
+                                  "--work_dir", tmp_path / "eval"], tmp_path)
+    assert_one_line_error(scored, expected, "the file was altered; use another checkpoint")
+    resumed = cli_runner.train(tiny_args(data, tmp_path / "resumed", max_step=20, restart=altered), tmp_path)
+    assert_one_line_error(resumed, expected, "the file was altered; resume from another checkpoint")
