@@ -329,3 +329,16 @@ def test_a_checkpoint_whose_vocabulary_was_swapped_is_refused(tmp_path, demo_cor
     assert_one_line_error(scored, expected, "the file was altered; use another checkpoint")
     resumed = cli_runner.train(tiny_args(data, tmp_path / "resumed", max_step=20, restart=altered), tmp_path)
     assert_one_line_error(resumed, expected, "the file was altered; resume from another checkpoint")
+
+
+def test_eval_with_a_manual_config_smaller_than_the_corpus_vocabulary(tmp_path, demo_corpus):
+    # a model without a vocabulary scores the corpus with the corpus's: ids past n_token were an IndexError
+    import json
+    config = {"n_token": 10, "n_layer": 2, "n_head": 2, "d_model": 32, "d_head": 16, "d_inner": 64,
+              "dropout": 0.0, "dropatt": 0.0, "tgt_len": 8, "mem_len": 8, "ext_len": 0}
+    data = copy_corpus(demo_corpus, tmp_path / "data")
+    result = cli_runner.evaluate(["--manual_config", json.dumps(config), "--data", data, "--dataset", "custom",
+                                  "--split", "test", "--tgt_len", "8", "--mem_len", "8", "--work_dir",
+                                  tmp_path / "eval"], tmp_path)
+    assert_one_line_error(result, "the model predicts 10 tokens (n_token), but the custom vocabulary of "
+                                  f"{data} has ", "; set n_token to ")
