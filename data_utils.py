@@ -524,6 +524,9 @@ def _load(datadir: Path, path: Path, meta: dict) -> Corpus:
     try:
         _check_manifest(path, meta)
         vocab = Vocab.from_dict(json.loads((path / "vocab.json").read_text(encoding="utf-8")))
+        stored = meta.get("vocab_fingerprint")      # the vocabulary the ids were written with
+        if stored is not None and vocab.fingerprint() != stored:
+            raise _Damaged("vocab.json is not the vocabulary the ids were written with")
         splits = {}
         for split, info in meta["splits"].items():
             tokens = _load_ids(path / info["file"], info["n_tokens"])
@@ -580,6 +583,7 @@ def _build(datadir, root, key, opts, files, sources, verbose, progress) -> None:
             "sources": sources,
             "splits": splits,
             "vocab_size": len(vocab),
+            "vocab_fingerprint": vocab.fingerprint(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "manifest": _manifest(tmp, splits),
         }

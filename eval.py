@@ -146,7 +146,7 @@ def main() -> int:
     loaded = load_model(args, device, log)
     args = data_from_checkpoint(args, loaded, log)
     model, precision, runtime = build_runtime(args, loaded, device, log)
-    splits = split_iterators(args, loaded.vocab, device)
+    splits = split_iterators(args, loaded.vocab, device, loaded.model_config["n_token"])
     log.info(f"Evaluating with: math {precision} type {runtime} bsz {args.batch_size} tgt_len {args.tgt_len} "
              f"ext_len {args.ext_len} mem_len {args.mem_len} clamp_len {args.clamp_len}")
     warmup = args.mem_len // args.tgt_len + 2
@@ -196,7 +196,7 @@ def build_runtime(args, loaded: LoadedModel, device, log):
     return model, precision, runtime
 
 
-def split_iterators(args, vocab, device) -> dict:
+def split_iterators(args, vocab, device, n_token: int) -> dict:
     """{split: batch iterator}: the --manual text, or the dataset splits (--split) with this rank's columns."""
     if args.manual:
         return {args.split: data_utils.LMOrderedIterator(manual_ids(args, vocab), 1, args.tgt_len, device=device,
@@ -204,6 +204,9 @@ def split_iterators(args, vocab, device) -> dict:
     rank, world_size = distributed.get_rank(), distributed.get_world_size()
     if vocab is None:
         vocab = data_utils.get_lm_corpus(args.data, args.dataset, args.manual_vocab, verbose=rank == 0).vocab
+        if len(vocab) > n_token:    # a model without a vocabulary: ids past n_token would fail mid-run
+            raise UserError(f"the model predicts {n_token} tokens (n_token), but the {args.dataset} vocabulary of "
+                            f"{args.data} has {len(vocab)}; set n_token to {len(vocab)} in --manual_config")
     splits = {}
     for split in eval_splits(args):
         ids = data_utils.encode_split(args.data, args.dataset, split, vocab)

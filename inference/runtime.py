@@ -25,7 +25,7 @@ import torch
 from utils.io.atomic import atomic_open
 from utils.io.checkpoint import load_checkpoint
 from utils.io.errors import UserError
-from utils.data.vocabulary import Vocab
+from utils.data.vocabulary import Vocab, check_fingerprint
 
 TORCHSCRIPT_EXTRA = "txl_meta.json"  # vocabulary, model_config and dataset, stored inside a TorchScript file
 RUNTIMES = ("pytorch", "torchscript", "compile")
@@ -117,6 +117,8 @@ def _load_checkpoint(path: Path) -> LoadedModel:
     config = dict(ckpt["model_config"])
     reference = ckpt["format"] == "reference"
     vocab = Vocab.from_reference(ckpt["vocab"]) if reference else Vocab.from_dict(ckpt["vocab"])
+    check_fingerprint(vocab, ckpt.get("vocab_fingerprint"), f"checkpoint {path}",
+                      "the file was altered; use another checkpoint")
     if config["n_token"] != len(vocab):
         raise UserError(f"checkpoint {path}: the model predicts {config['n_token']} tokens but its vocabulary has "
                         f"{len(vocab)}; the file is inconsistent, use another checkpoint")

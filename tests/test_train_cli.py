@@ -11,9 +11,9 @@ from cli_runner import parse_line, tiny_args
 from utils.config.cli import CONFIG_DUMP_NAME, parse_args, train_parser
 
 CHECKPOINT_KEYS = {"format", "args", "model_config", "model_state", "optimizer_state", "scheduler_state",
-                   "scaler_state", "vocab", "world_size", "batch_chunk", "rng_states", "memory", "data_states",
-                   "epoch", "batch", "last_iter", "train_step", "tokens_seen", "best_val_loss", "train_elapsed",
-                   "log_acc"}
+                   "scaler_state", "vocab", "vocab_fingerprint", "world_size", "batch_chunk", "rng_states", "memory",
+                   "data_states", "epoch", "batch", "last_iter", "train_step", "tokens_seen", "best_val_loss",
+                   "train_elapsed", "log_acc"}
 
 
 @pytest.fixture(scope="module")

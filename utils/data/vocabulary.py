@@ -17,12 +17,18 @@ naming the symbol (and the file and line when a file is encoded).
 `BPEVocab` wraps a `tokenizers` byte-level BPE: trained offline on a training file, or loaded from a local
 GPT-2 style `vocab.json` + `merges.txt` pair or a `tokenizer.json`; nothing is downloaded.
 
+`fingerprint()` is a SHA-256 of what fixes the ids (the ordered symbols; for BPE also the merges and the
+padded length): stored in checkpoints and the data cache, so a vocabulary swapped for another one of the same
+size is noticed instead of scoring or training on misread ids.
+
 `to_dict()` gives plain JSON-able types (used in checkpoints and the data cache); `Vocab.from_dict(d)`
 rebuilds either kind; `Vocab.from_reference(d)` reads the plain dict of a reference checkpoint's vocab.
 """
 import codecs
 import collections
+import hashlib
 import itertools
+import json
 import os
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -472,6 +478,10 @@ class Vocab:
     def __len__(self) -> int:
         return len(self.idx2sym)
 
+    def fingerprint(self) -> str:
+        """SHA-256 (hex) of the ordered symbol list: equal exactly when every id means the same symbol."""
+        return _digest({"type": "word", "idx2sym": self.idx2sym})
+
     # ---- plain-type form ---------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         return {
@@ -554,6 +564,18 @@ def _safe_cuts(text: str, piece_chars: int, specials: Sequence[str] = ()) -> lis
         cuts.append(pos)
         start = pos
     return cuts
+
+
+def check_fingerprint(vocab, stored, where: str, remedy: str) -> None:
+    """UserError when `stored` (the fingerprint written next to `vocab`, None for files written before there
+    was one) is not `vocab`'s: the vocabulary was edited or swapped since, so the ids would be misread."""
+    if stored is not None and stored != vocab.fingerprint():
+        raise UserError(f"{where}: the vocabulary is not the one it was written with (fingerprint "
+                        f"{str(stored)[:12]}, the vocabulary's is {vocab.fingerprint()[:12]}); {remedy}")
+
+
+def _digest(fields: dict) -> str:
+    return hashlib.sha256(json.dumps(fields, ensure_ascii=False, sort_keys=True).encode("utf-8")).hexdigest()
 
 
 class BPEVocab:
@@ -694,6 +716,13 @@ class BPEVocab:
 
     def __len__(self) -> int:
         return -(-self.n_real // self.pad_to) * self.pad_to
+
+    def fingerprint(self) -> str:
+        """SHA-256 (hex) of the ordered tokens, the merges and the padded length: two BPE vocabularies of the
+        same size can split text differently, so the symbols alone do not decide the ids."""
+        model = json.loads(self.tokenizer.to_str()).get("model", {})
+        tokens = [self.tokenizer.id_to_token(i) for i in range(self.n_real)]
+        return _digest({"type": "bpe", "tokens": tokens, "merges": model.get("merges"), "length": len(self)})
 
     # ---- plain-type form ---------------------------------------------------------------------------------
     def to_dict(self) -> dict:

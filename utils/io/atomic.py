@@ -6,6 +6,11 @@ and fsynced, renamed onto the target with os.replace (atomic on POSIX and Window
 fsynced so that the rename itself survives a power loss. If anything fails before the rename, the temporary
 file is removed and the target is left as it was. A process killed outright can leave a temporary file
 behind; `remove_temp_files` deletes those.
+
+No write here goes through a symbolic link planted in the work directory (a `train_log.log` that points at
+someone's ~/.bashrc): the temporary file is created with O_EXCL, which refuses an existing link, and
+os.replace renames onto the link itself, never its target. Files that grow (logs) are opened with
+`open_nofollow`, which refuses a link with one line.
 """
 import contextlib
 import errno
@@ -14,6 +19,8 @@ import secrets
 import shutil
 from pathlib import Path
 from typing import IO, Any, Iterator
+
+from utils.io.errors import UserError
 
 TEMP_SUFFIX = ".tmp"
 
@@ -159,3 +166,29 @@ def remove_temp_files(directory: str | os.PathLike, pattern: str = "*") -> list[
             continue
         removed.append(tmp)
     return removed
+
+
+def open_nofollow(path: str | os.PathLike, mode: str = "a", encoding: str = "utf-8", buffering: int = -1) -> IO[str]:
+    """Open the text file `path` to append to ("a") or to rewrite ("w"), refusing a symbolic link (UserError)
+    instead of writing into whatever it points at. Created with mode 0o666 less the umask, as open() does."""
+    if mode not in ("a", "w"):
+        raise ValueError(f"open_nofollow writes text files: mode must be 'a' or 'w', not {mode!r}")
+    flags = (os.O_WRONLY | os.O_CREAT | (os.O_APPEND if mode == "a" else os.O_TRUNC)
+             | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0))
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as exc:
+        # ELOOP is what Linux and macOS return for O_NOFOLLOW on a link (FreeBSD: EMLINK); where O_NOFOLLOW is
+        # missing (Windows) the check below is the only one
+        if exc.errno in (errno.ELOOP, errno.EMLINK) and os.path.islink(path):
+            raise _symlink_error(path) from None
+        raise
+    if not getattr(os, "O_NOFOLLOW", 0) and os.path.islink(path):
+        os.close(fd)
+        raise _symlink_error(path)
+    return os.fdopen(fd, mode, encoding=encoding, buffering=buffering)
+
+
+def _symlink_error(path: str | os.PathLike) -> UserError:
+    return UserError(f"{path} is a symbolic link (to {os.readlink(path)}); a run does not write through links, "
+                     "which could overwrite their target: remove the link or choose another work directory")

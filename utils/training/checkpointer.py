@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from utils.data.vocabulary import Vocab
+from utils.data.vocabulary import Vocab, check_fingerprint
 from utils.distributed import group as distributed
 from utils.distributed.fsdp import full_model_state, full_optimizer_state, load_model_state, load_optimizer_state
 from utils.io.checkpoint import CHECKPOINT_FORMAT, copy_checkpoint_atomic, load_checkpoint, save_checkpoint_atomic
@@ -62,7 +62,8 @@ def _family(optim: str) -> str:
 
 
 def same_vocab(a: Vocab, b: Vocab) -> bool:
-    return a.to_dict().get("idx2sym") == b.to_dict().get("idx2sym") and len(a) == len(b)
+    # the fingerprint, not the symbol lists: BPE vocabularies have none, and two of one size passed as equal
+    return len(a) == len(b) and a.fingerprint() == b.fingerprint()
 
 
 class Checkpointer:
@@ -94,7 +95,7 @@ class Checkpointer:
         model_state = full_model_state(self.model)          # collectives under FSDP: every rank calls them
         optimizer_state = full_optimizer_state(self.model, self.optimizer)
         ckpt = {"format": CHECKPOINT_FORMAT, "args": self.args.to_dict(), "model_config": self.model_config,
-                "vocab": self.vocab.to_dict(), "model_state": model_state, "optimizer_state": optimizer_state,
+                "vocab": self.vocab.to_dict(), "vocab_fingerprint": self.vocab.fingerprint(), "model_state": model_state, "optimizer_state": optimizer_state,
                 **state.state_dict()}
         state.drop_snapshot()                               # the checkpoint holds it; the live objects go on
         return ckpt
@@ -125,6 +126,9 @@ class Checkpointer:
         that does not fit this run (another vocabulary, model, optimizer or data stream; missing, extra or
         damaged fields) is one UserError naming it."""
         ckpt = load_checkpoint(path, map_location=self.device)
+        if ckpt["format"] != "reference":
+            check_fingerprint(Vocab.from_dict(ckpt["vocab"]), ckpt.get("vocab_fingerprint"), f"checkpoint {path}",
+                              "the file was altered; resume from another checkpoint")
         try:
             return self._restore(ckpt, path)
         except UserError as exc:
@@ -166,8 +170,9 @@ class Checkpointer:
         """The checkpoint's vocabulary, architecture and optimizer are this run's."""
         ckpt_vocab = Vocab.from_reference(ckpt["vocab"]) if reference else Vocab.from_dict(ckpt["vocab"])
         if not same_vocab(ckpt_vocab, self.vocab):
-            raise UserError(f"it was trained with another vocabulary ({len(ckpt_vocab)} symbols, this corpus has "
-                            f"{len(self.vocab)}); restart with the same --data / --dataset / --vocab")
+            same_size = " of the same size, other symbols" if len(ckpt_vocab) == len(self.vocab) else ""
+            raise UserError(f"it was trained with another vocabulary{same_size} ({len(ckpt_vocab)} symbols, this "
+                            f"corpus has {len(self.vocab)}); restart with the same --data / --dataset / --vocab")
         differences = architecture_differences(ckpt["model_config"], self.model_config)
         if differences:
             raise UserError(f"it has another model ({', '.join(differences)}); restart with the same model flags")

@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from utils.io.atomic import open_nofollow
+
 BPC_DATASETS = ("enwik8", "text8")
 
 LINE = "-" * 100
@@ -136,10 +138,21 @@ def setup_logging(log_file: str | os.PathLike | None, rank: int = 0, log_all_ran
         if log_all_ranks:
             path = path.with_name(f"{path.stem}_rank_{rank}{path.suffix}")
         path.parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(path, mode=filemode)
+        handler = _NoFollowFileHandler(path, mode=filemode)
         handler.setFormatter(logging.Formatter("%(asctime)s - %(levelname)s - %(message)s"))
         logger.addHandler(handler)
     return logger
+
+
+class _NoFollowFileHandler(logging.FileHandler):
+    """A FileHandler that refuses to write through a symbolic link planted where the log goes."""
+
+    def __init__(self, path: Path, mode: str):
+        # opened here, not lazily, so that a link is refused at startup with one line, not at the first record
+        super().__init__(path, mode=mode, encoding="utf-8", delay=False)
+
+    def _open(self):
+        return open_nofollow(self.baseFilename, self.mode, encoding=self.encoding)
 
 
 class MetricsWriter:
@@ -153,7 +166,7 @@ class MetricsWriter:
         if not self.enabled:
             return
         Path(jsonl_path).parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(jsonl_path, "a" if append else "w", buffering=1)
+        self._file = open_nofollow(jsonl_path, "a" if append else "w", buffering=1)
         if tensorboard_dir is not None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
