@@ -92,8 +92,11 @@ def check(args) -> int:
 def check_inputs(args) -> None:
     """The data folder and the checkpoint to resume, before the work dir is touched."""
     data_utils.check_corpus(args.data, args.dataset, args.vocab, **corpus_options(args))
-    if args.restart and args.restart != "auto" and not Path(args.restart).is_dir():
-        checkpoint_file(args.restart)          # a folder without a checkpoint yet is a fresh start
+    restart = Path(args.restart)
+    # a folder without a checkpoint yet is a fresh start, and so is the work dir this run will create
+    if args.restart and args.restart != "auto" and not restart.is_dir() and \
+            restart.absolute() != base_work_dir(args).absolute():
+        checkpoint_file(args.restart)
 
 
 def train(args, preemption: PreemptionHandler) -> int:
@@ -102,6 +105,7 @@ def train(args, preemption: PreemptionHandler) -> int:
     args = global_batch(args, world_size)
     check_batch_split(args, world_size)
     check_inputs(args)
+    requested = args                                  # config.yaml: as asked, before the device resolves speed flags
     # nothing in the work dir is touched before the checks above and the lock and check_fresh_start below
     work_dir = make_work_dir(args, rank)
     lock = lock_work_dir(args, work_dir, rank)        # held (by rank 0, for all ranks) until this process ends
@@ -122,7 +126,7 @@ def train(args, preemption: PreemptionHandler) -> int:
     model_config = build_model_config(args, len(corpus.vocab))
     model = build_model(args, model_config)
     if rank == 0 and not args.debug:
-        start_run(args, work_dir, log)                # the run really starts: its configuration, --overwrite
+        start_run(requested, work_dir, log)               # the run really starts: its configuration, --overwrite
     # main() installed the signal handler before the setup, so that a signal during the setup is not lost
     try:
         return Trainer(args, log, work_dir, device, corpus, model, model_config, preemption).run()
