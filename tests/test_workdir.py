@@ -184,3 +184,18 @@ def test_resumes_append_to_the_log_and_keep_each_earlier_configuration(finished_
     assert after["train_log.log"].count(b"Experiment dir") == 3
     assert [after["config.1.yaml"], after["config.2.yaml"], after["config.yaml"]] == configs
     assert b"max_step: 20\n" in configs[2] and len(set(configs)) == 3
+
+
+def test_the_same_configuration_again_is_kept_once(tmp_path):
+    """A requeued job (run.sub: the same command line again) leaves one config.yaml, not a copy per requeue."""
+    import logging
+    from utils.config.cli import parse_args, train_parser
+    from utils.training.run_setup import record_config
+    args = parse_args(train_parser(), ["--work_dir", str(tmp_path), "--restart", "auto"])
+    log = logging.getLogger("test")
+    first = record_config(args, tmp_path, log).read_bytes()
+    record_config(args, tmp_path, log)
+    assert sorted(os.listdir(tmp_path)) == ["config.yaml"] and (tmp_path / "config.yaml").read_bytes() == first
+    record_config(args.replace(lr=0.5), tmp_path, log)
+    assert (tmp_path / "config.1.yaml").read_bytes() == first and sorted(os.listdir(tmp_path)) == [
+        "config.1.yaml", "config.yaml"]
