@@ -30,8 +30,10 @@ from utils.training.loop import Trainer
 from utils.training.memory import check_memory
 from utils.training.preemption import PreemptionHandler
 from utils.training.rng import seed_everything
-from utils.training.run_setup import (check_batch_split, corpus_options, global_batch, make_work_dir, open_log,
-                                      prepare_work_dir)
+from utils.io.workdir_lock import check_unlocked
+from utils.training.run_setup import (base_work_dir, check_batch_split, check_fresh_start, corpus_options,
+                                      global_batch, lock_work_dir, make_work_dir, open_log, prepare_work_dir,
+                                      start_run)
 
 
 class PeerFailure(UserError):
@@ -74,16 +76,28 @@ def is_peer_failure(exc: BaseException) -> bool:
 
 def check(args) -> int:
     """--check N: what each of N processes would check alike before training, done once, in this process: the
-    batch split, processes against GPUs, the data and the checkpoint to resume. Writes nothing."""
+    batch split, processes against GPUs, the data and the checkpoint to resume, and that the work dir is
+    free (no run holds it, no earlier checkpoints a new run would replace). Writes nothing."""
     args = global_batch(args, args.check)
     check_batch_split(args, args.check)
     note = check_process_count(args.check, args.cuda)
-    data_utils.check_corpus(args.data, args.dataset, args.vocab, **corpus_options(args))
-    if args.restart and args.restart != "auto" and not Path(args.restart).is_dir():
-        checkpoint_file(args.restart)          # a folder without a checkpoint yet is a fresh start
+    check_inputs(args)
+    if not args.debug and not args.append_time:         # --append_time: a new folder each run
+        check_unlocked(base_work_dir(args))
+        check_fresh_start(args, base_work_dir(args))
     if note:
         print(note, file=sys.stderr)
     return 0
+
+
+def check_inputs(args) -> None:
+    """The data folder and the checkpoint to resume, before the work dir is touched."""
+    data_utils.check_corpus(args.data, args.dataset, args.vocab, **corpus_options(args))
+    restart = Path(args.restart)
+    # a folder without a checkpoint yet is a fresh start, and so is the work dir this run will create
+    if args.restart and args.restart != "auto" and not restart.is_dir() and \
+            restart.absolute() != base_work_dir(args).absolute():
+        checkpoint_file(args.restart)
 
 
 def train(args, preemption: PreemptionHandler) -> int:
@@ -91,7 +105,12 @@ def train(args, preemption: PreemptionHandler) -> int:
     rank, world_size = distributed.get_rank(), distributed.get_world_size()
     args = global_batch(args, world_size)
     check_batch_split(args, world_size)
+    check_inputs(args)
+    requested = args                                  # config.yaml: as asked, before the device resolves speed flags
+    # nothing in the work dir is touched before the checks above and the lock and check_fresh_start below
     work_dir = make_work_dir(args, rank)
+    lock = lock_work_dir(args, work_dir, rank)        # held (by rank 0, for all ranks) until this process ends
+    check_fresh_start(args, work_dir)
     log = open_log(args, work_dir, rank)
     if rank == 0 and not args.debug:
         prepare_work_dir(args, work_dir, log)
@@ -108,8 +127,14 @@ def train(args, preemption: PreemptionHandler) -> int:
     model_config = build_model_config(args, len(corpus.vocab))
     check_memory(parameter_count(model_config), args, model_config, device, world_size)
     model = build_model(args, model_config)
+    if rank == 0 and not args.debug:
+        start_run(requested, work_dir, log)               # the run really starts: its configuration, --overwrite
     # main() installed the signal handler before the setup, so that a signal during the setup is not lost
-    return Trainer(args, log, work_dir, device, corpus, model, model_config, preemption).run()
+    try:
+        return Trainer(args, log, work_dir, device, corpus, model, model_config, preemption).run()
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def parameter_count(model_config: dict) -> int:

@@ -212,6 +212,9 @@ class RunConfig:
     restart: str = opt("", "checkpoint file or directory to resume from (a directory without checkpoint_last.pt: "
                        "a fresh start); 'auto': work_dir/checkpoint_last.pt when it exists, else a fresh start "
                        "(run.sub uses it after a requeue)")
+    overwrite: bool = opt(False, "start a new run (no --restart) in a work_dir that holds the checkpoints of an earlier "
+                          "run: they are deleted when it starts (without this flag such a run is refused)",
+                          preset=False, dumped=False)
     txtlog_file: str = opt("train_log.log", "name of the text log")
     dllog_file: str = opt("train_log.json", "name of the JSON log in work_dir", clis=TRAIN_EVAL,
                           cli_defaults={EVAL: "eval_log.json"})

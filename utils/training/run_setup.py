@@ -1,14 +1,24 @@
 """What a training run sets up from its configuration before the loop: the batch split over the processes,
-the work dir and its log, and the vocabulary options of the corpus."""
+the work dir (its lock, its log, its configuration) and the vocabulary options of the corpus.
+
+A work dir belongs to one run at a time. The order of train.py keeps a failed start from touching it: the
+checks of the command line and the inputs first, then the lock, then the checks of what the work dir holds,
+and only then the log (appended to, never truncated) and, once corpus and model are built, config.yaml (an
+earlier, different one kept as config.<n>.yaml)."""
 import logging
+import os
 import time
 from pathlib import Path
 
 from utils.config.cli import CONFIG_DUMP_NAME, dump_config
 from utils.distributed import group as distributed
+from utils.io.atomic import copy_file_atomic
 from utils.io.checkpoint import remove_partial_writes
 from utils.io.errors import UserError
+from utils.io.workdir_lock import WorkDirLock
 from utils.training.metrics import setup_logging
+
+CHECKPOINT_GLOB = "checkpoint*.pt"       # last, best and --save_all's checkpoint_<step>.pt (temp files start with .)
 
 
 def global_batch(args, world_size: int):
@@ -29,10 +39,16 @@ def check_batch_split(args, world_size: int) -> None:
                         f"--batch_chunk {args.batch_chunk} chunks; choose a --batch_chunk that divides {local}")
 
 
-def make_work_dir(args, rank: int) -> Path:
+def base_work_dir(args) -> Path:
+    """--work_dir with --append_dataset's suffix (without --append_time's stamp, which is new for each run)."""
     work_dir = Path(args.work_dir)
     if args.append_dataset:
         work_dir = Path(f"{work_dir}-{args.dataset}")
+    return work_dir
+
+
+def make_work_dir(args, rank: int) -> Path:
+    work_dir = base_work_dir(args)
     if args.append_time:
         stamp = distributed.broadcast_object(time.strftime("%Y%m%d-%H%M%S"))
         work_dir = work_dir / stamp
@@ -41,19 +57,84 @@ def make_work_dir(args, rank: int) -> Path:
     return work_dir
 
 
+def lock_work_dir(args, work_dir: Path, rank: int) -> WorkDirLock | None:
+    """Rank 0 takes the work dir's lock for the whole run (the other ranks of the run share it); every rank
+    raises the same one-line error when another run holds it. --debug writes nothing, so it takes none."""
+    if args.debug:
+        return None
+    lock, error = None, None
+    if rank == 0:
+        try:
+            lock = WorkDirLock(work_dir).acquire()
+        except UserError as exc:
+            error = str(exc)
+    error = distributed.broadcast_object(error)
+    if error:
+        raise UserError(error)
+    return lock
+
+
+def resuming(args) -> bool:
+    """This run continues an earlier one: --restart, or torchrun restarted the workers after a failure."""
+    return bool(args.restart) or distributed.env_int("TORCHELASTIC_RESTART_COUNT", 0) > 0
+
+
+def earlier_checkpoints(work_dir: Path) -> list[Path]:
+    return sorted(work_dir.glob(CHECKPOINT_GLOB)) if work_dir.is_dir() else []
+
+
+def check_fresh_start(args, work_dir: Path) -> None:
+    """A new run must not replace the checkpoints of an earlier one in its work dir without being told to."""
+    if args.debug or args.overwrite or resuming(args):
+        return
+    found = [p.name for p in earlier_checkpoints(work_dir)]
+    if distributed.broadcast_object(found):
+        raise UserError(f"work dir {work_dir} holds the checkpoints of an earlier run ({', '.join(found)}); resume "
+                        f"it with --restart {work_dir}, choose another --work_dir, or pass --overwrite to start a "
+                        "new run there (replacing them)")
+
+
 def open_log(args, work_dir: Path, rank: int) -> logging.Logger:
-    """The training log: console and <work_dir>/<txtlog_file>, appended to when this run resumes another."""
-    resuming = bool(args.restart) or distributed.env_int("TORCHELASTIC_RESTART_COUNT", 0) > 0
+    """The training log: console and <work_dir>/<txtlog_file>, always appended to (the logs of earlier runs
+    in the work dir are kept)."""
     log_file = None if args.debug else work_dir / args.txtlog_file
-    return setup_logging(log_file, rank, args.log_all_ranks, filemode="a" if resuming else "w")
+    return setup_logging(log_file, rank, args.log_all_ranks, filemode="a")
 
 
 def prepare_work_dir(args, work_dir: Path, log: logging.Logger) -> None:
-    """Rank 0: clear what a killed run left half-written and record this run's configuration."""
+    """Rank 0, under the lock: clear what a killed run left half-written (no other run can be writing)."""
     log.info(f"Experiment dir : {work_dir}")
     for partial in remove_partial_writes(work_dir):
         log.info(f"Removed {partial.name}: a checkpoint write cut short by a killed run")
-    dump_config(args, work_dir / CONFIG_DUMP_NAME, section="train")
+
+
+def start_run(args, work_dir: Path, log: logging.Logger) -> None:
+    """Rank 0, once corpus and model are built: record this run's configuration as config.yaml (an earlier,
+    different one is kept as config.<n>.yaml) and, for --overwrite, delete the earlier run's checkpoints (so
+    that no later --restart resumes them by mistake)."""
+    record_config(args, work_dir, log)
+    if args.overwrite and not resuming(args):
+        for old in earlier_checkpoints(work_dir):
+            old.unlink()
+            log.info(f"--overwrite: deleted {old.name} of an earlier run")
+
+
+def record_config(args, work_dir: Path, log: logging.Logger) -> Path:
+    path = work_dir / CONFIG_DUMP_NAME
+    earlier = path.read_bytes() if path.is_file() and not path.is_symlink() else None
+    kept = None
+    if earlier is not None:                  # kept before the new one is written: a kill in between loses neither
+        n = 1
+        while (kept := work_dir / f"{path.stem}.{n}{path.suffix}").exists() or kept.is_symlink():
+            n += 1
+        copy_file_atomic(path, kept)
+    dump_config(args, path, section="train")
+    if kept is not None:
+        if path.read_bytes() == earlier:
+            os.unlink(kept)                  # the same configuration (a resume with the same flags): one copy
+        else:
+            log.info(f"Kept the earlier configuration of this work dir as {kept.name}")
+    return path
 
 
 def corpus_options(args) -> dict:
