@@ -5,7 +5,6 @@ and the optimizer's state (per process: divided over the processes with --multi_
 between segments, and, with a full softmax, the one [tokens, vocabulary] float32 buffer the output layer needs.
 Activations, DDP's gradient buckets and allocator overhead come on top and are not counted.
 """
-import os
 from typing import Optional
 
 import torch
