@@ -31,7 +31,8 @@ class WorkDirLock:
         """Take the lock, or raise the one-line UserError naming the run that holds it."""
         try:
             # O_NOFOLLOW: a symbolic link planted as .lock must not make us write its target
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)   # the umask decides, as for every file of the run
+            # 0o666: the umask decides, as for every file of the run
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
         except OSError as exc:
             raise UserError(f"cannot create the lock file {self.path}: {exc.strerror or exc}; check that the "
                             "work dir is writable (--work_dir)") from None
