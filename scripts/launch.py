@@ -37,12 +37,13 @@ def log_to_file() -> str:
 
 
 def root_cause(failures: dict) -> tuple[int, object]:
-    """(rank, failure) of the process that failed for a reason of its own, earliest first: not one that saw a
-    peer fail (exit PEER_FAILURE_EXIT) or was stopped by the launcher (SIGTERM), unless all were."""
+    """(rank, failure) of the process that failed for a reason of its own: not one that saw a peer fail (exit
+    PEER_FAILURE_EXIT) or was stopped by the launcher (SIGTERM), unless all were; one that said why (its reply
+    file) before one that did not; then the earliest."""
     def own(item) -> bool:
         return item[1].exitcode not in (PEER_FAILURE_EXIT, -signal.SIGTERM)
     candidates = [item for item in failures.items() if own(item)] or list(failures.items())
-    return min(candidates, key=lambda item: (item[1].timestamp, item[0]))
+    return min(candidates, key=lambda item: (not message_of(item[1]), item[1].timestamp, item[0]))
 
 
 def describe(failure) -> tuple[str, int]:

@@ -10,9 +10,11 @@ why in one line. There, only rank 0 prints a UserError (the ranks fail alike, or
 that failed alone), and a process that stopped because another one failed (`caused_by_peer`) prints nothing.
 """
 import json
+import logging
 import os
 import sys
 import time
+import traceback
 from typing import Callable
 
 
@@ -51,11 +53,30 @@ def run_cli(main: Callable[[], int | None]) -> None:
             report_to_launcher(message)
             if not launched or os.environ.get("RANK", "0") == "0":
                 print(message, file=sys.stderr, flush=True)
-        sys.exit(exc.exit_code)
+        _exit(exc.exit_code)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr, flush=True)
-        sys.exit(130)
+        _exit(130)
     except Exception as exc:                      # a bug: the traceback follows; the launcher gets its last line
         report_to_launcher(_one_line(f"{type(exc).__name__}: {exc}"))
+        if _one_of_several():
+            traceback.print_exc()
+            _exit(1)
         raise
     sys.exit(code or 0)
+
+
+def _one_of_several() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+
+
+def _exit(code: int) -> None:
+    """Exit with `code`. A process of several that fails leaves without the interpreter's teardown: its process
+    group is still alive, and tearing the interpreter down with it aborts in torch's communication threads
+    (SIGABRT instead of the exit status that says what happened)."""
+    if not _one_of_several():
+        sys.exit(code)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
