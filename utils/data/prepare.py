@@ -1,0 +1,945 @@
+"""Prepare a large corpus (Wikipedia scale) for training: articles in, token-id shards out.
+
+    python scripts/prepare_corpus.py INPUT... --output DIR [--max_vocab_size N] [--workers N] ...
+
+Inputs (files, or folders read recursively in name order; `.gz`, `.bz2`, `.xz` are decompressed while they
+are read): JSON Lines (one article per line, its text under `text_key`, an optional title under `title_key`
+written as the article's first line), JSON arrays of such objects, the `<doc ...> ... </doc>` output of the
+usual Wikipedia extractors, and plain text (`text_docs`: a whole file, each blank-line separated paragraph, or
+each line is one article). Each non-empty line of an article becomes its tokens (words, or characters with
+`level='char'`) followed by `<eos>`; the article ends with `<eod>` (`doc_separator`).
+
+Three passes, all streaming; the input is cut into chunks of about `chunk_bytes` of whole records, the same
+chunks whatever the number of workers, and the chunks are processed by `workers` processes in order:
+
+1. Count, with a bounded memory: each chunk's tokens are counted (a Counter per chunk, in the worker), and
+   the main process merges the chunk counts in chunk order into a Misra-Gries summary that holds at most
+   `2 * count_capacity` symbols: when it is over, every count drops by the (capacity+1)-th largest count `t`
+   and the symbols at zero go. `D`, the sum of those drops, bounds the error: for every symbol the summary
+   gives `lower <= f <= upper = c + D` (f: the true count; c = 0 for a symbol not in the summary; see
+   BoundedCounter). The candidates are the symbols with `upper >= T`, T being the `max_vocab_size`-th
+   largest lower bound (or `min_freq` when larger): a symbol outside has `f < T`, below `max_vocab_size`
+   symbols whose f is at least T, so the true top `max_vocab_size` (and every symbol with f >= min_freq)
+   are candidates whenever T > D, which the pass checks and records (`counting.exact` in the manifest).
+2. Encode every chunk to candidate ids (uint32; symbols that are not candidates get the `<unk>` id), one
+   file per chunk under `DIR/.work/`, written atomically: a killed run resumes here and skips the chunks
+   already written (`.work/pass1.json` keeps the count).
+3. Exact counts and first-seen positions of the candidates from those files (numpy), the vocabulary (by
+   count, ties in first-seen order, as utils.data.vocabulary.Vocab builds it), the split of the articles
+   (`valid_docs`/`test_docs` or the fractions, drawn with `seed`), and the output: per split `.npy` shards of
+   `shard_tokens` ids, `<split>.docs.npy` (the offset of each article in the split, then the total),
+   `vocab.json` (Vocab.to_dict) and `manifest.json` (sizes, sha256 of every file, counts, `<unk>` fraction).
+
+The output depends on the input and the options only, never on `workers` (same bytes).
+
+Memory: the reading process holds one chunk being read, at most `2 * workers` chunks in flight, and the
+summary (at most 2 * count_capacity symbols, about 120 bytes each with Python's dict: 240 MB for the default
+capacity of 1,000,000); each worker one chunk and, in pass 2, the candidate table (at most count_capacity
+symbols); pass 3 one chunk and one shard buffer (`shard_tokens` ids).
+"""
+import bz2
+import collections
+import dataclasses
+import gzip
+import hashlib
+import io
+import itertools
+import json
+import lzma
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+import zlib
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from utils.io.atomic import atomic_open, write_text_atomic
+from utils.io.errors import UserError
+
+FORMAT = "txl-prepared-corpus"
+VERSION = 1
+EOS = "<eos>"
+UNK = "<unk>"
+SPLITS = ("train", "valid", "test")
+INPUT_FORMATS = ("auto", "jsonl", "json", "wikiextractor", "text")
+TEXT_DOCS = ("file", "paragraph", "line")
+_DECOMPRESS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+_READ_ERRORS = (OSError, EOFError, lzma.LZMAError, zlib.error)  # a damaged or truncated input
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """Everything that decides the output (plus `workers` and `progress`, which do not)."""
+
+    text_key: str = "text"
+    title_key: str | None = None
+    input_format: str = "auto"
+    text_docs: str = "file"
+    doc_separator: str = "<eod>"
+    level: str = "word"
+    lower_case: bool = False
+    moses: bool = False
+    moses_lang: str = "en"
+    max_vocab_size: int | None = None
+    min_freq: int = 0
+    count_capacity: int = 1_000_000
+    valid_docs: int | None = None
+    test_docs: int | None = None
+    valid_fraction: float | None = None
+    test_fraction: float | None = None
+    seed: int = 0
+    shard_tokens: int = 1 << 25
+    skip_bad_lines: bool = False
+    chunk_bytes: int = 4 << 20
+
+    def specials(self) -> list[str]:
+        return [EOS, self.doc_separator, UNK]
+
+    def counting_key(self) -> dict:
+        """The options that passes 1 and 2 depend on (a resume needs the same); splits and shards do not."""
+        keep = ("text_key", "title_key", "input_format", "text_docs", "doc_separator", "level", "lower_case", "moses",
+                "moses_lang", "max_vocab_size", "min_freq", "count_capacity", "skip_bad_lines", "chunk_bytes")
+        return {k: getattr(self, k) for k in keep}
+
+
+def check_options(opts: Options) -> None:
+    """One-line errors for options that cannot work, before anything is read or written."""
+    if opts.input_format not in INPUT_FORMATS:
+        raise UserError(f"--format must be one of {', '.join(INPUT_FORMATS)}, not {opts.input_format!r}")
+    if opts.text_docs not in TEXT_DOCS:
+        raise UserError(f"--text_docs must be one of {', '.join(TEXT_DOCS)}, not {opts.text_docs!r}")
+    if opts.level not in ("word", "char"):
+        raise UserError(f"--level must be word or char, not {opts.level!r}")
+    if not opts.doc_separator or any(c.isspace() for c in opts.doc_separator) or opts.doc_separator in (EOS, UNK):
+        raise UserError(f"--doc_separator {opts.doc_separator!r} must be a non-empty symbol without spaces, other "
+                        f"than {EOS} and {UNK}")
+    if opts.max_vocab_size is not None and opts.max_vocab_size < 1:
+        raise UserError("--max_vocab_size must be at least 1")
+    if opts.min_freq < 0 or opts.count_capacity < 1 or opts.shard_tokens < 1 or opts.chunk_bytes < 1:
+        raise UserError("--min_freq must be >= 0, and --count_capacity, --shard_tokens and --chunk_mb positive")
+    if opts.max_vocab_size is not None and opts.count_capacity < opts.max_vocab_size:
+        raise UserError(f"--count_capacity ({opts.count_capacity}) must be at least --max_vocab_size "
+                        f"({opts.max_vocab_size})")
+    for split in ("valid", "test"):
+        docs, fraction = getattr(opts, f"{split}_docs"), getattr(opts, f"{split}_fraction")
+        if docs is not None and fraction is not None:
+            raise UserError(f"--{split}_docs and --{split}_fraction both given; pass one")
+        if docs is not None and docs < 0:
+            raise UserError(f"--{split}_docs must be >= 0")
+        if fraction is not None and not 0 <= fraction < 1:
+            raise UserError(f"--{split}_fraction must be in [0, 1)")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------------------------
+def list_inputs(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    """The input files: files as given, folders recursively (hidden entries skipped) in name order."""
+    files: list[Path] = []
+    if not paths:
+        raise UserError("no input given; pass files or folders to read")
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file()
+                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
+            if not found:
+                raise UserError(f"{p}: folder has no files; the corpus is empty")
+            files += found
+        elif p.is_file():
+            files.append(p)
+        elif p.exists():
+            raise UserError(f"{p}: not a regular file or folder")
+        else:
+            raise UserError(f"{p}: input not found")
+    for f in files:
+        try:
+            with open(f, "rb") as handle:
+                handle.read(1)
+        except OSError as exc:
+            raise UserError(f"{f}: cannot read the input ({exc.strerror or exc}); fix its permissions") from None
+    return files
+
+
+def _strip_compression(path: Path) -> tuple[str, object]:
+    suffix = path.suffix.lower()
+    if suffix in _DECOMPRESS:
+        return Path(path.stem).suffix.lower(), _DECOMPRESS[suffix]
+    return suffix, None
+
+
+class _Source:
+    """A binary stream of one input file (decompressed) and how many bytes of the file were read so far."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.ext, opener = _strip_compression(path)
+        self.raw = open(path, "rb")
+        self.stream = opener(self.raw) if opener else self.raw
+        self._text = None
+
+    def text(self) -> io.TextIOWrapper:
+        """The stream as UTF-8 text with universal newlines (held here: a dropped wrapper closes the file)."""
+        if self._text is None:
+            self._text = io.TextIOWrapper(self.stream, encoding="utf-8", newline=None)
+        return self._text
+
+    def consumed(self) -> int:
+        return self.raw.tell()
+
+    def close(self) -> None:
+        if self._text is not None:
+            self._text.close()
+        self.stream.close()
+        self.raw.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def detect_format(path: Path, forced: str) -> str:
+    if forced != "auto":
+        return forced
+    ext, _ = _strip_compression(path)
+    if ext in (".jsonl", ".ndjson"):
+        return "jsonl"
+    with _Source(path) as src:
+        try:
+            head = src.stream.read(1 << 12)
+        except _READ_ERRORS as exc:
+            raise UserError(f"{path}: cannot read the input ({exc}); is the file complete?") from None
+    text = head.lstrip(b"\xef\xbb\xbf").lstrip()
+    if text.startswith(b"["):
+        return "json"
+    if text.startswith(b"{"):
+        return "jsonl"
+    if text.startswith(b"<doc ") or text.startswith(b"<doc>"):
+        return "wikiextractor"
+    return "text"
+
+
+@dataclasses.dataclass
+class Chunk:
+    """Consecutive records of one file: `lines` (raw JSON lines, parsed by the worker) or `records`
+    ((text, ends_article) pairs; an article longer than a chunk comes in several records)."""
+
+    index: int
+    source: str
+    first_line: int
+    lines: list | None = None
+    records: list | None = None
+
+
+def _article_text(obj, opts: Options, where: str) -> str | None:
+    """The text of one parsed JSON article (title first when title_key is set); None to skip it."""
+    if not isinstance(obj, dict):
+        if opts.skip_bad_lines:
+            return None
+        raise UserError(f"{where}: not a JSON object; one article per line or array element is expected "
+                        "(or pass --skip_bad_lines)")
+    text = obj.get(opts.text_key)
+    if not isinstance(text, str):
+        if opts.skip_bad_lines:
+            return None
+        what = "has no" if text is None else "has a non-string"
+        keys = ", ".join(list(map(str, obj))[:8])
+        raise UserError(f"{where}: the article {what} {opts.text_key!r} key (its keys: {keys}); pass --text_key "
+                        "with the key that holds the text (or --skip_bad_lines)")
+    if opts.title_key:
+        title = obj.get(opts.title_key)
+        if isinstance(title, str) and title.strip():
+            text = title + "\n" + text
+    return text
+
+
+class _Reader:
+    """Cuts the inputs into chunks (the same for any number of workers) and reports the bytes read."""
+
+    def __init__(self, files: list[Path], opts: Options, on_bytes=None):
+        self.files, self.opts, self.on_bytes = files, opts, on_bytes or (lambda n: None)
+        self.bad_lines = 0  # records skipped by the reader itself (JSON arrays)
+
+    def __iter__(self) -> Iterator[Chunk]:
+        index = 0
+        for path in self.files:
+            fmt = detect_format(path, self.opts.input_format)
+            with _Source(path) as src:
+                done = 0
+                try:
+                    for chunk_args in getattr(self, f"_{fmt}")(src):
+                        now = src.consumed()
+                        self.on_bytes(now - done)
+                        done = now
+                        yield Chunk(index, str(path), *chunk_args)
+                        index += 1
+                except _READ_ERRORS as exc:
+                    raise UserError(f"{path}: cannot read the input ({exc}); is the file complete?") from None
+                except UnicodeDecodeError as exc:
+                    raise UserError(f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start} of a block); "
+                                    "convert it to UTF-8") from None
+                self.on_bytes(path.stat().st_size - done)
+
+    # each format yields (first_line, lines, records)
+    def _jsonl(self, src: _Source):
+        lines, size, first, line_no = [], 0, 1, 0
+        for line in src.stream:
+            line_no += 1
+            if not lines:
+                first = line_no
+            lines.append(line)
+            size += len(line)
+            if size >= self.opts.chunk_bytes:
+                yield first, lines, None
+                lines, size = [], 0
+        if lines:
+            yield first, lines, None
+
+    def _text_lines(self, src: _Source):
+        return src.text()
+
+    def _grouped(self, records: Iterator[tuple[int, str, bool]]):
+        """Group (line, text, ends) records into chunks of about chunk_bytes."""
+        out, size, first = [], 0, 1
+        for line_no, text, ends in records:
+            if not out:
+                first = line_no
+            out.append((text, ends))
+            size += len(text)
+            if size >= self.opts.chunk_bytes:
+                yield first, None, out
+                out, size = [], 0
+        if out:
+            yield first, None, out
+
+    def _text(self, src: _Source):
+        return self._grouped(self._text_records(self._text_lines(src)))
+
+    def _text_records(self, lines):
+        mode, limit = self.opts.text_docs, self.opts.chunk_bytes
+        buf, size, start, any_line = [], 0, 1, False
+        for line_no, line in enumerate(lines, 1):
+            any_line = True
+            if mode == "line":
+                if line.strip():
+                    yield line_no, line, True
+                continue
+            if mode == "paragraph" and not line.strip():
+                if buf:
+                    yield start, "".join(buf), True
+                buf, size = [], 0
+                continue
+            if not buf:
+                start = line_no
+            buf.append(line)
+            size += len(line)
+            if mode == "file" and size >= limit:  # a long article goes on in the next record
+                yield start, "".join(buf), False
+                buf, size = [], 0
+        if buf or (mode == "file" and any_line):  # a file's last record ends its article (even when empty)
+            yield start, "".join(buf), True
+
+    def _wikiextractor(self, src: _Source):
+        def records():
+            buf, start, inside = [], 1, False
+            for line_no, line in enumerate(self._text_lines(src), 1):
+                if not inside and line.startswith("<doc"):
+                    buf, start, inside = [], line_no, True
+                elif inside and line.rstrip() == "</doc>":
+                    inside = False
+                    yield start, "".join(buf), True
+                elif inside:
+                    buf.append(line)
+            if inside:
+                yield start, "".join(buf), True
+
+        return self._grouped(records())
+
+    def _json(self, src: _Source):
+        def records():
+            text = self._text_lines(src)
+            decoder = json.JSONDecoder()
+            buf, pos, element, eof = "", 0, 0, False
+
+            def fill():
+                nonlocal buf, pos, eof
+                more = text.read(1 << 20)
+                eof = not more
+                buf = buf[pos:] + more
+                pos = 0
+
+            def skip(chars):
+                nonlocal pos
+                while True:
+                    while pos < len(buf) and (buf[pos].isspace() or buf[pos] in chars):
+                        pos += 1
+                    if pos < len(buf) or eof:
+                        return
+                    fill()
+
+            fill()
+            skip("\ufeff")
+            if pos >= len(buf) or buf[pos] != "[":
+                raise UserError(f"{src.path}: not a JSON array (it should start with '['); use --format")
+            pos += 1
+            while True:
+                skip(",")
+                if pos >= len(buf):
+                    raise UserError(f"{src.path}: the JSON array is not closed (a ']' is missing); is the file "
+                                    "complete?")
+                if buf[pos] == "]":
+                    return
+                while True:
+                    try:
+                        obj, end = decoder.raw_decode(buf, pos)
+                        break
+                    except json.JSONDecodeError as exc:
+                        if eof:
+                            if self.opts.skip_bad_lines:
+                                self.bad_lines += 1
+                                return
+                            raise UserError(f"{src.path}: array element {element + 1} is not valid JSON "
+                                            f"({exc.msg}); fix it or pass --skip_bad_lines") from None
+                        fill()
+                pos = end
+                element += 1
+                article = _article_text(obj, self.opts, f"{src.path}: array element {element}")
+                if article is None:
+                    self.bad_lines += 1
+                else:
+                    yield element, article, True
+
+        return self._grouped(records())
+
+
+# --------------------------------------------------------------------------------------------------------
+# Workers: tokenizing, counting, encoding one chunk
+# --------------------------------------------------------------------------------------------------------
+_WORKER: dict = {}  # options and (pass 2) the candidate table; set before the pool forks
+
+
+def _set_worker(opts: Options, table: dict | None = None) -> None:
+    _WORKER.clear()
+    _WORKER.update(opts=opts, table=table)
+    if opts.moses:
+        import sacremoses
+
+        _WORKER["moses"] = sacremoses.MosesTokenizer(lang=opts.moses_lang)
+
+
+def _records(chunk: Chunk) -> tuple[list[tuple[str, bool]], int]:
+    """The chunk's (text, ends_article) records, and how many bad lines were skipped."""
+    if chunk.records is not None:
+        return chunk.records, 0
+    opts: Options = _WORKER["opts"]
+    out, bad = [], 0
+    for offset, raw in enumerate(chunk.lines):
+        if not raw.strip():
+            continue
+        where = f"{chunk.source}: line {chunk.first_line + offset}"
+        try:
+            obj = json.loads(raw)
+        except ValueError as exc:  # also UnicodeDecodeError
+            if opts.skip_bad_lines:
+                bad += 1
+                continue
+            reason = getattr(exc, "msg", None) or str(exc)[:80]
+            raise UserError(f"{where}: not valid JSON ({reason}); fix the line or pass --skip_bad_lines to skip "
+                            "such lines") from None
+        text = _article_text(obj, opts, where)
+        if text is None:
+            bad += 1
+        else:
+            out.append((text, True))
+    return out, bad
+
+
+def _line_tokens(line: str) -> list[str]:
+    opts: Options = _WORKER["opts"]
+    if opts.lower_case:
+        line = line.lower()
+    if opts.moses and line.strip():
+        line = _WORKER["moses"].tokenize(line, return_str=True, escape=False)
+    if opts.level == "char":
+        return list(line.strip())
+    return line.split()
+
+
+def _tokens(records) -> tuple[list[str], list[int]]:
+    """All symbols of the records (each non-empty line then <eos>, each article then the separator) and the
+    number of symbols of each record."""
+    opts: Options = _WORKER["opts"]
+    tokens: list[str] = []
+    lengths = []
+    for text, ends in records:
+        before = len(tokens)
+        for line in text.split("\n"):
+            symbols = _line_tokens(line)
+            if symbols:
+                tokens += symbols
+                tokens.append(EOS)
+        if ends:
+            tokens.append(opts.doc_separator)
+        lengths.append(len(tokens) - before)
+    return tokens, lengths
+
+
+def count_chunk(chunk: Chunk) -> tuple[collections.Counter, int, int, int]:
+    """Pass 1: (symbol counts without the special symbols, articles ended, symbols, bad lines skipped)."""
+    records, bad = _records(chunk)
+    tokens, _ = _tokens(records)
+    counts = collections.Counter(tokens)
+    for special in _WORKER["opts"].specials():
+        counts.pop(special, None)
+    return counts, sum(ends for _, ends in records), len(tokens), bad
+
+
+def encode_chunk(job: tuple[Chunk, str]) -> int:
+    """Pass 2: write the chunk's candidate ids, record lengths and ends to `path`; returns the symbols."""
+    chunk, path = job
+    records, _ = _records(chunk)
+    tokens, lengths = _tokens(records)
+    table = _WORKER["table"]
+    missing = table[UNK]
+    ids = np.fromiter(map(table.get, tokens, itertools.repeat(missing)), np.uint32, len(tokens))
+    with atomic_open(path, "wb") as f:
+        np.savez(f, ids=ids, lengths=np.asarray(lengths, np.int64),
+                 ends=np.asarray([e for _, e in records], np.bool_))
+    return len(ids)
+
+
+def _ordered(fn, items: Iterator, workers: int, window: int | None = None) -> Iterator:
+    """fn over items in order: in this process (workers 1), or in a pool with at most `window` in flight (the
+    pool's own imap would read the whole input ahead)."""
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    window = window or 2 * workers
+    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    with ctx.Pool(workers, initializer=_set_worker, initargs=(_WORKER["opts"], _WORKER["table"])) as pool:
+        pending: collections.deque = collections.deque()
+        for item in items:
+            pending.append(pool.apply_async(fn, (item,)))
+            if len(pending) >= window:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+# --------------------------------------------------------------------------------------------------------
+# Pass 1: bounded counting
+# --------------------------------------------------------------------------------------------------------
+class BoundedCounter:
+    """Misra-Gries summary with batched decrements, at most 2 * capacity symbols.
+
+    `counts[s]` is the decremented count c of s, `entered[s]` the total decrement D0 when s last entered the
+    summary (absent: 0), `decrement` the total D so far. A symbol keeps every occurrence since it entered
+    less the decrements since, and loses at most D in all, so `c + D - D0 <= f <= c + D` (f: its true count;
+    f <= D for a symbol not in the summary). The lower bound is close to f for the frequent symbols, which
+    entered early, so the cut-off below is nearly the true one."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.counts: dict[str, int] = {}
+        self.entered: dict[str, int] = {}
+        self.decrement = 0
+        self.prunes = 0
+        self.peak = 0
+
+    def update(self, counts: dict[str, int]) -> None:
+        mine = self.counts
+        if not self.decrement:
+            for s, n in counts.items():
+                mine[s] = mine.get(s, 0) + n
+        else:
+            get, entered, d = mine.get, self.entered, self.decrement
+            for s, n in counts.items():
+                c = get(s)
+                if c is None:
+                    entered[s] = d
+                    mine[s] = n
+                else:
+                    mine[s] = c + n
+        self.peak = max(self.peak, len(mine))
+        if len(mine) > 2 * self.capacity:
+            self.prune()
+
+    def prune(self) -> None:
+        values = np.fromiter(self.counts.values(), np.int64, len(self.counts))
+        k = len(values) - self.capacity - 1  # the (capacity+1)-th largest count goes to zero, and all below it
+        cut = int(np.partition(values, k)[k])
+        self.counts = {s: c - cut for s, c in self.counts.items() if c > cut}
+        self.entered = {s: d for s, d in self.entered.items() if s in self.counts}
+        self.decrement += cut
+        self.prunes += 1
+
+    def candidates(self, max_size: int | None, min_freq: int) -> tuple[list[str], int, bool]:
+        """(candidate symbols, cut-off T, exact): every symbol of the summary whose true count may reach T.
+
+        T is the max_size-th largest lower bound (or min_freq when larger): max_size symbols have f >= T, so a
+        symbol with f < T is not in the top max_size. A symbol outside the summary has f <= D: when T > D
+        (`exact`) the candidates hold the whole top max_size, and their exact counts give it exactly."""
+        threshold = max(min_freq, 1)
+        upper = np.fromiter(self.counts.values(), np.int64, len(self.counts)) + self.decrement
+        lower = upper - np.fromiter((self.entered.get(s, 0) for s in self.counts), np.int64, len(self.counts))
+        if max_size is not None and len(lower) >= max_size:
+            threshold = max(threshold, int(np.partition(lower, len(lower) - max_size)[len(lower) - max_size]))
+        exact = self.decrement == 0 or threshold > self.decrement
+        if max_size is None and min_freq == 0 and self.decrement:
+            exact = False
+        keep = upper >= threshold
+        return [s for s, k in zip(self.counts, keep.tolist()) if k], threshold, exact
+
+
+# --------------------------------------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------------------------------------
+def _progress_bar(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, desc=desc, file=sys.stderr,
+                dynamic_ncols=True, mininterval=1.0)
+
+
+def _say(verbose: bool, message: str) -> None:
+    if verbose:
+        print(message, flush=True)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def id_dtype(vocab_size: int) -> np.dtype:
+    for dtype in (np.uint16, np.uint32):
+        if vocab_size <= np.iinfo(dtype).max + 1:
+            return np.dtype(dtype)
+    return np.dtype(np.uint64)
+
+
+def _split_sizes(n_docs: int, opts: Options) -> tuple[int, int]:
+    sizes = []
+    for split in ("valid", "test"):
+        docs, fraction = getattr(opts, f"{split}_docs"), getattr(opts, f"{split}_fraction")
+        if docs is None:
+            fraction = 0.001 if fraction is None else fraction  # the 1000:1:1 of large-batch LM work
+            docs = max(1, round(fraction * n_docs)) if fraction > 0 else 0
+        sizes.append(docs)
+    if sizes[0] + sizes[1] >= n_docs:
+        raise UserError(f"the corpus has {n_docs} article(s): {sizes[0]} for validation and {sizes[1]} for test leave "
+                        "none for training; pass smaller --valid_docs/--test_docs (or fractions)")
+    return sizes[0], sizes[1]
+
+
+def split_of_docs(n_docs: int, opts: Options) -> np.ndarray:
+    """Split of each article (0 train, 1 valid, 2 test): valid and test drawn from seed, in corpus order."""
+    n_valid, n_test = _split_sizes(n_docs, opts)
+    chosen = np.random.default_rng(opts.seed).choice(n_docs, n_valid + n_test, replace=False)
+    split = np.zeros(n_docs, np.uint8)
+    split[chosen[:n_valid]] = 1
+    split[chosen[n_valid:]] = 2
+    return split
+
+
+class _ShardWriter:
+    """One split's ids, cut into `<split>.NNNNN.npy` files of `shard_tokens` ids (the last one shorter)."""
+
+    def __init__(self, out: Path, split: str, dtype, shard_tokens: int):
+        self.out, self.split, self.dtype, self.shard_tokens = out, split, dtype, shard_tokens
+        self.buffer: list[np.ndarray] = []
+        self.buffered = 0
+        self.shards: list[dict] = []
+        self.n = 0
+
+    def append(self, ids: np.ndarray) -> None:
+        self.buffer.append(ids.astype(self.dtype, copy=False))
+        self.buffered += len(ids)
+        self.n += len(ids)
+        while self.buffered >= self.shard_tokens:
+            self._flush(self.shard_tokens)
+
+    def _flush(self, n: int) -> None:
+        ids = np.concatenate(self.buffer) if len(self.buffer) != 1 else self.buffer[0]
+        name = f"{self.split}.{len(self.shards):05d}.npy"
+        with atomic_open(self.out / name, "wb") as f:
+            np.lib.format.write_array(f, np.ascontiguousarray(ids[:n]), allow_pickle=False)
+        self.shards.append({"file": name, "n_tokens": int(n)})
+        rest = ids[n:]
+        self.buffer, self.buffered = ([rest] if len(rest) else []), len(rest)
+
+    def finish(self) -> list[dict]:
+        if self.buffered or not self.shards:
+            self._flush(self.buffered)
+        return self.shards
+
+
+def prepare_corpus(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, opts: Options = Options(),
+                   workers: int | None = None, progress: bool = False, verbose: bool = False,
+                   overwrite: bool = False) -> dict:
+    """Prepare `inputs` into the folder `output` (see the module docstring); returns the manifest."""
+    check_options(opts)
+    files = list_inputs(inputs)
+    out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: --output exists and is not a folder")
+    if (out / "manifest.json").exists() and not overwrite:
+        raise UserError(f"{out}: already holds a prepared corpus; pass --overwrite or another --output")
+    workers = max(1, workers or os.cpu_count() or 1)
+    total_bytes = sum(f.stat().st_size for f in files)
+    work = out / ".work"
+    config = {"options": opts.counting_key(), "inputs": [{"path": str(f.resolve()), "bytes": f.stat().st_size,
+                                                        "mtime_ns": f.stat().st_mtime_ns} for f in files]}
+    if (work / "config.json").exists():
+        try:
+            same = json.loads((work / "config.json").read_text(encoding="utf-8")) == config
+        except (OSError, ValueError):
+            same = False
+        if not same:
+            _say(verbose, f"{work}: left by a run with other inputs or options; starting over")
+            shutil.rmtree(work)
+        else:
+            _say(verbose, f"{work}: resuming the earlier run")
+    created = not out.exists()
+    if not (work / "config.json").exists():
+        write_text_atomic(work / "config.json", json.dumps(config, indent=1))
+    started = time.perf_counter()
+
+    # ---- pass 1: count ------------------------------------------------------------------------------------
+    pass1_file = work / "pass1.json"
+    if pass1_file.exists():
+        pass1 = json.loads(pass1_file.read_text(encoding="utf-8"))
+    else:
+        try:
+            pass1 = _count(files, opts, workers, total_bytes, progress)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)  # nothing worth keeping yet
+            if created:
+                shutil.rmtree(out, ignore_errors=True)
+            raise
+        write_text_atomic(pass1_file, json.dumps(pass1, ensure_ascii=False))
+    _say(verbose, f"pass 1: {pass1['n_docs']:,} articles, {pass1['n_tokens']:,} symbols, summary of "
+                  f"{pass1['summary_peak']:,} symbols at most, {len(pass1['candidates']):,} candidates, "
+                  f"error bound D={pass1['decrement']}" + (f", {pass1['bad_lines']:,} bad lines skipped"
+                                                           if pass1["bad_lines"] else ""))
+    if not pass1["exact"]:
+        print(f"warning: the vocabulary may differ from an exact count's (the counting error bound {pass1['decrement']} "
+              f"reaches the cut-off {pass1['threshold']}); raise --count_capacity", file=sys.stderr, flush=True)
+
+    # ---- pass 2: encode to candidate ids ---------------------------------------------------------------------
+    candidates = pass1["candidates"]
+    _encode(files, opts, candidates, work, workers, total_bytes, progress)
+
+    # ---- pass 3: vocabulary, splits, shards ------------------------------------------------------------------
+    manifest = _assemble(files, opts, pass1, work, out, verbose)
+    shutil.rmtree(work, ignore_errors=True)
+    _say(verbose, f"prepared {out} in {time.perf_counter() - started:.1f}s ({total_bytes / 1e6 / max(time.perf_counter() - started, 1e-9):.1f} MB/s)")
+    return manifest
+
+
+def _count(files, opts: Options, workers: int, total_bytes: int, progress: bool) -> dict:
+    bar = _progress_bar(total_bytes, "counting", progress)
+    reader = _Reader(files, opts, on_bytes=bar.update if bar else None)
+    _set_worker(opts)
+    summary = BoundedCounter(opts.count_capacity)
+    n_docs = n_tokens = bad = 0
+    try:
+        for counts, docs, tokens, skipped in _ordered(count_chunk, iter(reader), workers):
+            summary.update(counts)
+            n_docs, n_tokens, bad = n_docs + docs, n_tokens + tokens, bad + skipped
+    finally:
+        if bar:
+            bar.close()
+    bad += reader.bad_lines
+    if n_docs == 0 or not summary.counts:
+        raise UserError(f"the corpus is empty: no article with text in {', '.join(map(str, files[:3]))}"
+                        f"{' ...' if len(files) > 3 else ''}" + (f" ({bad} bad lines skipped)" if bad else ""))
+    if opts.max_vocab_size is None and opts.min_freq == 0 and summary.decrement:
+        raise UserError(f"more than {2 * opts.count_capacity:,} distinct symbols: pass --max_vocab_size or --min_freq "
+                        "(or a larger --count_capacity) to bound the vocabulary")
+    candidates, threshold, exact = summary.candidates(opts.max_vocab_size, opts.min_freq)
+    return {"n_docs": n_docs, "n_tokens": n_tokens, "bad_lines": bad, "candidates": candidates,
+            "threshold": threshold, "decrement": summary.decrement, "exact": exact, "prunes": summary.prunes,
+            "summary_peak": summary.peak}
+
+
+def _chunk_file(work: Path, index: int) -> Path:
+    return work / "chunks" / f"{index:07d}.npz"
+
+
+def _encode(files, opts: Options, candidates: list[str], work: Path, workers: int, total_bytes: int,
+            progress: bool) -> None:
+    k = len(candidates)
+    table = dict(zip(candidates, range(k)))
+    table.update({EOS: k, opts.doc_separator: k + 1, UNK: k + 2})
+    _set_worker(opts, table)
+    bar = _progress_bar(total_bytes, "encoding", progress)
+    jobs = ((chunk, _chunk_file(work, chunk.index)) for chunk in _Reader(files, opts, on_bytes=bar.update if bar else None)
+            if not _chunk_file(work, chunk.index).exists())  # a resumed run keeps the chunks already written
+    try:
+        for _ in _ordered(encode_chunk, jobs, workers):
+            pass
+    finally:
+        if bar:
+            bar.close()
+    _WORKER.clear()
+
+
+def _chunk_files(work: Path) -> list[Path]:
+    return sorted((work / "chunks").glob("*.npz")) if (work / "chunks").exists() else []
+
+
+def _assemble(files, opts: Options, pass1: dict, work: Path, out: Path, verbose: bool) -> dict:
+    candidates = pass1["candidates"]
+    k = len(candidates)
+    chunk_files = _chunk_files(work)
+    # exact counts and first-seen positions of the candidates
+    counts = np.zeros(k + 3, np.int64)
+    first = np.full(k + 3, np.iinfo(np.int64).max, np.int64)
+    offset = 0
+    for path in chunk_files:
+        with np.load(path) as z:
+            ids = z["ids"].astype(np.int64)
+        counts += np.bincount(ids, minlength=k + 3)
+        seen, where = np.unique(ids, return_index=True)
+        first[seen] = np.minimum(first[seen], where + offset)
+        offset += len(ids)
+    order = np.lexsort((first[:k], -counts[:k]))  # by count, ties in first-seen order
+    if opts.max_vocab_size is not None:
+        order = order[: opts.max_vocab_size]
+    if opts.min_freq:
+        below = np.flatnonzero(counts[order] < opts.min_freq)
+        if len(below):
+            order = order[: below[0]]
+    specials = opts.specials()
+    idx2sym = list(specials) + [candidates[i] for i in order.tolist() if candidates[i] not in specials]
+    sym2idx = {s: i for i, s in enumerate(idx2sym)}
+    unk = sym2idx[UNK]
+    remap = np.full(k + 3, unk, np.int64)
+    kept = np.fromiter((sym2idx.get(s, unk) for s in candidates), np.int64, k)
+    remap[:k] = kept
+    remap[k], remap[k + 1], remap[k + 2] = sym2idx[EOS], sym2idx[opts.doc_separator], unk
+    dtype = id_dtype(len(idx2sym))
+
+    split_of = split_of_docs(pass1["n_docs"], opts)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in list(out.glob("*.npy")) + [out / "manifest.json", out / "vocab.json"]:
+        if stale.exists():  # --overwrite: an earlier corpus's files
+            stale.unlink()
+    writers = {s: _ShardWriter(out, s, dtype, opts.shard_tokens) for s in SPLITS}
+    doc_starts: dict[str, list[np.ndarray]] = {s: [np.zeros(1, np.int64)] for s in SPLITS}
+    n_unk = dict.fromkeys(SPLITS, 0)
+    doc = 0  # global index of the article the next record belongs to
+    for path in chunk_files:
+        with np.load(path) as z:
+            ids, lengths, ends = remap[z["ids"]], z["lengths"], z["ends"]
+        rec_doc = doc + np.concatenate(([0], np.cumsum(ends)[:-1])).astype(np.int64)
+        doc += int(ends.sum())
+        rec_split = split_of[rec_doc]
+        tok_split = np.repeat(rec_split, lengths)
+        for s, name in enumerate(SPLITS):
+            mine = rec_split == s
+            if not mine.any():
+                continue
+            start = writers[name].n
+            part = ids[tok_split == s]
+            ends_at = start + np.cumsum(lengths[mine])[ends[mine]]
+            doc_starts[name].append(ends_at)
+            n_unk[name] += int(np.count_nonzero(part == unk))
+            writers[name].append(part)
+    if doc != pass1["n_docs"]:
+        raise RuntimeError(f"pass 2 wrote {doc} articles, pass 1 counted {pass1['n_docs']}")
+
+    vocab = vocab_dict(idx2sym, opts)
+    write_text_atomic(out / "vocab.json", json.dumps(vocab, ensure_ascii=False))
+    splits = {}
+    for name in SPLITS:
+        shards = writers[name].finish()
+        starts = np.concatenate(doc_starts[name])
+        with atomic_open(out / f"{name}.docs.npy", "wb") as f:
+            np.lib.format.write_array(f, starts, allow_pickle=False)
+        for shard in shards:
+            shard.update(bytes=(out / shard["file"]).stat().st_size, sha256=_sha256(out / shard["file"]))
+        n = writers[name].n
+        splits[name] = {"n_tokens": n, "n_docs": len(starts) - 1, "n_unk": n_unk[name],
+                        "unk_fraction": n_unk[name] / n if n else 0.0, "dtype": dtype.name, "shards": shards,
+                        "docs": {"file": f"{name}.docs.npy", "bytes": (out / f"{name}.docs.npy").stat().st_size,
+                                 "sha256": _sha256(out / f"{name}.docs.npy")}}
+    total = sum(s["n_tokens"] for s in splits.values())
+    unk_all = sum(n_unk.values())
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "options": dataclasses.asdict(opts),
+        "inputs": [{"path": f.name, "bytes": f.stat().st_size} for f in files],
+        "n_docs": pass1["n_docs"],
+        "n_tokens": total,
+        "bad_lines_skipped": pass1["bad_lines"],
+        "unk_fraction": unk_all / total if total else 0.0,
+        "vocab": {"file": "vocab.json", "size": len(idx2sym), "fingerprint": vocab_fingerprint(idx2sym),
+                  "bytes": (out / "vocab.json").stat().st_size, "sha256": _sha256(out / "vocab.json")},
+        "counting": {"capacity": opts.count_capacity, "decrement": pass1["decrement"], "threshold": pass1["threshold"],
+                     "candidates": k, "exact": pass1["exact"], "prunes": pass1["prunes"]},
+        "splits": splits,
+    }
+    write_text_atomic(out / "manifest.json", json.dumps(manifest, indent=1, ensure_ascii=False))
+    _say(verbose, f"vocabulary: {len(idx2sym):,} symbols; <unk>: {100 * manifest['unk_fraction']:.3f}% of "
+                  f"{total:,} tokens; " + ", ".join(f"{s} {splits[s]['n_docs']:,} articles / {splits[s]['n_tokens']:,} "
+                                                   f"tokens in {len(splits[s]['shards'])} shard(s)" for s in SPLITS))
+    return manifest
+
+
+# The vocabulary file is what utils.data.vocabulary.Vocab.to_dict writes and Vocab.from_dict reads, written
+# here without importing that module (it imports torch, which would cost the preparation time and memory);
+# tests/test_prepare_corpus.py checks that Vocab reads it and gets the same fingerprint.
+def vocab_dict(idx2sym: list[str], opts: Options) -> dict:
+    return {"type": "word", "format": 1, "idx2sym": list(idx2sym), "special": opts.specials(),
+            "lower_case": opts.lower_case, "delimiter": "" if opts.level == "char" else None,
+            "min_freq": opts.min_freq, "max_size": opts.max_vocab_size, "vocab_file": None}
+
+
+def vocab_fingerprint(idx2sym: list[str]) -> str:
+    fields = {"type": "word", "idx2sym": idx2sym}
+    return hashlib.sha256(json.dumps(fields, ensure_ascii=False, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def verify(output: str | os.PathLike) -> dict:
+    """Check every file of a prepared folder against its manifest (sizes and sha256); returns the manifest."""
+    out = Path(output)
+    manifest = read_manifest(out)
+    entries = [manifest["vocab"]] + [e for s in manifest["splits"].values() for e in s["shards"] + [s["docs"]]]
+    for entry in entries:
+        path = out / entry["file"]
+        if not path.exists():
+            raise UserError(f"{path}: missing; prepare the corpus again")
+        if path.stat().st_size != entry["bytes"] or _sha256(path) != entry["sha256"]:
+            raise UserError(f"{path}: does not match manifest.json (size or sha256); prepare the corpus again")
+    return manifest
+
+
+def read_manifest(out: Path) -> dict:
+    path = out / "manifest.json"
+    if not path.exists():
+        hint = " (an unfinished preparation: run it again to resume)" if (out / ".work").exists() else ""
+        raise UserError(f"{path}: not found; {out} is not a prepared corpus{hint}; make one with "
+                        "scripts/prepare_corpus.py")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: unreadable ({str(exc)[:100]}); prepare the corpus again") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise UserError(f"{path}: not the manifest of a prepared corpus")
+    if manifest.get("version") != VERSION:
+        raise UserError(f"{path}: written by another version (format {manifest.get('version')}, this one reads "
+                        f"{VERSION}); prepare the corpus again")
+    return manifest
