@@ -226,13 +226,13 @@ def detect_format(path: Path, forced: str) -> str:
 
 @dataclasses.dataclass
 class Chunk:
-    """Consecutive records of one file: `lines` (raw JSON lines, parsed by the worker) or `records`
+    """Consecutive records of one file: `lines` (raw JSON lines, bytes, parsed by the worker) or `records`
     ((text, ends_article) pairs; an article longer than a chunk comes in several records)."""
 
     index: int
     source: str
     first_line: int
-    lines: list | None = None
+    lines: bytes | None = None
     records: list | None = None
 
 
@@ -287,18 +287,19 @@ class _Reader:
 
     # each format yields (first_line, lines, records)
     def _jsonl(self, src: _Source):
-        lines, size, first, line_no = [], 0, 1, 0
-        for line in src.stream:
-            line_no += 1
-            if not lines:
-                first = line_no
-            lines.append(line)
-            size += len(line)
-            if size >= self.opts.chunk_bytes:
-                yield first, lines, None
-                lines, size = [], 0
-        if lines:
-            yield first, lines, None
+        """Blocks of whole lines (the worker parses them)."""
+        pending, line = b"", 1
+        while block := src.stream.read(self.opts.chunk_bytes):
+            data = pending + block if pending else block
+            cut = data.rfind(b"\n") + 1
+            if cut == 0:
+                pending = data
+                continue
+            yield line, data[:cut], None
+            line += data.count(b"\n", 0, cut)
+            pending = data[cut:]
+        if pending:
+            yield line, pending, None
 
     def _text_lines(self, src: _Source):
         return src.text()
@@ -420,12 +421,12 @@ class _Reader:
 # --------------------------------------------------------------------------------------------------------
 # Workers: tokenizing, counting, encoding one chunk
 # --------------------------------------------------------------------------------------------------------
-_WORKER: dict = {}  # options and (pass 2) the candidate table; set before the pool forks
+_WORKER: dict = {}  # the options (and the Moses tokenizer) of the worker processes
 
 
-def _set_worker(opts: Options, table: dict | None = None) -> None:
+def _set_worker(opts: Options) -> None:
     _WORKER.clear()
-    _WORKER.update(opts=opts, table=table)
+    _WORKER.update(opts=opts)
     if opts.moses:
         import sacremoses
 
@@ -438,7 +439,7 @@ def _records(chunk: Chunk) -> tuple[list[tuple[str, bool]], int]:
         return chunk.records, 0
     opts: Options = _WORKER["opts"]
     out, bad = [], 0
-    for offset, raw in enumerate(chunk.lines):
+    for offset, raw in enumerate(chunk.lines.split(b"\n")):
         if not raw.strip():
             continue
         where = f"{chunk.source}: line {chunk.first_line + offset}"
@@ -489,28 +490,52 @@ def _tokens(records) -> tuple[list[str], list[int]]:
     return tokens, lengths
 
 
-def count_chunk(chunk: Chunk) -> tuple[collections.Counter, int, int, int]:
-    """Pass 1: (symbol counts without the special symbols, articles ended, symbols, bad lines skipped)."""
-    records, bad = _records(chunk)
-    tokens, _ = _tokens(records)
-    counts = collections.Counter(tokens)
-    for special in _WORKER["opts"].specials():
-        counts.pop(special, None)
-    return counts, sum(ends for _, ends in records), len(tokens), bad
-
-
-def encode_chunk(job: tuple[Chunk, str]) -> int:
-    """Pass 2: write the chunk's candidate ids, record lengths and ends to `path`; returns the symbols."""
-    chunk, path = job
-    records, _ = _records(chunk)
-    tokens, lengths = _tokens(records)
-    table = _WORKER["table"]
-    missing = table[UNK]
-    ids = np.fromiter(map(table.get, tokens, itertools.repeat(missing)), np.uint32, len(tokens))
+def _write_chunk(path: Path, ids, symbols: list[str], lengths, ends, bad: int) -> None:
+    # no symbol holds a newline (lines are split on it first, and doc_separator has no whitespace), so the
+    # symbol list is stored newline-joined
     with atomic_open(path, "wb") as f:
-        np.savez(f, ids=ids, lengths=np.asarray(lengths, np.int64),
-                 ends=np.asarray([e for _, e in records], np.bool_))
-    return len(ids)
+        np.savez(f, ids=ids, symbols=np.frombuffer("\n".join(symbols).encode("utf-8"), np.uint8),
+                 n_symbols=np.int64(len(symbols)), lengths=np.asarray(lengths, np.int64),
+                 ends=np.asarray(ends, np.bool_), bad=np.int64(bad))
+
+
+def read_chunk(path: Path) -> dict:
+    """A chunk file: ids (chunk-local, uint32), symbols (local id -> symbol), the records' lengths and ends."""
+    with np.load(path) as z:
+        chunk = {k: z[k] for k in z.files}
+    text = chunk.pop("symbols").tobytes().decode("utf-8")
+    chunk["symbols"] = text.split("\n") if int(chunk["n_symbols"]) else []
+    return chunk
+
+
+def tokenize_chunk(job: tuple[Chunk | None, Path]) -> tuple[list[str], list[int], int, int, int]:
+    """Tokenize one chunk into `path` (chunk-local ids, in first-seen order, and the local symbol list); a
+    chunk already written (`chunk` None: a resumed run) is read back instead.
+    Returns (symbols, counts) without the special symbols, articles ended, symbols in all, bad lines."""
+    chunk, path = job
+    if chunk is None:
+        data = read_chunk(path)
+        symbols, ids, ends, bad = data["symbols"], data["ids"], data["ends"], int(data["bad"])
+    else:
+        records, bad = _records(chunk)
+        tokens, lengths = _tokens(records)
+        table = dict(zip(dict.fromkeys(tokens), itertools.count()))  # first-seen order, at C speed
+        ids = np.fromiter(map(table.__getitem__, tokens), np.uint32, len(tokens))
+        symbols = list(table)
+        ends = [e for _, e in records]
+        _write_chunk(path, ids, symbols, lengths, ends, bad)
+    counts = np.bincount(ids, minlength=len(symbols)).tolist()
+    drop = []
+    for special in _WORKER["opts"].specials():
+        try:
+            drop.append(symbols.index(special))
+        except ValueError:
+            pass
+    if drop:
+        symbols = list(symbols)
+        for i in sorted(drop, reverse=True):
+            del symbols[i], counts[i]
+    return symbols, counts, int(np.sum(ends)), len(ids), bad
 
 
 def _ordered(fn, items: Iterator, workers: int, window: int | None = None) -> Iterator:
@@ -521,7 +546,7 @@ def _ordered(fn, items: Iterator, workers: int, window: int | None = None) -> It
         return
     window = window or 2 * workers
     ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-    with ctx.Pool(workers, initializer=_set_worker, initargs=(_WORKER["opts"], _WORKER["table"])) as pool:
+    with ctx.Pool(workers, initializer=_set_worker, initargs=(_WORKER["opts"],)) as pool:
         pending: collections.deque = collections.deque()
         for item in items:
             pending.append(pool.apply_async(fn, (item,)))
@@ -537,44 +562,52 @@ def _ordered(fn, items: Iterator, workers: int, window: int | None = None) -> It
 class BoundedCounter:
     """Misra-Gries summary with batched decrements, at most 2 * capacity symbols.
 
-    `counts[s]` is the decremented count c of s, `entered[s]` the total decrement D0 when s last entered the
-    summary (absent: 0), `decrement` the total D so far. A symbol keeps every occurrence since it entered
-    less the decrements since, and loses at most D in all, so `c + D - D0 <= f <= c + D` (f: its true count;
-    f <= D for a symbol not in the summary). The lower bound is close to f for the frequent symbols, which
-    entered early, so the cut-off below is nearly the true one."""
+    For symbol row i: `counts[i]` is its decremented count c, `entered[i]` the total decrement D0 when it
+    last entered the summary, `decrement` the total D so far. A symbol keeps every occurrence since it
+    entered less the decrements since, and loses at most D in all, so `c + D - D0 <= f <= c + D` (f: its true
+    count; f <= D for a symbol not in the summary). The lower bound is close to f for the frequent symbols,
+    which entered early, so the cut-off below is nearly the true one. The symbol table is a dict and a list,
+    the counts numpy arrays, so that merging a chunk's counts runs at C speed."""
 
     def __init__(self, capacity: int):
         self.capacity = capacity
-        self.counts: dict[str, int] = {}
-        self.entered: dict[str, int] = {}
+        self.index: dict[str, int] = {}
+        self.symbols: list[str] = []
+        self.counts = np.zeros(0, np.int64)
+        self.entered = np.zeros(0, np.int64)
         self.decrement = 0
         self.prunes = 0
         self.peak = 0
 
-    def update(self, counts: dict[str, int]) -> None:
-        mine = self.counts
-        if not self.decrement:
-            for s, n in counts.items():
-                mine[s] = mine.get(s, 0) + n
-        else:
-            get, entered, d = mine.get, self.entered, self.decrement
-            for s, n in counts.items():
-                c = get(s)
-                if c is None:
-                    entered[s] = d
-                    mine[s] = n
-                else:
-                    mine[s] = c + n
-        self.peak = max(self.peak, len(mine))
-        if len(mine) > 2 * self.capacity:
+    def __len__(self) -> int:
+        return len(self.symbols)
+
+    def update(self, symbols: list[str], counts: list[int]) -> None:
+        """Add the counts of distinct symbols."""
+        rows = np.fromiter(map(self.index.get, symbols, itertools.repeat(-1)), np.int64, len(symbols))
+        new = rows < 0
+        n_new = int(np.count_nonzero(new))
+        if n_new:
+            start = len(self.symbols)
+            added = list(itertools.compress(symbols, new.tolist()))
+            self.index.update(zip(added, range(start, start + n_new)))
+            self.symbols += added
+            rows[new] = np.arange(start, start + n_new)
+            self.counts = np.concatenate([self.counts, np.zeros(n_new, np.int64)])
+            self.entered = np.concatenate([self.entered, np.full(n_new, self.decrement, np.int64)])
+        self.counts[rows] += np.asarray(counts, np.int64)  # rows are distinct
+        self.peak = max(self.peak, len(self.symbols))
+        if len(self.symbols) > 2 * self.capacity:
             self.prune()
 
     def prune(self) -> None:
-        values = np.fromiter(self.counts.values(), np.int64, len(self.counts))
-        k = len(values) - self.capacity - 1  # the (capacity+1)-th largest count goes to zero, and all below it
-        cut = int(np.partition(values, k)[k])
-        self.counts = {s: c - cut for s, c in self.counts.items() if c > cut}
-        self.entered = {s: d for s, d in self.entered.items() if s in self.counts}
+        k = len(self.counts) - self.capacity - 1  # the (capacity+1)-th largest count goes to zero, and all below
+        cut = int(np.partition(self.counts, k)[k])
+        keep = self.counts > cut
+        self.symbols = list(itertools.compress(self.symbols, keep.tolist()))
+        self.counts = self.counts[keep] - cut
+        self.entered = self.entered[keep]
+        self.index = dict(zip(self.symbols, range(len(self.symbols))))
         self.decrement += cut
         self.prunes += 1
 
@@ -585,15 +618,14 @@ class BoundedCounter:
         symbol with f < T is not in the top max_size. A symbol outside the summary has f <= D: when T > D
         (`exact`) the candidates hold the whole top max_size, and their exact counts give it exactly."""
         threshold = max(min_freq, 1)
-        upper = np.fromiter(self.counts.values(), np.int64, len(self.counts)) + self.decrement
-        lower = upper - np.fromiter((self.entered.get(s, 0) for s in self.counts), np.int64, len(self.counts))
+        upper = self.counts + self.decrement
+        lower = upper - self.entered
         if max_size is not None and len(lower) >= max_size:
             threshold = max(threshold, int(np.partition(lower, len(lower) - max_size)[len(lower) - max_size]))
         exact = self.decrement == 0 or threshold > self.decrement
         if max_size is None and min_freq == 0 and self.decrement:
             exact = False
-        keep = upper >= threshold
-        return [s for s, k in zip(self.counts, keep.tolist()) if k], threshold, exact
+        return list(itertools.compress(self.symbols, (upper >= threshold).tolist())), threshold, exact
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -715,15 +747,15 @@ def prepare_corpus(inputs: Sequence[str | os.PathLike], output: str | os.PathLik
         write_text_atomic(work / "config.json", json.dumps(config, indent=1))
     started = time.perf_counter()
 
-    # ---- pass 1: count ------------------------------------------------------------------------------------
+    # ---- pass 1: tokenize each chunk once (kept in .work), count with a bound -------------------------------
     pass1_file = work / "pass1.json"
     if pass1_file.exists():
         pass1 = json.loads(pass1_file.read_text(encoding="utf-8"))
     else:
         try:
-            pass1 = _count(files, opts, workers, total_bytes, progress)
-        except BaseException:
-            shutil.rmtree(work, ignore_errors=True)  # nothing worth keeping yet
+            pass1 = _count(files, opts, work, workers, total_bytes, progress)
+        except UserError:
+            shutil.rmtree(work, ignore_errors=True)  # bad input: nothing is left behind
             if created:
                 shutil.rmtree(out, ignore_errors=True)
             raise
@@ -736,39 +768,42 @@ def prepare_corpus(inputs: Sequence[str | os.PathLike], output: str | os.PathLik
         print(f"warning: the vocabulary may differ from an exact count's (the counting error bound {pass1['decrement']} "
               f"reaches the cut-off {pass1['threshold']}); raise --count_capacity", file=sys.stderr, flush=True)
 
-    # ---- pass 2: encode to candidate ids ---------------------------------------------------------------------
-    candidates = pass1["candidates"]
-    _encode(files, opts, candidates, work, workers, total_bytes, progress)
-
-    # ---- pass 3: vocabulary, splits, shards ------------------------------------------------------------------
-    manifest = _assemble(files, opts, pass1, work, out, verbose)
+    # ---- pass 2: exact counts of the candidates, vocabulary, splits, shards ----------------------------------
+    manifest = _assemble(files, opts, pass1, work, out, verbose, progress)
     shutil.rmtree(work, ignore_errors=True)
-    _say(verbose, f"prepared {out} in {time.perf_counter() - started:.1f}s ({total_bytes / 1e6 / max(time.perf_counter() - started, 1e-9):.1f} MB/s)")
+    seconds = time.perf_counter() - started
+    _say(verbose, f"prepared {out} in {seconds:.1f}s ({total_bytes / 1e6 / max(seconds, 1e-9):.1f} MB/s of input)")
     return manifest
 
 
-def _count(files, opts: Options, workers: int, total_bytes: int, progress: bool) -> dict:
-    bar = _progress_bar(total_bytes, "counting", progress)
+def _count(files, opts: Options, work: Path, workers: int, total_bytes: int, progress: bool) -> dict:
+    bar = _progress_bar(total_bytes, "tokenizing", progress)
     reader = _Reader(files, opts, on_bytes=bar.update if bar else None)
     _set_worker(opts)
     summary = BoundedCounter(opts.count_capacity)
-    n_docs = n_tokens = bad = 0
+    n_docs = n_tokens = bad = n_chunks = 0
+
+    def jobs():
+        for chunk in reader:
+            path = _chunk_file(work, chunk.index)
+            yield (None if path.exists() else chunk), path  # a resumed run reads the chunks it finished
+
     try:
-        for counts, docs, tokens, skipped in _ordered(count_chunk, iter(reader), workers):
-            summary.update(counts)
-            n_docs, n_tokens, bad = n_docs + docs, n_tokens + tokens, bad + skipped
+        for symbols, counts, docs, tokens, skipped in _ordered(tokenize_chunk, jobs(), workers):
+            summary.update(symbols, counts)
+            n_docs, n_tokens, bad, n_chunks = n_docs + docs, n_tokens + tokens, bad + skipped, n_chunks + 1
     finally:
         if bar:
             bar.close()
     bad += reader.bad_lines
-    if n_docs == 0 or not summary.counts:
+    if n_docs == 0 or not len(summary):
         raise UserError(f"the corpus is empty: no article with text in {', '.join(map(str, files[:3]))}"
                         f"{' ...' if len(files) > 3 else ''}" + (f" ({bad} bad lines skipped)" if bad else ""))
     if opts.max_vocab_size is None and opts.min_freq == 0 and summary.decrement:
         raise UserError(f"more than {2 * opts.count_capacity:,} distinct symbols: pass --max_vocab_size or --min_freq "
                         "(or a larger --count_capacity) to bound the vocabulary")
     candidates, threshold, exact = summary.candidates(opts.max_vocab_size, opts.min_freq)
-    return {"n_docs": n_docs, "n_tokens": n_tokens, "bad_lines": bad, "candidates": candidates,
+    return {"n_docs": n_docs, "n_tokens": n_tokens, "bad_lines": bad, "candidates": candidates, "n_chunks": n_chunks,
             "threshold": threshold, "decrement": summary.decrement, "exact": exact, "prunes": summary.prunes,
             "summary_peak": summary.peak}
 
@@ -777,42 +812,43 @@ def _chunk_file(work: Path, index: int) -> Path:
     return work / "chunks" / f"{index:07d}.npz"
 
 
-def _encode(files, opts: Options, candidates: list[str], work: Path, workers: int, total_bytes: int,
-            progress: bool) -> None:
-    k = len(candidates)
-    table = dict(zip(candidates, range(k)))
-    table.update({EOS: k, opts.doc_separator: k + 1, UNK: k + 2})
-    _set_worker(opts, table)
-    bar = _progress_bar(total_bytes, "encoding", progress)
-    jobs = ((chunk, _chunk_file(work, chunk.index)) for chunk in _Reader(files, opts, on_bytes=bar.update if bar else None)
-            if not _chunk_file(work, chunk.index).exists())  # a resumed run keeps the chunks already written
-    try:
-        for _ in _ordered(encode_chunk, jobs, workers):
-            pass
-    finally:
-        if bar:
-            bar.close()
-    _WORKER.clear()
-
-
 def _chunk_files(work: Path) -> list[Path]:
     return sorted((work / "chunks").glob("*.npz")) if (work / "chunks").exists() else []
 
 
-def _assemble(files, opts: Options, pass1: dict, work: Path, out: Path, verbose: bool) -> dict:
+def _assemble(files, opts: Options, pass1: dict, work: Path, out: Path, verbose: bool, progress: bool) -> dict:
     candidates = pass1["candidates"]
     k = len(candidates)
-    chunk_files = _chunk_files(work)
+    table = dict(zip(candidates, range(k)))
+    table.update({EOS: k, opts.doc_separator: k + 1})  # and anything else: k + 2 (<unk>)
+    chunk_files = [_chunk_file(work, i) for i in range(pass1["n_chunks"])]
+
+    def chunks(desc):
+        bar = _progress_bar(len(chunk_files), desc, progress)
+        for path in chunk_files:
+            data = read_chunk(path)
+            # chunk-local id -> candidate id
+            data["candidate"] = np.fromiter(map(table.get, data["symbols"], itertools.repeat(k + 2)), np.int64,
+                                            len(data["symbols"]))
+            yield data
+            if bar:
+                bar.update(1)
+        if bar:
+            bar.close()
+
     # exact counts and first-seen positions of the candidates
     counts = np.zeros(k + 3, np.int64)
     first = np.full(k + 3, np.iinfo(np.int64).max, np.int64)
     offset = 0
-    for path in chunk_files:
-        with np.load(path) as z:
-            ids = z["ids"].astype(np.int64)
-        counts += np.bincount(ids, minlength=k + 3)
-        seen, where = np.unique(ids, return_index=True)
-        first[seen] = np.minimum(first[seen], where + offset)
+    for data in chunks("counting"):
+        ids, cand = data["ids"].astype(np.int64), data["candidate"]
+        counts += np.bincount(cand, weights=np.bincount(ids, minlength=len(cand)), minlength=k + 3).astype(np.int64)
+        # local ids are in first-seen order: a token is the first of its symbol where it exceeds all before it
+        new = np.ones(len(ids), np.bool_)
+        new[1:] = ids[1:] > np.maximum.accumulate(ids)[:-1]
+        where = np.flatnonzero(new) + offset  # first position of local id 0, 1, 2, ...
+        mine = cand < k
+        first[cand[mine]] = np.minimum(first[cand[mine]], where[mine])
         offset += len(ids)
     order = np.lexsort((first[:k], -counts[:k]))  # by count, ties in first-seen order
     if opts.max_vocab_size is not None:
@@ -826,7 +862,7 @@ def _assemble(files, opts: Options, pass1: dict, work: Path, out: Path, verbose:
     sym2idx = {s: i for i, s in enumerate(idx2sym)}
     unk = sym2idx[UNK]
     remap = np.full(k + 3, unk, np.int64)
-    kept = np.fromiter((sym2idx.get(s, unk) for s in candidates), np.int64, k)
+    kept = np.fromiter(map(sym2idx.get, candidates, itertools.repeat(unk)), np.int64, k)
     remap[:k] = kept
     remap[k], remap[k + 1], remap[k + 2] = sym2idx[EOS], sym2idx[opts.doc_separator], unk
     dtype = id_dtype(len(idx2sym))
@@ -840,9 +876,8 @@ def _assemble(files, opts: Options, pass1: dict, work: Path, out: Path, verbose:
     doc_starts: dict[str, list[np.ndarray]] = {s: [np.zeros(1, np.int64)] for s in SPLITS}
     n_unk = dict.fromkeys(SPLITS, 0)
     doc = 0  # global index of the article the next record belongs to
-    for path in chunk_files:
-        with np.load(path) as z:
-            ids, lengths, ends = remap[z["ids"]], z["lengths"], z["ends"]
+    for data in chunks("writing"):
+        ids, lengths, ends = remap[data["candidate"]][data["ids"]], data["lengths"], data["ends"]
         rec_doc = doc + np.concatenate(([0], np.cumsum(ends)[:-1])).astype(np.int64)
         doc += int(ends.sum())
         rec_split = split_of[rec_doc]
