@@ -389,7 +389,8 @@ def get_lm_corpus(
     datadir = data_folder(datadir)
     if dataset == "prepared":  # a folder written by scripts/prepare_corpus.py: shards, no cache
         from utils.data.prepared import load_prepared
-        return load_prepared(datadir, vocab)
+        vocab, splits, meta = load_prepared(datadir, vocab)
+        return Corpus("prepared", datadir, vocab, splits, datadir, meta)
     opts = _resolve_options(dataset, vocab, options)
     files = _source_files(datadir, opts)
     sources = _describe_sources(datadir, _flat_sources(files))

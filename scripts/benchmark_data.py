@@ -279,6 +279,42 @@ print(json.dumps({{"seconds": time.perf_counter() - t, "tokens": n, "vocab": len
 """
 
 
+CHECK_CHILD = """
+import collections, json, random
+import numpy as np
+from pathlib import Path
+src, out, n = {src!r}, Path({out!r}), {n}
+counter = collections.Counter()
+texts = []
+with open(src, encoding="utf-8") as f:
+    for line in f:
+        text = json.loads(line)["text"]
+        counter.update(text.split())
+        texts.append(text)
+manifest = json.loads((out / "manifest.json").read_text())
+idx2sym = json.loads((out / "vocab.json").read_text())["idx2sym"]
+top = [w for w, _ in counter.most_common(n)]
+eod = idx2sym.index("<eod>")
+eods = {{}}
+for split, info in manifest["splits"].items():
+    ids = np.concatenate([np.load(out / s["file"], mmap_mode="r") for s in info["shards"]])
+    eods[split] = [int(np.count_nonzero(ids == eod)), info["n_docs"]]
+# decode some articles of the valid split and find them among the inputs (words outside the vocabulary: <unk>)
+known = set(idx2sym)
+want = lambda t: [w for line in t.split("\\n") if line.split() for w in line.split() + ["<eos>"]] + ["<eod>"]
+index = {{}}
+for i, t in enumerate(texts):
+    index.setdefault(tuple(w if w in known else "<unk>" for w in want(t)), i)
+info = manifest["splits"]["valid"]
+ids = np.concatenate([np.load(out / s["file"]) for s in info["shards"]])
+starts = np.load(out / "valid.docs.npy")
+picked = random.Random(0).sample(range(len(starts) - 1), min(20, len(starts) - 1))
+decoded_ok = sum(tuple(idx2sym[i] for i in ids[starts[k]:starts[k + 1]]) in index for k in picked)
+print(json.dumps({{"distinct": len(counter), "top_n_equal": top == idx2sym[3:3 + n],
+                  "eod_per_split": eods, "decoded_ok": decoded_ok, "decoded_checked": len(picked)}}))
+"""
+
+
 def wiki_benchmark(args, tmp: Path, results: dict) -> None:
     """Preparation of a generated Wikipedia-like JSONL with 1 and N workers; the reference's corpus code and
     ours on the same text flattened."""
@@ -300,6 +336,13 @@ def wiki_benchmark(args, tmp: Path, results: dict) -> None:
     same = all(sorted(p.name for p in first.iterdir()) == sorted(p.name for p in o.iterdir()) and
                all((first / p.name).read_bytes() == (o / p.name).read_bytes() for p in first.iterdir()) for o in others)
     print(f"  output bytes identical for workers {args.workers}: {same}", flush=True)
+    check = run_child(CHECK_CHILD.format(src=str(src), out=str(first), n=args.max_vocab_size))
+    print(f"  check against an exact Counter ({check['distinct']:,} distinct words): top {args.max_vocab_size:,} equal: "
+          f"{check['top_n_equal']}; <eod> / articles per split: "
+          + ", ".join(f"{k} {a:,}/{b:,}" for k, (a, b) in check["eod_per_split"].items())
+          + f"; valid articles decoded equal to an input article (OOV as <unk>): {check['decoded_ok']}/"
+          f"{check['decoded_checked']}", flush=True)
+    rows["check"] = check
     for w in args.workers:
         shutil.rmtree(tmp / f"out{w}")
     if args.reference:

@@ -236,10 +236,8 @@ def test_bad_inputs_get_one_line(tmp_path):
 def test_sharded_ids_give_the_iterator_the_same_batches_as_one_array(corpus):
     """LMOrderedIterator over the shards (gathered) == over the concatenated array, with warm-up, roll, ranks."""
     import data_utils
-    from utils.data.prepared import load_prepared
-
     _, _, out, _ = corpus
-    c = load_prepared(out)
+    c = data_utils.get_lm_corpus(out, "prepared", verbose=False)
     assert len(c.train.paths) > 2
     whole = np.concatenate([np.load(p) for p in c.train.paths])
     assert np.array_equal(c.train[:], whole) and np.array_equal(c.train[650:1450], whole[650:1450])
@@ -269,3 +267,9 @@ def test_train_on_a_prepared_folder_resumes_exactly_mid_shard(tmp_path):
     second = cli_runner.train(args(tmp_path / "split", 16, restart=tmp_path / "split"), tmp_path, name="second")
     assert second.returncode == 0, second.stderr
     assert_same_training(tmp_path / "whole", tmp_path / "split", range(1, 17))
+    # eval.py scores the prepared valid split with the checkpoint's vocabulary
+    scored = cli_runner.evaluate(["--model", tmp_path / "whole" / "checkpoint_last.pt", "--data", data, "--dataset",
+                                  "prepared", "--split", "valid", "--tgt_len", 8, "--mem_len", 8, "--batch_size", 4,
+                                  "--work_dir", tmp_path / "eval"], tmp_path, name="eval")
+    assert scored.returncode == 0, scored.stderr
+    assert any(line.startswith("| valid") and " loss " in line for line in scored.lines)

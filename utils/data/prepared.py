@@ -114,16 +114,13 @@ def check_prepared(datadir: Path, vocab_type: str = "word") -> dict:
     return read_manifest(Path(datadir))
 
 
-def load_prepared(datadir: Path, vocab_type: str = "word"):
-    """A data_utils.Corpus over the prepared folder `datadir`."""
-    from data_utils import Corpus  # data_utils imports this module lazily in turn
-
+def load_prepared(datadir: Path, vocab_type: str = "word") -> tuple:
+    """(vocab, {split: ShardedIds}, meta) of the prepared folder `datadir`, for a data_utils.Corpus."""
     datadir = Path(datadir)
     manifest = check_prepared(datadir, vocab_type)
     vocab = load_vocab(datadir, manifest)
     splits = {split: load_split(datadir, manifest, split) for split in SPLITS}
-    meta = {"options": {"dataset": "prepared", "vocab": "word"}, "manifest": manifest}
-    return Corpus("prepared", datadir, vocab, splits, datadir, meta)
+    return vocab, splits, {"options": {"dataset": "prepared", "vocab": "word"}, "manifest": manifest}
 
 
 def prepared_split(datadir: Path, split: str, vocab) -> ShardedIds:
