@@ -16,7 +16,6 @@ import pytest
 import cli_runner
 from utils.data import prepare
 from utils.data.prepare import Options, prepare_corpus
-from utils.io.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = str(REPO / "scripts" / "prepare_corpus.py")

@@ -53,7 +53,7 @@ import sys
 import time
 import zlib
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -538,15 +538,19 @@ def tokenize_chunk(job: tuple[Chunk | None, Path]) -> tuple[list[str], list[int]
     return symbols, counts, int(np.sum(ends)), len(ids), bad
 
 
-def _ordered(fn, items: Iterator, workers: int, window: int | None = None) -> Iterator:
-    """fn over items in order: in this process (workers 1), or in a pool with at most `window` in flight (the
-    pool's own imap would read the whole input ahead)."""
+def ordered_map(fn, items: Iterable, workers: int, initializer=None, initargs: tuple = (),
+                window: int | None = None) -> Iterator:
+    """fn over items, results in input order (so that what is merged from them is merged in the same order
+    for any number of workers): in this process (workers 1), or in a pool of `workers` processes with at
+    most `window` items in flight (the pool's own imap would read the whole input ahead)."""
     if workers <= 1:
+        if initializer is not None:
+            initializer(*initargs)
         yield from map(fn, items)
         return
     window = window or 2 * workers
     ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-    with ctx.Pool(workers, initializer=_set_worker, initargs=(_WORKER["opts"],)) as pool:
+    with ctx.Pool(workers, initializer=initializer, initargs=initargs) as pool:
         pending: collections.deque = collections.deque()
         for item in items:
             pending.append(pool.apply_async(fn, (item,)))
@@ -789,7 +793,7 @@ def _count(files, opts: Options, work: Path, workers: int, total_bytes: int, pro
             yield (None if path.exists() else chunk), path  # a resumed run reads the chunks it finished
 
     try:
-        for symbols, counts, docs, tokens, skipped in _ordered(tokenize_chunk, jobs(), workers):
+        for symbols, counts, docs, tokens, skipped in ordered_map(tokenize_chunk, jobs(), workers, _set_worker, (opts,)):
             summary.update(symbols, counts)
             n_docs, n_tokens, bad, n_chunks = n_docs + docs, n_tokens + tokens, bad + skipped, n_chunks + 1
     finally:
