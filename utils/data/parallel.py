@@ -18,8 +18,8 @@ import numpy as np
 from utils.data.prepare import ordered_map
 from utils.data.vocabulary import Vocab, _pick_marker, iter_text_chunks
 
-PIECE_CHARS = 1 << 20
-MIN_PARALLEL_BYTES = 4 << 20  # smaller files are counted in this process (starting workers costs more)
+PIECE_CHARS = 1 << 20  # at most; smaller for small files, so that every worker gets several pieces
+MIN_PARALLEL_BYTES = 1 << 20  # smaller files are counted in this process (starting workers costs more)
 
 
 def _pieces(path, piece_chars: int, progress: bool) -> Iterator[str]:
@@ -46,13 +46,15 @@ def _number_words(job: tuple[str, bool]) -> tuple[list[str], np.ndarray, int]:
 
 
 def count_file_parallel(vocab: Vocab, path, sink: Callable[[np.ndarray], None], workers: int | None = None,
-                        progress: bool = False, piece_chars: int = PIECE_CHARS,
+                        progress: bool = False, piece_chars: int | None = None,
                         min_parallel_bytes: int = MIN_PARALLEL_BYTES) -> None:
     """Vocab.count_file(path, sink=sink) for word vocabularies (delimiter None), over `workers` processes."""
     assert vocab.delimiter is None, "parallel counting splits on whitespace"
     workers = workers or os.cpu_count() or 1
-    if os.path.getsize(path) < min_parallel_bytes:
+    size = os.path.getsize(path)
+    if size < min_parallel_bytes:
         workers = 1
+    piece_chars = piece_chars or int(min(PIECE_CHARS, max(1 << 16, size // (4 * workers))))
     jobs = ((piece, vocab.lower_case) for piece in _pieces(path, piece_chars, progress))
     prov = vocab._prov
     for words, local, marker_index in ordered_map(_number_words, jobs, workers):
