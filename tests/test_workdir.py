@@ -1,12 +1,14 @@
 """A work directory belongs to one run (issue 13, classes 1-3): a second run on a busy work dir exits at once
 with one line naming the holder and touches nothing; a start that fails leaves the work dir byte-identical;
 a new run does not replace an earlier run's checkpoints unless told to (--overwrite)."""
+import json
 import os
 import signal
 import socket
 import time
 
 import pytest
+import torch
 
 import cli_runner
 from cli_runner import tiny_args
@@ -170,6 +172,40 @@ def test_new_run_over_checkpoints_is_refused_and_overwrite_starts_afresh(finishe
     assert b"lr: 0.02" in after["config.yaml"] and b"overwrite" not in after["config.yaml"]
     assert "--overwrite: deleted checkpoint_last.pt of an earlier run" in fresh.lines
     assert after["checkpoint_last.pt"] != before["checkpoint_last.pt"]
+    # the earlier run's JSON metrics are kept whole beside this run's own file, which starts afresh
+    assert after["train_log.1.json"] == before["train_log.json"]
+    records = [json.loads(line) for line in after["train_log.json"].splitlines()]
+    assert [r["step"] for r in records].count("PARAMETER") == 1 and records[0]["lr"] == 0.02
+    assert "Kept the earlier run's metrics of this work dir as train_log.1.json" in fresh.lines
+
+
+def test_restart_from_elsewhere_into_a_work_dir_with_checkpoints_is_refused(finished_run, tmp_path):
+    """--restart OTHER/checkpoint_last.pt with a --work_dir that holds another run's checkpoints would replace
+    them at the first save: refused with one line before anything is touched, unless --overwrite."""
+    argv, work_dir, before = finished_run
+    other = tmp_path / "other"
+    done = cli_runner.train(tiny_args(argv[argv.index("--data") + 1], other, max_step=5, eval_interval=5,
+                                      no_test=True), tmp_path, name="other")
+    assert done.returncode == 0, done.stderr
+    source = other / "checkpoint_last.pt"
+    refused = cli_runner.train(argv + ["--restart", str(source), "--max_step", "15"], tmp_path, name="elsewhere")
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert refused.stderr == (
+        f"error: work dir {work_dir} holds the checkpoints of another run (checkpoint_best.pt, checkpoint_last.pt) "
+        f"and --restart {source} continues a checkpoint from elsewhere, whose saves would replace them; resume "
+        f"this work dir's own run with --restart {work_dir}, choose another --work_dir, or pass --overwrite to "
+        "replace them\n")
+    assert snapshot(work_dir) == before
+    # its own checkpoint, by file or by folder, is a resume of this work dir
+    own = cli_runner.train(argv + ["--restart", str(work_dir / "checkpoint_last.pt"), "--max_step", "12"],
+                           tmp_path, name="own")
+    assert own.returncode == 0, own.stderr
+    replaced = cli_runner.train(argv + ["--restart", str(source), "--max_step", "10", "--overwrite"], tmp_path,
+                                name="replaced")
+    assert replaced.returncode == 0, replaced.stderr
+    assert "--overwrite: deleted checkpoint_last.pt of an earlier run" in replaced.lines
+    assert torch.load(work_dir / "checkpoint_last.pt", weights_only=True)["train_step"] == 10
+    assert (work_dir / "train_log.1.json").is_file()                  # the earlier records kept
 
 
 def test_resumes_append_to_the_log_and_keep_each_earlier_configuration(finished_run, tmp_path):
@@ -184,6 +220,9 @@ def test_resumes_append_to_the_log_and_keep_each_earlier_configuration(finished_
     assert after["train_log.log"].count(b"Experiment dir") == 3
     assert [after["config.1.yaml"], after["config.2.yaml"], after["config.yaml"]] == configs
     assert b"max_step: 20\n" in configs[2] and len(set(configs)) == 3
+    # resumes continue the run's JSON metrics: every record of the earlier part is still there, in order
+    assert after["train_log.json"].startswith(before["train_log.json"])
+    assert [json.loads(line)["step"] for line in after["train_log.json"].splitlines()].count("PARAMETER") == 3
 
 
 def test_the_same_configuration_again_is_kept_once(tmp_path):

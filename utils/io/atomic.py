@@ -92,15 +92,22 @@ _DENIED = {errno.EACCES: "permission denied", errno.EPERM: "operation not permit
            errno.EROFS: "read-only file system"}
 
 
-def _raise_user_fault(exc: BaseException, path: Path) -> None:
+def _raise_user_fault(exc: BaseException, path: Path, appending: bool = False) -> None:
     if not isinstance(exc, OSError) or exc.errno not in {**_FULL, **_DENIED}:
         return
     from utils.io.errors import UserError
+    kept = "what it held before is kept" if appending else "the previous file, if any, is kept"
     if exc.errno in _FULL:
-        raise UserError(f"cannot write {path}: {_FULL[exc.errno]}; free space there (the previous file, if any, "
-                        "is kept) or write to another directory, and run again") from None
+        raise UserError(f"cannot write {path}: {_FULL[exc.errno]}; free space there ({kept}) or write to another "
+                        "directory, and run again") from None
     raise UserError(f"cannot write {path}: {_DENIED[exc.errno]}; make {path.parent} writable for this user or "
                     "write to another directory, and run again") from None
+
+
+def raise_append_fault(exc: BaseException, path: str | os.PathLike) -> None:
+    """For a file written in place by appending (a log): a full disk or a refused write as one UserError line
+    naming the file; any other error is left to the caller."""
+    _raise_user_fault(exc, Path(path), appending=True)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str, encoding: str = "utf-8", newline: str | None = None) -> None:
