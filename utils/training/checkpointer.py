@@ -24,6 +24,7 @@ from utils.io.checkpoint import CHECKPOINT_FORMAT, copy_checkpoint_atomic, load_
 from utils.io.errors import UserError
 from utils.model.model_config import architecture_differences
 from utils.model.reference_compat import reference_state_dict_to_ours
+from utils.training.reference_resume import optimizer_family_of_groups, restore_reference_run
 from utils.training.rng import rng_state, set_rng_state
 from utils.training.state import LogInterval, TrainState, check_state_values
 
@@ -144,10 +145,12 @@ class Checkpointer:
             return None
         self._load_weights(ckpt, reference)
         if reference:
-            self.log.info(f"Loaded the reference checkpoint {path} (model weights, step {state.train_step}); the "
-                          "optimizer state, memory and data position start fresh")
-            self.scheduler.step(state.train_step)
-            return state, [None] * self.args.batch_chunk
+            self.log.info(f"Loaded the reference checkpoint {path} at step {state.train_step}")
+            mems = restore_reference_run(ckpt, args=self.args, model=self.model, optimizer=self.optimizer,
+                                         scheduler=self.scheduler, scaler=self.scaler, train_iter=self.train_iter,
+                                         state=state, rank=self.rank, world_size=self.world_size,
+                                         device=self.device, log=self.log)
+            return state, mems
         self._forget_a_missing_best(state)
         self._restore_optimization(ckpt, state)
         mems = self._restore_position(state)
@@ -177,7 +180,9 @@ class Checkpointer:
         if differences:
             raise UserError(f"it has another model ({', '.join(differences)}); restart with the same model flags")
         trained_with = (ckpt.get("args") or {}).get("optim")
-        if not reference and trained_with and _family(trained_with) != _family(self.args.optim):
+        if reference and not trained_with:                  # its args may lack it: its param_groups tell
+            trained_with = optimizer_family_of_groups((ckpt.get("optimizer_state") or {}).get("param_groups"))
+        if trained_with and _family(trained_with) != _family(self.args.optim):
             raise UserError(f"it was trained with --optim {trained_with}, this run has --optim {self.args.optim}; "
                             f"resume with --optim {trained_with}")
 
