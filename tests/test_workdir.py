@@ -238,3 +238,36 @@ def test_the_same_configuration_again_is_kept_once(tmp_path):
     record_config(args.replace(lr=0.5), tmp_path, log)
     assert (tmp_path / "config.1.yaml").read_bytes() == first and sorted(os.listdir(tmp_path)) == [
         "config.1.yaml", "config.yaml"]
+
+
+def test_a_resume_without_checkpoint_last_resumes_the_newest_left_not_a_fresh_start(finished_run, tmp_path):
+    """checkpoint_last.pt deleted (or a kill between the files of the first save): --restart <work_dir> resumes
+    from the newest checkpoint left instead of starting afresh over checkpoint_best.pt."""
+    argv, work_dir, before = finished_run
+    (work_dir / "checkpoint_last.pt").unlink()
+    best_step = torch.load(work_dir / "checkpoint_best.pt", weights_only=True)["train_step"]
+    resumed = cli_runner.train(argv + ["--restart", str(work_dir), "--max_step", "12"], tmp_path, name="resumed")
+    assert resumed.returncode == 0, resumed.stderr
+    assert (f"No checkpoint_last.pt in {work_dir}: resuming from checkpoint_best.pt, the newest checkpoint there"
+            in resumed.lines)
+    assert f"Resuming from {work_dir / 'checkpoint_best.pt'} at step {best_step}" in resumed.lines
+    assert torch.load(work_dir / "checkpoint_last.pt", weights_only=True)["train_step"] == 12
+
+
+@pytest.mark.parametrize("where", ["work_dir", "cache_dir", "log"])
+def test_a_file_or_folder_in_the_way_is_one_line(demo_corpus, tmp_path, where):
+    """--work_dir or --cache_dir naming a file, a folder where the log goes: one line, exit 2, no traceback."""
+    work_dir, cache_dir = tmp_path / "work", tmp_path / "cache"
+    if where == "work_dir":
+        work_dir.write_text("a file")
+        expected = (f"error: cannot create the work dir {work_dir}: a file is in the way (a folder is needed "
+                    "there); choose another --work_dir")
+    elif where == "cache_dir":
+        cache_dir.write_text("a file")
+        expected = "error: cannot create the dataset cache folder "
+    else:
+        (work_dir / "train_log.log").mkdir(parents=True)
+        expected = f"error: cannot write {work_dir / 'train_log.log'}: is a directory; remove what is in the way"
+    result = cli_runner.train(tiny_args(demo_corpus, work_dir, max_step=2, cache_dir=cache_dir), tmp_path)
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
+    assert result.stderr.startswith(expected), result.stderr

@@ -110,6 +110,30 @@ def raise_append_fault(exc: BaseException, path: str | os.PathLike) -> None:
     _raise_user_fault(exc, Path(path), appending=True)
 
 
+def make_dir(path: str | os.PathLike, what: str, flag: str) -> None:
+    """mkdir -p `path` (`what` names it, `flag` is the option that chooses it), or one UserError line."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        from utils.io.errors import UserError
+        if exc.errno in _FULL:
+            reason = _FULL[exc.errno]
+        elif exc.errno in _DENIED:
+            reason = _DENIED[exc.errno]
+        elif exc.errno in (errno.EEXIST, errno.ENOTDIR):
+            reason = "a file is in the way (a folder is needed there)"
+        else:
+            reason = (exc.strerror or str(exc)).lower()
+        raise UserError(f"cannot create the {what} {path}: {reason}; choose another {flag}") from None
+
+
+def umask() -> int:
+    """The process's umask (read by setting it back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_text_atomic(path: str | os.PathLike, text: str, encoding: str = "utf-8", newline: str | None = None) -> None:
     """Replace `path` with `text` (UTF-8 by default), atomically."""
     with atomic_open(path, "w", encoding=encoding, newline=newline) as f:
@@ -189,7 +213,10 @@ def open_nofollow(path: str | os.PathLike, mode: str = "a", encoding: str = "utf
         # missing (Windows) the check below is the only one
         if exc.errno in (errno.ELOOP, errno.EMLINK) and os.path.islink(path):
             raise _symlink_error(path) from None
-        raise
+        _raise_user_fault(exc, Path(path), appending=True)
+        from utils.io.errors import UserError
+        raise UserError(f"cannot write {path}: {(exc.strerror or str(exc)).lower()}; remove what is in the way or "
+                        "write to another directory, and run again") from None
     if not getattr(os, "O_NOFOLLOW", 0) and os.path.islink(path):
         os.close(fd)
         raise _symlink_error(path)

@@ -108,7 +108,25 @@ def restore_reference_run(ckpt: dict, *, args, model, optimizer, scheduler, scal
     return mems if mems is not None else [None] * args.batch_chunk
 
 
-def _our_parameter_names(model, optimizer) -> list[str]:
+def check_optimizer_shapes(optimizer_state: dict, model_state: dict, names: list[str]) -> None:
+    """Every per-parameter tensor of a checkpoint's optimizer state has its parameter's shape (a damaged or
+    foreign state would load, then fail at the first step with a traceback)."""
+    states = optimizer_state.get("state") if isinstance(optimizer_state, dict) else None
+    if not isinstance(states, dict):
+        raise UserError("its optimizer state is missing or damaged; resume from another checkpoint")
+    for index, state in states.items():
+        if not isinstance(index, int) or not 0 <= index < len(names) or not isinstance(state, dict):
+            raise UserError(f"its optimizer state has an entry {index!r} for no parameter of this model")
+        weight = model_state.get(names[index])
+        for key, value in state.items():
+            if torch.is_tensor(weight) and torch.is_tensor(value) and value.dim() > 0 \
+                    and tuple(value.shape) != tuple(weight.shape):
+                raise UserError(f"its optimizer state {key} of {names[index]} has shape {tuple(value.shape)}, the "
+                                f"parameter {tuple(weight.shape)}; resume from another checkpoint")
+
+
+def parameter_names(model, optimizer) -> list[str]:
+    """The names of the optimizer's parameters in its order, without the wrappers' prefixes (DDP, compile)."""
     names = {id(p): n for n, p in model.named_parameters()}
     result = []
     for group in optimizer.param_groups:
@@ -126,7 +144,7 @@ def _restore_optimizer(ckpt: dict, args, model, optimizer) -> None:
     if not isinstance(ref_state, dict) or not isinstance(ref_state.get("state"), dict) \
             or not isinstance(ref_state.get("param_groups"), list):
         raise UserError("it holds no optimizer state; load its weights with eval.py, or retrain")
-    our_names = _our_parameter_names(model, optimizer)
+    our_names = parameter_names(model, optimizer)
     weights = reference_state_dict_to_ours(ckpt["model_state"], ckpt["model_config"])
     mapped = map_optimizer_state(ref_state, ckpt["model_state"], ckpt["model_config"], our_names,
                                  {name: tuple(weights[name].shape) for name in our_names if name in weights})

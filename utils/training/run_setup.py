@@ -12,7 +12,7 @@ from pathlib import Path
 
 from utils.config.cli import CONFIG_DUMP_NAME, dump_config
 from utils.distributed import group as distributed
-from utils.io.atomic import copy_file_atomic, fsync_dir
+from utils.io.atomic import copy_file_atomic, fsync_dir, make_dir
 from utils.io.checkpoint import remove_partial_writes
 from utils.io.errors import UserError
 from utils.io.workdir_lock import WorkDirLock
@@ -53,7 +53,7 @@ def make_work_dir(args, rank: int) -> Path:
         stamp = distributed.broadcast_object(time.strftime("%Y%m%d-%H%M%S"))
         work_dir = work_dir / stamp
     if rank == 0 and not args.debug:
-        work_dir.mkdir(parents=True, exist_ok=True)
+        make_dir(work_dir, "work dir", "--work_dir")
     return work_dir
 
 
