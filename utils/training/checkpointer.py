@@ -64,8 +64,9 @@ def resolve_restart(args, work_dir: Path, log: logging.Logger) -> str:
         if found is None:
             log.info(f"No checkpoint in {folder} yet, starting training from random init")
             return ""
-        if found.name != "checkpoint_last.pt":
-            log.info(f"No checkpoint_last.pt in {folder}: resuming from {found.name}, the newest checkpoint there")
+        if found.name == "checkpoint_last.pt":
+            return args.restart
+        log.info(f"No checkpoint_last.pt in {folder}: resuming from {found.name}, the newest checkpoint there")
         return str(found)
     found = distributed.broadcast_object(newest_checkpoint(work_dir) if work_dir.is_dir() else None)
     why = "torchrun restarted the workers" if restarted else "--restart auto"
