@@ -830,10 +830,17 @@ def _assemble(files, opts: Options, pass1: dict, work: Path, out: Path, verbose:
     def chunks(desc):
         bar = _progress_bar(len(chunk_files), desc, progress)
         for path in chunk_files:
-            data = read_chunk(path)
-            # chunk-local id -> candidate id
-            data["candidate"] = np.fromiter(map(table.get, data["symbols"], itertools.repeat(k + 2)), np.int64,
-                                            len(data["symbols"]))
+            mapped = path.with_suffix(".candidate.npy")  # chunk-local id -> candidate id, looked up once
+            if mapped.exists():
+                with np.load(path) as z:
+                    data = {key: z[key] for key in ("ids", "lengths", "ends")}
+                data["candidate"] = np.load(mapped)
+            else:
+                data = read_chunk(path)
+                data["candidate"] = np.fromiter(map(table.get, data["symbols"], itertools.repeat(k + 2)), np.int64,
+                                                len(data["symbols"]))
+                with atomic_open(mapped, "wb") as f:
+                    np.save(f, data["candidate"].astype(np.int32 if k + 3 < 2**31 else np.int64))
             yield data
             if bar:
                 bar.update(1)
