@@ -641,12 +641,7 @@ def _build_words(tmp: Path, files: dict, rule: _WordRule, verbose: bool, progres
     vocab = Vocab(rule.special, rule.min_freq, rule.max_size, lower_case=rule.lower_case, delimiter=rule.delimiter)
     for split in rule.counted:  # one read: provisional ids are kept and remapped once the vocabulary exists
         with open(tmp / f"{split}.prov", "wb") as f:
-            write = lambda ids, f=f: f.write(ids.astype(np.int32).tobytes())  # noqa: E731
-            if rule.delimiter is None:  # words: split and numbered in worker processes, the same ids
-                from utils.data.parallel import count_file_parallel
-                count_file_parallel(vocab, files[split], write, progress=progress)
-            else:
-                vocab.count_file(files[split], sink=write, progress=progress)
+            vocab.count_file(files[split], sink=lambda ids, f=f: f.write(ids.astype(np.int32).tobytes()), progress=progress)
     vocab.build_vocab(verbose=verbose)
     dtype = id_dtype(len(vocab))
     splits = {}
