@@ -33,7 +33,11 @@ def parse_args(argv=None):
     g.add_argument("--skip_bad_lines", action="store_true", help="skip (and count) JSON lines that do not parse or "
                    "have no text, instead of stopping")
     g = p.add_argument_group("tokens")
-    g.add_argument("--level", default=d.level, choices=("word", "char"), help="word or character tokens")
+    g.add_argument("--level", default=d.level, choices=("word", "char", "bpe"),
+                   help="word or character tokens, or a byte-level BPE trained on a sample of the articles")
+    g.add_argument("--bpe_vocab_size", type=int, default=d.bpe_vocab_size, help="--level bpe: tokens of the BPE")
+    g.add_argument("--bpe_sample_mb", type=float, default=d.bpe_sample_mb,
+                   help="--level bpe: MB of article text (the first ones) the BPE is trained on")
     g.add_argument("--lower_case", action="store_true", help="lower-case the text")
     g.add_argument("--moses", action="store_true", help="Moses-tokenize each line (sacremoses; slow)")
     g.add_argument("--moses_lang", default=d.moses_lang, help="language of the Moses tokenizer")

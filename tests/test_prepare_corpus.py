@@ -182,6 +182,29 @@ def test_a_killed_run_resumes_with_the_chunks_it_finished(corpus, tmp_path, monk
         assert f.read_bytes() == (out / f.name).read_bytes(), f.name
 
 
+def test_bpe_level_articles_decode_to_their_text(corpus, tmp_path):
+    """--level bpe: a byte-level BPE trained on the articles; each article decodes to its text exactly, one
+    <|endoftext|> per article, the vocabulary file is a BPEVocab with the manifest's fingerprint."""
+    from utils.data.vocabulary import BPEVocab, Vocab
+
+    articles, src, _, _ = corpus
+    out = tmp_path / "bpe"
+    prepare_corpus([src], out, Options(title_key="title", level="bpe", bpe_vocab_size=400, valid_docs=7, test_docs=5,
+                                       chunk_bytes=2000, shard_tokens=700), workers=2)
+    vocab = Vocab.from_dict(json.loads((out / "vocab.json").read_text()))
+    assert isinstance(vocab, BPEVocab) and 300 < len(vocab) <= 400
+    texts = {f"{title}\n{text}" for title, text in articles}
+    found = 0
+    for split in prepare.SPLITS:
+        ids, starts, manifest = load_split(out, split)
+        assert vocab.fingerprint() == manifest["vocab"]["fingerprint"]
+        assert np.count_nonzero(ids == vocab.eot_idx) == manifest["splits"][split]["n_docs"] == len(starts) - 1
+        for a, b in zip(starts[:-1], starts[1:]):
+            assert ids[b - 1] == vocab.eot_idx and vocab.decode(ids[a:b - 1]) in texts
+            found += 1
+    assert found == len(articles)
+
+
 def run_script(*args):
     proc = subprocess.run([sys.executable, SCRIPT, "--no_progress", *map(str, args)], capture_output=True, text=True,
                           cwd=REPO)

@@ -64,6 +64,7 @@ FORMAT = "txl-prepared-corpus"
 VERSION = 1
 EOS = "<eos>"
 UNK = "<unk>"
+EOT = "<|endoftext|>"  # --level bpe: closes each article (utils.data.vocabulary.BPEVocab's end of text)
 SPLITS = ("train", "valid", "test")
 INPUT_FORMATS = ("auto", "jsonl", "json", "wikiextractor", "text")
 TEXT_DOCS = ("file", "paragraph", "line")
@@ -95,6 +96,8 @@ class Options:
     shard_tokens: int = 1 << 25
     skip_bad_lines: bool = False
     chunk_bytes: int = 4 << 20
+    bpe_vocab_size: int = 32000
+    bpe_sample_mb: float = 100.0
 
     def specials(self) -> list[str]:
         return [EOS, self.doc_separator, UNK]
@@ -102,7 +105,8 @@ class Options:
     def counting_key(self) -> dict:
         """The options that passes 1 and 2 depend on (a resume needs the same); splits and shards do not."""
         keep = ("text_key", "title_key", "input_format", "text_docs", "doc_separator", "level", "lower_case", "moses",
-                "moses_lang", "max_vocab_size", "min_freq", "count_capacity", "skip_bad_lines", "chunk_bytes")
+                "moses_lang", "max_vocab_size", "min_freq", "count_capacity", "skip_bad_lines", "chunk_bytes",
+                "bpe_vocab_size", "bpe_sample_mb")
         return {k: getattr(self, k) for k in keep}
 
 
@@ -112,8 +116,13 @@ def check_options(opts: Options) -> None:
         raise UserError(f"--format must be one of {', '.join(INPUT_FORMATS)}, not {opts.input_format!r}")
     if opts.text_docs not in TEXT_DOCS:
         raise UserError(f"--text_docs must be one of {', '.join(TEXT_DOCS)}, not {opts.text_docs!r}")
-    if opts.level not in ("word", "char"):
-        raise UserError(f"--level must be word or char, not {opts.level!r}")
+    if opts.level not in ("word", "char", "bpe"):
+        raise UserError(f"--level must be word, char or bpe, not {opts.level!r}")
+    if opts.level == "bpe" and (opts.moses or opts.max_vocab_size or opts.min_freq):
+        raise UserError("--level bpe sizes its vocabulary with --bpe_vocab_size and encodes the raw text; drop "
+                        "--moses, --max_vocab_size and --min_freq")
+    if opts.level == "bpe" and (opts.bpe_vocab_size < 300 or opts.bpe_sample_mb <= 0):
+        raise UserError("--bpe_vocab_size must be at least 300 (256 bytes and the merges) and --bpe_sample_mb positive")
     if not opts.doc_separator or any(c.isspace() for c in opts.doc_separator) or opts.doc_separator in (EOS, UNK):
         raise UserError(f"--doc_separator {opts.doc_separator!r} must be a non-empty symbol without spaces, other "
                         f"than {EOS} and {UNK}")
@@ -424,9 +433,13 @@ class _Reader:
 _WORKER: dict = {}  # the options (and the Moses tokenizer) of the worker processes
 
 
-def _set_worker(opts: Options) -> None:
+def _set_worker(opts: Options, bpe_json: str | None = None) -> None:
     _WORKER.clear()
     _WORKER.update(opts=opts)
+    if bpe_json is not None:
+        from tokenizers import Tokenizer
+
+        _WORKER["bpe"] = Tokenizer.from_str(bpe_json)
     if opts.moses:
         import sacremoses
 
@@ -490,6 +503,17 @@ def _tokens(records) -> tuple[list[str], list[int]]:
     return tokens, lengths
 
 
+def _bpe_ids(records) -> tuple[np.ndarray, list[int]]:
+    """BPE ids of the records (each record's text whole; <|endoftext|> closes an article), and their lengths."""
+    tokenizer = _WORKER["bpe"]
+    lower = _WORKER["opts"].lower_case
+    eot = tokenizer.token_to_id(EOT)
+    encodings = tokenizer.encode_batch([t.lower() if lower else t for t, _ in records], add_special_tokens=False)
+    parts = [e.ids + [eot] if ends else e.ids for e, (_, ends) in zip(encodings, records)]
+    ids = np.fromiter(itertools.chain.from_iterable(parts), np.uint32)
+    return ids, [len(p) for p in parts]
+
+
 def _write_chunk(path: Path, ids, symbols: list[str], lengths, ends, bad: int) -> None:
     # no symbol holds a newline (lines are split on it first, and doc_separator has no whitespace), so the
     # symbol list is stored newline-joined
@@ -516,6 +540,13 @@ def tokenize_chunk(job: tuple[Chunk | None, Path]) -> tuple[list[str], list[int]
     if chunk is None:
         data = read_chunk(path)
         symbols, ids, ends, bad = data["symbols"], data["ids"], data["ends"], int(data["bad"])
+        if "bpe" in _WORKER:
+            return [], [], int(np.sum(ends)), len(ids), bad
+    elif "bpe" in _WORKER:  # the final ids already: the BPE's, <|endoftext|> after each article
+        records, bad = _records(chunk)
+        ids, symbols, ends = _bpe_ids(records), [], [e for _, e in records]
+        _write_chunk(path, ids[0], symbols, ids[1], ends, bad)
+        return [], [], int(np.sum(ends)), len(ids[0]), bad
     else:
         records, bad = _records(chunk)
         tokens, lengths = _tokens(records)
@@ -751,39 +782,80 @@ def prepare_corpus(inputs: Sequence[str | os.PathLike], output: str | os.PathLik
         write_text_atomic(work / "config.json", json.dumps(config, indent=1))
     started = time.perf_counter()
 
+    # ---- BPE: trained on a sample of the articles (kept in .work) --------------------------------------------
+    bpe_json = None
+    if opts.level == "bpe":
+        bpe_file = work / "bpe.json"
+        if not bpe_file.exists():
+            try:
+                trained = _train_bpe(files, opts, verbose)
+            except UserError:
+                shutil.rmtree(work, ignore_errors=True)
+                if created:
+                    shutil.rmtree(out, ignore_errors=True)
+                raise
+            write_text_atomic(bpe_file, trained)
+        bpe_json = bpe_file.read_text(encoding="utf-8")
+
     # ---- pass 1: tokenize each chunk once (kept in .work), count with a bound -------------------------------
     pass1_file = work / "pass1.json"
     if pass1_file.exists():
         pass1 = json.loads(pass1_file.read_text(encoding="utf-8"))
     else:
         try:
-            pass1 = _count(files, opts, work, workers, total_bytes, progress)
+            pass1 = _count(files, opts, work, workers, total_bytes, progress, bpe_json)
         except UserError:
             shutil.rmtree(work, ignore_errors=True)  # bad input: nothing is left behind
             if created:
                 shutil.rmtree(out, ignore_errors=True)
             raise
         write_text_atomic(pass1_file, json.dumps(pass1, ensure_ascii=False))
-    _say(verbose, f"pass 1: {pass1['n_docs']:,} articles, {pass1['n_tokens']:,} symbols, summary of "
-                  f"{pass1['summary_peak']:,} symbols at most, {len(pass1['candidates']):,} candidates, "
-                  f"error bound D={pass1['decrement']}" + (f", {pass1['bad_lines']:,} bad lines skipped"
-                                                           if pass1["bad_lines"] else ""))
+    counted = "" if bpe_json else (f", summary of {pass1['summary_peak']:,} symbols at most, "
+                                   f"{len(pass1['candidates']):,} candidates, error bound D={pass1['decrement']}")
+    _say(verbose, f"pass 1: {pass1['n_docs']:,} articles, {pass1['n_tokens']:,} symbols{counted}"
+                  + (f", {pass1['bad_lines']:,} bad lines skipped" if pass1["bad_lines"] else ""))
     if not pass1["exact"]:
         print(f"warning: the vocabulary may differ from an exact count's (the counting error bound {pass1['decrement']} "
               f"reaches the cut-off {pass1['threshold']}); raise --count_capacity", file=sys.stderr, flush=True)
 
     # ---- pass 2: exact counts of the candidates, vocabulary, splits, shards ----------------------------------
-    manifest = _assemble(files, opts, pass1, work, out, verbose, progress)
+    manifest = _assemble(files, opts, pass1, work, out, verbose, progress, bpe_json)
     shutil.rmtree(work, ignore_errors=True)
     seconds = time.perf_counter() - started
     _say(verbose, f"prepared {out} in {seconds:.1f}s ({total_bytes / 1e6 / max(seconds, 1e-9):.1f} MB/s of input)")
     return manifest
 
 
-def _count(files, opts: Options, work: Path, workers: int, total_bytes: int, progress: bool) -> dict:
+def _train_bpe(files, opts: Options, verbose: bool) -> str:
+    """A byte-level BPE (GPT-2 style, as BPEVocab's) trained on the first --bpe_sample_mb of article text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    _set_worker(opts)
+    sample, size = [], 0
+    for chunk in _Reader(files, opts):
+        records, _ = _records(chunk)
+        for text, _ in records:
+            sample.append(text.lower() if opts.lower_case else text)
+            size += len(text)
+        if size >= opts.bpe_sample_mb * 1e6:
+            break
+    if not size:
+        raise UserError(f"the corpus is empty: no article with text in {', '.join(map(str, files[:3]))}")
+    _say(verbose, f"training a byte-level BPE of {opts.bpe_vocab_size:,} tokens on {size / 1e6:.1f} MB of articles")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=opts.bpe_vocab_size, min_frequency=2, special_tokens=[EOT],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(sample, trainer)
+    return tokenizer.to_str()
+
+
+def _count(files, opts: Options, work: Path, workers: int, total_bytes: int, progress: bool,
+           bpe_json: str | None = None) -> dict:
     bar = _progress_bar(total_bytes, "tokenizing", progress)
     reader = _Reader(files, opts, on_bytes=bar.update if bar else None)
-    _set_worker(opts)
+    _set_worker(opts, bpe_json)
     summary = BoundedCounter(opts.count_capacity)
     n_docs = n_tokens = bad = n_chunks = 0
 
@@ -793,20 +865,21 @@ def _count(files, opts: Options, work: Path, workers: int, total_bytes: int, pro
             yield (None if path.exists() else chunk), path  # a resumed run reads the chunks it finished
 
     try:
-        for symbols, counts, docs, tokens, skipped in ordered_map(tokenize_chunk, jobs(), workers, _set_worker, (opts,)):
+        for symbols, counts, docs, tokens, skipped in ordered_map(tokenize_chunk, jobs(), workers, _set_worker,
+                                                                  (opts, bpe_json)):
             summary.update(symbols, counts)
             n_docs, n_tokens, bad, n_chunks = n_docs + docs, n_tokens + tokens, bad + skipped, n_chunks + 1
     finally:
         if bar:
             bar.close()
     bad += reader.bad_lines
-    if n_docs == 0 or not len(summary):
+    if n_docs == 0 or not (len(summary) or (bpe_json and n_tokens > n_docs)):
         raise UserError(f"the corpus is empty: no article with text in {', '.join(map(str, files[:3]))}"
                         f"{' ...' if len(files) > 3 else ''}" + (f" ({bad} bad lines skipped)" if bad else ""))
     if opts.max_vocab_size is None and opts.min_freq == 0 and summary.decrement:
         raise UserError(f"more than {2 * opts.count_capacity:,} distinct symbols: pass --max_vocab_size or --min_freq "
                         "(or a larger --count_capacity) to bound the vocabulary")
-    candidates, threshold, exact = summary.candidates(opts.max_vocab_size, opts.min_freq)
+    candidates, threshold, exact = summary.candidates(opts.max_vocab_size, opts.min_freq) if len(summary) else ([], 0, True)
     return {"n_docs": n_docs, "n_tokens": n_tokens, "bad_lines": bad, "candidates": candidates, "n_chunks": n_chunks,
             "threshold": threshold, "decrement": summary.decrement, "exact": exact, "prunes": summary.prunes,
             "summary_peak": summary.peak}
@@ -820,7 +893,8 @@ def _chunk_files(work: Path) -> list[Path]:
     return sorted((work / "chunks").glob("*.npz")) if (work / "chunks").exists() else []
 
 
-def _assemble(files, opts: Options, pass1: dict, work: Path, out: Path, verbose: bool, progress: bool) -> dict:
+def _assemble(files, opts: Options, pass1: dict, work: Path, out: Path, verbose: bool, progress: bool,
+              bpe_json: str | None = None) -> dict:
     candidates = pass1["candidates"]
     k = len(candidates)
     table = dict(zip(candidates, range(k)))
@@ -831,7 +905,10 @@ def _assemble(files, opts: Options, pass1: dict, work: Path, out: Path, verbose:
         bar = _progress_bar(len(chunk_files), desc, progress)
         for path in chunk_files:
             mapped = path.with_suffix(".candidate.npy")  # chunk-local id -> candidate id, looked up once
-            if mapped.exists():
+            if bpe_json is not None:  # the ids are final
+                with np.load(path) as z:
+                    data = {key: z[key] for key in ("ids", "lengths", "ends")}
+            elif mapped.exists():
                 with np.load(path) as z:
                     data = {key: z[key] for key in ("ids", "lengths", "ends")}
                 data["candidate"] = np.load(mapped)
@@ -847,36 +924,41 @@ def _assemble(files, opts: Options, pass1: dict, work: Path, out: Path, verbose:
         if bar:
             bar.close()
 
-    # exact counts and first-seen positions of the candidates
-    counts = np.zeros(k + 3, np.int64)
-    first = np.full(k + 3, np.iinfo(np.int64).max, np.int64)
-    offset = 0
-    for data in chunks("counting"):
-        ids, cand = data["ids"].astype(np.int64), data["candidate"]
-        counts += np.bincount(cand, weights=np.bincount(ids, minlength=len(cand)), minlength=k + 3).astype(np.int64)
-        # local ids are in first-seen order: a token is the first of its symbol where it exceeds all before it
-        new = np.ones(len(ids), np.bool_)
-        new[1:] = ids[1:] > np.maximum.accumulate(ids)[:-1]
-        where = np.flatnonzero(new) + offset  # first position of local id 0, 1, 2, ...
-        mine = cand < k
-        first[cand[mine]] = np.minimum(first[cand[mine]], where[mine])
-        offset += len(ids)
-    order = np.lexsort((first[:k], -counts[:k]))  # by count, ties in first-seen order
-    if opts.max_vocab_size is not None:
-        order = order[: opts.max_vocab_size]
-    if opts.min_freq:
-        below = np.flatnonzero(counts[order] < opts.min_freq)
-        if len(below):
-            order = order[: below[0]]
-    specials = opts.specials()
-    idx2sym = list(specials) + [candidates[i] for i in order.tolist() if candidates[i] not in specials]
-    sym2idx = {s: i for i, s in enumerate(idx2sym)}
-    unk = sym2idx[UNK]
-    remap = np.full(k + 3, unk, np.int64)
-    kept = np.fromiter(map(sym2idx.get, candidates, itertools.repeat(unk)), np.int64, k)
-    remap[:k] = kept
-    remap[k], remap[k + 1], remap[k + 2] = sym2idx[EOS], sym2idx[opts.doc_separator], unk
-    dtype = id_dtype(len(idx2sym))
+    if bpe_json is not None:
+        vocab, fingerprint, n_vocab = bpe_vocab(bpe_json)
+        remap, unk = None, -1  # no <unk>: every byte sequence has ids
+    else:
+        # exact counts and first-seen positions of the candidates
+        counts = np.zeros(k + 3, np.int64)
+        first = np.full(k + 3, np.iinfo(np.int64).max, np.int64)
+        offset = 0
+        for data in chunks("counting"):
+            ids, cand = data["ids"].astype(np.int64), data["candidate"]
+            counts += np.bincount(cand, weights=np.bincount(ids, minlength=len(cand)), minlength=k + 3).astype(np.int64)
+            # local ids are in first-seen order: a token is the first of its symbol where it exceeds all before it
+            new = np.ones(len(ids), np.bool_)
+            new[1:] = ids[1:] > np.maximum.accumulate(ids)[:-1]
+            where = np.flatnonzero(new) + offset  # first position of local id 0, 1, 2, ...
+            mine = cand < k
+            first[cand[mine]] = np.minimum(first[cand[mine]], where[mine])
+            offset += len(ids)
+        order = np.lexsort((first[:k], -counts[:k]))  # by count, ties in first-seen order
+        if opts.max_vocab_size is not None:
+            order = order[: opts.max_vocab_size]
+        if opts.min_freq:
+            below = np.flatnonzero(counts[order] < opts.min_freq)
+            if len(below):
+                order = order[: below[0]]
+        specials = opts.specials()
+        idx2sym = list(specials) + [candidates[i] for i in order.tolist() if candidates[i] not in specials]
+        sym2idx = {s: i for i, s in enumerate(idx2sym)}
+        unk = sym2idx[UNK]
+        remap = np.full(k + 3, unk, np.int64)
+        kept = np.fromiter(map(sym2idx.get, candidates, itertools.repeat(unk)), np.int64, k)
+        remap[:k] = kept
+        remap[k], remap[k + 1], remap[k + 2] = sym2idx[EOS], sym2idx[opts.doc_separator], unk
+        vocab, fingerprint, n_vocab = vocab_dict(idx2sym, opts), vocab_fingerprint(idx2sym), len(idx2sym)
+    dtype = id_dtype(n_vocab)
 
     split_of = split_of_docs(pass1["n_docs"], opts)
     out.mkdir(parents=True, exist_ok=True)
@@ -888,7 +970,8 @@ def _assemble(files, opts: Options, pass1: dict, work: Path, out: Path, verbose:
     n_unk = dict.fromkeys(SPLITS, 0)
     doc = 0  # global index of the article the next record belongs to
     for data in chunks("writing"):
-        ids, lengths, ends = remap[data["candidate"]][data["ids"]], data["lengths"], data["ends"]
+        ids = data["ids"] if remap is None else remap[data["candidate"]][data["ids"]]
+        lengths, ends = data["lengths"], data["ends"]
         rec_doc = doc + np.concatenate(([0], np.cumsum(ends)[:-1])).astype(np.int64)
         doc += int(ends.sum())
         rec_split = split_of[rec_doc]
@@ -901,12 +984,11 @@ def _assemble(files, opts: Options, pass1: dict, work: Path, out: Path, verbose:
             part = ids[tok_split == s]
             ends_at = start + np.cumsum(lengths[mine])[ends[mine]]
             doc_starts[name].append(ends_at)
-            n_unk[name] += int(np.count_nonzero(part == unk))
+            n_unk[name] += int(np.count_nonzero(part == unk)) if unk >= 0 else 0
             writers[name].append(part)
     if doc != pass1["n_docs"]:
         raise RuntimeError(f"pass 2 wrote {doc} articles, pass 1 counted {pass1['n_docs']}")
 
-    vocab = vocab_dict(idx2sym, opts)
     write_text_atomic(out / "vocab.json", json.dumps(vocab, ensure_ascii=False))
     splits = {}
     for name in SPLITS:
@@ -932,14 +1014,14 @@ def _assemble(files, opts: Options, pass1: dict, work: Path, out: Path, verbose:
         "n_tokens": total,
         "bad_lines_skipped": pass1["bad_lines"],
         "unk_fraction": unk_all / total if total else 0.0,
-        "vocab": {"file": "vocab.json", "size": len(idx2sym), "fingerprint": vocab_fingerprint(idx2sym),
+        "vocab": {"file": "vocab.json", "size": n_vocab, "fingerprint": fingerprint,
                   "bytes": (out / "vocab.json").stat().st_size, "sha256": _sha256(out / "vocab.json")},
         "counting": {"capacity": opts.count_capacity, "decrement": pass1["decrement"], "threshold": pass1["threshold"],
                      "candidates": k, "exact": pass1["exact"], "prunes": pass1["prunes"]},
         "splits": splits,
     }
     write_text_atomic(out / "manifest.json", json.dumps(manifest, indent=1, ensure_ascii=False))
-    _say(verbose, f"vocabulary: {len(idx2sym):,} symbols; <unk>: {100 * manifest['unk_fraction']:.3f}% of "
+    _say(verbose, f"vocabulary: {n_vocab:,} symbols; <unk>: {100 * manifest['unk_fraction']:.3f}% of "
                   f"{total:,} tokens; " + ", ".join(f"{s} {splits[s]['n_docs']:,} articles / {splits[s]['n_tokens']:,} "
                                                    f"tokens in {len(splits[s]['shards'])} shard(s)" for s in SPLITS))
     return manifest
@@ -957,6 +1039,21 @@ def vocab_dict(idx2sym: list[str], opts: Options) -> dict:
 def vocab_fingerprint(idx2sym: list[str]) -> str:
     fields = {"type": "word", "idx2sym": idx2sym}
     return hashlib.sha256(json.dumps(fields, ensure_ascii=False, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def bpe_vocab(tokenizer_json: str, pad_to: int = 8) -> tuple[dict, str, int]:
+    """(BPEVocab.to_dict(), BPEVocab.fingerprint(), len(BPEVocab)) of a tokenizer, without importing
+    utils.data.vocabulary (torch); the length is padded to a multiple of pad_to, as BPEVocab's."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_str(tokenizer_json)
+    n_real = tokenizer.get_vocab_size(with_added_tokens=True)
+    length = -(-n_real // pad_to) * pad_to
+    merges = json.loads(tokenizer_json).get("model", {}).get("merges")
+    tokens = [tokenizer.id_to_token(i) for i in range(n_real)]
+    fields = {"type": "bpe", "tokens": tokens, "merges": merges, "length": length}
+    fingerprint = hashlib.sha256(json.dumps(fields, ensure_ascii=False, sort_keys=True).encode("utf-8")).hexdigest()
+    return {"type": "bpe", "format": 1, "tokenizer": tokenizer_json, "pad_to": pad_to}, fingerprint, length
 
 
 def verify(output: str | os.PathLike) -> dict:
