@@ -102,7 +102,8 @@ def check_inputs(args) -> None:
 
 def train(args, preemption: PreemptionHandler) -> int:
     """Set up the work dir, the device, the corpus and the model, and hand them to the training loop."""
-    rank, world_size = distributed.get_rank(), distributed.get_world_size()
+    # the batch is split over the data-parallel ranks (with --tensor_parallel N, the world size / N)
+    rank, world_size = distributed.get_rank(), distributed.dp_world_size()
     args = global_batch(args, world_size)
     check_batch_split(args, world_size)
     check_inputs(args)
@@ -114,7 +115,9 @@ def train(args, preemption: PreemptionHandler) -> int:
     log = open_log(args, work_dir, rank)
     if rank == 0 and not args.debug:
         prepare_work_dir(args, work_dir, log)
-    log.info(f"world size: {world_size}" + (f" ({args.multi_gpu})" if world_size > 1 else ""))
+    log.info(f"world size: {distributed.get_world_size()}" + (f" ({args.multi_gpu})" if world_size > 1 else "")
+             + (f" (tensor parallel {args.tensor_parallel} x data parallel {world_size})"
+                if args.tensor_parallel > 1 else ""))
 
     device = select_device(args, log)
     args = resolve_speed_flags(args, device)
