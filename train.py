@@ -115,9 +115,11 @@ def train(args, preemption: PreemptionHandler) -> int:
     log = open_log(args, work_dir, rank)
     if rank == 0 and not args.debug:
         prepare_work_dir(args, work_dir, log)
-    log.info(f"world size: {distributed.get_world_size()}" + (f" ({args.multi_gpu})" if world_size > 1 else "")
-             + (f" (tensor parallel {args.tensor_parallel} x data parallel {world_size})"
-                if args.tensor_parallel > 1 else ""))
+    if args.tensor_parallel > 1:                      # data parallelism across the tensor-parallel groups is FSDP2
+        log.info(f"world size: {distributed.get_world_size()} (tensor parallel {args.tensor_parallel} x data "
+                 f"parallel {world_size}" + (" fsdp)" if world_size > 1 else ")"))
+    else:
+        log.info(f"world size: {world_size}" + (f" ({args.multi_gpu})" if world_size > 1 else ""))
 
     device = select_device(args, log)
     args = resolve_speed_flags(args, device)

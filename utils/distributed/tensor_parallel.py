@@ -156,9 +156,20 @@ def parallelize(model: nn.Module, args) -> nn.Module:
     split_layers(model, _MESH["tp"])
     if _MESH["dp"].size() > 1:
         from torch.distributed.fsdp import fully_shard
+        from torch.distributed.tensor import DTensor, Shard
+
+        def placement(param):
+            # a tensor-parallel parameter is split by FSDP along another dimension than its "tp" split (the
+            # q/k/v weight's strided rows: its columns), so that the two splits stay independent and full
+            # tensors gather and scatter exactly (checkpoints); 1-D ones share their only dimension
+            if isinstance(param, DTensor) and param.dim() > 1:
+                tp_dim = param.placements[0].dim % param.dim()
+                return Shard(max((d for d in range(param.dim()) if d != tp_dim), key=lambda d: param.size(d)))
+            return None
+
         for layer in model.layers:
-            fully_shard(layer, mesh=_MESH["dp"])
-        fully_shard(model, mesh=_MESH["dp"])
+            fully_shard(layer, mesh=_MESH["dp"], shard_placement_fn=placement)
+        fully_shard(model, mesh=_MESH["dp"], shard_placement_fn=placement)
     return model
 
 
