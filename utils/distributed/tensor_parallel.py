@@ -26,7 +26,6 @@ Checkpoints hold full tensors in the single-process layout (utils/distributed/fs
 torch.distributed.checkpoint.state_dict), so they load at any TP size and in one process.
 """
 import logging
-import os
 from collections import defaultdict
 from typing import Iterable, Optional
 
@@ -154,6 +153,7 @@ def parallelize(model: nn.Module, args) -> nn.Module:
     if _MESH is None:
         raise UserError("--tensor_parallel needs several processes (torchrun --nproc_per_node N ...)")
     split_layers(model, _MESH["tp"])
+    LOG.info(parameter_memory_line(model))
     if _MESH["dp"].size() > 1:
         from torch.distributed.fsdp import fully_shard
         from torch.distributed.tensor import DTensor, Shard
@@ -220,6 +220,22 @@ def local_parameter_bytes(model: nn.Module, split_only: bool = False) -> int:
     return total
 
 
+def full_parameter_bytes(model: nn.Module, split_only: bool = False) -> int:
+    """Bytes of the parameters of the whole model (a DTensor's full tensor), as one process holds them."""
+    from torch.distributed.tensor import DTensor
+    return sum(p.numel() * p.element_size() for p in model.parameters()
+               if not split_only or isinstance(p, DTensor))
+
+
+def parameter_memory_line(model: nn.Module) -> str:
+    """The log line of the parameter memory per rank against one process (tests read it)."""
+    split_local, split_full = local_parameter_bytes(model, True), full_parameter_bytes(model, True)
+    local, full = local_parameter_bytes(model), full_parameter_bytes(model)
+    return (f"tensor parallel: parameters per rank {local / 2**20:.3f} MiB of {full / 2**20:.3f} MiB; split layers "
+            f"{split_local} of {split_full} bytes ({split_local / max(split_full, 1):.3f}), replicated "
+            f"{local - split_local} bytes")
+
+
 def split_parameter_names(model: nn.Module) -> list[str]:
     """The names of the parameters that --tensor_parallel splits (in a model that is not split)."""
     names = []
@@ -232,7 +248,3 @@ def split_parameter_names(model: nn.Module) -> list[str]:
             if not (leaf[2:] == ["ff", "fc2", "bias"]):          # fc2's bias is added after the all-reduce
                 names.append(name)
     return names
-
-
-def env_local_world_size() -> int:
-    return int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0)
