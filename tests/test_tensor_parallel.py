@@ -178,3 +178,22 @@ def test_tp_in_one_process_is_one_line(data, tmp_path):
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "--tensor_parallel 2 does not divide the 1 process(es)" in lines[0], result.stderr
+
+
+# ---- Acceptance 4: the all-reduced bytes counted against the analytic figure ----------------------------------
+@pytest.mark.slow
+def test_benchmark_counts_the_analytic_all_reduce_volume():
+    result = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                  "scripts/benchmark_train.py", "--preset", "cpu_small", "--steps", "1", "--warmup", "2",
+                  "--batch_size", "4", "--", "--tp", "2", "--n_layer", "2", "--d_model", "64", "--d_inner", "128",
+                  "--n_head", "2", "--d_head", "32"], 180)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    found = re.search(r"memory (\d+)\) forward ([\d,]+) B counted / ([\d,]+) B analytic, backward ([\d,]+) B counted "
+                      r"/ ([\d,]+) B analytic", result.stdout)
+    assert found, result.stdout[-3000:]
+    mlen, fw, fw_analytic, bw, bw_analytic = (int(g.replace(",", "")) for g in found.groups())
+    row = 4 * 64 * 4                                     # batch x d_model x float32 bytes
+    assert mlen == 64                                    # the memory is full after the warm-up steps
+    assert fw == fw_analytic == 2 * 2 * 64 * row         # 2 layers x 2 all-reduces x tgt_len 64
+    assert bw == bw_analytic == 2 * (2 * 64 + mlen) * row
+    assert split_memory(result.stdout) == pytest.approx(0.5, abs=0.01)

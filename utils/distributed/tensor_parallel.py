@@ -248,3 +248,55 @@ def split_parameter_names(model: nn.Module) -> list[str]:
             if not (leaf[2:] == ["ff", "fc2", "bias"]):          # fc2's bias is added after the all-reduce
                 names.append(name)
     return names
+
+
+# ---- communication ------------------------------------------------------------------------------------------------
+class _NoModuleTracker:
+    name, is_bw, activation_checkpointing = "Global", False, False
+    module_parents_dict = {"Global": set()}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *args):
+        return None
+
+
+def comm_bytes_mode():
+    """A torch.distributed.tensor.debug.CommDebugMode that also adds up the bytes of the tensors each
+    collective it counts is given (`bytes_by_op`: op name -> bytes); scripts/benchmark_train.py reads it."""
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    class CommBytesMode(CommDebugMode):
+        def __init__(self):
+            super().__init__()
+            self.bytes_by_op = defaultdict(int)
+            # no per-module attribution: its module tracker loses its place in this model's nested calls
+            # (IndexError in torch 2.13); the caller counts the forward and the backward apart instead
+            self.advanced_module_tracker = _NoModuleTracker()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            before = self.get_total_counts()
+            out = super().__torch_dispatch__(func, types, args, kwargs)
+            if out is not NotImplemented and self.get_total_counts() > before:
+                tensors = [a for a in args if isinstance(a, Tensor)]
+                tensors += [t for a in args if isinstance(a, (list, tuple)) for t in a if isinstance(t, Tensor)]
+                if tensors:
+                    self.bytes_by_op[func._overloadpacket.__name__] += tensors[0].numel() * tensors[0].element_size()
+            return out
+
+    return CommBytesMode()
+
+
+def analytic_all_reduce_bytes(n_layer: int, tgt_len: int, mlen: int, bsz: int, d_model: int,
+                              element_size: int) -> dict:
+    """Bytes all-reduced per training step by the split layers (one forward + backward, one batch chunk).
+
+    Forward, per layer: the outputs of o_net and fc2, [tgt_len, bsz, d_model] each (Megatron's two). Backward:
+    the gradients of the inputs of fc1 ([tgt_len, bsz, d_model]) and of the q/k/v projection, which also
+    computes keys and values of the mlen memory rows ([mlen + tgt_len, bsz, d_model]); with mlen = 0 these
+    are Megatron's two all-reduces of [tgt_len, bsz, d_model].
+    """
+    row = bsz * d_model * element_size
+    return {"forward": n_layer * 2 * tgt_len * row, "backward": n_layer * (2 * tgt_len + mlen) * row,
+            "megatron_backward": n_layer * 2 * tgt_len * row}
