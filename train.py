@@ -78,8 +78,13 @@ def check(args) -> int:
     """--check N: what each of N processes would check alike before training, done once, in this process: the
     batch split, processes against GPUs, the data and the checkpoint to resume, and that the work dir is
     free (no run holds it, no earlier checkpoints a new run would replace). Writes nothing."""
-    args = global_batch(args, args.check)
-    check_batch_split(args, args.check)
+    data_parallel = args.check
+    if args.tensor_parallel > 1:                        # the batch is split over the data-parallel ranks only
+        from utils.distributed.tensor_parallel import check_layout
+        check_layout(args.tensor_parallel, args.check, args.n_head)
+        data_parallel = args.check // args.tensor_parallel
+    args = global_batch(args, data_parallel)
+    check_batch_split(args, data_parallel)
     note = check_process_count(args.check, args.cuda)
     check_inputs(args)
     if not args.debug and not args.append_time:         # --append_time: a new folder each run

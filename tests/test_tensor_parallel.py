@@ -15,10 +15,11 @@ import sys
 import pytest
 import torch
 
-from dist_testlib import (last_checkpoint, max_weight_difference, python_train, run, step_losses, summary,
+from dist_testlib import (REPO, last_checkpoint, max_weight_difference, python_train, run, step_losses, summary,
                           torchrun, valid_losses)
 from utils.data.demo_corpus import write_demo_corpus
-from utils.distributed.tensor_parallel import check_layout, node_warning
+from mem_transformer import MemTransformerLM
+from utils.distributed.tensor_parallel import check_layout, node_warning, split_parameter_names
 from utils.io.errors import UserError
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not available")
@@ -98,6 +99,12 @@ def test_tp2_trains_like_one_process_with_tied_adaptive_softmax(data, big_vocab_
     assert_same_training(tmp_path / "tp2", tmp_path / "one")
     # Acceptance 4: each rank holds half of the split layers' parameters
     assert split_memory(result.stdout) == pytest.approx(0.5, abs=1e-3)
+    # the memory calculator's list of split parameters is what the run split
+    with torch.device("meta"):
+        model = MemTransformerLM(**last_checkpoint(tmp_path / "tp2")["model_config"])
+    names = set(split_parameter_names(model))
+    split_bytes = int(re.search(r"split layers \d+ of (\d+) bytes", result.stdout).group(1))
+    assert split_bytes == sum(4 * p.numel() for n, p in model.named_parameters() if n in names)
     # one data-parallel rank: the checkpoint has one memory, data position and random state
     ckpt = last_checkpoint(tmp_path / "tp2")
     assert ckpt["world_size"] == 1 and len(ckpt["memory"]) == 1
@@ -197,3 +204,18 @@ def test_benchmark_counts_the_analytic_all_reduce_volume():
     assert fw == fw_analytic == 2 * 2 * 64 * row         # 2 layers x 2 all-reduces x tgt_len 64
     assert bw == bw_analytic == 2 * (2 * 64 + mlen) * row
     assert split_memory(result.stdout) == pytest.approx(0.5, abs=0.01)
+
+
+def test_memory_table_of_the_xl_preset(capsys):
+    sys.path.insert(0, str(REPO / "scripts"))
+    import tensor_parallel_memory
+    assert tensor_parallel_memory.main(["--config_file", str(REPO / "configs" / "wt103_xl.yaml")]) == 0
+    out = capsys.readouterr().out
+    total = float(re.match(r"([\d.]+)B parameters: ([\d.]+)B split", out).group(1))
+    assert 1.0 <= total <= 2.0
+    rows = {int(m.group(1)): (float(m.group(2)), float(m.group(3)))
+            for m in re.finditer(r"^\s+(\d) \|\s+(\d+)M \|\s+([\d.]+) GiB", out, re.M)}
+    assert sorted(rows) == [1, 2, 4, 8]
+    assert rows[1][0] == pytest.approx(total * 1000, abs=5)            # all parameters on one GPU (rounded)
+    for small, large in ((1, 2), (2, 4), (4, 8)):       # parameters and their state shrink with TP
+        assert rows[large][0] < rows[small][0] and rows[large][1] < rows[small][1]

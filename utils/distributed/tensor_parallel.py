@@ -208,12 +208,12 @@ def clip_grad_norm_(parameters: Iterable[Tensor], max_norm: float) -> Tensor:
 
 # ---- memory -------------------------------------------------------------------------------------------------------
 def local_parameter_bytes(model: nn.Module, split_only: bool = False) -> int:
-    """Bytes of the parameters this rank holds (a DTensor's local shard); `split_only`: of the decoder layers'
-    split weights and the per-head parameters only."""
+    """Bytes of the parameters this rank holds (a DTensor's local shard); `split_only`: of the split ones only
+    (the decoder layers' q/k/v, r_net, o_net, fc1, fc2 weights, fc1's bias and the per-head parameters)."""
     from torch.distributed.tensor import DTensor
     total = 0
     for p in model.parameters():
-        if split_only and not isinstance(p, DTensor):
+        if split_only and not _is_split(p):
             continue
         local = p.to_local() if isinstance(p, DTensor) else p
         total += local.numel() * local.element_size()
@@ -222,9 +222,13 @@ def local_parameter_bytes(model: nn.Module, split_only: bool = False) -> int:
 
 def full_parameter_bytes(model: nn.Module, split_only: bool = False) -> int:
     """Bytes of the parameters of the whole model (a DTensor's full tensor), as one process holds them."""
-    from torch.distributed.tensor import DTensor
-    return sum(p.numel() * p.element_size() for p in model.parameters()
-               if not split_only or isinstance(p, DTensor))
+    return sum(p.numel() * p.element_size() for p in model.parameters() if not split_only or _is_split(p))
+
+
+def _is_split(param) -> bool:
+    """A DTensor sharded over some mesh dimension (RowwiseParallel's bias is a replicated DTensor)."""
+    from torch.distributed.tensor import DTensor, Replicate
+    return isinstance(param, DTensor) and any(not isinstance(p, Replicate) for p in param.placements)
 
 
 def parameter_memory_line(model: nn.Module) -> str:
