@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from dist_testlib import (REPO, last_checkpoint, max_weight_difference, python_train, run, step_losses, summary,
-                          torchrun, valid_losses)
-from utils.data.demo_corpus import write_demo_corpus
+                          torchrun, train_cmd, valid_losses)
 from mem_transformer import MemTransformerLM
+from utils.data.demo_corpus import write_demo_corpus
 from utils.distributed.tensor_parallel import check_layout, node_warning, split_parameter_names
 from utils.io.errors import UserError
 
@@ -219,3 +219,14 @@ def test_memory_table_of_the_xl_preset(capsys):
     assert rows[1][0] == pytest.approx(total * 1000, abs=5)            # all parameters on one GPU (rounded)
     for small, large in ((1, 2), (2, 4), (4, 8)):       # parameters and their state shrink with TP
         assert rows[large][0] < rows[small][0] and rows[large][1] < rows[small][1]
+
+
+@pytest.mark.slow
+def test_replicated_parameters_stay_equal_with_dropout(data, tmp_path):
+    """Dropout 0.1 (activations and attention): every rank of the group draws the same masks for the
+    replicated activations, so the replicated parameters stay identical."""
+    result = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                  "tests/tp_replica_train.py", *train_cmd(data, tmp_path)[1:], "--max_step", "5", "--tp", "2",
+                  "--dropout", "0.1", "--dropatt", "0.1", "--debug"], 180)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert "step 5: " in result.stdout and "replicated parameters equal on all ranks" in result.stdout
