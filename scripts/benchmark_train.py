@@ -317,8 +317,9 @@ def report(r: dict) -> str:
                      f"{tp['analytic']['backward']:,} B analytic (Megatron's 2 x tgt_len x batch x d_model per "
                      f"layer: {tp['analytic']['megatron_backward']:,} B; the q/k/v input gradient also covers the "
                      f"memory rows); ops {sorted(set(tp['counted']['forward']) | set(tp['counted']['backward']))}")
-        lines.append(f"parameters per rank {tp['param_bytes_rank'] / 2**20:.2f} MiB of {tp['param_bytes_full'] / 2**20:.2f}"
-                     f" MiB; split layers {tp['split_param_bytes_rank']:,} of {tp['split_param_bytes_full']:,} B "
+        lines.append(f"parameters per rank {tp['param_bytes_rank'] / 2**20:.2f} MiB of "
+                     f"{tp['param_bytes_full'] / 2**20:.2f} MiB; split layers {tp['split_param_bytes_rank']:,} of "
+                     f"{tp['split_param_bytes_full']:,} B "
                      f"({tp['split_param_bytes_rank'] / tp['split_param_bytes_full']:.3f})")
     return "\n".join(lines)
 

@@ -92,7 +92,8 @@ def table(args, model_config: dict, gpus: int) -> str:
             continue
         m = memory_per_gpu(args, model_config, tp, local_batch, gpus // tp)
         lines.append(f"{tp:>3} | {m['params_per_gpu'] / 1e6:>9.0f}M | {m['state'] / GIB:>15.1f} GiB | "
-                     f"{m['mems'] / GIB:>4.2f} GiB | {m['activations'] / GIB:>7.1f} GiB | {m['total'] / GIB:>5.1f} GiB | "
+                     f"{m['mems'] / GIB:>4.2f} GiB | {m['activations'] / GIB:>7.1f} GiB | "
+                     f"{m['total'] / GIB:>5.1f} GiB | "
                      f"{m['total_fsdp'] / GIB:.1f} GiB (state {m['state_fsdp'] / GIB:.1f} GiB)")
     return "\n".join(lines)
 

@@ -26,6 +26,9 @@ Checkpoints hold full tensors in the single-process layout (utils/distributed/fs
 torch.distributed.checkpoint.state_dict), so they load at any TP size and in one process.
 """
 import logging
+import os
+import re
+import sys
 from collections import defaultdict
 from typing import Iterable, Optional
 
@@ -61,6 +64,16 @@ def node_warning(tp: int, local_world_size: int) -> Optional[str]:
             f"--tensor_parallel a divisor of the processes per node")
 
 
+def processes_per_node(world_size: int) -> int:
+    """Processes on this node: torchrun's LOCAL_WORLD_SIZE, or Slurm's tasks per node ("8" or "8(x2)")."""
+    local = distributed.env_int("LOCAL_WORLD_SIZE", 0)
+    if local:
+        return local
+    slurm = os.environ.get("SLURM_STEP_TASKS_PER_NODE") or os.environ.get("SLURM_NTASKS_PER_NODE") or ""
+    match = re.match(r"\d+", slurm)
+    return int(match.group()) if match else world_size
+
+
 def init_mesh(tp: int, n_head: int, device_type: str):
     """The ("dp", "tp") mesh of all processes; registers the data-parallel rank, size and group with
     utils.distributed.group, which the data, metrics and checkpoints then use."""
@@ -68,9 +81,9 @@ def init_mesh(tp: int, n_head: int, device_type: str):
     from torch.distributed.device_mesh import init_device_mesh
     world_size = distributed.get_world_size()
     check_layout(tp, world_size, n_head)
-    warning = node_warning(tp, distributed.env_int("LOCAL_WORLD_SIZE", world_size))
+    warning = node_warning(tp, processes_per_node(world_size))
     if warning and distributed.is_main_process():
-        LOG.warning(warning)
+        print(warning, file=sys.stderr, flush=True)       # before the training log exists
     _MESH = init_device_mesh(device_type, (world_size // tp, tp), mesh_dim_names=("dp", "tp"))
     dp_mesh = _MESH["dp"]
     distributed.set_data_parallel(dp_mesh.get_local_rank(), dp_mesh.size(), tp, dp_mesh.get_group())
@@ -128,7 +141,8 @@ def split_layers(model: nn.Module, tp_mesh) -> nn.Module:
         parallelize_module(layer, tp_mesh, plan)
         # rows [q; k; v], each [n_head * d_head]: split each third by heads (strided), not the whole by rows
         weight = attn.qkv_net.weight
-        attn.qkv_net.weight = nn.Parameter(distribute_tensor(weight.detach(), tp_mesh, [_StridedShard(0, split_factor=3)]),
+        heads_of_q_k_v = [_StridedShard(0, split_factor=3)]
+        attn.qkv_net.weight = nn.Parameter(distribute_tensor(weight.detach(), tp_mesh, heads_of_q_k_v),
                                            requires_grad=weight.requires_grad)
         attn.qkv_input = HeadParallelQKVInput(tp_mesh)
         attn.n_head = attn.n_head // tp                    # the heads this rank computes (views and reshapes)
