@@ -135,7 +135,7 @@ def train(args, preemption: PreemptionHandler) -> int:
     corpus = data_utils.get_lm_corpus(args.data, args.dataset, args.vocab, cache_dir=args.cache_dir,
                                       verbose=rank == 0, progress=rank == 0, **corpus_options(args))
     model_config = build_model_config(args, len(corpus.vocab))
-    check_memory(parameter_count(model_config), args, model_config, device, world_size)
+    check_memory(parameters_per_process(args, model_config, world_size), args, model_config, device, world_size)
     model = build_model(args, model_config)
     if rank == 0 and not args.debug:
         start_run(requested, work_dir, log)               # the run really starts: its configuration, --overwrite
@@ -152,6 +152,17 @@ def parameter_count(model_config: dict) -> int:
     machine is refused before it is built)."""
     with torch.device("meta"):
         return sum(p.numel() for p in MemTransformerLM(**model_config).parameters())
+
+
+def parameters_per_process(args, model_config: dict, dp_world_size: int) -> int:
+    """The parameters the memory check counts for one process: all of them, or with --tensor_parallel this
+    rank's share of the split layers plus the replicated rest (and FSDP's division over the data-parallel
+    ranks, which --tensor_parallel always uses and the check applies only for --multi_gpu fsdp)."""
+    if args.tensor_parallel == 1:
+        return parameter_count(model_config)
+    from utils.distributed.tensor_parallel import parameters_per_rank
+    count = parameters_per_rank(model_config, args.tensor_parallel)
+    return count // dp_world_size if args.multi_gpu != "fsdp" else count
 
 
 def build_model(args, model_config: dict) -> MemTransformerLM:

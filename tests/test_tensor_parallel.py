@@ -19,8 +19,10 @@ from dist_testlib import (REPO, last_checkpoint, max_weight_difference, python_t
                           torchrun, train_cmd, valid_losses)
 from mem_transformer import MemTransformerLM
 from utils.data.demo_corpus import write_demo_corpus
-from utils.distributed.tensor_parallel import check_layout, node_warning, split_parameter_names
+from utils.config.cli import parse_args, train_parser
+from utils.distributed.tensor_parallel import check_layout, node_warning, parameters_per_rank, split_parameter_names
 from utils.io.errors import UserError
+from utils.model.model_config import build_model_config
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not available")
 
@@ -219,6 +221,10 @@ def test_memory_table_of_the_xl_preset(capsys):
     assert rows[1][0] == pytest.approx(total * 1000, abs=5)            # all parameters on one GPU (rounded)
     for small, large in ((1, 2), (2, 4), (4, 8)):       # parameters and their state shrink with TP
         assert rows[large][0] < rows[small][0] and rows[large][1] < rows[small][1]
+    # train.py's memory check counts the same share per rank
+    args = parse_args(train_parser(), ["--config_file", str(REPO / "configs" / "wt103_xl.yaml")], section="train")
+    per_rank = parameters_per_rank(build_model_config(args, 267735), 4)
+    assert per_rank / 1e6 == pytest.approx(rows[4][0], abs=1)
 
 
 @pytest.mark.slow

@@ -254,6 +254,15 @@ def parameter_memory_line(model: nn.Module) -> str:
             f"{local - split_local} bytes")
 
 
+def parameters_per_rank(model_config: dict, tp: int) -> int:
+    """The parameters one rank holds at --tensor_parallel `tp` (counted on the meta device)."""
+    from mem_transformer import MemTransformerLM
+    with torch.device("meta"):
+        model = MemTransformerLM(**model_config)
+    split = set(split_parameter_names(model))
+    return sum(p.numel() // tp if n in split else p.numel() for n, p in model.named_parameters())
+
+
 def split_parameter_names(model: nn.Module) -> list[str]:
     """The names of the parameters that --tensor_parallel splits (in a model that is not split)."""
     names = []
