@@ -176,8 +176,9 @@ def parallelize(model: nn.Module, args) -> nn.Module:
             # a tensor-parallel parameter is split by FSDP along another dimension than its "tp" split (the
             # q/k/v weight's strided rows: its columns), so that the two splits stay independent and full
             # tensors gather and scatter exactly (checkpoints); 1-D ones share their only dimension
-            if isinstance(param, DTensor) and param.dim() > 1:
-                tp_dim = param.placements[0].dim % param.dim()
+            tp_dim = getattr(param.placements[0], "dim", None) if isinstance(param, DTensor) else None
+            if tp_dim is not None and param.dim() > 1:
+                tp_dim %= param.dim()
                 return Shard(max((d for d in range(param.dim()) if d != tp_dim), key=lambda d: param.size(d)))
             return None
 
@@ -185,11 +186,6 @@ def parallelize(model: nn.Module, args) -> nn.Module:
             fully_shard(layer, mesh=_MESH["dp"], shard_placement_fn=placement)
         fully_shard(model, mesh=_MESH["dp"], shard_placement_fn=placement)
     return model
-
-
-def is_tensor_parallel(model: nn.Module) -> bool:
-    from torch.distributed.tensor import DTensor
-    return any(isinstance(p, DTensor) for p in model.parameters())
 
 
 # ---- what the optimizer step needs -----------------------------------------------------------------------------
