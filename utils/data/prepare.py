@@ -532,21 +532,21 @@ def read_chunk(path: Path) -> dict:
     return chunk
 
 
-def tokenize_chunk(job: tuple[Chunk | None, Path]) -> tuple[list[str], list[int], int, int, int]:
+def tokenize_chunk(job: tuple[Chunk | None, Path]) -> tuple[np.ndarray, np.ndarray, int, int, int]:
     """Tokenize one chunk into `path` (chunk-local ids, in first-seen order, and the local symbol list); a
     chunk already written (`chunk` None: a resumed run) is read back instead.
-    Returns (symbols, counts) without the special symbols, articles ended, symbols in all, bad lines."""
+    Returns (symbol keys, counts) without the special symbols, articles ended, symbols in all, bad lines."""
     chunk, path = job
     if chunk is None:
         data = read_chunk(path)
         symbols, ids, ends, bad = data["symbols"], data["ids"], data["ends"], int(data["bad"])
         if "bpe" in _WORKER:
-            return [], [], int(np.sum(ends)), len(ids), bad
+            return np.zeros(0, np.int64), np.zeros(0, np.int64), int(np.sum(ends)), len(ids), bad
     elif "bpe" in _WORKER:  # the final ids already: the BPE's, <|endoftext|> after each article
         records, bad = _records(chunk)
         ids, symbols, ends = _bpe_ids(records), [], [e for _, e in records]
         _write_chunk(path, ids[0], symbols, ids[1], ends, bad)
-        return [], [], int(np.sum(ends)), len(ids[0]), bad
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), int(np.sum(ends)), len(ids[0]), bad
     else:
         records, bad = _records(chunk)
         tokens, lengths = _tokens(records)
@@ -555,18 +555,15 @@ def tokenize_chunk(job: tuple[Chunk | None, Path]) -> tuple[list[str], list[int]
         symbols = list(table)
         ends = [e for _, e in records]
         _write_chunk(path, ids, symbols, lengths, ends, bad)
-    counts = np.bincount(ids, minlength=len(symbols)).tolist()
-    drop = []
+    counts = np.bincount(ids, minlength=len(symbols))
+    keys = symbol_keys(symbols)
+    keep = np.ones(len(symbols), np.bool_)
     for special in _WORKER["opts"].specials():
         try:
-            drop.append(symbols.index(special))
+            keep[symbols.index(special)] = False
         except ValueError:
             pass
-    if drop:
-        symbols = list(symbols)
-        for i in sorted(drop, reverse=True):
-            del symbols[i], counts[i]
-    return symbols, counts, int(np.sum(ends)), len(ids), bad
+    return keys[keep], counts[keep], int(np.sum(ends)), len(ids), bad
 
 
 def ordered_map(fn, items: Iterable, workers: int, initializer=None, initargs: tuple = (),
@@ -595,19 +592,19 @@ def ordered_map(fn, items: Iterable, workers: int, initializer=None, initargs: t
 # Pass 1: bounded counting
 # --------------------------------------------------------------------------------------------------------
 class BoundedCounter:
-    """Misra-Gries summary with batched decrements, at most 2 * capacity symbols.
+    """Misra-Gries summary with batched decrements, at most 2 * capacity keys (int64: the symbols' hashes).
 
-    For symbol row i: `counts[i]` is its decremented count c, `entered[i]` the total decrement D0 when it
-    last entered the summary, `decrement` the total D so far. A symbol keeps every occurrence since it
-    entered less the decrements since, and loses at most D in all, so `c + D - D0 <= f <= c + D` (f: its true
-    count; f <= D for a symbol not in the summary). The lower bound is close to f for the frequent symbols,
-    which entered early, so the cut-off below is nearly the true one. The symbol table is a dict and a list,
-    the counts numpy arrays, so that merging a chunk's counts runs at C speed."""
+    For key row i: `counts[i]` is its decremented count c, `entered[i]` the total decrement D0 when it last
+    entered the summary, `decrement` the total D so far. A symbol keeps every occurrence since it entered
+    less the decrements since, and loses at most D in all, so `c + D - D0 <= f <= c + D` (f: its true count;
+    f <= D for a symbol not in the summary). The lower bound is close to f for the frequent symbols, which
+    entered early, so the cut-off below is nearly the true one. The keys are kept sorted in numpy arrays, so
+    that merging a chunk's counts is a few vectorized passes (a dict of strings cost a cache miss per symbol,
+    and was half the time of the pass with two workers)."""
 
     def __init__(self, capacity: int):
         self.capacity = capacity
-        self.index: dict[str, int] = {}
-        self.symbols: list[str] = []
+        self.keys = np.zeros(0, np.int64)
         self.counts = np.zeros(0, np.int64)
         self.entered = np.zeros(0, np.int64)
         self.decrement = 0
@@ -615,39 +612,36 @@ class BoundedCounter:
         self.peak = 0
 
     def __len__(self) -> int:
-        return len(self.symbols)
+        return len(self.keys)
 
-    def update(self, symbols: list[str], counts: list[int]) -> None:
-        """Add the counts of distinct symbols."""
-        rows = np.fromiter(map(self.index.get, symbols, itertools.repeat(-1)), np.int64, len(symbols))
-        new = rows < 0
-        n_new = int(np.count_nonzero(new))
-        if n_new:
-            start = len(self.symbols)
-            added = list(itertools.compress(symbols, new.tolist()))
-            self.index.update(zip(added, range(start, start + n_new)))
-            self.symbols += added
-            rows[new] = np.arange(start, start + n_new)
-            self.counts = np.concatenate([self.counts, np.zeros(n_new, np.int64)])
-            self.entered = np.concatenate([self.entered, np.full(n_new, self.decrement, np.int64)])
-        self.counts[rows] += np.asarray(counts, np.int64)  # rows are distinct
-        self.peak = max(self.peak, len(self.symbols))
-        if len(self.symbols) > 2 * self.capacity:
+    def update(self, keys: np.ndarray, counts: np.ndarray) -> None:
+        """Add the counts of symbols (keys may repeat: equal hashes count as one symbol)."""
+        keys, inverse = np.unique(np.asarray(keys, np.int64), return_inverse=True)
+        counts = np.bincount(inverse.reshape(-1), weights=counts, minlength=len(keys)).astype(np.int64)
+        pos = np.searchsorted(self.keys, keys)
+        found = pos < len(self.keys)
+        found[found] = self.keys[pos[found]] == keys[found]
+        self.counts[pos[found]] += counts[found]  # keys are distinct
+        new = ~found
+        if new.any():  # keys is sorted, so are the new ones: one insert keeps self.keys sorted
+            at = pos[new]
+            self.keys = np.insert(self.keys, at, keys[new])
+            self.counts = np.insert(self.counts, at, counts[new])
+            self.entered = np.insert(self.entered, at, self.decrement)
+        self.peak = max(self.peak, len(self.keys))
+        if len(self.keys) > 2 * self.capacity:
             self.prune()
 
     def prune(self) -> None:
         k = len(self.counts) - self.capacity - 1  # the (capacity+1)-th largest count goes to zero, and all below
         cut = int(np.partition(self.counts, k)[k])
         keep = self.counts > cut
-        self.symbols = list(itertools.compress(self.symbols, keep.tolist()))
-        self.counts = self.counts[keep] - cut
-        self.entered = self.entered[keep]
-        self.index = dict(zip(self.symbols, range(len(self.symbols))))
+        self.keys, self.counts, self.entered = self.keys[keep], self.counts[keep] - cut, self.entered[keep]
         self.decrement += cut
         self.prunes += 1
 
-    def candidates(self, max_size: int | None, min_freq: int) -> tuple[list[str], int, bool]:
-        """(candidate symbols, cut-off T, exact): every symbol of the summary whose true count may reach T.
+    def candidates(self, max_size: int | None, min_freq: int) -> tuple[np.ndarray, int, bool]:
+        """(candidate keys, sorted; cut-off T; exact): every key of the summary whose true count may reach T.
 
         T is the max_size-th largest lower bound (or min_freq when larger): max_size symbols have f >= T, so a
         symbol with f < T is not in the top max_size. A symbol outside the summary has f <= D: when T > D
@@ -660,7 +654,32 @@ class BoundedCounter:
         exact = self.decrement == 0 or threshold > self.decrement
         if max_size is None and min_freq == 0 and self.decrement:
             exact = False
-        return list(itertools.compress(self.symbols, (upper >= threshold).tolist())), threshold, exact
+        return self.keys[upper >= threshold], threshold, exact
+
+
+def symbol_keys(symbols: list[str]) -> np.ndarray:
+    """The summary's keys of symbols: Python's string hash (cached on the string; the same in this process
+    and the workers it forks, and different in another run, which never reuses keys)."""
+    return np.fromiter(map(hash, symbols), np.int64, len(symbols))
+
+
+def _resolve(work: Path, n_chunks: int, keys: np.ndarray) -> list[str]:
+    """The symbols of the candidate keys (sorted), found in the chunk files, in first-seen order."""
+    names: list[str] = []
+    seen = np.zeros(len(keys), np.bool_)
+    for i in range(n_chunks):
+        if seen.all():
+            break
+        symbols = read_chunk(_chunk_file(work, i))["symbols"]
+        mine = symbol_keys(symbols)
+        pos = np.minimum(np.searchsorted(keys, mine), max(len(keys) - 1, 0))
+        hit = np.flatnonzero((keys[pos] == mine) if len(keys) else np.zeros(len(mine), np.bool_))
+        new = hit[~seen[pos[hit]]]
+        for j in new.tolist():  # each candidate once
+            if not seen[pos[j]]:
+                seen[pos[j]] = True
+                names.append(symbols[j])
+    return names
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -763,6 +782,8 @@ def prepare_corpus(inputs: Sequence[str | os.PathLike], output: str | os.PathLik
     if (out / "manifest.json").exists() and not overwrite:
         raise UserError(f"{out}: already holds a prepared corpus; pass --overwrite or another --output")
     workers = max(1, workers or os.cpu_count() or 1)
+    if "fork" not in multiprocessing.get_all_start_methods():
+        workers = 1  # the workers' symbol keys (string hashes) must be this process's: forked workers only
     total_bytes = sum(f.stat().st_size for f in files)
     work = out / ".work"
     config = {"options": opts.counting_key(), "inputs": [{"path": str(f.resolve()), "bytes": f.stat().st_size,
@@ -865,9 +886,9 @@ def _count(files, opts: Options, work: Path, workers: int, total_bytes: int, pro
             yield (None if path.exists() else chunk), path  # a resumed run reads the chunks it finished
 
     try:
-        for symbols, counts, docs, tokens, skipped in ordered_map(tokenize_chunk, jobs(), workers, _set_worker,
-                                                                  (opts, bpe_json)):
-            summary.update(symbols, counts)
+        for keys, counts, docs, tokens, skipped in ordered_map(tokenize_chunk, jobs(), workers, _set_worker,
+                                                               (opts, bpe_json)):
+            summary.update(keys, counts)
             n_docs, n_tokens, bad, n_chunks = n_docs + docs, n_tokens + tokens, bad + skipped, n_chunks + 1
     finally:
         if bar:
@@ -879,7 +900,8 @@ def _count(files, opts: Options, work: Path, workers: int, total_bytes: int, pro
     if opts.max_vocab_size is None and opts.min_freq == 0 and summary.decrement:
         raise UserError(f"more than {2 * opts.count_capacity:,} distinct symbols: pass --max_vocab_size or --min_freq "
                         "(or a larger --count_capacity) to bound the vocabulary")
-    candidates, threshold, exact = summary.candidates(opts.max_vocab_size, opts.min_freq) if len(summary) else ([], 0, True)
+    keys, threshold, exact = summary.candidates(opts.max_vocab_size, opts.min_freq) if len(summary) else ([], 0, True)
+    candidates = _resolve(work, n_chunks, np.asarray(keys, np.int64)) if len(keys) else []
     return {"n_docs": n_docs, "n_tokens": n_tokens, "bad_lines": bad, "candidates": candidates, "n_chunks": n_chunks,
             "threshold": threshold, "decrement": summary.decrement, "exact": exact, "prunes": summary.prunes,
             "summary_peak": summary.peak}
