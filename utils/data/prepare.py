@@ -9,33 +9,38 @@ usual Wikipedia extractors, and plain text (`text_docs`: a whole file, each blan
 each line is one article). Each non-empty line of an article becomes its tokens (words, or characters with
 `level='char'`) followed by `<eos>`; the article ends with `<eod>` (`doc_separator`).
 
-Three passes, all streaming; the input is cut into chunks of about `chunk_bytes` of whole records, the same
-chunks whatever the number of workers, and the chunks are processed by `workers` processes in order:
+Two passes; the input is read once, streaming. It is cut into chunks of about `chunk_bytes` of whole
+records, the same chunks whatever the number of workers, processed by `workers` processes in order
+(`ordered_map`):
 
-1. Count, with a bounded memory: each chunk's tokens are counted (a Counter per chunk, in the worker), and
-   the main process merges the chunk counts in chunk order into a Misra-Gries summary that holds at most
-   `2 * count_capacity` symbols: when it is over, every count drops by the (capacity+1)-th largest count `t`
-   and the symbols at zero go. `D`, the sum of those drops, bounds the error: for every symbol the summary
-   gives `lower <= f <= upper = c + D` (f: the true count; c = 0 for a symbol not in the summary; see
-   BoundedCounter). The candidates are the symbols with `upper >= T`, T being the `max_vocab_size`-th
-   largest lower bound (or `min_freq` when larger): a symbol outside has `f < T`, below `max_vocab_size`
-   symbols whose f is at least T, so the true top `max_vocab_size` (and every symbol with f >= min_freq)
-   are candidates whenever T > D, which the pass checks and records (`counting.exact` in the manifest).
-2. Encode every chunk to candidate ids (uint32; symbols that are not candidates get the `<unk>` id), one
-   file per chunk under `DIR/.work/`, written atomically: a killed run resumes here and skips the chunks
-   already written (`.work/pass1.json` keeps the count).
-3. Exact counts and first-seen positions of the candidates from those files (numpy), the vocabulary (by
+1. Tokenize and count with a bounded memory. A worker tokenizes a chunk once into `DIR/.work/chunks/`
+   (chunk-local ids in first-seen order, and the chunk's symbol list; written atomically, so a killed run
+   resumes with the chunks it finished) and returns the chunk's counts keyed by the symbols' hashes. The main
+   process merges them, in chunk order, into a Misra-Gries summary of at most `2 * count_capacity` keys: when
+   it is over, every count drops by the (capacity+1)-th largest count `t` and the keys at zero go. `D`, the sum
+   of those drops, bounds the error: for every symbol the summary gives `lower <= f <= upper = c + D` (f: the
+   true count; c = 0 for a symbol not in the summary; see BoundedCounter). The candidates are the symbols with
+   `upper >= T`, T being the `max_vocab_size`-th largest lower bound (or `min_freq` when larger): a symbol
+   outside has `f < T`, below `max_vocab_size` symbols whose f is at least T, so the true top `max_vocab_size`
+   (and every symbol with f >= min_freq) are candidates whenever T > D, which the pass checks and records
+   (`counting.exact` in the manifest). Their strings are found in the chunk files (`.work/pass1.json`).
+2. Exact counts and first-seen positions of the candidates from the chunk files (numpy), the vocabulary (by
    count, ties in first-seen order, as utils.data.vocabulary.Vocab builds it), the split of the articles
    (`valid_docs`/`test_docs` or the fractions, drawn with `seed`), and the output: per split `.npy` shards of
    `shard_tokens` ids, `<split>.docs.npy` (the offset of each article in the split, then the total),
    `vocab.json` (Vocab.to_dict) and `manifest.json` (sizes, sha256 of every file, counts, `<unk>` fraction).
 
+With `level='bpe'` a byte-level BPE is first trained on the first `bpe_sample_mb` MB of articles; the workers
+write the final BPE ids and nothing is counted.
+
 The output depends on the input and the options only, never on `workers` (same bytes).
 
-Memory: the reading process holds one chunk being read, at most `2 * workers` chunks in flight, and the
-summary (at most 2 * count_capacity symbols, about 120 bytes each with Python's dict: 240 MB for the default
-capacity of 1,000,000); each worker one chunk and, in pass 2, the candidate table (at most count_capacity
-symbols); pass 3 one chunk and one shard buffer (`shard_tokens` ids).
+Memory: the main process holds one chunk being read, at most `2 * workers` chunks in flight, the summary (at
+most 2 * count_capacity keys of 24 bytes in numpy arrays: 48 MB for the default capacity of 1,000,000, and
+as much again while a chunk is merged), then the candidate table (at most that many strings) and one shard
+buffer (`shard_tokens` ids); each worker one chunk (about 100 MB for the default 4 MB). Temporary disk: about
+the size of the input text. A string hash collision between two symbols (64 bits: about 1e-7 for 2 million
+distinct symbols) would merge their counts in the summary.
 """
 import bz2
 import collections
