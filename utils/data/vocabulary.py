@@ -36,6 +36,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+from utils.data.fast_words import first_seen_ids
 from utils.io.errors import UserError
 
 VOCAB_FORMAT = 1
@@ -230,12 +231,16 @@ class Vocab:
             return symbols + [EOS]
         return symbols
 
-    def _blocks(
-        self, path: str | os.PathLike, line_ends: bool = True, progress: bool = False, desc: str = "reading"
-    ) -> Iterator[tuple[list[str], str, int]]:
-        """Yield (symbols, marker, first_line) per block of `path`, lower-cased when asked.
+    def _id_blocks(
+        self, path: str | os.PathLike, table: dict[str, int], progress: bool = False, desc: str = "reading"
+    ) -> Iterator[tuple[np.ndarray, Callable[[int], str], int]]:
+        """Yield (ids, word_of, first_line) per block of `path`, lower-cased when asked: the ids of the
+        block's symbols in `table` (see `_map`) with LINE_END after each line, and `word_of(pos)` the symbol
+        at position `pos` of the ids (for error messages).
 
-        With `line_ends`, `marker` (a string that is not a symbol of the block) follows each line's symbols.
+        Word-level blocks are tokenized and numbered in numpy (utils/data/fast_words.py); only the block's
+        distinct symbols are then looked up in `table`, in first-seen order, so a _FirstSeenIds table numbers
+        them as a per-token pass would. Other blocks take the Python path (one split of the whole block).
         """
         chunks = iter_text_chunks(
             path, split_long_lines=self.delimiter is None, progress=progress, desc=f"{desc} {Path(path).name}"
@@ -243,16 +248,24 @@ class Vocab:
         for text, first_line in chunks:
             if self.lower_case:
                 text = text.lower()
+            fast = first_seen_ids(text) if self.delimiter is None else None
+            if fast is not None:
+                symbols, local = fast
+                lookup = np.empty(len(symbols) + 2, np.int64)
+                lookup[: len(symbols)] = self._map(table, symbols, "\n")  # no symbol holds a newline
+                lookup[-2] = LINE_END  # local ids are LINE_END (-2) at line ends: lookup[-2] keeps them so
+                yield lookup[local], lambda pos, symbols=symbols, local=local: symbols[local[pos]], first_line
+                continue
             marker = _pick_marker(text)
             if self.delimiter is None:  # one split of the whole block equals per-line strip().split()
-                tokens = text.replace("\n", f" {marker} ").split() if line_ends else text.split()
+                tokens = text.replace("\n", f" {marker} ").split()
             else:
                 tokens = []
                 for line in text.split("\n")[:-1]:
                     line = line.strip()
                     tokens.extend(list(line) if self.delimiter == "" else line.split(self.delimiter))
                     tokens.append(marker)
-            yield tokens, marker, first_line
+            yield self._map(table, tokens, marker), tokens.__getitem__, first_line
 
     def _add_counts(self, ids: np.ndarray, counts: np.ndarray | None = None) -> None:
         total = np.bincount(ids, weights=counts, minlength=self._prov.n).astype(np.int64)
@@ -287,15 +300,9 @@ class Vocab:
         """
         if verbose:
             print(f"counting file {path} ...", flush=True)
-        for tokens, marker, _ in self._blocks(path, line_ends=sink is not None, progress=progress, desc="counting"):
-            if sink is None:
-                block = collections.Counter(tokens)
-                block.pop(marker, None)
-                ids = np.fromiter(map(self._prov.__getitem__, block), np.int64, len(block))
-                self._add_counts(ids, np.fromiter(block.values(), np.float64, len(block)))
-            else:
-                ids = self._map(self._prov, tokens, marker)
-                self._add_counts(ids[ids >= 0])
+        for ids, _, _ in self._id_blocks(path, self._prov, progress=progress, desc="counting"):
+            self._add_counts(ids[ids >= 0])
+            if sink is not None:
                 sink(ids)
 
     @property
@@ -386,9 +393,8 @@ class Vocab:
         """Encode a file block by block: yields (ids int64, line starts within the block)."""
         eos_idx, s_idx = self._line_ends_ids(path, add_eos, add_double_eos)
         table = dict(self.sym2idx)
-        for tokens, marker, first_line in self._blocks(path, progress=progress, desc="encoding"):
-            ids = self._map(table, tokens, marker)
-            self._fill_unknown(ids, path, first_line, tokens.__getitem__)
+        for ids, word_of, first_line in self._id_blocks(path, table, progress=progress, desc="encoding"):
+            self._fill_unknown(ids, path, first_line, word_of)
             yield finish_line_ends(ids, add_eos, add_double_eos, eos_idx, s_idx)
 
     def encode_file(

@@ -1,0 +1,153 @@
+"""Whitespace tokenizing and first-seen numbering of a block of text in numpy, without one Python string per
+token: the fast path of `Vocab` for word-level text (`delimiter=None`).
+
+`str.split()` on the whole block then one dict look-up per token costs ~200 ns per token in Python (a new
+string object, its hash, the look-up); the reference's algorithm does that twice plus a Python call per
+token. Here the block is encoded to UTF-8 and handled as bytes:
+
+1. Tokens are the maximal runs of bytes that are not whitespace. Python's `str.split()` splits on the ASCII
+   whitespace below and on 19 non-ASCII characters; a block holding any of those (found among the bytes from
+   0xC2 up) is left to the Python path, so the tokens here are exactly `str.split()`'s. ASCII bytes never
+   occur inside a multi-byte UTF-8 character, so every token is whole characters.
+2. Each token gets a 64-bit hash from its bytes read 8 at a time (`_mix`, splitmix64's finalizer).
+3. Equal hashes are grouped through a table indexed by the hash's top bits (tokens whose slot another hash
+   took retry in a smaller table with other bits, until none is left), then each group is numbered in the
+   order of its first token.
+4. Exactness does not rest on the hash: every token is compared with its group's first token (length and
+   every byte). Should two different tokens ever share a hash, the block goes to the Python path.
+
+Only the distinct symbols of a block become Python strings (in first-seen order); the caller maps those to
+its own ids. The result equals `text.replace("\\n", f" {marker} ").split()` numbered in first-seen order.
+"""
+import numpy as np
+
+# The ASCII characters str.split() treats as whitespace (\t \n \v \f \r, \x1c-\x1f, space) ...
+_ASCII_SPACE = bytes(c in (9, 10, 11, 12, 13, 28, 29, 30, 31, 32) for c in range(256))  # a bytes.translate table
+# ... and the UTF-8 bytes of the non-ASCII ones (U+0085, U+00A0, U+1680, U+2000-U+200A, U+2028, U+2029,
+# U+202F, U+205F, U+3000): a block that has one goes to the Python path.
+_OTHER_SPACES = [chr(c).encode("utf-8") for c in (0x85, 0xA0, 0x1680, *range(0x2000, 0x200B), 0x2028, 0x2029, 0x202F,
+                                                  0x205F, 0x3000)]
+
+
+def _has_other_space(padded: np.ndarray, size: int) -> bool:
+    """Whether the UTF-8 bytes padded[1 : size + 1] hold one of _OTHER_SPACES (all start with 0xC2 or above)."""
+    lead = np.flatnonzero(padded[1 : size + 1] >= 0xC2) + 1
+    if not len(lead):
+        return False
+    code = (padded[lead].astype(np.int64) << 16) | (padded[lead + 1].astype(np.int64) << 8) | padded[lead + 2]
+    two = np.array([int.from_bytes(s, "big") << 8 for s in _OTHER_SPACES if len(s) == 2])
+    three = np.array([int.from_bytes(s, "big") for s in _OTHER_SPACES if len(s) == 3])
+    return bool(np.isin(code & ~0xFF, two).any() or np.isin(code, three).any())
+# _LOW_BYTES[k]: the mask that keeps the first k bytes of a little-endian 8-byte word (k = 0..8).
+_LOW_BYTES = np.array([(1 << (8 * k)) - 1 for k in range(8)] + [(1 << 64) - 1], np.uint64)
+_MAX_TABLE_BITS = 18
+_ROUND_MULTIPLIERS = [np.uint64(m) for m in (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9,
+                                              0xD6E8FEB86659FD93, 0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53)]
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer, in place on a uint64 array (wrapping arithmetic)."""
+    x ^= x >> np.uint64(30)
+    x *= np.uint64(0xBF58476D1CE4E5B9)
+    x ^= x >> np.uint64(27)
+    x *= np.uint64(0x94D049BB133111EB)
+    x ^= x >> np.uint64(31)
+    return x
+
+
+def _words(words_at: np.ndarray, starts: np.ndarray, lengths: np.ndarray, k: int) -> np.ndarray:
+    """Bytes 8k .. 8k+7 of each token as a little-endian uint64, the bytes past its end zeroed (`words_at[i]`
+    is the 8 bytes from offset i)."""
+    return words_at[starts + 8 * k] & _LOW_BYTES[np.clip(lengths - 8 * k, 0, 8)]
+
+
+def _group(h: np.ndarray) -> np.ndarray:
+    """A group number per token, equal exactly when the hashes are equal."""
+    group = np.empty(len(h), np.int64)
+    pending = np.arange(len(h))
+    offset = 0
+    for multiplier in _ROUND_MULTIPLIERS:
+        # a table of at most 2^18 slots (2 MB, in cache): a block has far fewer distinct symbols than tokens,
+        # and the symbols that do not fit retry in the next round
+        bits = min(max(8, (2 * len(pending)).bit_length()), _MAX_TABLE_BITS)
+        slot = ((h[pending] * multiplier) >> np.uint64(64 - bits)).astype(np.int64)
+        table = np.empty(1 << bits, np.uint64)
+        table[slot] = h[pending]  # one of the hashes that fall in a slot holds it; the others retry
+        won = table[slot] == h[pending]
+        group[pending[won]] = slot[won] + offset
+        pending = pending[~won]
+        offset += 1 << bits
+        if not len(pending):
+            return group
+    group[pending] = offset + np.unique(h[pending], return_inverse=True)[1].ravel()  # a few left: sort them
+    return group
+
+
+def _decode(padded: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> list[str]:
+    """The tokens at `starts` (offsets in `padded`) as strings: their bytes gathered space-separated, one
+    decode and one split (tokens have no spaces, and each one is whole UTF-8 characters)."""
+    if not len(starts):
+        return []
+    ends = np.cumsum(lengths + 1)
+    out = np.full(int(ends[-1]) - 1, 32, np.uint8)
+    within = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    out[np.repeat(ends - lengths - 1, lengths) + within] = padded[np.repeat(starts, lengths) + within]
+    return out.tobytes().decode("utf-8").split(" ")
+
+
+def first_seen_ids(text: str) -> tuple[list[str], np.ndarray] | None:
+    """(symbols, ids) of `text` split on whitespace: `symbols` the distinct tokens in first-seen order, `ids`
+    (int64) the index in `symbols` of each token with LINE_END (-2) at each newline; None when the block has
+    non-ASCII whitespace (or, against all odds, a hash collision): the caller then takes the Python path."""
+    data = text.encode("utf-8")
+    size = len(data)
+    padded = np.zeros(size + 16, np.uint8)
+    padded[1 : size + 1] = np.frombuffer(data, np.uint8)  # a 0 before, zeros after for 8-byte reads
+    if _has_other_space(padded, size):
+        return None
+    space = np.frombuffer(b"\x01" + data.translate(_ASCII_SPACE) + b"\x01", bool)  # (translate: C speed)
+    edges = np.flatnonzero(space[1:] != space[:-1])  # start, end, start, end ... (offsets in data)
+    starts, ends = edges[0::2], edges[1::2]
+    newlines = np.flatnonzero(padded[1 : size + 1] == 10)
+    n = len(starts)
+    if n == 0:
+        return [], np.full(len(newlines), -2, np.int64)
+    lengths = ends - starts
+    words_at = np.ndarray((size + 8,), "<u8", buffer=padded, offset=1, strides=(1,))  # unaligned: bytes i .. i+7
+    first_word = _words(words_at, starts, lengths, 0)
+    h = _mix(first_word ^ (lengths.astype(np.uint64) << np.uint64(56)))
+    long = np.flatnonzero(lengths > 8)
+    k = 1
+    while len(long):
+        h[long] = _mix(h[long] ^ _words(words_at, starts[long], lengths[long], k))
+        k += 1
+        long = long[lengths[long] > 8 * k]
+    group = _group(h)
+    # number the groups by their first token: writing positions from last to first leaves the first
+    first = np.empty(int(group.max()) + 1, np.int64)
+    positions = np.arange(n)
+    first[group[::-1]] = positions[::-1]
+    first_of = first[group]
+    is_first = first_of == positions
+    if not ((group[first_of] == group).all() and (first_of <= positions).all()):
+        return None  # (numpy does not promise the last of repeated writes wins; checked rather than assumed)
+    reps = np.flatnonzero(is_first)
+    local = np.empty(len(first), np.int64)
+    local[group[reps]] = np.arange(len(reps))
+    ids = local[group]
+    # every token equals its group's first token: same length and the same bytes, 8 at a time
+    rep = reps[ids]
+    if not ((lengths[rep] == lengths).all() and (first_word[rep] == first_word).all()):
+        return None
+    long = np.flatnonzero(lengths > 8)
+    k = 1
+    while len(long):
+        mine = _words(words_at, starts[long], lengths[long], k)
+        if not (mine == _words(words_at, starts[rep[long]], lengths[long], k)).all():
+            return None
+        k += 1
+        long = long[lengths[long] > 8 * k]
+    symbols = _decode(padded, starts[reps] + 1, lengths[reps])
+    if len(newlines):
+        ids = np.insert(ids, np.searchsorted(starts, newlines), -2)
+    return symbols, ids
