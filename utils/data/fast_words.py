@@ -61,26 +61,34 @@ def _words(words_at: np.ndarray, starts: np.ndarray, lengths: np.ndarray, k: int
     return words_at[starts + 8 * k] & _LOW_BYTES[np.clip(lengths - 8 * k, 0, 8)]
 
 
-def _group(h: np.ndarray) -> np.ndarray:
-    """A group number per token, equal exactly when the hashes are equal."""
-    group = np.empty(len(h), np.int64)
-    pending = np.arange(len(h))
-    offset = 0
+def _group(h: np.ndarray) -> tuple[np.ndarray, int]:
+    """(group, n_groups): a group number per token, equal exactly when the hashes are equal.
+
+    Each round writes the hashes into a table by their top bits (at most 2^18 slots, 2 MB, in cache: a block
+    has far fewer distinct symbols than tokens); a slot ends up holding one of the hashes written to it, the
+    tokens of that hash take the slot as their group and the others retry in the next, smaller table."""
+    bits = min(max(8, (2 * len(h)).bit_length()), _MAX_TABLE_BITS)
+    group = (h >> np.uint64(64 - bits)).view(np.int64)
+    table = np.empty(1 << bits, np.uint64)
+    table[group] = h
+    lost = np.flatnonzero(table[group] != h)
+    n_groups = 1 << bits
     for multiplier in _ROUND_MULTIPLIERS:
-        # a table of at most 2^18 slots (2 MB, in cache): a block has far fewer distinct symbols than tokens,
-        # and the symbols that do not fit retry in the next round
-        bits = min(max(8, (2 * len(pending)).bit_length()), _MAX_TABLE_BITS)
-        slot = ((h[pending] * multiplier) >> np.uint64(64 - bits)).astype(np.int64)
+        if not len(lost):
+            return group, n_groups
+        hl = h[lost]
+        bits = min(max(8, (2 * len(lost)).bit_length()), _MAX_TABLE_BITS)
+        slot = ((hl * multiplier) >> np.uint64(64 - bits)).view(np.int64)
         table = np.empty(1 << bits, np.uint64)
-        table[slot] = h[pending]  # one of the hashes that fall in a slot holds it; the others retry
-        won = table[slot] == h[pending]
-        group[pending[won]] = slot[won] + offset
-        pending = pending[~won]
-        offset += 1 << bits
-        if not len(pending):
-            return group
-    group[pending] = offset + np.unique(h[pending], return_inverse=True)[1].ravel()  # a few left: sort them
-    return group
+        table[slot] = hl
+        won = table[slot] == hl
+        group[lost[won]] = slot[won] + n_groups
+        lost = lost[~won]
+        n_groups += 1 << bits
+    if len(lost):  # a few left after every round: sort them
+        group[lost] = n_groups + np.unique(h[lost], return_inverse=True)[1].ravel()
+        n_groups += len(lost)
+    return group, n_groups
 
 
 def _decode(padded: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> list[str]:
@@ -99,6 +107,7 @@ def first_seen_ids(text: str) -> tuple[list[str], np.ndarray] | None:
     """(symbols, ids) of `text` split on whitespace: `symbols` the distinct tokens in first-seen order, `ids`
     (int64) the index in `symbols` of each token with LINE_END (-2) at each newline; None when the block has
     non-ASCII whitespace (or, against all odds, a hash collision): the caller then takes the Python path."""
+    # (offsets below are in `data`; `padded` holds data at 1 .. size)
     data = text.encode("utf-8")
     size = len(data)
     padded = np.zeros(size + 16, np.uint8)
@@ -122,17 +131,12 @@ def first_seen_ids(text: str) -> tuple[list[str], np.ndarray] | None:
         h[long] = _mix(h[long] ^ _words(words_at, starts[long], lengths[long], k))
         k += 1
         long = long[lengths[long] > 8 * k]
-    group = _group(h)
-    # number the groups by their first token: writing positions from last to first leaves the first
-    first = np.empty(int(group.max()) + 1, np.int64)
-    positions = np.arange(n)
-    first[group[::-1]] = positions[::-1]
-    first_of = first[group]
-    is_first = first_of == positions
-    if not ((group[first_of] == group).all() and (first_of <= positions).all()):
-        return None  # (numpy does not promise the last of repeated writes wins; checked rather than assumed)
-    reps = np.flatnonzero(is_first)
-    local = np.empty(len(first), np.int64)
+    group, n_groups = _group(h)
+    # number the groups in the order of their first token
+    first = np.full(n_groups, n, np.int64)
+    np.minimum.at(first, group, np.arange(n))
+    reps = np.sort(first[first < n])  # the first token of each group, in text order
+    local = np.empty(n_groups, np.int64)
     local[group[reps]] = np.arange(len(reps))
     ids = local[group]
     # every token equals its group's first token: same length and the same bytes, 8 at a time
