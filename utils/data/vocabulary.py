@@ -192,6 +192,17 @@ class _FirstSeenIds(dict):
         self.n += 1
         return idx
 
+    def ids_of_distinct(self, symbols: list[str]) -> np.ndarray:
+        """The ids of `symbols` (distinct, in first-seen order): the new ones numbered in that order, added in
+        one C-level update instead of one __missing__ call each."""
+        ids = np.fromiter(map(self.get, symbols, itertools.repeat(_MISSING)), np.int64, len(symbols))
+        new = np.flatnonzero(ids == _MISSING)
+        if len(new):
+            ids[new] = np.arange(self.n, self.n + len(new))
+            self.update(zip(map(symbols.__getitem__, new.tolist()), range(self.n, self.n + len(new))))
+            self.n += len(new)
+        return ids
+
 
 class Vocab:
     """Word (or character, `delimiter=''`) vocabulary with the reference's ids; see the module docstring."""
@@ -252,7 +263,10 @@ class Vocab:
             if fast is not None:
                 symbols, local = fast
                 lookup = np.empty(len(symbols) + 2, np.int64)
-                lookup[: len(symbols)] = self._map(table, symbols, "\n")  # no symbol holds a newline
+                if isinstance(table, _FirstSeenIds):
+                    lookup[: len(symbols)] = table.ids_of_distinct(symbols)
+                else:
+                    lookup[: len(symbols)] = self._map(table, symbols, "\n")  # no symbol holds a newline
                 lookup[-2] = LINE_END  # local ids are LINE_END (-2) at line ends: lookup[-2] keeps them so
                 yield lookup[local], lambda pos, symbols=symbols, local=local: symbols[local[pos]], first_line
                 continue
