@@ -18,7 +18,8 @@ WORDS = ["the", "The", "cat", "ΟΔΟΣ", "İstanbul", "naïve", "N", "<unk>", "
 # Words of 8, 9, 16 and 17+ bytes (the fast path reads tokens 8 bytes at a time), a NUL inside a word, and
 # only the ASCII whitespace (the fast path leaves blocks with non-ASCII whitespace to the Python path).
 LONG_WORDS = WORDS + ["abcdefgh", "abcdefghi", "abcdefgh\x00", "abcdefghijklmnop", "abcdefghijklmnopq",
-                      "日本語日本語日本", "supercalifragilisticexpialidocious", "a\x00b", "\x00"]
+                      "日本語日本語日本", "supercalifragilisticexpialidocious", "a\x00b", "\x00", "abcdefga", "abcdefgi",
+                      "abcdefg", "abcdefg\x0f"]
 ASCII_SPACES = ["\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x1f"]
 
 
@@ -103,7 +104,9 @@ def test_a_hash_collision_falls_back_to_the_python_path(tmp_path, monkeypatch):
     """Exactness does not rest on the hash: with every token hashed alike the check against each group's first
     token fails, the block goes to the Python path, and the ids still follow the rule."""
     monkeypatch.setattr(fast_words, "_mix", lambda x: x & np.uint64(0))
-    assert fast_words.first_seen_ids("b a b\n") is None  # short tokens: checked on their first 8 bytes
+    symbols, ids = fast_words.first_seen_ids("b a b\n")  # up to 7 bytes a token is its own key: no hash
+    assert symbols == ["b", "a"] and ids.tolist() == [0, 1, 0, -2]
+    assert fast_words.first_seen_ids("abcdefgh abcdefgi\n") is None  # longer ones: checked on their first 8 bytes
     assert fast_words.first_seen_ids("abcdefghij abcdefghik\n") is None  # and on the bytes after those
     path = write(tmp_path / "t.txt", "b a b\nabcdefghij abcdefghik a\n")
     expected, _ = ref.build_vocab([path], ["<eos>"], False)

@@ -9,12 +9,13 @@ token. Here the block is encoded to UTF-8 and handled as bytes:
    whitespace below and on 19 non-ASCII characters; a block holding any of those (found among the bytes from
    0xC2 up) is left to the Python path, so the tokens here are exactly `str.split()`'s. ASCII bytes never
    occur inside a multi-byte UTF-8 character, so every token is whole characters.
-2. Each token gets a 64-bit hash from its bytes read 8 at a time (`_mix`, splitmix64's finalizer).
-3. Equal hashes are grouped through a table indexed by the hash's top bits (tokens whose slot another hash
-   took retry in a smaller table with other bits, until none is left), then each group is numbered in the
-   order of its first token.
-4. Exactness does not rest on the hash: every token is compared with its group's first token (length and
-   every byte). Should two different tokens ever share a hash, the block goes to the Python path.
+2. Each token gets a 64-bit key: a token of up to 7 bytes is its own key (its bytes and its length: exact);
+   a longer one gets a hash of its bytes read 8 at a time (`_mix`, splitmix64's finalizer), top bit set.
+3. Equal keys are grouped through a table indexed by the key's multiplied top bits (tokens whose slot
+   another key took retry in another table, until none is left), then each group is numbered in the order of
+   its first token (`np.minimum.at`).
+4. Exactness does not rest on the hash: every long token is compared with its group's first token (length
+   and every byte). Should two different tokens ever share a hash, the block goes to the Python path.
 
 Only the distinct symbols of a block become Python strings (in first-seen order); the caller maps those to
 its own ids. The result equals `text.replace("\\n", f" {marker} ").split()` numbered in first-seen order.
@@ -42,7 +43,8 @@ def _has_other_space(padded: np.ndarray, size: int) -> bool:
 _LOW_BYTES = np.array([(1 << (8 * k)) - 1 for k in range(8)] + [(1 << 64) - 1], np.uint64)
 _MAX_TABLE_BITS = 18
 _ROUND_MULTIPLIERS = [np.uint64(m) for m in (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9,
-                                              0xD6E8FEB86659FD93, 0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53)]
+                                              0xD6E8FEB86659FD93, 0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53,
+                                              0x9FB21C651E98DF25)]
 
 
 def _mix(x: np.ndarray) -> np.ndarray:
@@ -62,18 +64,19 @@ def _words(words_at: np.ndarray, starts: np.ndarray, lengths: np.ndarray, k: int
 
 
 def _group(h: np.ndarray) -> tuple[np.ndarray, int]:
-    """(group, n_groups): a group number per token, equal exactly when the hashes are equal.
+    """(group, n_groups): a group number per token, equal exactly when the keys `h` are equal.
 
-    Each round writes the hashes into a table by their top bits (at most 2^18 slots, 2 MB, in cache: a block
-    has far fewer distinct symbols than tokens); a slot ends up holding one of the hashes written to it, the
-    tokens of that hash take the slot as their group and the others retry in the next, smaller table."""
+    Each round writes the keys into a table at the top bits of key x an odd constant (at most 2^18 slots,
+    2 MB, in cache: a block has far fewer distinct symbols than tokens); a slot ends up holding one of the
+    keys written to it, the tokens of that key take the slot as their group and the others retry in the next
+    table with another constant."""
     bits = min(max(8, (2 * len(h)).bit_length()), _MAX_TABLE_BITS)
-    group = (h >> np.uint64(64 - bits)).view(np.int64)
+    group = ((h * _ROUND_MULTIPLIERS[0]) >> np.uint64(64 - bits)).view(np.int64)  # (keys need not be mixed)
     table = np.empty(1 << bits, np.uint64)
     table[group] = h
     lost = np.flatnonzero(table[group] != h)
     n_groups = 1 << bits
-    for multiplier in _ROUND_MULTIPLIERS:
+    for multiplier in _ROUND_MULTIPLIERS[1:]:
         if not len(lost):
             return group, n_groups
         hl = h[lost]
@@ -124,14 +127,21 @@ def first_seen_ids(text: str) -> tuple[list[str], np.ndarray] | None:
     lengths = ends - starts
     words_at = np.ndarray((size + 8,), "<u8", buffer=padded, offset=1, strides=(1,))  # unaligned: bytes i .. i+7
     first_word = _words(words_at, starts, lengths, 0)
-    h = _mix(first_word ^ (lengths.astype(np.uint64) << np.uint64(56)))
-    long = np.flatnonzero(lengths > 8)
-    k = 1
-    while len(long):
-        h[long] = _mix(h[long] ^ _words(words_at, starts[long], lengths[long], k))
-        k += 1
-        long = long[lengths[long] > 8 * k]
-    group, n_groups = _group(h)
+    # A token of up to 7 bytes is its own key: its bytes, and its length in the top byte (exact, top bit 0).
+    key = first_word | (lengths.astype(np.uint64) << np.uint64(56))
+    # A longer one gets a 64-bit hash of all its bytes, with the top bit set (never a short token's key).
+    long = np.flatnonzero(lengths > 7)
+    if len(long):
+        long_starts, long_lengths = starts[long], lengths[long]
+        h = _mix(first_word[long] ^ (long_lengths.astype(np.uint64) * _ROUND_MULTIPLIERS[0]))
+        more = np.flatnonzero(long_lengths > 8)
+        k = 1
+        while len(more):
+            h[more] = _mix(h[more] ^ _words(words_at, long_starts[more], long_lengths[more], k))
+            k += 1
+            more = more[long_lengths[more] > 8 * k]
+        key[long] = h | np.uint64(1 << 63)
+    group, n_groups = _group(key)
     # number the groups in the order of their first token
     first = np.full(n_groups, n, np.int64)
     np.minimum.at(first, group, np.arange(n))
@@ -139,18 +149,20 @@ def first_seen_ids(text: str) -> tuple[list[str], np.ndarray] | None:
     local = np.empty(n_groups, np.int64)
     local[group[reps]] = np.arange(len(reps))
     ids = local[group]
-    # every token equals its group's first token: same length and the same bytes, 8 at a time
-    rep = reps[ids]
-    if not ((lengths[rep] == lengths).all() and (first_word[rep] == first_word).all()):
-        return None
-    long = np.flatnonzero(lengths > 8)
-    k = 1
-    while len(long):
-        mine = _words(words_at, starts[long], lengths[long], k)
-        if not (mine == _words(words_at, starts[rep[long]], lengths[long], k)).all():
+    # A long token's group is its hash's: check that it equals the group's first token (the same length and the
+    # same bytes, 8 at a time) rather than trust the hash.
+    if len(long):
+        rep = reps[ids[long]]
+        if not ((lengths[rep] == long_lengths).all() and (first_word[rep] == first_word[long]).all()):
             return None
-        k += 1
-        long = long[lengths[long] > 8 * k]
+        more = np.flatnonzero(long_lengths > 8)
+        k = 1
+        while len(more):
+            mine = _words(words_at, long_starts[more], long_lengths[more], k)
+            if not (mine == _words(words_at, starts[rep[more]], long_lengths[more], k)).all():
+                return None
+            k += 1
+            more = more[long_lengths[more] > 8 * k]
     symbols = _decode(padded, starts[reps] + 1, lengths[reps])
     if len(newlines):
         ids = np.insert(ids, np.searchsorted(starts, newlines), -2)
