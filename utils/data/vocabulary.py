@@ -229,6 +229,7 @@ class Vocab:
         # Counting state: provisional ids in first-seen order and their counts.
         self._prov = _FirstSeenIds()
         self._counts = np.zeros(0, np.int64)
+        self._remap: np.ndarray | None = None  # remap_provisional's result, once the vocabulary is built
 
     # ---- tokenizing --------------------------------------------------------------------------------------
     def tokenize(self, line: str, add_eos: bool = False, add_double_eos: bool = False) -> list[str]:
@@ -368,6 +369,7 @@ class Vocab:
             raise UserError(f"{path}: vocabulary file has no <UNK> (or <unk>) symbol for unknown words")
 
     def _set_symbols(self, idx2sym: list[str]) -> None:
+        self._remap = None
         self.idx2sym = idx2sym
         self.sym2idx = {sym: i for i, sym in enumerate(idx2sym)}
         self.eos_idx = self.sym2idx.get(EOS)
@@ -434,12 +436,15 @@ class Vocab:
         return sents
 
     def remap_provisional(self) -> np.ndarray:
-        """Array mapping provisional ids (from counting) to final ids; _MISSING where a symbol was dropped."""
-        remap = np.full(len(self._counts), _MISSING, np.int64)
-        prov = np.fromiter(map(self._prov.get, self.idx2sym, itertools.repeat(_MISSING)), np.int64, len(self))
-        known = prov >= 0
-        remap[prov[known]] = np.flatnonzero(known)
-        return remap
+        """Array mapping provisional ids (from counting) to final ids; _MISSING where a symbol was dropped.
+        Computed once per vocabulary (each split's finish_provisional asks for it); do not modify it."""
+        if self._remap is None or len(self._remap) != len(self._counts):
+            remap = np.full(len(self._counts), _MISSING, np.int64)
+            prov = np.fromiter(map(self._prov.get, self.idx2sym, itertools.repeat(_MISSING)), np.int64, len(self))
+            known = prov >= 0
+            remap[prov[known]] = np.flatnonzero(known)
+            self._remap = remap
+        return self._remap
 
     def finish_provisional(
         self,
@@ -450,14 +455,16 @@ class Vocab:
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Turn the provisional id blocks that count_file gave its sink into final (ids, line starts)."""
         eos_idx, s_idx = self._line_ends_ids(path, add_eos, add_double_eos)
-        remap = self.remap_provisional()
+        # one gather per block: the provisional LINE_END (-2) indexes lookup[-2], which keeps it
+        lookup = np.concatenate((self.remap_provisional(), [LINE_END, _MISSING]))
         line = 1
         for prov in blocks:
-            prov = np.asarray(prov, np.int64)
-            ids = np.where(prov >= 0, remap[np.maximum(prov, 0)], prov)
+            prov = np.asarray(prov)
+            ids = lookup[prov]
             self._fill_unknown(ids, path, line, lambda pos: list(self._prov)[prov[pos]])
-            line += int(np.count_nonzero(prov == LINE_END))
-            yield finish_line_ends(ids, add_eos, add_double_eos, eos_idx, s_idx)
+            ids, starts = finish_line_ends(ids, add_eos, add_double_eos, eos_idx, s_idx)
+            line += len(starts)  # one start per line end
+            yield ids, starts
 
     # ---- symbols and ids ---------------------------------------------------------------------------------
     def get_idx(self, sym: str) -> int:
