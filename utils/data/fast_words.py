@@ -60,7 +60,9 @@ def _mix(x: np.ndarray) -> np.ndarray:
 def _words(words_at: np.ndarray, starts: np.ndarray, lengths: np.ndarray, k: int) -> np.ndarray:
     """Bytes 8k .. 8k+7 of each token as a little-endian uint64, the bytes past its end zeroed (`words_at[i]`
     is the 8 bytes from offset i)."""
-    return words_at[starts + 8 * k] & _LOW_BYTES[np.clip(lengths - 8 * k, 0, 8)]
+    word = words_at[starts + 8 * k] if k else words_at[starts]
+    word &= _LOW_BYTES[np.clip(lengths - 8 * k, 0, 8) if k else np.minimum(lengths, 8)]
+    return word
 
 
 def _group(h: np.ndarray) -> tuple[np.ndarray, int]:
@@ -71,7 +73,9 @@ def _group(h: np.ndarray) -> tuple[np.ndarray, int]:
     keys written to it, the tokens of that key take the slot as their group and the others retry in the next
     table with another constant."""
     bits = min(max(8, (2 * len(h)).bit_length()), _MAX_TABLE_BITS)
-    group = ((h * _ROUND_MULTIPLIERS[0]) >> np.uint64(64 - bits)).view(np.int64)  # (keys need not be mixed)
+    group = h * _ROUND_MULTIPLIERS[0]  # (keys need not be mixed)
+    group >>= np.uint64(64 - bits)
+    group = group.view(np.int64)
     table = np.empty(1 << bits, np.uint64)
     table[group] = h
     lost = np.flatnonzero(table[group] != h)
@@ -128,7 +132,9 @@ def first_seen_ids(text: str) -> tuple[list[str], np.ndarray] | None:
     words_at = np.ndarray((size + 8,), "<u8", buffer=padded, offset=1, strides=(1,))  # unaligned: bytes i .. i+7
     first_word = _words(words_at, starts, lengths, 0)
     # A token of up to 7 bytes is its own key: its bytes, and its length in the top byte (exact, top bit 0).
-    key = first_word | (lengths.astype(np.uint64) << np.uint64(56))
+    key = lengths.astype(np.uint64)
+    key <<= np.uint64(56)
+    key |= first_word
     # A longer one gets a 64-bit hash of all its bytes, with the top bit set (never a short token's key).
     long = np.flatnonzero(lengths > 7)
     if len(long):
