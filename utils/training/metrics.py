@@ -186,6 +186,11 @@ class MetricsWriter:
                 if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
                     self._tb.add_scalar(f"{tb_prefix}/{key}", value, step)
 
+    def histogram(self, tag: str, values, step: int) -> None:
+        """A histogram to TensorBoard only (e.g. LAMB's trust ratios)."""
+        if self.enabled and self._tb is not None:
+            self._tb.add_histogram(tag, values, step)
+
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
