@@ -10,10 +10,10 @@ really trained on (an epoch's last, shorter segment and --varlen make it differ 
 
 ScheduledStream (what happens at a batch change, README "Batch-size schedule"). The epoch starts like the
 ordinary iterator: the corpus cut into B streams (rotated with --roll). When the batch changes to B' in the
-middle of an epoch, the tokens not trained yet (the rest of every stream, in stream order) are cut into B' new
-streams of equal length; the epoch goes on with those. So no token of the epoch is trained twice or skipped,
-except that the last (rest mod B') tokens are dropped, as the ordinary layout drops (corpus length mod B),
-and that each new stream's first token is an input only. A new stream may cross the place where an old one
+middle of an epoch, the tokens not trained yet (the rest of every stream after its last target, in stream
+order) are cut into B' new streams of equal length; the epoch goes on with those. So no token of the epoch is
+trained twice, and none is skipped except the last (rest mod B') tokens, dropped as the ordinary layout drops
+(corpus length mod B), and each new stream's first token, which is an input only (as every stream's first). A new stream may cross the place where an old one
 ended (a jump in the text, like a rotation's wrap-around). The memory is reset at the change (its shape
 changes and most new streams start mid-text). The next epoch starts fresh with the batch of that step.
 The layout (pieces of the corpus), the position and the epoch are in the iterator's state, so a resume
@@ -143,7 +143,8 @@ class _Layout:
 
     def rest(self, bsz: int) -> Optional["_Layout"]:
         """The rows not trained yet, cut into `bsz` new streams (None: too few tokens left for one batch)."""
-        pieces = [piece for c in range(self.bsz) for piece in self.pieces_of(c * self.rows + self.pos,
+        skip = self.pos + (1 if self.pos else 0)           # row pos was the last batch's target already
+        pieces = [piece for c in range(self.bsz) for piece in self.pieces_of(c * self.rows + skip,
                                                                              (c + 1) * self.rows)]
         if sum(n for _, n in pieces) // bsz < 2:
             return None
