@@ -8,12 +8,12 @@ import sys
 from pathlib import Path
 
 
-def curve(work_dir: Path) -> list[tuple[int, float]]:
-    """(tokens, validation perplexity) at each validation of a run."""
+def curve(work_dir: Path, tokens_per_step: int) -> list[tuple[int, float]]:
+    """(training tokens, validation perplexity) at each validation of a run (nominal tokens: steps x batch x
+    tgt_len, what --max_tokens counts)."""
     records = [json.loads(line) for line in (work_dir / "train_log.json").read_text().splitlines() if line.strip()]
-    tokens = {r["step"]: r["tokens"] for r in records if isinstance(r["step"], int) and "tokens" in r}
-    return [(tokens[r["step"]], math.exp(r["valid_loss"])) for r in records
-            if isinstance(r["step"], int) and "valid_loss" in r and r["step"] in tokens]
+    return [(r["step"] * tokens_per_step, math.exp(r["valid_loss"])) for r in records
+            if isinstance(r["step"], int) and "valid_loss" in r]
 
 
 def main(out: Path, runs: list[str]) -> None:
@@ -24,10 +24,10 @@ def main(out: Path, runs: list[str]) -> None:
     print("| run | global batch | lr scaling | effective lr | steps | tokens | final valid ppl |")
     print("|---|---|---|---|---|---|---|")
     for name in runs:
-        points = curve(out / name)
-        ax.plot([t for t, _ in points], [p for _, p in points], marker="o", label=name)
         config = json.loads((out / name / "train_log.json").read_text().splitlines()[0])
         batch, rule = config["batch_size"], config["lr_scaling"]
+        points = curve(out / name, batch * config["tgt_len"])
+        ax.plot([t for t, _ in points], [p for _, p in points], marker="o", label=name)
         factor = {"none": 1.0, "linear": batch / 16, "sqrt": math.sqrt(batch / 16)}[rule]
         print(f"| {name} | {batch} | {rule} | {config['lr'] * factor:g} | {config['max_step']} | {points[-1][0]} "
               f"| {points[-1][1]:.2f} |")

@@ -2,7 +2,7 @@
 # Large-batch training in small, on the CPU (README "Moving a recipe to more GPUs", the demo's figure):
 # the cpu_small demo preset trained for the same number of tokens at global batch 16 (the base batch, lr 0.01)
 # and at global batch 64 with each --lr_scaling rule (none: 0.01, sqrt: 0.02, linear: 0.04), warm-up and
-# cosine decay counted in tokens, validated every 12800 tokens. Then scripts/large_batch_demo.py plots the
+# cosine decay counted in tokens, validated every 25600 tokens. Then scripts/large_batch_demo.py plots the
 # validation perplexity against tokens (large_batch_demo.png) and prints the table of final perplexities.
 #   bash scripts/large_batch_demo.sh [OUT_DIR]          (about 5 minutes on 2 CPU cores)
 set -euo pipefail
@@ -15,7 +15,7 @@ TOKENS=${TOKENS:-204800}          # 200 steps at batch 64 x tgt_len 16
 mkdir -p "$OUT"
 run() {  # name batch rule
   local name=$1 batch=$2 rule=$3
-  local eval_interval=$((12800 / (batch * 16)))
+  local eval_interval=$((25600 / (batch * 16)))
   OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$PYTHON" train.py --config_file configs/cpu_small.yaml --config demo \
     --data "$DATA" --work_dir "$OUT/$name" --overwrite --no_env --batch_size "$batch" --lr 0.01 \
     --lr_scaling "$rule" --base_batch_size 16 --warmup_tokens 25600 --max_tokens "$TOKENS" \

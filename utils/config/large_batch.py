@@ -3,7 +3,8 @@ from utils.io.errors import UserError
 
 
 def check_large_batch(cfg):
-    """One line per broken rule; --batch_schedule's first batch becomes --batch_size."""
+    """One line per broken rule; --batch_schedule's first batch becomes --batch_size (the schedule replaces a
+    preset's or the command line's --batch_size)."""
     if cfg.lr_scaling != "none" and cfg.base_batch_size is None:
         raise UserError(f"--lr_scaling {cfg.lr_scaling} needs --base_batch_size (the global batch --lr is given for)")
     if cfg.lr_range_test and cfg.lr_range_min >= cfg.lr_range_max:
@@ -20,7 +21,4 @@ def check_large_batch(cfg):
         raise UserError("--batch_schedule gives global batches; drop --local_batch_size")
     if cfg.dataset == "lm1b":
         raise UserError("--batch_schedule works with ordered corpora only, not lm1b's sentence stream")
-    if "batch_size" in cfg.given and cfg.batch_size != first:
-        raise UserError(f"--batch_size {cfg.batch_size} differs from --batch_schedule's first batch {first}; drop "
-                        "--batch_size")
     return cfg.replace(batch_size=first)
