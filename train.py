@@ -26,7 +26,7 @@ from utils.model.init import init_weights
 from utils.model.model_config import build_model_config
 from utils.runtime.device import (check_process_count, configure_backends, environment_summary, resolve_speed_flags,
                                   select_device)
-from utils.training.batch_schedule import check_schedule_split, resolve_max_step
+from utils.training.batch_schedule import check_layout, resolve_max_step
 from utils.training.loop import Trainer
 from utils.training.memory import check_memory
 from utils.training.preemption import PreemptionHandler
@@ -81,7 +81,7 @@ def check(args) -> int:
     free (no run holds it, no earlier checkpoints a new run would replace). Writes nothing."""
     args = resolve_max_step(global_batch(args, args.check))
     check_batch_split(args, args.check)
-    check_schedule_split(args, args.check)
+    check_layout(args, args.check)
     note = check_process_count(args.check, args.cuda)
     check_inputs(args)
     if not args.debug and not args.append_time:         # --append_time: a new folder each run
@@ -107,7 +107,7 @@ def train(args, preemption: PreemptionHandler) -> int:
     rank, world_size = distributed.get_rank(), distributed.get_world_size()
     args = resolve_max_step(global_batch(args, world_size))
     check_batch_split(args, world_size)
-    check_schedule_split(args, world_size)
+    check_layout(args, world_size)
     check_inputs(args)
     requested = args                                  # config.yaml: as asked, before the device resolves speed flags
     # nothing in the work dir is touched before the checks above and the lock and check_fresh_start below

@@ -9,8 +9,6 @@ def check_large_batch(cfg):
         raise UserError(f"--lr_scaling {cfg.lr_scaling} needs --base_batch_size (the global batch --lr is given for)")
     if cfg.lr_range_test and cfg.lr_range_min >= cfg.lr_range_max:
         raise UserError(f"--lr_range_min ({cfg.lr_range_min}) must be below --lr_range_max ({cfg.lr_range_max})")
-    if cfg.log_noise_scale and cfg.batch_chunk < 2:
-        raise UserError("--log_noise_scale compares the gradients of the batch chunks: it needs --batch_chunk >= 2")
     if cfg.log_noise_scale and cfg.multi_gpu == "fsdp":
         raise UserError("--log_noise_scale reads whole gradients per chunk, which FSDP shards; use --multi_gpu ddp")
     if not cfg.batch_schedule:

@@ -262,8 +262,8 @@ class RunConfig:
                                              clis=TRAIN_EVAL, low=0)
     target_perplexity: Optional[float] = opt(None, "exit 1 when the perplexity is above this", clis=TRAIN_EVAL,
                                              low=0, low_open=True)
-    log_noise_scale: bool = opt(False, "log the gradient noise scale B_simple (needs --batch_chunk >= 2) and, with "
-                                "LAMB, the trust ratios")
+    log_noise_scale: bool = opt(False, "log the gradient noise scale B_simple (from the batch chunks, or the "
+                                "processes; one process needs --batch_chunk >= 2) and, with LAMB, the trust ratios")
     seed: int = opt(1111, "random seed", clis=ALL, low=0, high=2 ** 32 - 1)
     check: Optional[int] = opt(None, "check everything each of N processes would check alike (flags, preset, data "
                                "folder, checkpoint, processes against GPUs) in this one process, then exit: 0 when "

@@ -212,9 +212,10 @@ def wrap_model(model: torch.nn.Module, args, device: torch.device) -> torch.nn.M
     ddp = DistributedDataParallel(model, device_ids=device_ids, **({"bucket_cap_mb": bucket} if bucket else {}),
                                   find_unused_parameters=bool(getattr(model, "cutoffs", True)))
     hook = getattr(args, "ddp_comm_hook", "none")
-    if hook != "none":                   # all-reduce the gradient buckets in 16 bits: half the traffic
+    rank_norms = getattr(args, "log_noise_scale", False) and args.batch_chunk == 1
+    if hook != "none" or rank_norms:     # 16-bit all-reduce (half the traffic); each rank's gradient norm
         from utils.distributed import comm_hooks
-        comm_hooks.register(ddp, hook)
+        ddp.comm_hook_state = comm_hooks.register(ddp, hook)
     return ddp
 
 

@@ -103,8 +103,12 @@ def resolve_max_step(args):
     return args.replace(max_step=steps)
 
 
-def check_schedule_split(args, world_size: int) -> None:
-    """Every batch of the schedule splits evenly over the processes and into --batch_chunk chunks."""
+def check_layout(args, world_size: int) -> None:
+    """Every batch of the schedule splits evenly over the processes and into --batch_chunk chunks; the noise
+    scale has several gradients to compare (chunks or processes)."""
+    if args.log_noise_scale and args.batch_chunk < 2 and world_size < 2:
+        raise UserError("--log_noise_scale compares the gradients of the batch chunks (or of the processes): in "
+                        "one process it needs --batch_chunk >= 2")
     if not args.batch_schedule:
         return
     for step, batch in parse_schedule(args.batch_schedule):

@@ -85,6 +85,9 @@ class Trainer:
                          args.batch_chunk, args.swap_mem, args.cuda_graphs)
         if args.log_noise_scale:                             # the last chunk's gradient is all-reduced with DDP
             step.observer = NoiseScaleMeter(model.parameters(), args.batch_chunk, self.world_size == 1, scaler)
+            hook_state = getattr(para_model, "comm_hook_state", None)
+            if hook_state is not None and args.batch_chunk == 1:   # one chunk per rank: the ranks' gradients
+                hook_state.observer = step.observer
             if hasattr(optimizer, "keep_trust_ratios"):
                 optimizer.keep_trust_ratios()
         return optimizer, scheduler, scaler, step

@@ -13,7 +13,9 @@ E|G_n|^2 = |G|^2 + tr(Sigma) / n for a batch of n examples (here: sequences),
 (appendix A.1 of the paper). Both are summed over the steps of a log interval on the device and divided at
 the log line (the paper's advice: average numerator and denominator separately, not the noisy ratio); no
 extra backward pass, no host sync in the step. With DDP the last chunk's backward all-reduces the gradients,
-so its own gradient is not seen: the first k - 1 chunks are the samples (hence k >= 2).
+so its own gradient is not seen: the first k - 1 chunks are the samples. With DDP and k = 1 each rank's
+gradient is the sample (b = the rank's share), its norm taken by a DDP communication hook before the
+all-reduce (utils/distributed/comm_hooks.py); the parts are averaged over the ranks at the log line.
 The cost: one copy of the gradients per chunk and a few norms, only with the flag.
 The noise scale is in sequences; times --tgt_len it is in tokens.
 """
@@ -32,6 +34,7 @@ class NoiseScaleMeter:
         self._prev: Optional[list] = None
         self._small_sum: Optional[torch.Tensor] = None
         self._samples = 0
+        self._rank_sum: Optional[torch.Tensor] = None        # DDP, one chunk: this rank's squared gradient norm
         self.reset()
 
     def reset(self) -> None:
@@ -65,9 +68,16 @@ class NoiseScaleMeter:
             self._samples += 1
         self._prev = None if last else [None if g is None else g.detach().clone() for g in grads]
 
+    def add_rank_square(self, square: torch.Tensor) -> None:
+        """DDP with one chunk (utils/distributed/comm_hooks.py): a bucket's squared norm of this rank's gradient,
+        before the all-reduce; the rank's whole gradient is the step's one small-batch sample."""
+        self._rank_sum = square if self._rank_sum is None else self._rank_sum + square
+
     @torch.no_grad()
     def after_step(self, grad_norm: torch.Tensor) -> None:
         """After the gradient norm of the step (unscaled, before clipping): the step's estimates."""
+        if self._rank_sum is not None:
+            self._small_sum, self._samples, self._rank_sum = self._rank_sum, 1, None
         if self._small_sum is None:
             return
         small = self._small_sum / self._samples
