@@ -23,13 +23,6 @@ def records(work_dir):
     return {r["step"]: r for r in map(json.loads, lines) if isinstance(r["step"], int) and "train_loss" in r}
 
 
-def train_ok(tmp_path, name, **flags):
-    result = cli_runner.train(tiny_args(cli_runner.demo_corpus(tmp_path / "corpus") if not (tmp_path / "corpus").is_dir()
-                                        else tmp_path / "corpus", tmp_path / name, **flags), tmp_path, name=name)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result, records(tmp_path / name)
-
-
 # ---- 1. LR scaling -------------------------------------------------------------------------------------------
 
 def test_lr_scaling_linear_doubles_and_sqrt_multiplies_by_root_two(demo_corpus, tmp_path):

@@ -13,9 +13,10 @@ ordinary iterator: the corpus cut into B streams (rotated with --roll). When the
 middle of an epoch, the tokens not trained yet (the rest of every stream after its last target, in stream
 order) are cut into B' new streams of equal length; the epoch goes on with those. So no token of the epoch is
 trained twice, and none is skipped except the last (rest mod B') tokens, dropped as the ordinary layout drops
-(corpus length mod B), and each new stream's first token, which is an input only (as every stream's first). A new stream may cross the place where an old one
-ended (a jump in the text, like a rotation's wrap-around). The memory is reset at the change (its shape
-changes and most new streams start mid-text). The next epoch starts fresh with the batch of that step.
+(corpus length mod B), and each new stream's first token, which is an input only (as every stream's first).
+A new stream may cross the place where an old one ended (a jump in the text, like a rotation's wrap-around).
+The memory is reset at the change (its shape changes and most new streams start mid-text). The next epoch
+starts fresh with the batch of that step.
 The layout (pieces of the corpus), the position and the epoch are in the iterator's state, so a resume
 continues exactly, also across a change.
 """
