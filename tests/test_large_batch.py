@@ -316,3 +316,24 @@ def test_batch_schedule_with_two_ddp_processes_trains_like_one(tmp_path):
         logged[run] = [r["noise_scale"] for r in recs]
     for x, y in zip(logged["one"], logged["two1"]):
         assert abs(x - y) <= 1e-3 * abs(x), (logged["one"], logged["two1"])
+
+
+def test_noise_scale_sums_of_an_open_log_interval_resume_exactly():
+    """Two steps, a checkpoint of the meter (plain types, through JSON), a new meter, a third step: the sums
+    equal three steps in one meter bit for bit (the noise scale of a log interval cut by a restart)."""
+    def meter_after(steps, resume_after=None):
+        model = tiny_model(n_layer=1, tgt_len=4, mem_len=0)
+        model.train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        step = TrainStep(model, model, optimizer, scaler, contextlib.nullcontext, clip=1e9, batch_chunk=2)
+        step.observer = NoiseScaleMeter(model.parameters(), chunks=2, sees_last_chunk=True, scaler=scaler)
+        for t in range(steps):
+            if t == resume_after:
+                saved = {"ranks": [json.loads(json.dumps(step.observer.state_dict()))]}
+                step.observer = NoiseScaleMeter(model.parameters(), chunks=2, sees_last_chunk=True, scaler=scaler)
+                step.observer.load_state_dict(saved, 0, "cpu")
+            step.observer.global_batch = step.observer.local_batch = 4
+            step(tokens(4, 4, 40, seed=10 + t), tokens(4, 4, 40, seed=20 + t), [None, None])
+        return step.observer.read(), step.observer.steps
+    assert meter_after(3) == meter_after(3, resume_after=2)

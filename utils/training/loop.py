@@ -113,6 +113,9 @@ class Trainer:
         if restored is None:
             return False
         self.state, self.mems = restored
+        if self.optimizer_step.observer is not None:    # the noise scale's open log interval (same layout only)
+            saved = self.state.noise_acc if self.state.same_layout(self.world_size, self.args.batch_chunk) else None
+            self.optimizer_step.observer.load_state_dict(saved, self.rank, self.device)
         self._open_metrics(append=bool(restart))
         return True
 
@@ -244,6 +247,8 @@ class Trainer:
         is_best = state.record_validation(val_loss)
         if not args.debug:
             self._count_elapsed()
+            if self.optimizer_step.observer is not None:   # every rank's sums of the open log interval
+                state.noise_acc = {"ranks": distributed.gather_objects(self.optimizer_step.observer.state_dict())}
             ckpt = self.checkpointer.capture(state, self.mems)
             if self.rank == 0:
                 self.checkpointer.save(ckpt, is_best)

@@ -91,6 +91,22 @@ class NoiseScaleMeter:
         self.steps += 1
         self._prev = self._small_sum = None
 
+    def state_dict(self) -> dict:
+        """The open interval's sums as plain numbers (a checkpoint; float64 round-trips exactly)."""
+        return {"grad_sq": None if self.grad_sq is None else float(self.grad_sq),
+                "trace": None if self.trace is None else float(self.trace), "steps": self.steps}
+
+    def load_state_dict(self, saved: Optional[dict], rank: int, device) -> None:
+        """This rank's sums from a checkpoint's `noise_acc` ({"ranks": [state_dict per rank]}); another number of
+        processes (or none saved) starts the interval afresh."""
+        self.reset()
+        ranks = (saved or {}).get("ranks") or []
+        state = ranks[rank] if rank < len(ranks) and isinstance(ranks[rank], dict) else None
+        if state and state.get("grad_sq") is not None:
+            self.grad_sq = torch.tensor(state["grad_sq"], dtype=torch.float64, device=device)
+            self.trace = torch.tensor(state["trace"], dtype=torch.float64, device=device)
+            self.steps = int(state["steps"])
+
     def read(self) -> Optional[tuple[float, float]]:
         """(tr(Sigma) sum, |G|^2 sum) of the interval, read to the host (the log line's one sync)."""
         if self.grad_sq is None:
