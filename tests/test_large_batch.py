@@ -337,3 +337,19 @@ def test_noise_scale_sums_of_an_open_log_interval_resume_exactly():
             step(tokens(4, 4, 40, seed=10 + t), tokens(4, 4, 40, seed=20 + t), [None, None])
         return step.observer.read(), step.observer.steps
     assert meter_after(3) == meter_after(3, resume_after=2)
+
+
+@pytest.mark.slow
+def test_lr_range_test_with_two_ddp_processes(tmp_path):
+    """The LR range test under torchrun (gloo, DDP): rank 0 writes the files, one suggestion line."""
+    from dist_testlib import torchrun
+    from utils.data.demo_corpus import write_demo_corpus
+    data = write_demo_corpus(tmp_path / "demo", n_train_docs=4, n_eval_docs=2)
+    result = torchrun(2, data, tmp_path / "range", "--multi_gpu", "ddp", "--lr_range_test", "--lr_range_steps", "15",
+                      "--lr_range_min", "1e-3", "--lr_range_max", "10")
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    lines = [x for x in result.stdout.splitlines() if "suggested lr: " in x]
+    assert len(lines) == 1 and 1e-3 <= float(lines[0].split("suggested lr: ")[1].split()[0]) <= 10
+    recs = [json.loads(x) for x in (tmp_path / "range" / "lr_range_test.jsonl").read_text().splitlines()]
+    assert len(recs) >= 11 and all(math.isfinite(r["loss"]) for r in recs[:11])
+    assert (tmp_path / "range" / "lr_range_test.png").read_bytes().startswith(b"\x89PNG")
