@@ -266,58 +266,6 @@ def test_lr_range_test_on_the_demo_preset(demo_corpus, tmp_path):
     assert not (work / "checkpoint_last.pt").exists()
 
 
-# ---- 6. DDP gradient compression ------------------------------------------------------------------------------
-
-@pytest.mark.slow
-def test_fp16_and_bf16_comm_hooks_train_like_the_plain_all_reduce(tmp_path):
-    """Two gloo processes, 20 steps: the losses with the fp16 and bf16 gradient all-reduce stay within 1e-3
-    (relative) of the float32 all-reduce at every step (16-bit rounding of the averaged gradients only)."""
-    from dist_testlib import step_losses, torchrun
-    from utils.data.demo_corpus import write_demo_corpus
-    data = write_demo_corpus(tmp_path / "demo", n_train_docs=20, n_eval_docs=4)
-    losses = {}
-    for hook in ("none", "fp16", "bf16"):
-        result = torchrun(2, data, tmp_path / hook, "--max_step", "20", "--multi_gpu", "ddp", "--ddp_comm_hook", hook,
-                          "--ddp_bucket_cap_mb", "1", "--no_eval", "--no_test")
-        assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-        losses[hook] = step_losses(tmp_path / hook)
-    assert sorted(losses["none"]) == list(range(1, 21))
-    for hook in ("fp16", "bf16"):
-        worst = max(abs(losses[hook][s] - losses["none"][s]) / losses["none"][s] for s in range(1, 21))
-        assert worst <= 1e-3, (hook, worst)
-        assert any(losses[hook][s] != losses["none"][s] for s in range(2, 21)), f"{hook}: no effect at all"
-
-
-@pytest.mark.slow
-def test_batch_schedule_with_two_ddp_processes_trains_like_one(tmp_path):
-    """--batch_schedule 0:8,6:16 across two epochs: two gloo processes (--batch_chunk 1, and 2) give the losses of
-    one process with --batch_chunk 2 (within 1e-5: another reduction order). The noise scale of the two
-    processes with one chunk each (each rank's gradient, taken by the DDP hook before the all-reduce) equals the
-    one process's from its two chunks (the same columns: rank r's share is chunk r) within float32 rounding."""
-    from dist_testlib import python_train, step_losses, records as dist_records, torchrun
-    from utils.data.demo_corpus import write_demo_corpus
-    data = write_demo_corpus(tmp_path / "demo", n_train_docs=4, n_eval_docs=2)
-    flags = ["--batch_schedule", "0:8,6:16", "--lr_scaling", "linear", "--base_batch_size", "8", "--max_step", "12",
-             "--no_eval", "--no_test", "--log_noise_scale"]
-    one = python_train(data, tmp_path / "one", *flags, "--batch_chunk", "2")
-    assert one.returncode == 0, one.stderr[-3000:]
-    for chunks in ("1", "2"):
-        two = torchrun(2, data, tmp_path / f"two{chunks}", *flags, "--multi_gpu", "ddp", "--batch_chunk", chunks)
-        assert two.returncode == 0, (two.stdout + two.stderr)[-3000:]
-    a = step_losses(tmp_path / "one")
-    assert sorted(a) == list(range(1, 13))
-    logged = {}
-    for run in ("one", "two1", "two2"):
-        b = step_losses(tmp_path / run)
-        assert sorted(b) == sorted(a) and max(abs(a[s] - b[s]) for s in a) <= 1e-5, run
-        recs = [r for r in dist_records(tmp_path / run) if isinstance(r["step"], int) and "train_loss" in r]
-        assert [r["batch_size"] for r in recs] == [8] * 6 + [16] * 6 and recs[-1]["epoch"] > 1
-        assert all(math.isfinite(r["noise_scale"]) for r in recs)
-        logged[run] = [r["noise_scale"] for r in recs]
-    for x, y in zip(logged["one"], logged["two1"]):
-        assert abs(x - y) <= 1e-3 * abs(x), (logged["one"], logged["two1"])
-
-
 def test_noise_scale_sums_of_an_open_log_interval_resume_exactly():
     """Two steps, a checkpoint of the meter (plain types, through JSON), a new meter, a third step: the sums
     equal three steps in one meter bit for bit (the noise scale of a log interval cut by a restart)."""
@@ -339,13 +287,71 @@ def test_noise_scale_sums_of_an_open_log_interval_resume_exactly():
     assert meter_after(3) == meter_after(3, resume_after=2)
 
 
+# ---- several processes: DDP with the batch schedule, the noise scale from the ranks, 16-bit all-reduce ---------
+
+DDP_FLAGS = ["--batch_schedule", "0:8,10:16", "--lr_scaling", "linear", "--base_batch_size", "8", "--max_step", "20",
+             "--no_eval", "--no_test", "--log_noise_scale", "--ddp_bucket_cap_mb", "1"]
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory):
+    """20 steps of --batch_schedule 0:8,10:16 across two epochs: one process with --batch_chunk 2, and two gloo
+    processes with each --ddp_comm_hook (none and fp16 with one chunk per rank, bf16 with two)."""
+    from dist_testlib import python_train, torchrun
+    from utils.data.demo_corpus import write_demo_corpus
+    tmp = tmp_path_factory.mktemp("ddp_large_batch")
+    data = write_demo_corpus(tmp / "demo", n_train_docs=4, n_eval_docs=2)
+    one = python_train(data, tmp / "one", *DDP_FLAGS, "--batch_chunk", "2")
+    assert one.returncode == 0, one.stderr[-3000:]
+    for hook, chunks in (("none", "1"), ("fp16", "1"), ("bf16", "2")):
+        two = torchrun(2, data, tmp / hook, *DDP_FLAGS, "--multi_gpu", "ddp", "--ddp_comm_hook", hook,
+                       "--batch_chunk", chunks)
+        assert two.returncode == 0, (two.stdout + two.stderr)[-3000:]
+    return tmp
+
+
+def ddp_records(work_dir):
+    from dist_testlib import records as dist_records
+    return {r["step"]: r for r in dist_records(work_dir) if isinstance(r["step"], int) and "train_loss" in r}
+
+
+@pytest.mark.slow
+def test_batch_schedule_and_noise_scale_with_two_ddp_processes(ddp_runs):
+    """Two processes train like one (within 1e-5: another reduction order) across the batch change and an epoch
+    end; the noise scale of two processes with one chunk each (each rank's gradient, taken by the DDP hook
+    before the all-reduce) equals the one process's from its two chunks (the same columns: rank r's share is
+    chunk r) within float32 rounding."""
+    one, two = ddp_records(ddp_runs / "one"), ddp_records(ddp_runs / "none")
+    assert sorted(one) == sorted(two) == list(range(1, 21))
+    assert max(abs(one[s]["train_loss"] - two[s]["train_loss"]) for s in one) <= 1e-5
+    assert [two[s]["batch_size"] for s in range(1, 21)] == [8] * 10 + [16] * 10 and two[20]["epoch"] > 1
+    for s in one:
+        assert abs(one[s]["noise_scale"] - two[s]["noise_scale"]) <= 1e-3 * abs(one[s]["noise_scale"]), s
+
+
+@pytest.mark.slow
+def test_fp16_and_bf16_comm_hooks_train_like_the_plain_all_reduce(ddp_runs):
+    """After 20 steps (and at every step) the losses with the fp16 and bf16 gradient all-reduce are within 1e-3
+    (relative) of the float32 all-reduce; fp16 (same chunking as the plain run) does change them. bf16 runs
+    with two chunks per rank: its noise scale comes from the first chunk of each rank."""
+    plain = ddp_records(ddp_runs / "none")
+    for hook in ("fp16", "bf16"):
+        ours = ddp_records(ddp_runs / hook)
+        assert sorted(ours) == list(range(1, 21))
+        worst = max(abs(ours[s]["train_loss"] - plain[s]["train_loss"]) / plain[s]["train_loss"] for s in plain)
+        assert worst <= 1e-3, (hook, worst)
+        assert all(math.isfinite(r["noise_scale"]) for r in ours.values())
+    fp16 = ddp_records(ddp_runs / "fp16")
+    assert any(fp16[s]["train_loss"] != plain[s]["train_loss"] for s in range(2, 21)), "fp16: no effect at all"
+
+
 @pytest.mark.slow
 def test_lr_range_test_with_two_ddp_processes(tmp_path):
     """The LR range test under torchrun (gloo, DDP): rank 0 writes the files, one suggestion line."""
     from dist_testlib import torchrun
     from utils.data.demo_corpus import write_demo_corpus
     data = write_demo_corpus(tmp_path / "demo", n_train_docs=4, n_eval_docs=2)
-    result = torchrun(2, data, tmp_path / "range", "--multi_gpu", "ddp", "--lr_range_test", "--lr_range_steps", "15",
+    result = torchrun(2, data, tmp_path / "range", "--multi_gpu", "ddp", "--lr_range_test", "--lr_range_steps", "12",
                       "--lr_range_min", "1e-3", "--lr_range_max", "10")
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     lines = [x for x in result.stdout.splitlines() if "suggested lr: " in x]

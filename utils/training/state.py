@@ -7,7 +7,8 @@ live objects (iterator, generators, memory tensors, scheduler, scaler) hold them
 
 `state_dict()` holds plain Python types and tensors only, so a checkpoint loads with
 `torch.load(..., weights_only=True)`. Its keys are those of the first checkpoint format (txl-train-v1), which
-tools and job scripts read (e.g. `ckpt["train_step"]`), plus `tokens_seen`.
+tools and job scripts read (e.g. `ckpt["train_step"]`), plus `tokens_seen` (and `noise_acc` with
+--log_noise_scale).
 """
 import math
 from dataclasses import asdict, dataclass, field, fields
@@ -68,6 +69,8 @@ class TrainState:
     def state_dict(self) -> dict:
         state = {f.name: getattr(self, f.name) for f in fields(self)}
         state["log_acc"] = self.log_acc.state_dict()
+        if self.noise_acc is None:                          # only runs with --log_noise_scale carry it
+            del state["noise_acc"]
         return state
 
     def load_state_dict(self, state: dict) -> None:
