@@ -128,6 +128,9 @@ def test_batch_schedule_resumes_exactly_across_the_switch(demo_corpus, tmp_path)
     cosine = lambda t: 0.001 + (0.01 - 0.001) * (1 + math.cos(math.pi * (t - 5) / 15)) / 2  # noqa: E731
     for s in (10, 11, 20):                                # the LR follows the batch by the sqrt rule
         assert recs[s]["lr"] == pytest.approx(cosine(s) * math.sqrt(recs[s]["batch_size"] / 8), rel=1e-12)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(tmp_path / "whole" / "tensorboard"), size_guidance={"histograms": 0}).Reload()
+    assert len(events.Histograms("train/trust_ratio")) == 20
     for s in range(1, 21):
         assert math.isfinite(recs[s]["noise_scale"]) and recs[s]["noise_scale"] > 0
         assert 0 < recs[s]["trust_ratio_min"] <= recs[s]["trust_ratio_median"] <= recs[s]["trust_ratio_max"]
@@ -240,6 +243,49 @@ def test_noise_scale_equals_a_float64_computation_from_per_example_gradients():
     assert trace > 0 and grad_sq > 0
 
 
+def test_noise_scale_sums_of_an_open_log_interval_resume_exactly():
+    """Two steps, a checkpoint of the meter (plain types, through JSON), a new meter, a third step: the sums
+    equal three steps in one meter bit for bit (the noise scale of a log interval cut by a restart)."""
+    def meter_after(steps, resume_after=None):
+        model = tiny_model(n_layer=1, tgt_len=4, mem_len=0)
+        model.train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        step = TrainStep(model, model, optimizer, scaler, contextlib.nullcontext, clip=1e9, batch_chunk=2)
+        step.observer = NoiseScaleMeter(model.parameters(), chunks=2, sees_last_chunk=True, scaler=scaler)
+        for t in range(steps):
+            if t == resume_after:
+                saved = {"ranks": [json.loads(json.dumps(step.observer.state_dict()))]}
+                step.observer = NoiseScaleMeter(model.parameters(), chunks=2, sees_last_chunk=True, scaler=scaler)
+                step.observer.load_state_dict(saved, 0, "cpu")
+            step.observer.global_batch = step.observer.local_batch = 4
+            step(tokens(4, 4, 40, seed=10 + t), tokens(4, 4, 40, seed=20 + t), [None, None])
+        return step.observer.read(), step.observer.steps
+    assert meter_after(3) == meter_after(3, resume_after=2)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["jitlamb", "lamb"])
+def test_lamb_trust_ratios_are_the_formula_of_the_step(fused):
+    """The trust ratios a LAMB step keeps are w / (||u|| + eps), w = clamp(||p||, 0, 10), computed here in float64
+    from the update's formula (first step: m = (1 - b1) g, v = (1 - b2) g^2); one zero parameter gets 1."""
+    from utils.training.lamb import Lamb
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(5, 3) * s) for s in (0.1, 2.0, 30.0)]
+    params.append(torch.nn.Parameter(torch.zeros(4)))
+    for p in params:
+        p.grad = torch.randn_like(p)
+    expected = []
+    for p in params:
+        p64, g64 = p.detach().double(), p.grad.double()
+        u = (0.1 * g64) / ((0.001 * g64 * g64).sqrt() + 1e-6) + 0.01 * p64
+        w = p64.norm().clamp(0, 10)
+        expected.append(1.0 if w == 0 else (w / (u.norm() + 1e-6)).item())
+    optimizer = Lamb(params, lr=0.1, weight_decay=0.01, fused=fused)
+    optimizer.keep_trust_ratios()
+    optimizer.step()
+    assert optimizer.trust_ratios.tolist() == pytest.approx(expected, rel=1e-5)   # float32 norms
+
+
 # ---- 4. LR range test ----------------------------------------------------------------------------------------
 
 def test_lr_range_test_on_the_demo_preset(demo_corpus, tmp_path):
@@ -264,27 +310,6 @@ def test_lr_range_test_on_the_demo_preset(demo_corpus, tmp_path):
     png = (work / "lr_range_test.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 1000
     assert not (work / "checkpoint_last.pt").exists()
-
-
-def test_noise_scale_sums_of_an_open_log_interval_resume_exactly():
-    """Two steps, a checkpoint of the meter (plain types, through JSON), a new meter, a third step: the sums
-    equal three steps in one meter bit for bit (the noise scale of a log interval cut by a restart)."""
-    def meter_after(steps, resume_after=None):
-        model = tiny_model(n_layer=1, tgt_len=4, mem_len=0)
-        model.train()
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        scaler = torch.amp.GradScaler("cpu", enabled=False)
-        step = TrainStep(model, model, optimizer, scaler, contextlib.nullcontext, clip=1e9, batch_chunk=2)
-        step.observer = NoiseScaleMeter(model.parameters(), chunks=2, sees_last_chunk=True, scaler=scaler)
-        for t in range(steps):
-            if t == resume_after:
-                saved = {"ranks": [json.loads(json.dumps(step.observer.state_dict()))]}
-                step.observer = NoiseScaleMeter(model.parameters(), chunks=2, sees_last_chunk=True, scaler=scaler)
-                step.observer.load_state_dict(saved, 0, "cpu")
-            step.observer.global_batch = step.observer.local_batch = 4
-            step(tokens(4, 4, 40, seed=10 + t), tokens(4, 4, 40, seed=20 + t), [None, None])
-        return step.observer.read(), step.observer.steps
-    assert meter_after(3) == meter_after(3, resume_after=2)
 
 
 # ---- several processes: DDP with the batch schedule, the noise scale from the ranks, 16-bit all-reduce ---------
