@@ -11,6 +11,8 @@ def check_large_batch(cfg):
         raise UserError(f"--lr_range_min ({cfg.lr_range_min}) must be below --lr_range_max ({cfg.lr_range_max})")
     if cfg.log_noise_scale and cfg.multi_gpu == "fsdp":
         raise UserError("--log_noise_scale reads whole gradients per chunk, which FSDP shards; use --multi_gpu ddp")
+    if cfg.log_noise_scale and cfg.tensor_parallel > 1:
+        raise UserError("--log_noise_scale reads whole gradients per chunk, which --tensor_parallel splits; drop one")
     if not cfg.batch_schedule:
         return cfg
     from utils.training.batch_schedule import parse_schedule

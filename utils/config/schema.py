@@ -277,6 +277,10 @@ class DistributedConfig:
     """Several processes: torchrun, Slurm."""
     multi_gpu: Optional[str] = opt(None, "multi-GPU mode (changed: a bare --multi_gpu means ddp)",
                                    choices=("ddp", "dp", "fsdp"), nargs="?", const="ddp")
+    tensor_parallel: int = opt(1, "tensor (Megatron-style) parallelism: split each layer's attention heads and "
+                               "feed-forward block over this many processes (consecutive ranks, keep them inside a "
+                               "node); the world size / N processes are the data-parallel ranks (ours)",
+                               aliases=("--tp",), low=1)
     local_rank: int = opt(0, "local device index (default: $LOCAL_RANK or 0)", clis=ALL, aliases=("--local-rank",),
                           default_from=env_local_rank,
                           low=0, dumped=False)

@@ -104,7 +104,7 @@ def resolve_max_step(args):
     return args.replace(max_step=steps)
 
 
-def check_layout(args, world_size: int) -> None:
+def check_batch_layout(args, world_size: int) -> None:
     """Every batch of the schedule splits evenly over the processes and into --batch_chunk chunks; the noise
     scale has several gradients to compare (chunks or processes)."""
     if args.log_noise_scale and args.batch_chunk < 2 and world_size < 2:

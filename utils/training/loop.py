@@ -36,11 +36,14 @@ class Trainer:
         self.args, self.log, self.work_dir, self.device = args, log, Path(work_dir), device
         self.preemption = preemption
         self.rank, self.world_size = distributed.get_rank(), distributed.get_world_size()
+        # the data, the memory and the random streams are per data-parallel rank (the ranks of a tensor-parallel
+        # group share them: their replicated activations need the same dropout masks)
+        self.dp_rank, self.dp_world_size = distributed.dp_rank(), distributed.dp_world_size()
         self.autocast = amp_context(args, device)
         self.guard = DivergenceGuard(self.work_dir)
         self.evaluator = Evaluator(model, args, device, self.autocast, log, self.guard)
         self.plan = BatchPlan(args)                         # the global batch, tokens and LR factor of each step
-        self.state = TrainState(world_size=self.world_size, batch_chunk=args.batch_chunk)
+        self.state = TrainState(world_size=self.dp_world_size, batch_chunk=args.batch_chunk)
         self.train_iter, self.valid_iter, self.test_iter = self._iterators(corpus)
         self.n_params = count_parameters(model)             # (all, non-embedding), before FSDP shards them
         self.model = model
@@ -55,11 +58,11 @@ class Trainer:
         self.interval_start = self.run_clock = time.time()  # when the log interval's / run's timing resumed
         # Every rank built the same initial weights from --seed; dropout (and sampled softmax) now draw from a
         # stream of their own per rank, so that ranks do not repeat each other's dropout masks.
-        seed_everything(args.seed + self.rank)
+        seed_everything(args.seed + self.dp_rank)
 
     # ---- setup -----------------------------------------------------------------------------------------------
     def _iterators(self, corpus) -> tuple:
-        args, rank, world_size = self.args, self.rank, self.world_size
+        args, rank, world_size = self.args, self.dp_rank, self.dp_world_size
         def train_iterator(batch_size):
             return corpus.get_iterator("train", batch_size, args.tgt_len, device=self.device, ext_len=args.ext_len,
                                        rank=rank, world_size=world_size, varlen=args.varlen, seed=args.seed)
@@ -75,12 +78,13 @@ class Trainer:
         """(optimizer, LR schedule, loss scaler, step) of the model, which goes on the device (DDP- or
         FSDP-wrapped for several processes)."""
         args, device = self.args, self.device
-        if not (args.multi_gpu == "fsdp" and self.world_size > 1):
+        if not (args.multi_gpu == "fsdp" and self.world_size > 1 and args.tensor_parallel == 1):
             model.to(device)                                 # FSDP moves each rank's shards there itself
         para_model = distributed.wrap_model(model, args, device)
         optimizer = build_optimizer(args, model)             # after sharding: FSDP replaces the parameters
         scheduler = build_scheduler(args, optimizer, self.plan)
-        scaler = sharded_grad_scaler(args, device) if is_sharded(model) else grad_scaler(args, device)
+        sharded = is_sharded(model) or args.tensor_parallel > 1     # each rank sees part of the gradients
+        scaler = sharded_grad_scaler(args, device) if sharded else grad_scaler(args, device)
         step = TrainStep(model, compile_model(para_model, args), optimizer, scaler, self.autocast, args.clip,
                          args.batch_chunk, args.swap_mem, args.cuda_graphs)
         if args.log_noise_scale:                             # the last chunk's gradient is all-reduced with DDP
@@ -114,7 +118,8 @@ class Trainer:
             return False
         self.state, self.mems = restored
         if self.optimizer_step.observer is not None:    # the noise scale's open log interval (same layout only)
-            saved = self.state.noise_acc if self.state.same_layout(self.world_size, self.args.batch_chunk) else None
+            same = self.state.same_layout(self.dp_world_size, self.args.batch_chunk)
+            saved = self.state.noise_acc if same else None
             self.optimizer_step.observer.load_state_dict(saved, self.rank, self.device)
         self._open_metrics()
         return True
@@ -192,7 +197,7 @@ class Trainer:
         if not self.scaler.is_enabled():                     # fp16: a step with an infinite norm is skipped
             self.guard.check(state.train_step, "gradient norm", grad_norm)
         state.log_acc.add(loss, target.numel())
-        state.tokens_seen += target.numel() * self.world_size  # every rank trains on a batch of the same shape
+        state.tokens_seen += target.numel() * self.dp_world_size  # every rank trains on a batch of the same shape
         return grad_norm, lr
 
     def _log_interval(self, grad_norm: float, lr: float) -> None:
@@ -201,7 +206,7 @@ class Trainer:
         elapsed = time.time() - self.interval_start + acc.elapsed
         cur_loss = distributed.all_reduce_item(acc.loss / acc.steps, "mean")
         avg_elapsed = distributed.all_reduce_item(elapsed / acc.steps, "max")
-        tokens = distributed.all_reduce_item(acc.tokens, "sum")
+        tokens = distributed.all_reduce_item(acc.tokens, "sum", distributed.dp_group())
         tok_per_s = tokens / elapsed if elapsed > 0 else 0.0
         self.throughput.update(tok_per_s, elapsed)
         batch, n_batch = self.train_iter.batch, self.train_iter.n_batch
