@@ -164,7 +164,8 @@ def parameters_per_process(args, model_config: dict, dp_world_size: int) -> int:
     if args.tensor_parallel == 1:
         return parameter_count(model_config)
     from utils.distributed.tensor_parallel import parameters_per_rank
-    count = parameters_per_rank(model_config, args.tensor_parallel)
+    with torch.device("meta"):
+        count = parameters_per_rank(MemTransformerLM(**model_config), args.tensor_parallel)
     return count // dp_world_size if args.multi_gpu != "fsdp" else count
 
 

@@ -167,7 +167,8 @@ class ModelConfig:
 class DataConfig:
     """The corpus and its vocabulary."""
     data: str = opt("data/wikitext-103", "corpus directory (changed: relative to the repository root)", clis=TRAIN_EVAL)
-    dataset: str = opt("wt103", "dataset (custom: any folder with train.txt, valid.txt, test.txt); generate.py: "
+    dataset: str = opt("wt103", "dataset (custom: any folder with train.txt, valid.txt, test.txt; prepared: a folder written by "
+                       "scripts/prepare_corpus.py); generate.py: "
                        "how to read and write text", clis=ALL, choices=DATASETS, cli_defaults={GENERATE: None})
     vocab: str = opt("word", "vocabulary type", choices=("word", "bpe"))
     custom_level: str = opt("word", "--dataset custom: word or character tokens (ours)", choices=("word", "char"))

@@ -250,11 +250,9 @@ def parameter_memory_line(model: nn.Module) -> str:
             f"{local - split_local} bytes")
 
 
-def parameters_per_rank(model_config: dict, tp: int) -> int:
-    """The parameters one rank holds at --tensor_parallel `tp` (counted on the meta device)."""
-    from mem_transformer import MemTransformerLM
-    with torch.device("meta"):
-        model = MemTransformerLM(**model_config)
+def parameters_per_rank(model: nn.Module, tp: int) -> int:
+    """The parameters one rank holds at --tensor_parallel `tp`, of a model that is not split (build it on the
+    meta device to count without allocating)."""
     split = set(split_parameter_names(model))
     return sum(p.numel() // tp if n in split else p.numel() for n, p in model.named_parameters())
 
