@@ -62,6 +62,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from utils.data.fast_words import first_seen_ids
 from utils.io.atomic import atomic_open, write_text_atomic
 from utils.io.errors import UserError
 
@@ -508,6 +509,74 @@ def _tokens(records) -> tuple[list[str], list[int]]:
     return tokens, lengths
 
 
+def _fast_word_ids(records) -> tuple[np.ndarray, list[str], np.ndarray] | None:
+    """What the Python path (`_tokens`, then first-seen numbering) makes of the records at word level, through
+    utils.data.fast_words (numpy on the UTF-8 bytes; only the distinct words become Python strings):
+    (ids in first-seen order over the whole stream, uint32; the symbols; each record's length). None where it
+    does not apply (Moses, characters, lower-casing of non-ASCII text, non-ASCII whitespace, a hash
+    collision): the caller then takes the Python path, so the result never depends on which path ran."""
+    opts: Options = _WORKER["opts"]
+    if opts.level != "word" or opts.moses or not records:
+        return None
+    # One text: the records joined by newlines, each line of each record (text.split("\n")) one line of it.
+    joined = "\n".join(text for text, _ in records) + "\n"
+    if opts.lower_case:
+        if not joined.isascii():  # (per-line str.lower of non-ASCII text can depend on context: final sigma)
+            return None
+        joined = joined.lower()
+    got = first_seen_ids(joined)
+    if got is None:
+        return None
+    words, raw = got  # raw: word numbers in first-seen order, -2 at the end of each line
+    n_words = len(words)
+    extra = []  # <eos> and the separator: their word number when the text has them as words, else new ones
+    codes = []
+    for special in (EOS, opts.doc_separator):
+        try:
+            codes.append(words.index(special))
+        except ValueError:
+            if special in extra:
+                codes.append(n_words + extra.index(special))
+            else:
+                codes.append(n_words + len(extra))
+                extra.append(special)
+    eos_code, sep_code = codes
+    marks = np.flatnonzero(raw < 0)  # the end of each line
+    line_words = np.diff(marks, prepend=-1) - 1
+    nonempty = line_words > 0
+    stream = raw.copy()
+    stream[marks] = np.where(nonempty, eos_code, -1)  # a non-empty line ends with <eos>; an empty one adds nothing
+    lines_per_record = np.fromiter((text.count("\n") + 1 for text, _ in records), np.int64, len(records))
+    record_last_line = np.cumsum(lines_per_record) - 1
+    ends = np.fromiter((e for _, e in records), np.bool_, len(records))
+    at = marks[record_last_line[ends]] + 1
+    stream = np.insert(stream, at, sep_code)  # the separator closes an article
+    special = raw < 0
+    special = np.insert(special, at, True)
+    keep = stream >= 0
+    stream, special = stream[keep], special[keep]
+    line_tokens = line_words + nonempty
+    lengths = np.add.reduceat(line_tokens, record_last_line - lines_per_record + 1) + ends
+    # renumber in first-seen order over the whole stream (the words are in that order among themselves)
+    n = len(stream)
+    first = np.full(n_words + len(extra), n, np.int64)
+    is_word = np.flatnonzero(~special)  # the text's own words (not <eos> and separators added)
+    w = stream[is_word]
+    new = np.ones(len(w), np.bool_)
+    new[1:] = w[1:] > np.maximum.accumulate(w)[:-1]
+    first[w[new]] = is_word[new]
+    for code in (eos_code, sep_code):  # (the text may hold them as words too: the earlier of the two)
+        where = np.flatnonzero(stream == code)
+        if len(where):
+            first[code] = min(first[code], where[0])
+    order = np.argsort(first, kind="stable")
+    order = order[first[order] < n]
+    number = np.empty(len(first), np.int64)
+    number[order] = np.arange(len(order))
+    every = words + extra
+    return number[stream].astype(np.uint32), [every[i] for i in order.tolist()], lengths
+
+
 def _bpe_ids(records) -> tuple[np.ndarray, list[int]]:
     """BPE ids of the records (each record's text whole; <|endoftext|> closes an article), and their lengths."""
     tokenizer = _WORKER["bpe"]
@@ -554,10 +623,14 @@ def tokenize_chunk(job: tuple[Chunk | None, Path]) -> tuple[np.ndarray, np.ndarr
         return np.zeros(0, np.int64), np.zeros(0, np.int64), int(np.sum(ends)), len(ids[0]), bad
     else:
         records, bad = _records(chunk)
-        tokens, lengths = _tokens(records)
-        table = dict(zip(dict.fromkeys(tokens), itertools.count()))  # first-seen order, at C speed
-        ids = np.fromiter(map(table.__getitem__, tokens), np.uint32, len(tokens))
-        symbols = list(table)
+        fast = _fast_word_ids(records)
+        if fast is not None:
+            ids, symbols, lengths = fast
+        else:
+            tokens, lengths = _tokens(records)
+            table = dict(zip(dict.fromkeys(tokens), itertools.count()))  # first-seen order, at C speed
+            ids = np.fromiter(map(table.__getitem__, tokens), np.uint32, len(tokens))
+            symbols = list(table)
         ends = [e for _, e in records]
         _write_chunk(path, ids, symbols, lengths, ends, bad)
     counts = np.bincount(ids, minlength=len(symbols))
