@@ -641,7 +641,11 @@ def tokenize_chunk(job: tuple[Chunk | None, Path]) -> tuple[np.ndarray, np.ndarr
             keep[symbols.index(special)] = False
         except ValueError:
             pass
-    return keys[keep], counts[keep], int(np.sum(ends)), len(ids), bad
+    # sorted and distinct (two symbols with one hash count as one), so that the main process's merge need not
+    # sort: that work is spread over the workers
+    keys, inverse = np.unique(keys[keep], return_inverse=True)
+    counts = np.bincount(inverse.reshape(-1), weights=counts[keep], minlength=len(keys)).astype(np.int64)
+    return keys, counts, int(np.sum(ends)), len(ids), bad
 
 
 def ordered_map(fn, items: Iterable, workers: int, initializer=None, initargs: tuple = (),
@@ -694,8 +698,11 @@ class BoundedCounter:
 
     def update(self, keys: np.ndarray, counts: np.ndarray) -> None:
         """Add the counts of symbols (keys may repeat: equal hashes count as one symbol)."""
-        keys, inverse = np.unique(np.asarray(keys, np.int64), return_inverse=True)
-        counts = np.bincount(inverse.reshape(-1), weights=counts, minlength=len(keys)).astype(np.int64)
+        keys = np.asarray(keys, np.int64)
+        if len(keys) > 1 and not (keys[1:] > keys[:-1]).all():  # (tokenize_chunk's are sorted and distinct)
+            keys, inverse = np.unique(keys, return_inverse=True)
+            counts = np.bincount(inverse.reshape(-1), weights=counts, minlength=len(keys)).astype(np.int64)
+        counts = np.asarray(counts, np.int64)
         pos = np.searchsorted(self.keys, keys)
         found = pos < len(self.keys)
         found[found] = self.keys[pos[found]] == keys[found]
