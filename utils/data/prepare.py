@@ -748,7 +748,31 @@ def symbol_keys(symbols: list[str]) -> np.ndarray:
     return np.fromiter(map(hash, symbols), np.int64, len(symbols))
 
 
-def _resolve(work: Path, n_chunks: int, keys: np.ndarray, opts: Options) -> list[str]:
+_RESOLVING: dict = {}  # the candidate keys, in the worker processes of _resolve
+
+
+def _set_resolving(keys: np.ndarray, opts: Options) -> None:
+    _RESOLVING.update(keys=keys, opts=opts)
+
+
+def _chunk_hits(path: Path) -> tuple[int, np.ndarray, np.ndarray, list[str], int, int]:
+    """A chunk's symbols whose key is a candidate key (in a worker): (number of symbols, their local ids, the
+    keys' positions, their strings, the local id of <eos> and of the separator or -1)."""
+    keys, opts = _RESOLVING["keys"], _RESOLVING["opts"]
+    symbols = read_chunk(path)["symbols"]
+    mine = symbol_keys(symbols)
+    pos = np.minimum(np.searchsorted(keys, mine), max(len(keys) - 1, 0))
+    hit = np.flatnonzero((keys[pos] == mine) if len(keys) else np.zeros(len(mine), np.bool_))
+    specials = []
+    for special in (EOS, opts.doc_separator):
+        try:
+            specials.append(symbols.index(special))
+        except ValueError:
+            specials.append(-1)
+    return len(symbols), hit, pos[hit], [symbols[j] for j in hit.tolist()], *specials
+
+
+def _resolve(work: Path, n_chunks: int, keys: np.ndarray, opts: Options, workers: int = 1) -> list[str]:
     """The symbols of the candidate keys (sorted), found in the chunk files, in first-seen order.
 
     On the way it writes each chunk's map from local id to candidate number (`.candidate.npy`, what _assemble
@@ -756,32 +780,27 @@ def _resolve(work: Path, n_chunks: int, keys: np.ndarray, opts: Options) -> list
     <eos> k, the separator k + 1, anything else k + 2 (<unk>), k = len(keys). A symbol whose key is not a
     candidate's is not one (equal strings have equal hashes); one whose key is, is compared with the
     candidate's string, and a chunk where a hash matched another string (a collision) gets no map: _assemble
-    then maps it by strings."""
+    then maps it by strings. The chunks are read, hashed and searched by `workers` processes (forked: the
+    same string hashes), numbered here in chunk order."""
     names: list[str] = []
     number = np.full(len(keys), -1, np.int64)  # key -> candidate number, once seen
     k = len(keys)
     for stale in (work / "chunks").glob("*.candidate.npy"):  # (a killed run's, made with another hash seed)
         stale.unlink()
-    for i in range(n_chunks):
-        path = _chunk_file(work, i)
-        symbols = read_chunk(path)["symbols"]
-        mine = symbol_keys(symbols)
-        pos = np.minimum(np.searchsorted(keys, mine), max(k - 1, 0))
-        hit = np.flatnonzero((keys[pos] == mine) if k else np.zeros(len(mine), np.bool_))
-        for j in hit[number[pos[hit]] < 0].tolist():  # each candidate once, in first-seen order
+    paths = [_chunk_file(work, i) for i in range(n_chunks)]
+    hits = ordered_map(_chunk_hits, paths, workers, _set_resolving, (keys, opts))
+    for path, (n_symbols, hit, pos, strings, eos, separator) in zip(paths, hits):
+        for j in np.flatnonzero(number[pos] < 0).tolist():  # each candidate once, in first-seen order
             if number[pos[j]] < 0:
                 number[pos[j]] = len(names)
-                names.append(symbols[j])
-        candidate = np.full(len(symbols), k + 2, np.int64)
-        candidate[hit] = number[pos[hit]]
-        hits = hit.tolist()
-        if [symbols[j] for j in hits] != [names[c] for c in candidate[hit].tolist()]:
+                names.append(strings[j])
+        candidate = np.full(n_symbols, k + 2, np.int64)
+        candidate[hit] = number[pos]
+        if strings != [names[c] for c in number[pos].tolist()]:
             continue  # a hash collision: _assemble maps this chunk by strings
-        for code, special in ((k, EOS), (k + 1, opts.doc_separator)):
-            try:
-                candidate[symbols.index(special)] = code
-            except ValueError:
-                pass
+        for code, at in ((k, eos), (k + 1, separator)):
+            if at >= 0:
+                candidate[at] = code
         with atomic_open(path.with_suffix(".candidate.npy"), "wb") as f:
             np.save(f, candidate.astype(np.int32 if k + 3 < 2**31 else np.int64))
     if len(names) != k:  # (cannot happen: every key came from a chunk) the maps would be wrong: drop them
@@ -1009,7 +1028,7 @@ def _count(files, opts: Options, work: Path, workers: int, total_bytes: int, pro
         raise UserError(f"more than {2 * opts.count_capacity:,} distinct symbols: pass --max_vocab_size or --min_freq "
                         "(or a larger --count_capacity) to bound the vocabulary")
     keys, threshold, exact = summary.candidates(opts.max_vocab_size, opts.min_freq) if len(summary) else ([], 0, True)
-    candidates = _resolve(work, n_chunks, np.asarray(keys, np.int64), opts) if len(keys) else []
+    candidates = _resolve(work, n_chunks, np.asarray(keys, np.int64), opts, workers) if len(keys) else []
     return {"n_docs": n_docs, "n_tokens": n_tokens, "bad_lines": bad, "candidates": candidates, "n_chunks": n_chunks,
             "threshold": threshold, "decrement": summary.decrement, "exact": exact, "prunes": summary.prunes,
             "summary_peak": summary.peak}
