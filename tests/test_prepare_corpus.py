@@ -295,3 +295,68 @@ def test_train_on_a_prepared_folder_resumes_exactly_mid_shard(tmp_path):
                                   "--work_dir", tmp_path / "eval"], tmp_path, name="eval")
     assert scored.returncode == 0, scored.stderr
     assert any(line.startswith("| valid") and " loss " in line for line in scored.lines)
+
+
+def _python_path_symbols(records, opts):
+    """tokenize_chunk's Python path: every symbol in a list, numbered in first-seen order with a dict."""
+    prepare._set_worker(opts)
+    tokens, lengths = prepare._tokens(records)
+    table = dict(zip(dict.fromkeys(tokens), range(len(tokens))))
+    return [table[t] for t in tokens], list(table), list(lengths)
+
+
+@pytest.mark.parametrize("lower_case", [False, True])
+def test_the_numpy_word_path_gives_what_the_python_path_gives(lower_case):
+    """Random records of tricky pieces (specials as words, ASCII whitespace of every kind, empty lines and
+    records, records that do not end an article, long words that share their first 8 bytes, non-ASCII)."""
+    import random
+
+    pieces = ["a", "b", "ab", "Ab", "A B", "<eos>", "<eod>", "<unk>", "longwordxyz", "longwordxyq", "é", "Straße",
+              "\t", "\r", "\x0b", "\x0c", "\x1c", "\x1f", " ", "  ", "\n", "\n\n", "\n \n"]
+    rng = random.Random(1)
+    opts = Options(lower_case=lower_case)
+    fast_runs = 0
+    for _ in range(600):
+        records = [("".join(rng.choice(pieces) for _ in range(rng.randint(0, 12))), rng.random() < 0.7)
+                   for _ in range(rng.randint(1, 5))]
+        prepare._set_worker(opts)
+        fast = prepare._fast_word_ids(records)
+        if fast is None:  # (lower-casing of non-ASCII text: the Python path)
+            assert lower_case
+            continue
+        fast_runs += 1
+        ids, symbols, lengths = _python_path_symbols(records, opts)
+        assert fast[0].tolist() == ids and fast[1] == symbols and fast[2].tolist() == lengths, records
+    assert fast_runs > 100
+    # non-ASCII whitespace (which str.split() splits on) goes to the Python path
+    prepare._set_worker(Options())
+    assert prepare._fast_word_ids([("a\u00a0b", True)]) is None
+
+
+def test_candidate_maps_equal_the_string_look_up_and_a_hash_collision_is_left_to_it(tmp_path, monkeypatch):
+    opts = Options()
+    work = tmp_path / "work"
+    chunks = [[("aa bb cc\ndd <eos> aa", True)], [("ee aa zz\n\nbb", False), ("ff <eod> cc", True)]]
+    prepare._set_worker(opts)
+    for i, records in enumerate(chunks):
+        prepare.tokenize_chunk((prepare.Chunk(i, "x", 1, records=records), prepare._chunk_file(work, i)))
+
+    def check(names, expect_files):
+        k = len(names)
+        table = {s: i for i, s in enumerate(names)} | {"<eos>": k, "<eod>": k + 1}
+        for i in range(len(chunks)):
+            mapped = prepare._chunk_file(work, i).with_suffix(".candidate.npy")
+            assert mapped.exists() == expect_files[i]
+            if mapped.exists():
+                symbols = prepare.read_chunk(prepare._chunk_file(work, i))["symbols"]
+                assert np.load(mapped).tolist() == [table.get(s, k + 2) for s in symbols]
+
+    keys = np.sort(prepare.symbol_keys(["cc", "aa", "bb", "ff"]))
+    names = prepare._resolve(work, len(chunks), keys, opts)
+    assert names == ["aa", "bb", "cc", "ff"]  # first-seen order
+    check(names, [True, True])
+    real = prepare.symbol_keys
+    monkeypatch.setattr(prepare, "symbol_keys", lambda symbols: real(["aa" if s == "zz" else s for s in symbols]))
+    names = prepare._resolve(work, len(chunks), keys, opts)  # "zz" now has the key of "aa"
+    assert names == ["aa", "bb", "cc", "ff"]
+    check(names, [True, False])  # the chunk with "zz" is left to _assemble's string look-up

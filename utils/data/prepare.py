@@ -52,6 +52,7 @@ import itertools
 import json
 import lzma
 import multiprocessing
+import operator
 import os
 import shutil
 import sys
@@ -769,7 +770,14 @@ def _chunk_hits(path: Path) -> tuple[int, np.ndarray, np.ndarray, list[str], int
             specials.append(symbols.index(special))
         except ValueError:
             specials.append(-1)
-    return len(symbols), hit, pos[hit], [symbols[j] for j in hit.tolist()], *specials
+    return len(symbols), hit, pos[hit], _pick(symbols, hit), *specials
+
+
+def _pick(items: list, at: np.ndarray) -> list:
+    """[items[i] for i in at], gathered at C speed."""
+    if len(at) < 2:
+        return [items[i] for i in at.tolist()]
+    return list(operator.itemgetter(*at.tolist())(items))
 
 
 def _resolve(work: Path, n_chunks: int, keys: np.ndarray, opts: Options, workers: int = 1) -> list[str]:
@@ -790,13 +798,14 @@ def _resolve(work: Path, n_chunks: int, keys: np.ndarray, opts: Options, workers
     paths = [_chunk_file(work, i) for i in range(n_chunks)]
     hits = ordered_map(_chunk_hits, paths, workers, _set_resolving, (keys, opts))
     for path, (n_symbols, hit, pos, strings, eos, separator) in zip(paths, hits):
-        for j in np.flatnonzero(number[pos] < 0).tolist():  # each candidate once, in first-seen order
-            if number[pos[j]] < 0:
-                number[pos[j]] = len(names)
-                names.append(strings[j])
+        unseen = np.flatnonzero(number[pos] < 0)
+        if len(unseen):  # each candidate once, in first-seen order (local ids are in first-seen order)
+            first = np.sort(np.unique(pos[unseen], return_index=True)[1])
+            number[pos[unseen[first]]] = len(names) + np.arange(len(first))
+            names += _pick(strings, unseen[first])
         candidate = np.full(n_symbols, k + 2, np.int64)
         candidate[hit] = number[pos]
-        if strings != [names[c] for c in number[pos].tolist()]:
+        if strings != _pick(names, number[pos]):
             continue  # a hash collision: _assemble maps this chunk by strings
         for code, at in ((k, eos), (k + 1, separator)):
             if at >= 0:
