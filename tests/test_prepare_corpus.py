@@ -360,3 +360,21 @@ def test_candidate_maps_equal_the_string_look_up_and_a_hash_collision_is_left_to
     names = prepare._resolve(work, len(chunks), keys, opts)  # "zz" now has the key of "aa"
     assert names == ["aa", "bb", "cc", "ff"]
     check(names, [True, False])  # the chunk with "zz" is left to _assemble's string look-up
+
+
+def test_paragraph_records_from_blocks_equal_the_line_loop():
+    """_Reader._paragraphs (blocks of lines) against _Reader._text_records (one line at a time), with blocks
+    as small as one character so that paragraphs, lines and \\r\\n cross block ends."""
+    import io
+    import random
+
+    reader = prepare._Reader([], Options(text_docs="paragraph"))
+    pieces = ["a", "b c", "\n", "\n\n", " \n", "\t\n", "\x1c", "\u00a0", "\u2028", "\r", "\r\n", "é", "  ", "x\x0by"]
+    rng = random.Random(0)
+    for _ in range(300):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 30)))
+        for block_chars in (1, 3, 1 << 22):
+            def stream():
+                return io.TextIOWrapper(io.BytesIO(text.encode()), encoding="utf-8", newline=None)
+
+            assert list(prepare._Reader._paragraphs(stream(), block_chars)) == list(reader._text_records(stream()))
