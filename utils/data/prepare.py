@@ -617,7 +617,7 @@ def _fast_word_ids(records) -> tuple[np.ndarray, list[str], np.ndarray] | None:
     number = np.empty(len(first), np.int64)
     number[order] = np.arange(len(order))
     every = words + extra
-    return number[stream].astype(np.uint32), [every[i] for i in order.tolist()], lengths
+    return number[stream].astype(np.uint32), _pick(every, order), lengths
 
 
 def _bpe_ids(records) -> tuple[np.ndarray, list[int]]:
