@@ -640,10 +640,11 @@ def _write_chunk(path: Path, ids, symbols: list[str], lengths, ends, bad: int) -
                  ends=np.asarray(ends, np.bool_), bad=np.int64(bad))
 
 
-def read_chunk(path: Path) -> dict:
-    """A chunk file: ids (chunk-local, uint32), symbols (local id -> symbol), the records' lengths and ends."""
+def read_chunk(path: Path, only: tuple[str, ...] | None = None) -> dict:
+    """A chunk file: ids (chunk-local, uint32), symbols (local id -> symbol), the records' lengths and ends
+    (`only`: just those arrays, and the symbols)."""
     with np.load(path) as z:
-        chunk = {k: z[k] for k in z.files}
+        chunk = {k: z[k] for k in z.files if only is None or k in only or k in ("symbols", "n_symbols")}
     text = chunk.pop("symbols").tobytes().decode("utf-8")
     chunk["symbols"] = text.split("\n") if int(chunk["n_symbols"]) else []
     return chunk
@@ -802,7 +803,7 @@ def _chunk_hits(path: Path) -> tuple[int, np.ndarray, np.ndarray, list[str], int
     """A chunk's symbols whose key is a candidate key (in a worker): (number of symbols, their local ids, the
     keys' positions, their strings, the local id of <eos> and of the separator or -1)."""
     keys, opts = _RESOLVING["keys"], _RESOLVING["opts"]
-    symbols = read_chunk(path)["symbols"]
+    symbols = read_chunk(path, only=())["symbols"]
     mine = symbol_keys(symbols)
     pos = np.minimum(np.searchsorted(keys, mine), max(len(keys) - 1, 0))
     hit = np.flatnonzero((keys[pos] == mine) if len(keys) else np.zeros(len(mine), np.bool_))
