@@ -19,9 +19,10 @@ import numpy as np
 import torch
 
 import data_utils
-from inference.runtime import (LoadedModel, length_overrides, load_for_inference, precision_of, prepare_runtime,
-                               save_torchscript, torchscript_file, warm_up)
-from utils.config.cli import eval_parser, eval_splits, fill_from_checkpoint, parse_args
+from inference.checkpoint_settings import check_data_folder, describe, fill_from_stored
+from inference.runtime import (LoadedModel, apply_lengths, length_overrides, load_for_inference, precision_of,
+                               prepare_runtime, save_torchscript, torchscript_file, warm_up)
+from utils.config.cli import eval_parser, eval_splits, parse_args
 from utils.distributed import group as distributed
 from utils.io.atomic import write_text_atomic
 from utils.io.checkpoint import load_checkpoint
@@ -32,9 +33,6 @@ from utils.training.evaluation import evaluate_stream, reduce_eval_result
 from utils.training.evaluator import check_targets
 from utils.training.metrics import (DOUBLE_LINE, AverageMeter, MetricsWriter, format_eval_progress_line,
                                     format_split_result, safe_exp, setup_logging)
-
-DATA_OPTIONS = ("data", "dataset")   # taken from the checkpoint when not given
-
 
 def check(args) -> int:
     """--check N: what each of N processes would check alike before evaluating, done once, in this process:
@@ -47,7 +45,7 @@ def check(args) -> int:
         ckpt = load_checkpoint(args.model or Path(args.work_dir) / "checkpoint_best.pt")
         stored = ckpt.get("args") if ckpt["format"] != "reference" else None
     if not args.manual:
-        data_utils.data_folder(fill_from_checkpoint(args, stored, DATA_OPTIONS).data)
+        check_data_folder(*fill_from_stored(args, stored))
     if note:
         print(note, file=sys.stderr)
     return 0
@@ -63,13 +61,16 @@ def load_model(args, device, log) -> LoadedModel:
                               manual_config=args.manual_config, overrides=length_overrides(args), device=device)
 
 
-def data_from_checkpoint(args, loaded: LoadedModel, log):
-    """--data and --dataset from the configuration stored in the checkpoint unless the user set them (on the
-    command line or in a preset): a model is scored on the corpus it was trained on."""
-    filled = fill_from_checkpoint(args, loaded.settings, DATA_OPTIONS)
-    taken = [name for name in DATA_OPTIONS if getattr(filled, name) != getattr(args, name)]
+def settings_from_checkpoint(args, loaded: LoadedModel, log):
+    """The corpus and the evaluation lengths stored in the checkpoint unless the user set them (on the command
+    line or in a preset): a model is scored on the corpus it was trained on, as training scored it
+    (inference/checkpoint_settings.py). Says what it took; the lengths are set on the model."""
+    filled, taken = fill_from_stored(args, loaded.settings)
     if taken:
-        log.info("From the checkpoint's configuration: " + ", ".join(f"--{n} {getattr(filled, n)}" for n in taken))
+        log.info(describe(filled, taken))
+        apply_lengths(loaded.model, length_overrides(filled))
+    if not filled.manual:
+        check_data_folder(filled, taken)
     return filled
 
 
@@ -133,7 +134,7 @@ def main() -> int:
     if args.check is not None:
         return check(args)
     args = distributed.init_from_env(args)
-    work_dir = Path(args.work_dir)
+    work_dir = eval_work_dir(args)
     log = open_eval_log(args, work_dir)
     device = select_device(args, log)
     args = resolve_speed_flags(args, device)
@@ -144,7 +145,7 @@ def main() -> int:
     np.random.seed(args.seed)
 
     loaded = load_model(args, device, log)
-    args = data_from_checkpoint(args, loaded, log)
+    args = settings_from_checkpoint(args, loaded, log)
     model, precision, runtime = build_runtime(args, loaded, device, log)
     splits = split_iterators(args, loaded.vocab, device, loaded.model_config["n_token"])
     log.info(f"Evaluating with: math {precision} type {runtime} bsz {args.batch_size} tgt_len {args.tgt_len} "
@@ -164,6 +165,15 @@ def main() -> int:
     code = check_targets(args, losses[-1], meters["throughput"].avg, log)
     distributed.shutdown()
     return code
+
+
+def eval_work_dir(args) -> Path:
+    """Where eval_log.log / eval_log.json go: --work_dir, or without it the folder of --model (the training's
+    work dir, next to its train_log), so that `eval.py --model WORK/checkpoint_best.pt` writes nothing
+    elsewhere."""
+    if args.model and "work_dir" not in args.given and not args.load_torchscript:
+        return Path(args.model).parent
+    return Path(args.work_dir)
 
 
 def open_eval_log(args, work_dir: Path):
