@@ -223,6 +223,8 @@ class RunConfig:
     no_env: bool = opt(False, "do not log the environment (versions, device; changed: one line, not collect_env)",
                        clis=TRAIN_EVAL)
     save_all: bool = opt(False, "also keep checkpoint_{step}.pt at every evaluation")
+    plot: bool = opt(False, "redraw work_dir/curves.png (training loss, validation perplexity or bpc, learning rate, "
+                     "throughput; scripts/plot_runs.py) at each evaluation (ours)")
     no_eval: bool = opt(False, "no periodic evaluation and no final test (checkpoints are still written every "
                         "--eval_interval steps)")
     no_test: bool = opt(False, "skip the final test evaluation")

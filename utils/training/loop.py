@@ -21,6 +21,7 @@ from utils.training.lr_scheduler import build_scheduler
 from utils.training.metrics import (DOUBLE_LINE, LINE, AverageMeter, MetricsWriter, format_train_line,
                                     loss_metrics)
 from utils.training.optimizers import build_optimizer
+from utils.training.plots import redraw_curves
 from utils.training.preemption import PreemptionHandler, clear_marker, write_marker
 from utils.training.rng import seed_everything
 from utils.training.state import LogInterval, TrainState
@@ -181,7 +182,7 @@ class Trainer:
                                         tok_per_s, cur_loss, args.dataset))
         record = {"epoch": state.epoch, "train_batch": batch, "lr": lr, "train_time/batch": avg_elapsed * 1000,
                   "train_throughput": tok_per_s, **loss_metrics("train", cur_loss, args.dataset),
-                  "grad_norm": grad_norm}
+                  "grad_norm": grad_norm, "train_tokens": state.tokens_seen}
         if self.scaler.is_enabled():
             record.update(self._loss_scale_report(acc.steps))
         self.metrics.log(state.train_step, record, tb_prefix="train")
@@ -219,6 +220,8 @@ class Trainer:
             ckpt = self.checkpointer.capture(state, self.mems)
             if self.rank == 0:
                 self.checkpointer.save(ckpt, is_best)
+            if args.plot and self.rank == 0:
+                redraw_curves(self.work_dir, args.dllog_file, self.log)
         self.interval_start = time.time()
 
     def _count_elapsed(self) -> None:
