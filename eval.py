@@ -20,8 +20,9 @@ import torch
 
 import data_utils
 from inference.checkpoint_settings import check_data_folder, describe, fill_from_stored
-from inference.runtime import (LoadedModel, apply_lengths, length_overrides, load_for_inference, precision_of,
-                               prepare_runtime, save_torchscript, torchscript_file, warm_up)
+from inference.export import load_export
+from inference.runtime import (LoadedModel, apply_lengths, is_export, length_overrides, load_for_inference,
+                               precision_of, prepare_runtime, save_torchscript, torchscript_file, warm_up)
 from utils.config.cli import eval_parser, eval_splits, parse_args
 from utils.distributed import group as distributed
 from utils.io.atomic import write_text_atomic
@@ -41,6 +42,8 @@ def check(args) -> int:
     stored = None
     if args.load_torchscript:
         torchscript_file(args.load_torchscript)
+    elif args.manual_config is None and is_export(args.model):
+        stored = load_export(args.model)[4]
     elif args.manual_config is None:
         ckpt = load_checkpoint(args.model or Path(args.work_dir) / "checkpoint_best.pt")
         stored = ckpt.get("args") if ckpt["format"] != "reference" else None
@@ -171,7 +174,7 @@ def eval_work_dir(args) -> Path:
     """Where eval_log.log / eval_log.json go: --work_dir, or without it the folder of --model (the training's
     work dir, next to its train_log), so that `eval.py --model WORK/checkpoint_best.pt` writes nothing
     elsewhere."""
-    if args.model and "work_dir" not in args.given and not args.load_torchscript:
+    if args.model and "work_dir" not in args.given and not args.load_torchscript and not is_export(args.model):
         return Path(args.model).parent
     return Path(args.work_dir)
 
