@@ -10,6 +10,7 @@ the vocabulary stored in the checkpoint. Output lines are the reference eval.py'
 """
 import utils.runtime.openmp_env  # noqa: F401  (first: bounds OpenMP's spin-wait before torch loads it)
 import json
+import math
 import platform
 import sys
 import time
@@ -21,6 +22,7 @@ import torch
 import data_utils
 from inference.checkpoint_settings import check_data_folder, describe, fill_from_stored
 from inference.export import load_export
+from inference.mem_sweep import format_table, result_row, sweep_lengths, write_json
 from inference.runtime import (LoadedModel, apply_lengths, is_export, length_overrides, load_for_inference,
                                precision_of, prepare_runtime, save_torchscript, torchscript_file, warm_up)
 from utils.config.cli import eval_parser, eval_splits, parse_args
@@ -32,8 +34,8 @@ from utils.runtime.device import (check_process_count, configure_backends, envir
                                   select_device)
 from utils.training.evaluation import evaluate_stream, reduce_eval_result
 from utils.training.evaluator import check_targets
-from utils.training.metrics import (DOUBLE_LINE, AverageMeter, MetricsWriter, format_eval_progress_line,
-                                    format_split_result, safe_exp, setup_logging)
+from utils.training.metrics import (DOUBLE_LINE, AverageMeter, MetricsWriter, corpus_label,
+                                    format_eval_progress_line, format_split_result, safe_exp, setup_logging, uses_bpc)
 
 def check(args) -> int:
     """--check N: what each of N processes would check alike before evaluating, done once, in this process:
@@ -159,9 +161,12 @@ def main() -> int:
     metrics = MetricsWriter(None if args.debug else work_dir / args.dllog_file,
                             enabled=distributed.is_main_process(), append=True)
     metrics.log("PARAMETER", {k: v for k, v in args.to_dict().items() if isinstance(v, (int, float, str, bool))})
-    dataset = (loaded.dataset if args.manual else args.dataset) or args.dataset
-    losses = [score_split(model, split, iterator, dataset, args, device, log, meters, metrics)
-              for split, iterator in splits.items()]
+    dataset = corpus_label((loaded.dataset if args.manual else args.dataset) or args.dataset, vocab=loaded.vocab)
+    if args.mem_len_sweep:
+        losses = sweep_memory(model, loaded, dataset, args, device, log, meters, metrics, work_dir)
+    else:
+        losses = [score_split(model, split, iterator, dataset, args, device, log, meters, metrics)
+                  for split, iterator in splits.items()]
     if args.save_data:
         report_latency(args, meters, work_dir, log, metrics, device, f"{precision}_{runtime}")
     metrics.close()
@@ -230,13 +235,39 @@ def split_iterators(args, vocab, device, n_token: int) -> dict:
 
 
 def score_split(model, split, iterator, dataset, args, device, log, meters, metrics) -> float:
-    """Evaluate one split, print its result line and log its summary; the mean loss."""
+    """Evaluate one split, print its result line and log its summary (eval_ppl, and eval_bpc for a
+    character-level corpus); the mean loss."""
     loss, _ = evaluate(model, iterator, args, device, log, meters)
     log.info(DOUBLE_LINE)
     log.info(format_split_result(split, loss, dataset))
     log.info(DOUBLE_LINE)
-    metrics.log("SUMMARY", {"split": split, "eval_loss": loss, "eval_ppl": safe_exp(loss)})
+    score = {"eval_ppl": safe_exp(loss), **({"eval_bpc": loss / math.log(2)} if uses_bpc(dataset) else {})}
+    metrics.log("SUMMARY", {"split": split, "eval_loss": loss, **score})
     return loss
+
+
+def sweep_memory(model, loaded, dataset, args, device, log, meters, metrics, work_dir: Path) -> list[float]:
+    """--mem_len_sweep: every split at every memory length (inference/mem_sweep.py); the losses, in order."""
+    rows, losses = [], []
+    for mem_len in sweep_lengths(args.mem_len_sweep):
+        run = args.replace(mem_len=mem_len)
+        model.reset_length(run.tgt_len, run.ext_len, mem_len)
+        log.info(f"--mem_len_sweep: mem_len {mem_len}")
+        for split, iterator in split_iterators(run, loaded.vocab, device, loaded.model_config["n_token"]).items():
+            loss = score_split(model, split, iterator, dataset, run, device, log, meters, metrics)
+            rows.append(result_row(mem_len, split, loss, dataset))
+            losses.append(loss)
+    log.info(f"Memory sweep: tgt_len {args.tgt_len} clamp_len {args.clamp_len} same_length {args.same_length} "
+             f"bsz {args.batch_size}")
+    for line in format_table(rows):
+        log.info(line)
+    if not args.debug and distributed.is_main_process():
+        header = {"model": args.model or args.load_torchscript, "dataset": dataset, "tgt_len": args.tgt_len,
+                  "ext_len": args.ext_len, "clamp_len": args.clamp_len, "same_length": args.same_length,
+                  "batch_size": args.batch_size}
+        write_json(work_dir / "mem_len_sweep.json", header, rows)
+        log.info(f"Wrote {work_dir / 'mem_len_sweep.json'}")
+    return losses
 
 
 def device_name(device: torch.device) -> str:

@@ -102,6 +102,18 @@ def parse_clip(text: Any) -> float:
         raise ConversionError(f"expects a number or 'off', got {text!r}") from None
 
 
+def parse_mem_len_sweep(text: Any) -> str:
+    """--mem_len_sweep: memory lengths separated by commas ("0,32,160,640"), each >= 0; kept as that text."""
+    items = [t.strip() for t in str(text).split(",") if t.strip()]
+    try:
+        values = [int(t) for t in items]
+    except ValueError:
+        raise ConversionError(f"expects memory lengths separated by commas such as 0,32,160,640, got {text!r}") from None
+    if not values or any(v < 0 for v in values):
+        raise ConversionError(f"expects one or more memory lengths >= 0 separated by commas, got {text!r}")
+    return ",".join(str(v) for v in values)
+
+
 def env_local_rank() -> int:
     """--local_rank's default: $LOCAL_RANK (set by torchrun), else 0."""
     value = os.environ.get("LOCAL_RANK", "0")
@@ -230,7 +242,7 @@ class RunConfig:
     no_test: bool = opt(False, "skip the final test evaluation")
     eval_tgt_len: int = opt(192, "segment length for evaluation", low=1)
     eval_batch_size: int = opt(16, "global batch size for evaluation", low=1)
-    eval_max_steps: int = opt(-1, "at most this many eval batches (-1: all)", low=-1)
+    eval_max_steps: int = opt(-1, "at most this many eval batches (0 or -1: all, as in the reference)", low=-1)
     eval_interval: int = opt(5000, "evaluate (and write a checkpoint) every N steps", low=1)
     target_throughput: Optional[float] = opt(None, "exit 1 when the average throughput (tok/s) is below this",
                                              clis=TRAIN_EVAL, low=0)
@@ -315,6 +327,9 @@ class EvalConfig:
     percentiles: list[int] = opt([90, 95, 99], "latency percentiles to report (changed: parsed as integers)",
                             clis=(EVAL,), nargs="+", low=0, high=100)
     save_torchscript: Optional[str] = opt(None, "save the TorchScript model here", clis=(EVAL,))
+    mem_len_sweep: Optional[str] = opt(None, "score the split(s) once per memory length, e.g. 0,32,160,640: prints a "
+                                       "table and writes work_dir/mem_len_sweep.json (ours)", clis=(EVAL,),
+                                       parse=parse_mem_len_sweep)
 
 
 @dataclass(frozen=True)

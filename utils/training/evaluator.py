@@ -9,8 +9,8 @@ from utils.io.checkpoint import load_checkpoint
 from utils.io.errors import UserError
 from utils.training.divergence import DivergenceGuard
 from utils.training.evaluation import eval_lengths, evaluate_stream, reduce_eval_result
-from utils.training.metrics import (DOUBLE_LINE, LINE, MetricsWriter, format_eval_line, format_test_line,
-                                    loss_metrics, safe_exp)
+from utils.training.metrics import (DOUBLE_LINE, LINE, MetricsWriter, corpus_label, format_eval_line,
+                                    format_test_line, loss_metrics, safe_exp)
 
 
 class Evaluator:
@@ -21,13 +21,16 @@ class Evaluator:
         self.model, self.args, self.device, self.autocast, self.log = model, args, device, autocast, log
         self.guard = guard
         self.lengths = eval_lengths(args.tgt_len, args.ext_len, args.mem_len, args.eval_tgt_len)
+        self.label = corpus_label(args.dataset, args.custom_level)     # bpc for character-level corpora
 
     def mean_loss(self, iterator) -> float:
         """Mean NLL per token of a split, over all ranks."""
         args, model = self.args, self.model
         model.eval()
         model.reset_length(*self.lengths)
-        result = evaluate_stream(model, iterator, self.device, max_steps=args.eval_max_steps, autocast=self.autocast)
+        # as the reference: --eval_max_steps 0 (or -1) means no limit
+        max_steps = args.eval_max_steps if args.eval_max_steps > 0 else -1
+        result = evaluate_stream(model, iterator, self.device, max_steps=max_steps, autocast=self.autocast)
         model.reset_length(args.tgt_len, args.ext_len, args.mem_len)
         model.train()
         total, count = reduce_eval_result(result, iterator)
@@ -43,9 +46,9 @@ class Evaluator:
         val_loss = self.mean_loss(iterator)
         self.guard.check(step, "validation loss", val_loss)
         log.info(LINE)
-        log.info(format_eval_line(step // args.eval_interval, step, time.time() - start, val_loss, args.dataset))
+        log.info(format_eval_line(step // args.eval_interval, step, time.time() - start, val_loss, self.label))
         log.info(LINE)
-        metrics.log(step, {"valid_elapsed": time.time() - start, **loss_metrics("valid", val_loss, args.dataset)},
+        metrics.log(step, {"valid_elapsed": time.time() - start, **loss_metrics("valid", val_loss, self.label)},
                     tb_prefix="valid")
         return val_loss
 
@@ -60,7 +63,7 @@ class Evaluator:
         start = time.time()
         test_loss = self.mean_loss(iterator)
         self.log.info(DOUBLE_LINE)
-        self.log.info(format_test_line(time.time() - start, test_loss, args.dataset))
+        self.log.info(format_test_line(time.time() - start, test_loss, self.label))
         self.log.info(DOUBLE_LINE)
         return test_loss
 

@@ -18,8 +18,8 @@ from utils.training.checkpointer import Checkpointer, resolve_restart
 from utils.training.divergence import DivergenceGuard
 from utils.training.evaluator import Evaluator, check_targets
 from utils.training.lr_scheduler import build_scheduler
-from utils.training.metrics import (DOUBLE_LINE, LINE, AverageMeter, MetricsWriter, format_train_line,
-                                    loss_metrics)
+from utils.training.metrics import (DOUBLE_LINE, LINE, AverageMeter, MetricsWriter, corpus_label,
+                                    format_train_line, loss_metrics)
 from utils.training.optimizers import build_optimizer
 from utils.training.plots import redraw_curves
 from utils.training.preemption import PreemptionHandler, clear_marker, write_marker
@@ -179,9 +179,9 @@ class Trainer:
         self.throughput.update(tok_per_s, elapsed)
         batch, n_batch = self.train_iter.batch, self.train_iter.n_batch
         self.log.info(format_train_line(state.epoch, state.train_step, batch, n_batch, lr, avg_elapsed * 1000,
-                                        tok_per_s, cur_loss, args.dataset))
+                                        tok_per_s, cur_loss, corpus_label(args.dataset, args.custom_level)))
         record = {"epoch": state.epoch, "train_batch": batch, "lr": lr, "train_time/batch": avg_elapsed * 1000,
-                  "train_throughput": tok_per_s, **loss_metrics("train", cur_loss, args.dataset),
+                  "train_throughput": tok_per_s, **loss_metrics("train", cur_loss, corpus_label(args.dataset, args.custom_level)),
                   "grad_norm": grad_norm, "train_tokens": state.tokens_seen}
         if self.scaler.is_enabled():
             record.update(self._loss_scale_report(acc.steps))
@@ -254,9 +254,9 @@ class Trainer:
         if self.last_train_loss is not None:
             summary["train_loss"] = self.last_train_loss
         if test_loss is not None:
-            summary.update(loss_metrics("test", test_loss, args.dataset))
+            summary.update(loss_metrics("test", test_loss, corpus_label(args.dataset, args.custom_level)))
         if state.best_val_loss is not None:
-            summary.update(loss_metrics("valid", state.best_val_loss, args.dataset))
+            summary.update(loss_metrics("valid", state.best_val_loss, corpus_label(args.dataset, args.custom_level)))
         self.metrics.log("SUMMARY", summary)
         self.metrics.close()
         return check_targets(args, state.best_val_loss, throughput, log)

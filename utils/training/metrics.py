@@ -13,6 +13,7 @@ from typing import Any
 from utils.io.atomic import open_nofollow
 
 BPC_DATASETS = ("enwik8", "text8")
+CHAR_CUSTOM = "custom_char"   # the label of a character-level custom corpus: reported in bits per character
 
 LINE = "-" * 100
 DOUBLE_LINE = "=" * 100
@@ -60,8 +61,17 @@ class AverageMeter:
 
 
 def uses_bpc(dataset: str) -> bool:
-    """Character-level benchmarks report bits per character instead of perplexity."""
-    return dataset in BPC_DATASETS
+    """Character-level corpora report bits per character instead of perplexity: the enwik8 and text8 benchmarks
+    and character-level custom corpora (`corpus_label`)."""
+    return dataset in BPC_DATASETS or dataset == CHAR_CUSTOM
+
+
+def corpus_label(dataset: str, custom_level: str | None = None, vocab=None) -> str:
+    """The name the metrics go by: the dataset, or CHAR_CUSTOM for a character-level custom corpus (told by
+    --custom_level char, or by a vocabulary that splits into characters, e.g. a checkpoint's)."""
+    if dataset == "custom" and (custom_level == "char" or getattr(vocab, "delimiter", None) == ""):
+        return CHAR_CUSTOM
+    return dataset
 
 
 def loss_metrics(prefix: str, loss: float, dataset: str) -> dict:
