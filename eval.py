@@ -34,6 +34,7 @@ from utils.runtime.device import (check_process_count, configure_backends, envir
                                   select_device)
 from utils.training.evaluation import evaluate_stream, reduce_eval_result
 from utils.training.evaluator import check_targets
+from utils.training.progress import progress_bar, show_progress
 from utils.training.metrics import (DOUBLE_LINE, AverageMeter, MetricsWriter, corpus_label,
                                     format_eval_progress_line, format_split_result, safe_exp, setup_logging, uses_bpc)
 
@@ -119,13 +120,20 @@ def evaluate(model, iterator, args, device, log, meters) -> tuple[float, int]:
                                                interval["loss"] / b))
             interval.update(loss=0.0, time=0.0, tokens=0, batches=0)
 
+    bar = progress_bar(n_batch * args.repeat, "evaluating", show_progress(args) and distributed.is_main_process())
+
+    def on_batch_and_bar(*values) -> None:
+        on_batch(*values)
+        bar.update()
+
     for _ in range(args.repeat):
         result = evaluate_stream(model, iterator, device, max_steps=args.max_size or -1, timed=True,
-                                 on_batch=on_batch)
+                                 on_batch=on_batch_and_bar)
         loss_sum, scored = reduce_eval_result(result, iterator)     # over all ranks' columns
         total_loss += loss_sum
         total_len += scored
         n_batches += result.n_batches
+    bar.close()
     elapsed = time.time() - start
     log.info(f"Time : {elapsed:.2f}s, {1000 * elapsed / max(n_batches, 1):.2f}ms/segment")
     if total_len == 0:

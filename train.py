@@ -29,6 +29,7 @@ from utils.runtime.device import (check_process_count, configure_backends, envir
 from utils.training.loop import Trainer
 from utils.training.memory import check_memory
 from utils.training.preemption import PreemptionHandler
+from utils.training.progress import show_progress
 from utils.training.rng import seed_everything
 from utils.io.workdir_lock import check_unlocked
 from utils.training.run_setup import (base_work_dir, check_batch_split, check_fresh_start, corpus_options,
@@ -123,7 +124,8 @@ def train(args, preemption: PreemptionHandler) -> int:
         log.info(environment_summary(device))
     seed_everything(args.seed)
     corpus = data_utils.get_lm_corpus(args.data, args.dataset, args.vocab, cache_dir=args.cache_dir,
-                                      verbose=rank == 0, progress=rank == 0, **corpus_options(args))
+                                      verbose=rank == 0, progress=rank == 0 and show_progress(args),
+                                      **corpus_options(args))
     model_config = build_model_config(args, len(corpus.vocab))
     check_memory(parameter_count(model_config), args, model_config, device, world_size)
     model = build_model(args, model_config)

@@ -66,3 +66,33 @@ def test_a_character_level_custom_corpus_reports_bpc(demo_corpus, tmp_path):
     assert summary["eval_bpc"] == pytest.approx(summary["eval_loss"] / math.log(2), rel=1e-12)
     # --eval_max_steps 0 in training scored the whole split: what eval.py scores over all of it
     assert summary["eval_loss"] == pytest.approx(valid["valid_loss"], rel=1e-6)
+
+
+def test_progress_bars_only_when_asked_off_a_terminal(word_model, tmp_path):
+    """Off a terminal (here: files) no bar unless --progress; with it a tqdm bar with its rate on stderr."""
+    quiet = cli_runner.evaluate(["--model", word_model, "--split", "valid", "--work_dir", tmp_path / "q"], tmp_path,
+                                name="quiet")
+    shown = cli_runner.evaluate(["--model", word_model, "--split", "valid", "--work_dir", tmp_path / "p",
+                                 "--progress"], tmp_path, name="shown")
+    assert quiet.returncode == shown.returncode == 0, shown.stderr
+    assert "evaluating" not in quiet.stderr
+    assert "evaluating" in shown.stderr and "batch/s" in shown.stderr
+    assert [l for l in quiet.lines if l.startswith("| valid")] == [l for l in shown.lines if l.startswith("| valid")]
+
+
+def test_eta_from_the_fraction_done():
+    from utils.training.progress import eta_seconds, format_duration, progress_fields
+    # 30 s took the run from 20% to 50%: 50% left at 1% per 1 s -> 50 s
+    assert eta_seconds(30.0, 0.5, 0.2) == pytest.approx(50.0)
+    assert eta_seconds(10.0, 1.0) == 0.0 and eta_seconds(10.0, 0.2, 0.2) is None
+    assert format_duration(3725.4) == "1:02:05" and format_duration(None) == "-"
+    assert progress_fields(61, 3600) == " | elapsed 0:01:01 | eta 1:00:00"
+
+
+def test_training_log_line_ends_with_elapsed_and_eta(word_model):
+    log = (word_model.parent / "train_log.log").read_text().splitlines()
+    lines = [l.split(" - ", 2)[-1] for l in log if "| epoch" in l]
+    assert lines and all(cli_runner.parse_line(l, "train") for l in lines)     # the reference's fields first
+    import re
+    assert all(re.search(r" \| ppl +[\d.]+ \| elapsed \d+:\d\d:\d\d \| eta \d+:\d\d:\d\d$", l) for l in lines)
+    assert lines[-1].endswith("| eta 0:00:00")                                  # at --max_step

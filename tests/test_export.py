@@ -85,9 +85,11 @@ def test_eval_and_generate_read_the_folder(exported, tmp_path):
     assert line and line == [l for l in from_dir.lines if l.startswith("| test loss")]
     assert any(l.startswith(f"From the checkpoint's configuration: --data {corpus_dir}") for l in from_dir.lines)
     generated = subprocess.run([sys.executable, str(REPO / "generate.py"), "--model", str(out), "--num_tokens", "5",
-                                "--prompt", "the", "--no_cuda"], capture_output=True, text=True, timeout=300)
+                                "--prompt", "the", "--no_cuda", "--progress"], capture_output=True, text=True,
+                               timeout=300)
     assert generated.returncode == 0, generated.stderr
     assert generated.stdout.startswith("=== sample 1 ===")
+    assert "generating" in generated.stderr and "token/s" in generated.stderr      # the bar, on stderr only
 
 
 @pytest.mark.slow

@@ -249,6 +249,9 @@ class RunConfig:
     target_perplexity: Optional[float] = opt(None, "exit 1 when the perplexity is above this", clis=TRAIN_EVAL,
                                              low=0, low_open=True)
     seed: int = opt(1111, "random seed", clis=ALL, low=0, high=2 ** 32 - 1)
+    progress: Optional[bool] = opt(None, "progress bars with ETA on stderr for evaluation, corpus preparation and "
+                                   "generation (ours; default: only when stderr is a terminal; --no_progress: never)",
+                                   clis=ALL)
     check: Optional[int] = opt(None, "check everything each of N processes would check alike (flags, preset, data "
                                "folder, checkpoint, processes against GPUs) in this one process, then exit: 0 when "
                                "all is well, else one error line and 2; the recipes and run.sub run it before "

@@ -4,11 +4,13 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from utils.distributed import group as distributed
 from utils.distributed.fsdp import load_model_state
 from utils.io.checkpoint import load_checkpoint
 from utils.io.errors import UserError
 from utils.training.divergence import DivergenceGuard
 from utils.training.evaluation import eval_lengths, evaluate_stream, reduce_eval_result
+from utils.training.progress import progress_bar, show_progress
 from utils.training.metrics import (DOUBLE_LINE, LINE, MetricsWriter, corpus_label, format_eval_line,
                                     format_test_line, loss_metrics, safe_exp)
 
@@ -23,14 +25,18 @@ class Evaluator:
         self.lengths = eval_lengths(args.tgt_len, args.ext_len, args.mem_len, args.eval_tgt_len)
         self.label = corpus_label(args.dataset, args.custom_level)     # bpc for character-level corpora
 
-    def mean_loss(self, iterator) -> float:
-        """Mean NLL per token of a split, over all ranks."""
+    def mean_loss(self, iterator, split: str = "valid") -> float:
+        """Mean NLL per token of a split, over all ranks (a progress bar on a terminal, rank 0)."""
         args, model = self.args, self.model
         model.eval()
         model.reset_length(*self.lengths)
         # as the reference: --eval_max_steps 0 (or -1) means no limit
         max_steps = args.eval_max_steps if args.eval_max_steps > 0 else -1
-        result = evaluate_stream(model, iterator, self.device, max_steps=max_steps, autocast=self.autocast)
+        n_batch = getattr(iterator, "n_batch", None)
+        total = min(n_batch, max_steps) if n_batch is not None and max_steps > 0 else n_batch
+        with progress_bar(total, f"evaluating {split}", show_progress(args) and distributed.is_main_process()) as bar:
+            result = evaluate_stream(model, iterator, self.device, max_steps=max_steps, autocast=self.autocast,
+                                     on_batch=lambda *_: bar.update())
         model.reset_length(args.tgt_len, args.ext_len, args.mem_len)
         model.train()
         total, count = reduce_eval_result(result, iterator)
@@ -42,6 +48,7 @@ class Evaluator:
     def validate(self, step: int, iterator, metrics: MetricsWriter) -> float:
         """The validation loss at `step`, logged (stops the run when it is not finite)."""
         args, log = self.args, self.log
+        log.info(f"Evaluating the valid split at step {step} ...")
         start = time.time()
         val_loss = self.mean_loss(iterator)
         self.guard.check(step, "validation loss", val_loss)
@@ -60,8 +67,9 @@ class Evaluator:
             return None
         best = load_checkpoint(best_path, map_location=self.device)
         load_model_state(self.model, best["model_state"])
+        self.log.info("Evaluating the best checkpoint on the test split ...")
         start = time.time()
-        test_loss = self.mean_loss(iterator)
+        test_loss = self.mean_loss(iterator, "test")
         self.log.info(DOUBLE_LINE)
         self.log.info(format_test_line(time.time() - start, test_loss, self.label))
         self.log.info(DOUBLE_LINE)

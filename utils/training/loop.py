@@ -22,6 +22,7 @@ from utils.training.metrics import (DOUBLE_LINE, LINE, AverageMeter, MetricsWrit
                                     format_train_line, loss_metrics)
 from utils.training.optimizers import build_optimizer
 from utils.training.plots import redraw_curves
+from utils.training.progress import eta_seconds, progress_fields
 from utils.training.preemption import PreemptionHandler, clear_marker, write_marker
 from utils.training.rng import seed_everything
 from utils.training.state import LogInterval, TrainState
@@ -131,7 +132,8 @@ class Trainer:
     def train_loop(self) -> bool:
         """Epoch after epoch until --max_step or a stop signal; True when a signal stopped it."""
         args, state = self.args, self.state
-        self.run_clock = time.time()
+        self.run_clock = self.session_clock = time.time()
+        self.session_fraction = self.fraction_done()          # where this session started: the ETA's pace
         while True:
             self._start_epoch()
             for data, target, _, _ in self.train_iter:
@@ -168,6 +170,16 @@ class Trainer:
         state.tokens_seen += target.numel() * self.world_size  # every rank trains on a batch of the same shape
         return grad_norm, lr
 
+    def fraction_done(self) -> float:
+        """How far the run is, in [0, 1]: steps to --max_step (a token budget would take the larger fraction)."""
+        return min(1.0, self.state.train_step / self.args.max_step)
+
+    def _elapsed_and_eta(self) -> str:
+        """The log line's end: the run's elapsed time (evaluations included) and the ETA at this session's pace."""
+        now = time.time()
+        eta = eta_seconds(now - self.session_clock, self.fraction_done(), self.session_fraction)
+        return progress_fields(self.state.train_elapsed + now - self.run_clock, eta)
+
     def _log_interval(self, grad_norm: float, lr: float) -> None:
         """The training log line and metrics record of the steps since the last one (all ranks)."""
         args, state, acc = self.args, self.state, self.state.log_acc
@@ -179,7 +191,8 @@ class Trainer:
         self.throughput.update(tok_per_s, elapsed)
         batch, n_batch = self.train_iter.batch, self.train_iter.n_batch
         self.log.info(format_train_line(state.epoch, state.train_step, batch, n_batch, lr, avg_elapsed * 1000,
-                                        tok_per_s, cur_loss, corpus_label(args.dataset, args.custom_level)))
+                                        tok_per_s, cur_loss, corpus_label(args.dataset, args.custom_level))
+                      + self._elapsed_and_eta())
         record = {"epoch": state.epoch, "train_batch": batch, "lr": lr, "train_time/batch": avg_elapsed * 1000,
                   "train_throughput": tok_per_s, **loss_metrics("train", cur_loss, corpus_label(args.dataset, args.custom_level)),
                   "grad_norm": grad_norm, "train_tokens": state.tokens_seen}
