@@ -10,6 +10,7 @@ the vocabulary stored in the checkpoint. Output lines are the reference eval.py'
 """
 import utils.runtime.openmp_env  # noqa: F401  (first: bounds OpenMP's spin-wait before torch loads it)
 import json
+import logging
 import math
 import platform
 import sys
@@ -80,13 +81,45 @@ def settings_from_checkpoint(args, loaded: LoadedModel, log):
     return filled
 
 
+def with_manual_file(args):
+    """--manual_file PATH: its text becomes the --manual text (batch size 1)."""
+    if args.manual_file is None:
+        return args
+    if args.manual:
+        raise UserError("--manual and --manual_file exclude each other; pass the text one way")
+    try:
+        text = Path(args.manual_file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read --manual_file {args.manual_file}: {exc}") from None
+    return args.replace(manual=[text], batch_size=1)
+
+
+def report_unknown(symbols: list, vocab, log) -> None:
+    """--manual: how many words the vocabulary does not know (scored as <unk>), and the first few."""
+    known = getattr(vocab, "sym2idx", None)
+    if known is None:                          # BPE: every text has ids
+        return
+    unknown = [sym for sym in symbols if sym not in known]
+    if not unknown:
+        return
+    first = ", ".join(list(dict.fromkeys(unknown))[:10])             # the first ten distinct ones
+    if vocab.unk_idx is None:
+        raise UserError(f"--manual: {len(unknown)} of {len(symbols)} words are not in the vocabulary, which has no "
+                        f"<unk> to stand for them: {first}")
+    log.info(f"--manual: {len(unknown)} of {len(symbols)} words are not in the vocabulary and are scored as "
+             f"<unk>: {first}")
+
+
 def manual_ids(args, vocab) -> np.ndarray:
     text = " ".join(args.manual).strip()
     if not text:
         raise UserError("--manual got empty text; pass the words to score, e.g. --manual \"recognize speech\"")
     if vocab is None:
         raise UserError("--manual needs a vocabulary: pass --model with a checkpoint (--manual_config has none)")
-    ids = vocab.encode(data_utils.tokenize_raw(text), add_eos=True)
+    tokenized = data_utils.tokenize_raw(text)
+    if hasattr(vocab, "tokenize"):
+        report_unknown(vocab.tokenize(tokenized), vocab, logging.getLogger("txl"))
+    ids = vocab.encode(tokenized, add_eos=True)
     if len(ids) < 2:
         raise UserError("--manual text is too short: it needs at least one word")
     return np.asarray(ids, dtype=np.int64)
@@ -143,7 +176,7 @@ def evaluate(model, iterator, args, device, log, meters) -> tuple[float, int]:
 
 def main() -> int:
     distributed.adopt_slurm_env()                       # one process per srun task: ranks from SLURM_* variables
-    args = parse_args(eval_parser(), section="eval")
+    args = with_manual_file(parse_args(eval_parser(), section="eval"))
     if args.check is not None:
         return check(args)
     args = distributed.init_from_env(args)

@@ -11,9 +11,20 @@ from cli_runner import tiny_args
 @pytest.fixture(scope="module")
 def word_model(demo_corpus, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sweep")
-    result = cli_runner.train(tiny_args(demo_corpus, tmp / "work", max_step=10, eval_max_steps=2), tmp)
+    # --min_freq 1 keeps every word and adds <unk> (for the unknown words of --manual)
+    result = cli_runner.train(tiny_args(demo_corpus, tmp / "work", max_step=10, eval_max_steps=2, min_freq=1), tmp)
     assert result.returncode == 0, result.stderr
     return tmp / "work" / "checkpoint_best.pt"
+
+
+@pytest.fixture(scope="module")
+def trained_without_unk(demo_corpus, tmp_path_factory):
+    """Only the checkpoint matters (no training needed): 1 step."""
+    tmp = tmp_path_factory.mktemp("no_unk")
+    result = cli_runner.train(tiny_args(demo_corpus, tmp / "work", max_step=1, eval_interval=1, no_eval=True,
+                                        no_test=True), tmp)
+    assert result.returncode == 0, result.stderr
+    return tmp / "work" / "checkpoint_last.pt"
 
 
 def test_mem_len_sweep_prints_a_table_and_writes_json(word_model, tmp_path):
@@ -96,3 +107,28 @@ def test_training_log_line_ends_with_elapsed_and_eta(word_model):
     import re
     assert all(re.search(r" \| ppl +[\d.]+ \| elapsed \d+:\d\d:\d\d \| eta \d+:\d\d:\d\d$", l) for l in lines)
     assert lines[-1].endswith("| eta 0:00:00")                                  # at --max_step
+
+
+def test_manual_file_scores_like_manual_and_unknown_words_are_counted(word_model, demo_corpus, tmp_path):
+    words = (demo_corpus / "valid.txt").read_text().split()[:20] + ["zzqx", "qqzx", "zzqx"]
+    text = " ".join(words)
+    (tmp_path / "text.txt").write_text(text + "\n")
+    by_file = cli_runner.evaluate(["--model", word_model, "--manual_file", tmp_path / "text.txt", "--work_dir",
+                                   tmp_path / "f"], tmp_path, name="file")
+    inline = cli_runner.evaluate(["--model", word_model, "--manual", text, "--work_dir", tmp_path / "i"], tmp_path,
+                                 name="inline")
+    assert by_file.returncode == inline.returncode == 0, by_file.stderr
+    result = [l for l in by_file.lines if l.startswith("| all loss")]
+    assert result and result == [l for l in inline.lines if l.startswith("| all loss")]
+    assert f"--manual: 3 of {len(words)} words are not in the vocabulary and are scored as <unk>: zzqx, qqzx" in \
+        by_file.lines
+    both = cli_runner.evaluate(["--model", word_model, "--manual", "a", "--manual_file", tmp_path / "text.txt"],
+                               tmp_path, name="both")
+    assert both.returncode == 2 and "exclude each other" in both.stderr
+
+
+def test_manual_with_a_vocabulary_without_unk_names_the_unknown_words(trained_without_unk, tmp_path):
+    result = cli_runner.evaluate(["--model", trained_without_unk, "--manual", "zzqx the qqzx", "--work_dir",
+                                  tmp_path], tmp_path)
+    assert result.returncode == 2
+    assert "2 of 3 words are not in the vocabulary, which has no <unk> to stand for them: zzqx, qqzx" in result.stderr

@@ -315,6 +315,8 @@ class EvalConfig:
                                           "of --model)", clis=(EVAL, GENERATE))
     manual: Optional[list[str]] = opt(None, "evaluate these words instead of a dataset split (batch size 1)", clis=(EVAL,),
                                  nargs="+")
+    manual_file: Optional[str] = opt(None, "evaluate the text of this file (UTF-8) like --manual (ours; for texts "
+                                     "longer than a command line)", clis=(EVAL,))
     split: str = opt("all", "split to evaluate (all: valid, then test)", clis=(EVAL,),
                      choices=("all", "valid", "test"))
     type: str = opt("pytorch", "model runtime: eager, TorchScript, or torch.compile (changed: compile added)",
