@@ -104,8 +104,8 @@ def report_unknown(symbols: list, vocab, log) -> None:
         return
     first = ", ".join(list(dict.fromkeys(unknown))[:10])             # the first ten distinct ones
     if vocab.unk_idx is None:
-        raise UserError(f"--manual: {len(unknown)} of {len(symbols)} words are not in the vocabulary, which has no "
-                        f"<unk> to stand for them: {first}")
+        raise UserError(f"--manual: {unknown[0]!r} is not in the vocabulary, which has no <unk> to stand for unknown "
+                        f"words ({len(unknown)} of {len(symbols)} words are unknown: {first})")
     log.info(f"--manual: {len(unknown)} of {len(symbols)} words are not in the vocabulary and are scored as "
              f"<unk>: {first}")
 

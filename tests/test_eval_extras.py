@@ -131,4 +131,5 @@ def test_manual_with_a_vocabulary_without_unk_names_the_unknown_words(trained_wi
     result = cli_runner.evaluate(["--model", trained_without_unk, "--manual", "zzqx the qqzx", "--work_dir",
                                   tmp_path], tmp_path)
     assert result.returncode == 2
-    assert "2 of 3 words are not in the vocabulary, which has no <unk> to stand for them: zzqx, qqzx" in result.stderr
+    assert ("'zzqx' is not in the vocabulary, which has no <unk> to stand for unknown words (2 of 3 words are "
+            "unknown: zzqx, qqzx)") in result.stderr
