@@ -103,5 +103,6 @@ def load_export(path: str | Path):
         state = load_file(str(path / "model.safetensors"))
         model.load_state_dict(state)
     except Exception as exc:  # safetensors raises its own error types for damaged files
-        raise UserError(f"{path}/model.safetensors does not fit config.json ({str(exc).splitlines()[0][:200]})") from None
+        first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise UserError(f"{path}/model.safetensors does not fit config.json ({first})") from None
     return model.eval(), vocab, config["model_config"], config.get("dataset"), config.get("training_args") or None

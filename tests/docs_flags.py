@@ -7,10 +7,10 @@ scripts/*.py and utils/**/*.py run with -m (the `add_argument` calls in their so
 (torchrun, srun, docker, ...) is not ours to check. A flag in prose, or in a command of no known program, must
 exist in one of our programs or be one of the other tools' flags listed in EXTERNAL_FLAGS, except where the
 line names train.py, eval.py or generate.py (then it must be a flag of one of them, or another tool's), or
-else the heading of its section does ("## Flags (train.py and eval.py)": then of the first one named). After a bare `--` the flags go to
-another program (e.g. train.py through a benchmark script): they are checked like prose. Placeholders with
-capitals (`--X`, `--no_X`) and prefixes (`--no_`) are not flags; a doc can exempt a word it shows on purpose
-(an abbreviation that is refused) with `<!-- docs-flags: not a flag: --max -->`.
+else the heading of its section does ("## Flags (train.py and eval.py)": then of the first one named). After a
+bare `--` the flags go to another program (e.g. train.py through a benchmark script): they are checked like
+prose. Placeholders with capitals (`--X`, `--no_X`) and prefixes (`--no_`) are not flags; a doc can exempt a
+word it shows on purpose (an abbreviation that is refused) with `<!-- docs-flags: not a flag: --max -->`.
 """
 import ast
 import re
@@ -205,5 +205,6 @@ def unknown_flags(text: str, where: str = "") -> list[str]:
             continue
         elif flag not in known_flags(program):
             name = program[1] if program[0] == "cli" else program[1].relative_to(REPO)
-            problems.append(f"{where}:{number}: --{flag} is not a flag of {name if program[0] != 'cli' else name + '.py'}")
+            shown = f"{name}.py" if program[0] == "cli" else name
+            problems.append(f"{where}:{number}: --{flag} is not a flag of {shown}")
     return problems

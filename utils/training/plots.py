@@ -90,8 +90,10 @@ def render_png(runs: list[Run], title: str | None = None) -> bytes:
 
     if not runs:
         raise UserError("no run to plot; pass one or more work directories")
-    valid_label = ("validation bpc" if all(r.bpc for r in runs) else "validation perplexity" if not any(r.bpc for r in runs)
-                   else "validation perplexity / bpc")
+    if all(r.bpc for r in runs):
+        valid_label = "validation bpc"
+    else:
+        valid_label = "validation perplexity / bpc" if any(r.bpc for r in runs) else "validation perplexity"
     figure = Figure(figsize=(15, 8.5), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.subplots(2, 3)
