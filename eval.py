@@ -221,7 +221,8 @@ def eval_work_dir(args) -> Path:
     work dir, next to its train_log), so that `eval.py --model WORK/checkpoint_best.pt` writes nothing
     elsewhere."""
     if args.model and "work_dir" not in args.given and not args.load_torchscript and not is_export(args.model):
-        return Path(args.model).parent
+        model = Path(args.model)
+        return model if model.is_dir() else model.parent      # a work dir stands for its checkpoint_last.pt
     return Path(args.work_dir)
 
 
