@@ -2,8 +2,6 @@
 tokenizer.json; the model rebuilt from config.json alone scores what the checkpoint scores; the tokenizer
 encodes the test split to the corpus cache's ids; eval.py and generate.py read the folder."""
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -21,9 +19,8 @@ def exported(demo_corpus, tmp_path_factory):
     result = cli_runner.train(tiny_args(demo_corpus, tmp / "work", max_step=10, eval_max_steps=2), tmp)
     assert result.returncode == 0, result.stderr
     out = tmp / "exported"
-    done = subprocess.run([sys.executable, str(REPO / "scripts" / "export.py"), "--model",
-                           str(tmp / "work" / "checkpoint_best.pt"), "--output", str(out)],
-                          capture_output=True, text=True, timeout=300)
+    done = cli_runner.run(str(REPO / "scripts" / "export.py"), ["--model", tmp / "work" / "checkpoint_best.pt",
+                                                                "--output", out], tmp, name="export")
     assert done.returncode == 0, done.stderr
     return demo_corpus, tmp / "work" / "checkpoint_best.pt", out
 
@@ -84,9 +81,8 @@ def test_eval_and_generate_read_the_folder(exported, tmp_path):
     line = [l for l in from_ckpt.lines if l.startswith("| test loss")]
     assert line and line == [l for l in from_dir.lines if l.startswith("| test loss")]
     assert any(l.startswith(f"From the checkpoint's configuration: --data {corpus_dir}") for l in from_dir.lines)
-    generated = subprocess.run([sys.executable, str(REPO / "generate.py"), "--model", str(out), "--num_tokens", "5",
-                                "--prompt", "the", "--no_cuda", "--progress"], capture_output=True, text=True,
-                               timeout=300)
+    generated = cli_runner.run(str(REPO / "generate.py"), ["--model", out, "--num_tokens", 5, "--prompt", "the",
+                                                           "--no_cuda", "--progress"], tmp_path, name="generate")
     assert generated.returncode == 0, generated.stderr
     assert generated.stdout.startswith("=== sample 1 ===")
     assert "generating" in generated.stderr and "token/s" in generated.stderr      # the bar, on stderr only

@@ -1,8 +1,6 @@
 """Learning curves (issue 17): scripts/plot_runs.py draws two runs into a PNG that is not blank, each run's
 line in its own colour; train.py --plot writes work_dir/curves.png during training."""
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -48,9 +46,7 @@ def test_train_plot_writes_curves_png_at_each_evaluation(two_runs):
 @pytest.mark.slow
 def test_plot_runs_draws_two_runs_each_in_its_colour(two_runs, tmp_path):
     out = tmp_path / "curves.png"
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / "plot_runs.py"), *map(str, two_runs), "-o",
-                             str(out)], capture_output=True, text=True, timeout=120, env={"MPLBACKEND": "Agg",
-                                                                                          "PATH": "/usr/bin:/bin"})
+    result = cli_runner.run(str(REPO / "scripts" / "plot_runs.py"), [*two_runs, "-o", out], tmp_path)
     assert result.returncode == 0, result.stderr
     pixels = _pixels(out)
     assert pixels.std() > 10                                       # not blank
