@@ -35,9 +35,10 @@ from utils.runtime.device import (check_process_count, configure_backends, envir
                                   select_device)
 from utils.training.evaluation import evaluate_stream, reduce_eval_result
 from utils.training.evaluator import check_targets
-from utils.training.progress import progress_bar, show_progress
 from utils.training.metrics import (DOUBLE_LINE, AverageMeter, MetricsWriter, corpus_label,
                                     format_eval_progress_line, format_split_result, safe_exp, setup_logging, uses_bpc)
+from utils.training.progress import progress_bar, show_progress
+
 
 def check(args) -> int:
     """--check N: what each of N processes would check alike before evaluating, done once, in this process:

@@ -10,9 +10,9 @@ from utils.io.checkpoint import load_checkpoint
 from utils.io.errors import UserError
 from utils.training.divergence import DivergenceGuard
 from utils.training.evaluation import eval_lengths, evaluate_stream, reduce_eval_result
-from utils.training.progress import progress_bar, show_progress
 from utils.training.metrics import (DOUBLE_LINE, LINE, MetricsWriter, corpus_label, format_eval_line,
                                     format_test_line, loss_metrics, safe_exp)
+from utils.training.progress import progress_bar, show_progress
 
 
 class Evaluator:
