@@ -104,7 +104,9 @@ class Lamb(Optimizer):
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] += 1
-                bucket = buckets[(p.device, p.dtype)]
+                # DTensors (FSDP, --tensor_parallel) apart from tensors, and by mesh: foreach kernels take one kind
+                mesh = getattr(p, "device_mesh", None)
+                bucket = buckets[(p.device, p.dtype, None if mesh is None else id(mesh))]
                 for lst, t in zip(bucket, (p, grad, state["exp_avg"], state["exp_avg_sq"])):
                     lst.append(t)
 
@@ -113,7 +115,7 @@ class Lamb(Optimizer):
             if compiled:
                 update = self._compiled_update
             beta1, beta2 = group["betas"]
-            for (device, _), (params, grads, exp_avgs, exp_avg_sqs) in buckets.items():
+            for (device, _, _), (params, grads, exp_avgs, exp_avg_sqs) in buckets.items():
                 lr = self._lr_tensor(group["lr"], device) if compiled else group["lr"]
                 update(
                     params, grads, exp_avgs, exp_avg_sqs,

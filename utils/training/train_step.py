@@ -15,6 +15,7 @@ from torch import Tensor
 
 from utils.distributed import group as distributed
 from utils.distributed.fsdp import scalar
+from utils.distributed.tensor_parallel import clip_grad_norm_
 
 
 class TrainStep:
@@ -60,7 +61,7 @@ class TrainStep:
                 mems[i] = mem
                 step_loss += loss.detach()
         self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+        grad_norm = clip_grad_norm_(self.model.parameters(), self.clip)   # torch's, or for DTensors mixed with tensors
         scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else None
         self.scaler.step(self.optimizer)
         self.scaler.update()
