@@ -15,8 +15,8 @@ Datasets (`get_lm_corpus(datadir, dataset, vocab)`), with the reference's vocabu
 With `vocab='bpe'` (wt103, wt2, ptb, custom words) a byte-level BPE is trained on train.txt (or loaded with
 `bpe_model`) and each split is its whole text followed by `<|endoftext|>`.
 
-Cache: `<datadir>/.txl_cache/<dataset>-<vocab, or char for custom characters>-<hash of the options>/` (or, where the data folder is not
-writable, `$TXL_CACHE_DIR` or `~/.cache/transformer-xl/data/`; or `cache_dir`), holding `meta.json` (format
+Cache: `<datadir>/.txl_cache/<dataset>-<vocab, or char for custom characters>-<hash of the options>/` (or,
+where the data folder is not writable, `$TXL_CACHE_DIR` or `~/.cache/transformer-xl/data/`; or `cache_dir`), holding `meta.json` (format
 version, options, the source files' sizes and modification times, token counts), `vocab.json` and one
 `<split>.npy` per split (ids in the smallest unsigned dtype that fits; lm1b adds `<split>.starts.npy`, the
 offset of each sentence). Splits are loaded memory-mapped, so a corpus larger than memory trains from disk.

@@ -5,9 +5,10 @@ A flag inside a command (a code block or an inline code span; backslash line end
 program before it on that command: train.py, eval.py, generate.py (their parsers, built from the schema),
 scripts/*.py and utils/**/*.py run with -m (the `add_argument` calls in their source). A flag of another tool
 (torchrun, srun, docker, ...) is not ours to check. A flag in prose, or in a command of no known program, must
-exist in one of our programs or be one of the other tools' flags listed in EXTERNAL_FLAGS, except where the
-line names train.py, eval.py or generate.py (then it must be a flag of one of them, or another tool's), or
-else the heading of its section does ("## Flags (train.py and eval.py)": then of the first one named). After a
+exist in one of our programs or be one of the other tools' flags listed in EXTERNAL_FLAGS; under a heading
+that names train.py, eval.py or generate.py ("## Flags (train.py and eval.py)") it must be a flag of the first
+one named, unless its own line names a program (prose such as "a checkpoint written at `--tp 2` evaluates in
+eval.py" speaks of several). After a
 bare `--` the flags go to another program (e.g. train.py through a benchmark script): they are checked like
 prose. Placeholders with capitals (`--X`, `--no_X`) and prefixes (`--no_`) are not flags; a doc can exempt a
 word it shows on purpose (an abbreviation that is refused) with `<!-- docs-flags: not a flag: --max -->`.
@@ -44,15 +45,41 @@ def cli_flags(cli: str) -> frozenset:
     return frozenset(opt[2:] for action in parser._actions for opt in action.option_strings if opt.startswith("--"))
 
 
+def _names(arg: ast.expr, loops: dict) -> list[str]:
+    """The strings an add_argument name can be: a constant, or an f-string over loop variables that run
+    through constant tuples (`for split in ("valid", "test"): add_argument(f"--{split}_docs")`)."""
+    if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+        return [arg.value]
+    if not isinstance(arg, ast.JoinedStr):
+        return []
+    names = [""]
+    for part in arg.values:
+        if isinstance(part, ast.Constant):
+            names = [n + str(part.value) for n in names]
+        elif isinstance(part, ast.FormattedValue) and isinstance(part.value, ast.Name) and part.value.id in loops:
+            names = [n + str(v) for n in names for v in loops[part.value.id]]
+        else:
+            return []
+    return names
+
+
 @lru_cache(maxsize=None)
 def source_flags(path: Path) -> frozenset:
     """The flags a script declares with `add_argument("--flag", ...)` (read from its source, not run)."""
     flags = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+
+    def visit(node, loops):
+        constant_loop = (isinstance(node, ast.For) and isinstance(node.target, ast.Name)
+                         and isinstance(node.iter, (ast.Tuple, ast.List))
+                         and all(isinstance(e, ast.Constant) for e in node.iter.elts))
+        if constant_loop:
+            loops = {**loops, node.target.id: [e.value for e in node.iter.elts]}
         if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "add_argument":
-            for arg in node.args:
-                if isinstance(arg, ast.Constant) and isinstance(arg.value, str) and arg.value.startswith("--"):
-                    flags.add(arg.value[2:])
+            flags.update(n[2:] for arg in node.args for n in _names(arg, loops) if n.startswith("--"))
+        for child in ast.iter_child_nodes(node):
+            visit(child, loops)
+
+    visit(ast.parse(path.read_text(encoding="utf-8")), {})
     return frozenset(flags | {"help"})
 
 
@@ -169,8 +196,8 @@ _NAMED = re.compile(r"(?<![\w/])(train|eval|generate)\.py\b")
 
 
 def named_programs(text: str) -> dict:
-    """{line number: the programs a prose flag on that line may belong to: those of train/eval/generate named
-    on the line (other tools' flags allowed too), else the first one the heading of its section names}."""
+    """{line number: ((programs), named on the line itself)}: the programs of train/eval/generate the line names,
+    else the first one the heading of its section names; None when neither names one."""
     out, heading, in_block = {}, None, False
     for number, line in enumerate(text.splitlines(), 1):
         if line.lstrip().startswith("```"):
@@ -191,12 +218,11 @@ def unknown_flags(text: str, where: str = "") -> list[str]:
     for number, flag, program in mentions(text):
         if flag.endswith(("_", "-")) or flag != flag.lower() or flag in exempt:   # `--no_`, `--X`
             continue
-        if program is None and named.get(number):
-            clis, on_line = named[number]
-            if not any(flag in cli_flags(cli) for cli in clis) and not (on_line and flag in EXTERNAL_FLAGS):
-                names = " or ".join(f"{cli}.py" for cli in dict.fromkeys(clis))
-                problems.append(f"{where}:{number}: --{flag} is not a flag of {names} (named "
-                                f"{'on the line' if on_line else 'in the heading of its section'})")
+        if program is None and named.get(number) and not named[number][1]:
+            cli = named[number][0][0]
+            if flag not in cli_flags(cli):
+                problems.append(f"{where}:{number}: --{flag} is not a flag of {cli}.py (named in the heading of its "
+                                "section)")
         elif program is None or program == ("external", "python"):
             if flag not in all_our_flags() and flag not in EXTERNAL_FLAGS:
                 problems.append(f"{where}:{number}: --{flag} is not a flag of train.py, eval.py, generate.py or "
