@@ -12,6 +12,7 @@ import utils.runtime.openmp_env  # noqa: F401  (first: bounds OpenMP's spin-wait
 import json
 import logging
 import math
+import os
 import platform
 import sys
 import time
@@ -218,12 +219,14 @@ def main() -> int:
 
 
 def eval_work_dir(args) -> Path:
-    """Where eval_log.log / eval_log.json go: --work_dir, or without it the folder of --model (the training's
-    work dir, next to its train_log), so that `eval.py --model WORK/checkpoint_best.pt` writes nothing
-    elsewhere."""
+    """Where eval_log.log / eval_log.json go: --work_dir, or without it the folder of --model when it is
+    writable (the training's work dir, next to its train_log), so that `eval.py --model WORK/checkpoint_best.pt`
+    writes nothing elsewhere."""
     if args.model and "work_dir" not in args.given and not args.load_torchscript and not is_export(args.model):
         model = Path(args.model)
-        return model if model.is_dir() else model.parent      # a work dir stands for its checkpoint_last.pt
+        folder = model if model.is_dir() else model.parent    # a work dir stands for its checkpoint_last.pt
+        if os.access(folder, os.W_OK):                        # else (a read-only copy): --work_dir's default
+            return folder
     return Path(args.work_dir)
 
 
