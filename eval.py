@@ -308,7 +308,7 @@ def sweep_memory(model, loaded, dataset, args, device, log, meters, metrics, wor
     for line in format_table(rows):
         log.info(line)
     if not args.debug and distributed.is_main_process():
-        header = {"model": args.model or args.load_torchscript, "dataset": dataset, "tgt_len": args.tgt_len,
+        header = {"model": args.model or args.load_torchscript, "dataset": args.dataset, "tgt_len": args.tgt_len,
                   "ext_len": args.ext_len, "clamp_len": args.clamp_len, "same_length": args.same_length,
                   "batch_size": args.batch_size}
         write_json(work_dir / "mem_len_sweep.json", header, rows)

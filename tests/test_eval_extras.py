@@ -133,3 +133,15 @@ def test_manual_with_a_vocabulary_without_unk_names_the_unknown_words(trained_wi
     assert result.returncode == 2
     assert ("'zzqx' is not in the vocabulary, which has no <unk> to stand for unknown words (2 of 3 words are "
             "unknown: zzqx, qqzx)") in result.stderr
+
+
+def test_every_character_level_corpus_reports_bpc():
+    from utils.data.vocabulary import Vocab
+    from utils.training.metrics import corpus_label, loss_metrics, uses_bpc
+    chars, words = Vocab(delimiter=""), Vocab()
+    assert uses_bpc(corpus_label("custom", "char")) and not uses_bpc(corpus_label("custom", "word"))
+    assert uses_bpc(corpus_label("prepared", None, chars)) and not uses_bpc(corpus_label("prepared", None, words))
+    assert uses_bpc(corpus_label("custom", None, chars))                   # eval.py: from the checkpoint's vocab
+    assert corpus_label("enwik8") == "enwik8" and corpus_label("wt103", None, words) == "wt103"
+    assert loss_metrics("valid", 0.7, corpus_label("prepared", None, chars)) == {
+        "valid_loss": 0.7, "valid_bits_per_character": 0.7 / math.log(2)}

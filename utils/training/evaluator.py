@@ -19,11 +19,12 @@ class Evaluator:
     """Scores the model with the training-time evaluation settings (reference §3.5): segments of
     --eval_tgt_len with the context size of training (`lengths`), at most --eval_max_steps batches."""
 
-    def __init__(self, model, args, device, autocast, log, guard: DivergenceGuard):
+    def __init__(self, model, args, device, autocast, log, guard: DivergenceGuard, label: Optional[str] = None):
         self.model, self.args, self.device, self.autocast, self.log = model, args, device, autocast, log
         self.guard = guard
         self.lengths = eval_lengths(args.tgt_len, args.ext_len, args.mem_len, args.eval_tgt_len)
-        self.label = corpus_label(args.dataset, args.custom_level)     # bpc for character-level corpora
+        # the name the metrics go by (metrics.corpus_label): bits per character for character-level corpora
+        self.label = label or corpus_label(args.dataset, args.custom_level)
 
     def mean_loss(self, iterator, split: str = "valid") -> float:
         """Mean NLL per token of a split, over all ranks (a progress bar on a terminal, rank 0)."""

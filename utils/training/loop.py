@@ -40,7 +40,8 @@ class Trainer:
         self.dp_rank, self.dp_world_size = distributed.dp_rank(), distributed.dp_world_size()
         self.autocast = amp_context(args, device)
         self.guard = DivergenceGuard(self.work_dir)
-        self.evaluator = Evaluator(model, args, device, self.autocast, log, self.guard)
+        self.evaluator = Evaluator(model, args, device, self.autocast, log, self.guard,
+                                   label=corpus_label(args.dataset, args.custom_level, corpus.vocab))
         self.train_iter, self.valid_iter, self.test_iter = self._iterators(corpus)
         self.n_params = count_parameters(model)             # (all, non-embedding), before FSDP shards them
         self.model = model
@@ -187,7 +188,7 @@ class Trainer:
 
     def _log_interval(self, grad_norm: float, lr: float) -> None:
         """The training log line and metrics record of the steps since the last one (all ranks)."""
-        args, state, acc = self.args, self.state, self.state.log_acc
+        state, acc = self.state, self.state.log_acc
         elapsed = time.time() - self.interval_start + acc.elapsed
         cur_loss = distributed.all_reduce_item(acc.loss / acc.steps, "mean")
         avg_elapsed = distributed.all_reduce_item(elapsed / acc.steps, "max")
@@ -196,10 +197,10 @@ class Trainer:
         self.throughput.update(tok_per_s, elapsed)
         batch, n_batch = self.train_iter.batch, self.train_iter.n_batch
         self.log.info(format_train_line(state.epoch, state.train_step, batch, n_batch, lr, avg_elapsed * 1000,
-                                        tok_per_s, cur_loss, corpus_label(args.dataset, args.custom_level))
+                                        tok_per_s, cur_loss, self.evaluator.label)
                       + self._elapsed_and_eta())
         record = {"epoch": state.epoch, "train_batch": batch, "lr": lr, "train_time/batch": avg_elapsed * 1000,
-                  "train_throughput": tok_per_s, **loss_metrics("train", cur_loss, corpus_label(args.dataset, args.custom_level)),
+                  "train_throughput": tok_per_s, **loss_metrics("train", cur_loss, self.evaluator.label),
                   "grad_norm": grad_norm, "train_tokens": state.tokens_seen}
         if self.scaler.is_enabled():
             record.update(self._loss_scale_report(acc.steps))
@@ -272,9 +273,9 @@ class Trainer:
         if self.last_train_loss is not None:
             summary["train_loss"] = self.last_train_loss
         if test_loss is not None:
-            summary.update(loss_metrics("test", test_loss, corpus_label(args.dataset, args.custom_level)))
+            summary.update(loss_metrics("test", test_loss, self.evaluator.label))
         if state.best_val_loss is not None:
-            summary.update(loss_metrics("valid", state.best_val_loss, corpus_label(args.dataset, args.custom_level)))
+            summary.update(loss_metrics("valid", state.best_val_loss, self.evaluator.label))
         self.metrics.log("SUMMARY", summary)
         self.metrics.close()
         return check_targets(args, state.best_val_loss, throughput, log)
