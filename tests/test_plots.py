@@ -65,7 +65,7 @@ def test_load_run_reads_the_metrics_records(two_runs):
     assert [run.train[s]["loss"] for s in sorted(train)] == [train[s]["train_loss"] for s in sorted(train)]
     assert [run.valid[s]["value"] for s in sorted(valid)] == [valid[s]["valid_perplexity"] for s in sorted(valid)]
     # tokens counted by the trainer (an epoch's last batch is shorter); without the count: batch x tgt_len x step
-    assert [run.tokens_at(s) for s in sorted(train)] == [train[s]["train_tokens"] for s in sorted(train)]
+    assert [run.tokens_at(s) for s in sorted(train)] == [train[s]["tokens"] for s in sorted(train)]
     assert run.tokens_at(5) == 5 * 16 * 8 and run.tokens_at(15) < 15 * 16 * 8
     run.train[15]["tokens"] = None
     assert run.tokens_at(15) == 15 * 16 * 8

@@ -78,10 +78,16 @@ class Lamb(Optimizer):
             self._lr_tensors[device] = torch.zeros((), dtype=torch.float32, device=device)
         return self._lr_tensors[device].fill_(lr)
 
+    def keep_trust_ratios(self) -> None:
+        """From now on each step leaves its trust ratios (one per parameter, lr excluded) in `trust_ratios`, a
+        device tensor (--log_noise_scale logs them; nothing is read to the host here)."""
+        self._keep_trust = True
+
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None):
         """One LAMB step over every parameter that has a gradient; returns the closure's loss, if any."""
         loss = None
+        ratios = []
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
@@ -117,16 +123,23 @@ class Lamb(Optimizer):
             beta1, beta2 = group["betas"]
             for (device, _, _), (params, grads, exp_avgs, exp_avg_sqs) in buckets.items():
                 lr = self._lr_tensor(group["lr"], device) if compiled else group["lr"]
-                update(
+                trust = update(
                     params, grads, exp_avgs, exp_avg_sqs,
                     lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
                     weight_decay=group["weight_decay"], adam=group["adam"],
                 )
+                if trust is not None and getattr(self, "_keep_trust", False):
+                    trust = torch.stack(trust) if isinstance(trust, list) else trust
+                    ratios.append(trust.detach().float().reshape(-1).to(ratios[0].device if ratios else device))
+        if ratios:
+            self.trust_ratios = torch.cat(ratios)
         return loss
 
 
 def _lamb_per_tensor(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, eps, weight_decay, adam):
-    """The update of the module docstring, one tensor at a time (syncs with the device for the zero tests)."""
+    """The update of the module docstring, one tensor at a time (syncs with the device for the zero tests);
+    returns the trust ratios, a list of scalar tensors (None with adam)."""
+    trusts = []
     for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
         m.mul_(beta1).add_(g, alpha=1 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
@@ -136,14 +149,17 @@ def _lamb_per_tensor(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, 
         if not adam:
             w_norm = p.norm(2).clamp(0, 10)
             u_norm = u.norm(2)
-            if w_norm != 0 and u_norm != 0:
-                u.mul_(w_norm / (u_norm + eps))
+            trust = w_norm / (u_norm + eps) if w_norm != 0 and u_norm != 0 else torch.ones_like(w_norm)
+            u.mul_(trust)
+            trusts.append(trust)
         p.add_(u, alpha=-lr)
+    return trusts or None
 
 
 def _lamb_multi_tensor(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, eps, weight_decay, adam):
     """The same update with multi-tensor kernels; all tensors share one device and dtype. No host syncs.
-    lr is a float or (compiled step) a scalar tensor."""
+    lr is a float or (compiled step) a scalar tensor. Returns the trust ratios (None with adam)."""
+    ratios = None
     torch._foreach_mul_(exp_avgs, beta1)
     torch._foreach_add_(exp_avgs, grads, alpha=1 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
@@ -158,6 +174,7 @@ def _lamb_multi_tensor(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2
         w_norms = torch.stack(torch._foreach_norm(params)).clamp(0, 10)   # not in place: DTensors (FSDP)
         u_norms = torch.stack(torch._foreach_norm(updates))
         trust = torch.where((w_norms == 0) | (u_norms == 0), torch.ones_like(w_norms), w_norms / (u_norms + eps))
+        ratios = trust
         if isinstance(lr, torch.Tensor):
             trust = trust * lr
         torch._foreach_mul_(updates, trust.unbind(0))
@@ -167,3 +184,4 @@ def _lamb_multi_tensor(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2
         torch._foreach_sub_(params, updates)
     else:
         torch._foreach_add_(params, updates, alpha=-lr)
+    return ratios

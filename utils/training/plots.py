@@ -63,7 +63,7 @@ def load_run(path: str | Path, name: str | None = None) -> Run:
         elif isinstance(step, int) and "train_loss" in record:
             run.train[step] = {"loss": _number(record.get("train_loss")), "lr": _number(record.get("lr")),
                                "throughput": _number(record.get("train_throughput")),
-                               "tokens": _number(record.get("train_tokens"))}
+                               "tokens": _number(record.get("tokens"))}
         elif isinstance(step, int) and "valid_loss" in record:
             if "valid_bits_per_character" in record:
                 run.bpc = True

@@ -35,6 +35,7 @@ class TrainStep:
         self.swap_mem = swap_mem
         self.cuda_graphs = cuda_graphs
         self.skipped_steps = 0
+        self.observer = None                    # e.g. a NoiseScaleMeter: after_backward(chunk), after_step(norm)
 
     def __call__(self, data: Tensor, target: Tensor, mems: List[Optional[Tensor]]) -> Tuple[float, float]:
         model, chunks = self.forward_model, self.batch_chunk
@@ -54,6 +55,8 @@ class TrainStep:
                     loss, mem = model(data_i, target_i, mem)
                 loss = loss.float().mean() / chunks
                 self.scaler.scale(loss).backward()
+                if self.observer is not None:
+                    self.observer.after_backward(i)
                 if mem is not None and self.cuda_graphs:
                     mem = mem.clone()           # a CUDA graph's output buffer is reused by its next replay
                 if self.swap_mem and mem is not None:
@@ -62,6 +65,8 @@ class TrainStep:
                 step_loss += loss.detach()
         self.scaler.unscale_(self.optimizer)
         grad_norm = clip_grad_norm_(self.model.parameters(), self.clip)   # torch's, or for DTensors mixed with tensors
+        if self.observer is not None:
+            self.observer.after_step(grad_norm)
         scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else None
         self.scaler.step(self.optimizer)
         self.scaler.update()
