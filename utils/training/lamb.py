@@ -21,6 +21,16 @@ plain loop, one tensor at a time. Both give the same results. `compile=True` (wi
 gives) runs the multi-tensor step through torch.compile, which fuses its passes over the parameters into a few
 kernels; the learning rate then enters as a device tensor, so a new value each step compiles nothing.
 
+Gradient clipping in the same pass (issue 18): the caller (TrainStep) computes the total gradient norm (one
+reduction over all gradients, which must precede any update) and sets `optimizer.clip_coef` =
+min(1, max_norm / (norm + 1e-6)) (a device tensor) before `step()`, as GradScaler sets `found_inf`; the step
+multiplies the gradients by it inside the multi-tensor update (under torch.compile fused into the update's
+passes) instead of a separate pass of `clip_grad_norm_`. Same math as `torch.nn.utils.clip_grad_norm_`.
+
+Mixed precision: the fused step handles the fp16 GradScaler's skip decision on the device
+(`_step_supports_amp_scaling`): the scaler hands over `found_inf` instead of reading it back to the host,
+and a step with non-finite gradients leaves the parameters and the running averages exactly as they were.
+
 State per parameter: `exp_avg` (m), `exp_avg_sq` (v) tensors and `step` (an int, counted but unused by the
 math), so `optimizer.state_dict()` holds tensors and plain types only and loads with `weights_only=True`.
 """
@@ -71,6 +81,9 @@ class Lamb(Optimizer):
         # not a group option: the state dict stays the same with and without compilation
         self._compiled_update = torch.compile(_lamb_multi_tensor, dynamic=False) if compile else None
         self._lr_tensors: dict[torch.device, torch.Tensor] = {}
+        # GradScaler: the fused step takes found_inf as a device tensor (no read-back); see step()
+        self._step_supports_amp_scaling = bool(fused)
+        self.clip_coef: torch.Tensor | None = None           # set by the caller for one step (see the docstring)
 
     def _lr_tensor(self, lr: float, device: torch.device) -> torch.Tensor:
         """lr as a float32 scalar tensor on `device` (the compiled step reads it; no recompilation)."""
@@ -85,6 +98,13 @@ class Lamb(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # set by torch.amp.GradScaler.step for an optimizer with _step_supports_amp_scaling
+        found_inf = getattr(self, "found_inf", None)
+        grad_scale = getattr(self, "grad_scale", None)
+        all_grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if grad_scale is not None:                           # the scaler did not unscale them yet
+            torch._foreach_mul_(all_grads, grad_scale.double().reciprocal().float())
+        clip_coef, self.clip_coef = self.clip_coef, None     # for this step only
 
         for group in self.param_groups:
             # (device, dtype) -> [params, grads, exp_avgs, exp_avg_sqs]; foreach kernels want uniform lists
@@ -115,10 +135,20 @@ class Lamb(Optimizer):
             beta1, beta2 = group["betas"]
             for (device, _), (params, grads, exp_avgs, exp_avg_sqs) in buckets.items():
                 lr = self._lr_tensor(group["lr"], device) if compiled else group["lr"]
+                extra = {}
+                if clip_coef is not None:
+                    if group["fused"]:
+                        extra["clip_coef"] = clip_coef.to(device)
+                    else:
+                        torch._foreach_mul_(grads, clip_coef.to(device))
+                if found_inf is not None:
+                    if not group["fused"]:
+                        raise RuntimeError("Lamb(fused=False) does not take the GradScaler's found_inf")
+                    extra["found_inf"] = found_inf.to(device)
                 update(
                     params, grads, exp_avgs, exp_avg_sqs,
                     lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
-                    weight_decay=group["weight_decay"], adam=group["adam"],
+                    weight_decay=group["weight_decay"], adam=group["adam"], **extra,
                 )
         return loss
 
@@ -139,9 +169,18 @@ def _lamb_per_tensor(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, 
         p.add_(u, alpha=-lr)
 
 
-def _lamb_multi_tensor(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, eps, weight_decay, adam):
+def _lamb_multi_tensor(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, eps, weight_decay, adam,
+                       clip_coef=None, found_inf=None):
     """The same update with multi-tensor kernels; all tensors share one device and dtype. No host syncs.
-    lr is a float or (compiled step) a scalar tensor."""
+    lr is a float or (compiled step) a scalar tensor. clip_coef (a scalar tensor): the gradient-clipping
+    factor, applied here (as clip_grad_norm_ would: gradients multiplied in place). found_inf (fp16 scaler,
+    a float tensor, > 0: a gradient is not finite): nothing changes, decided on the device."""
+    if clip_coef is not None:
+        torch._foreach_mul_(grads, clip_coef)
+    if found_inf is not None:
+        _skip_if_found_inf(params, grads, exp_avgs, exp_avg_sqs, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                           weight_decay=weight_decay, adam=adam, found_inf=found_inf)
+        return
     torch._foreach_mul_(exp_avgs, beta1)
     torch._foreach_add_(exp_avgs, grads, alpha=1 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
@@ -165,3 +204,16 @@ def _lamb_multi_tensor(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2
         torch._foreach_sub_(params, updates)
     else:
         torch._foreach_add_(params, updates, alpha=-lr)
+
+
+def _skip_if_found_inf(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, eps, weight_decay, adam, found_inf):
+    """The multi-tensor update computed out of place, kept only where found_inf == 0 (torch.where per tensor:
+    the fp16 path only). Parameters and running averages stay bit for bit when a gradient is not finite."""
+    keep = found_inf == 0
+    new_p = [p.clone() for p in params]
+    new_m = [m.clone() for m in exp_avgs]
+    new_v = [v.clone() for v in exp_avg_sqs]
+    _lamb_multi_tensor(new_p, grads, new_m, new_v, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                       weight_decay=weight_decay, adam=adam)
+    for olds, news in ((params, new_p), (exp_avgs, new_m), (exp_avg_sqs, new_v)):
+        torch._foreach_copy_(olds, [torch.where(keep, n, o) for o, n in zip(olds, news)])
