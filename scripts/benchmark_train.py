@@ -182,6 +182,7 @@ def run(bench, extra) -> dict:
     init_weights(model, args.init, args.init_range, args.init_std, args.proj_init_std)
     model.set_attn_impl(args.attn_impl)
     model.set_checkpoint_activations(args.checkpoint_activations)
+    model.crit.tail_capacity = args.softmax_tail_capacity   # static adaptive-softmax shapes (issue 18)
     model.to(device)
     optimizer = build_optimizer(args, model)
     scheduler = build_scheduler(args, optimizer)

@@ -54,3 +54,27 @@ def test_no_host_sync_between_log_intervals(demo_corpus, tmp_path, monkeypatch, 
         assert between == [], f"host syncs in steps {first + 1}..{last}: {between}"
     # the log interval of step 10 reads the interval's numbers back (between steps 10 and 11)
     assert len(at[11]) > len(at[10])
+
+
+@pytest.mark.parametrize("div_val", [1, 4])
+def test_adaptive_softmax_training_steps_read_nothing_back(div_val):
+    """The adaptive softmax with a tail capacity (static shapes) and AdaptiveEmbedding with div_val 4: steady
+    training steps (TrainStep.run, fused LAMB, clipping) do no host sync at all."""
+    import contextlib
+    from lamb import Lamb
+    from mem_transformer import MemTransformerLM
+    from utils.training.train_step import TrainStep
+    torch.manual_seed(0)
+    model = MemTransformerLM(200, 2, 2, 16, 8, 32, 0.1, 0.0, tie_weight=True, div_val=div_val, cutoffs=[50, 100],
+                             tie_projs=[False, True, True], tgt_len=8, mem_len=8, d_embed=16).train()
+    model.crit.tail_capacity = 0.5
+    step = TrainStep(model, model, Lamb(model.parameters(), lr=0.01), torch.amp.GradScaler("cpu", enabled=False),
+                     contextlib.nullcontext, clip=0.25)
+    stream = torch.randint(0, 200, (8 * 6 + 1, 4), generator=torch.Generator().manual_seed(0))
+    mems = [None]
+    for i in range(2):
+        step.run(stream[8 * i: 8 * i + 8], stream[8 * i + 1: 8 * i + 9], mems)
+    with HostSyncCounter() as syncs:
+        for i in range(2, 6):
+            step.run(stream[8 * i: 8 * i + 8], stream[8 * i + 1: 8 * i + 9], mems)
+    assert syncs.events == []

@@ -287,6 +287,11 @@ class SpeedConfig:
     checkpoint_activations: bool = opt(False, "recompute each layer's activations in the backward pass instead of "
                                        "keeping them (less memory, ~1/3 more compute)")
     swap_mem: bool = opt(False, "keep the memory on the CPU between chunks")
+    softmax_tail_capacity: Optional[float] = opt(
+        None, "adaptive softmax: rows per tail cluster as a fraction of a batch's tokens (ours): fixed shapes, no "
+        "host read-back, one compiled graph; exact while no tail cluster holds more of the batch (tokens over it get "
+        "a NaN loss, which stops the run); default: 1.0 (exact for any batch) with --compile or CUDA, exact sizes "
+        "read back each step in an eager CPU run", low=0, low_open=True, high=1)
 
 
 @dataclass(frozen=True)
