@@ -73,7 +73,7 @@ def main() -> int:
     tokens = []
     start = time.perf_counter()
     for step in generate(model, prompt_ids, args.num_tokens, args.num_samples, args.temperature, args.top_k,
-                         args.top_p, generator=generator, device=device):
+                         args.top_p, generator=generator, device=device, kv_cache=args.kv_cache is not False):
         tokens.append(step.tokens.cpu())
     elapsed = time.perf_counter() - start
     samples = torch.stack(tokens, dim=1).tolist()                        # [n_samples, n_tokens]

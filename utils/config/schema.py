@@ -331,6 +331,9 @@ class GenerateConfig:
     top_k: int = opt(0, "sample among the k most likely tokens (0: all)", clis=(GENERATE,), low=0)
     top_p: float = opt(1.0, "sample among the most likely tokens that together have this probability (1: all)",
                        clis=(GENERATE,), low=0, high=1, low_open=True)
+    kv_cache: Optional[bool] = opt(None, "keep the memory's keys and values from token to token (ours; attention "
+                                   "types 0 and 1 of an eager model; default: on; --no_kv_cache recomputes them)",
+                                   clis=(GENERATE,))
 
 
 # group attribute names of Config (none equals an option name: --model and --data are options)

@@ -21,7 +21,7 @@ when tied): autograd would give every block's gradient as a full-size zero-fille
 cluster); here one autograd function scores all clusters and writes each block's gradient into ONE table-sized
 buffer (every row is written once: no zero fill).
 """
-import math
+from fractions import Fraction
 from typing import List, Optional, Tuple
 
 import torch
@@ -56,7 +56,9 @@ def tail_gathers(target: Tensor, cutoffs: List[int], capacity: Optional[float]
             idx = order[begin:begin + sizes[i]]
             out.append((idx, torch.ones_like(idx, dtype=torch.bool)))
         return cluster, out
-    cap = max(1, min(n, math.ceil(capacity * n)))
+    # ceil(capacity * n) in integer arithmetic (n may be a symbolic size under dynamic-shape compilation)
+    frac = Fraction(capacity).limit_denominator(1 << 16)
+    cap = n if frac >= 1 else (n * frac.numerator + frac.denominator - 1) // frac.denominator
     rows = torch.arange(cap, device=target.device)
     for i in range(1, k + 1):
         valid = rows < counts[i]
