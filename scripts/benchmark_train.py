@@ -22,6 +22,14 @@ their wall time. Peak memory: on CUDA the allocator's peak over the timed steps 
 on the CPU the process's peak resident memory. --saved_activations also measures the bytes autograd keeps
 for the backward pass of one step (eager model, parameters excluded): the activation memory on any device.
 MFU and the FLOPs formula: utils/model/flops.py (and README.md, "Performance").
+
+--report (issue 18) adds, per steady-state step: eager ATen ops and dtype casts (a step of the uncompiled model,
+counted by a TorchDispatchMode), graph breaks (torch._dynamo.explain of the training forward), graphs compiled
+over the run (warm-up included), host syncs of one step (utils/runtime/host_sync.py), beside the peak memory
+and tokens/s. --repo DIR runs another checkout's model, optimizer and step (e.g. a worktree of main) under
+the same benchmark, so that before / after figures come from one script:
+
+    python scripts/benchmark_train.py --preset cpu_small --report --repo ../wt-main -- --adaptive ...
 """
 import argparse
 import json
@@ -34,7 +42,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+# --repo: import the model / optimizer / step of another checkout (before / after comparisons)
+CODE = Path(sys.argv[sys.argv.index("--repo") + 1]).resolve() if "--repo" in sys.argv[:-1] else REPO
+sys.path.insert(0, str(CODE))
 
 import utils.runtime.openmp_env  # noqa: E402,F401  (before torch: bounds OpenMP's spin-wait)
 import torch  # noqa: E402
@@ -86,6 +96,9 @@ def parse_cli(argv):
                         help="also measure the bytes saved for backward by one eager step")
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     parser.add_argument("--json", default=None, help="append the result as one JSON line to this file")
+    parser.add_argument("--report", action="store_true",
+                        help="also count ATen ops, casts, graph breaks, compilations and host syncs per step")
+    parser.add_argument("--repo", default=None, help="run this checkout's code (default: this one)")
     if "--" in argv:
         cut = argv.index("--")
         ours, extra = argv[:cut], argv[cut + 1:]
@@ -168,6 +181,14 @@ def device_name(device: torch.device) -> str:
     return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
 
 
+def _step_report_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("_issue18_step_report", REPO / "utils" / "runtime" / "step_report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def run(bench, extra) -> dict:
     args = train_args(bench, extra)
     log = setup_logging(None)
@@ -182,14 +203,18 @@ def run(bench, extra) -> dict:
     init_weights(model, args.init, args.init_range, args.init_std, args.proj_init_std)
     model.set_attn_impl(args.attn_impl)
     model.set_checkpoint_activations(args.checkpoint_activations)
-    model.crit.tail_capacity = args.softmax_tail_capacity   # static adaptive-softmax shapes (issue 18)
+    model.crit.tail_capacity = getattr(args, "softmax_tail_capacity", None)   # static shapes (issue 18)
     model.to(device)
     optimizer = build_optimizer(args, model)
     scheduler = build_scheduler(args, optimizer)
     scaler = grad_scaler(args, device)
     autocast = amp_context(args, device)
+    report_tools = _step_report_module() if bench.report else None
+    graphs_before = report_tools.compiled_graphs() if report_tools else 0
     step = TrainStep(model, compile_model(model, args), optimizer, scaler, autocast, args.clip, args.batch_chunk,
                      args.swap_mem, args.cuda_graphs)
+    # a step that reads nothing back when the code has one (issue 18), else the one that returns floats
+    step_fn = getattr(step, "run", step)
     mems = [None] * args.batch_chunk
     n_all, n_nonemb = count_parameters(model)
 
@@ -209,8 +234,10 @@ def run(bench, extra) -> dict:
                 torch.cuda.reset_peak_memory_stats(device)
             warmup_s = time.perf_counter() - start
         t0 = time.perf_counter()
-        loss, _ = step(data, target, mems)
+        loss, _ = step_fn(data, target, mems)
         scheduler.step(i + 1)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)                  # per-step times (the step itself reads nothing back)
         if i >= bench.warmup:
             step_times.append(time.perf_counter() - t0)
             tokens += target.numel()
@@ -221,6 +248,17 @@ def run(bench, extra) -> dict:
     if len(step_times) < bench.steps:
         raise UserError(f"the data gave only {bench.warmup + len(step_times)} batches")
     elapsed = sum(step_times)
+    losses = [float(x) for x in losses]
+    report = None
+    if report_tools:
+        report = {"compiled_graphs": report_tools.compiled_graphs() - graphs_before}
+        report.update(report_tools.count_syncs(lambda: step_fn(data, target, mems)))
+        eager_step = TrainStep(model, model, optimizer, scaler, autocast, args.clip, args.batch_chunk,
+                               args.swap_mem, False)
+        eager_fn = getattr(eager_step, "run", eager_step)
+        report.update(report_tools.count_ops(lambda: eager_fn(data, target, mems)))
+        with autocast():
+            report.update(report_tools.graph_breaks(model, data, target, mems[0]))
     if bench.saved_activations:
         saved = saved_activation_bytes(model, data, target, mems[0], autocast)
 
@@ -248,6 +286,9 @@ def run(bench, extra) -> dict:
         result["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if saved is not None:
         result["saved_activations"] = saved
+    if report is not None:
+        result["report"] = report
+        result["code"] = str(CODE)
     return result
 
 
@@ -273,6 +314,14 @@ def report(r: dict) -> str:
     lines.append(f"tokens/s {r['tokens_per_s']:.0f} | ms/step {r['ms_per_step']:.1f} (median "
                  f"{r['ms_per_step_median']:.1f}) | {memory} | FLOPs/token {r['flops_per_token'] / 1e6:.1f} M | "
                  f"{r['tokens_per_s'] * r['flops_per_token'] / 1e12:.2f} TFLOP/s | {util} | loss {r['last_loss']:.3f}")
+    if "report" in r:
+        rep = r["report"]
+        lines.append(f"report ({r['code']}): eager ATen ops/step {rep['aten_ops']} (casts {rep['casts']}) | graph "
+                     f"breaks {rep['graph_breaks']} ({rep['graphs']} graphs) | graphs compiled in the run "
+                     f"{rep['compiled_graphs']} | host syncs/step {rep['host_syncs']} {rep['sync_ops'] or ''}")
+        lines.append(f"  most frequent ops: {rep['top_ops']}")
+        if rep["break_reasons"]:
+            lines.append(f"  graph breaks: {rep['break_reasons']}")
     return "\n".join(lines)
 
 
