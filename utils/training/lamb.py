@@ -207,13 +207,32 @@ def _lamb_multi_tensor(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2
 
 
 def _skip_if_found_inf(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, eps, weight_decay, adam, found_inf):
-    """The multi-tensor update computed out of place, kept only where found_inf == 0 (torch.where per tensor:
-    the fp16 path only). Parameters and running averages stay bit for bit when a gradient is not finite."""
-    keep = found_inf == 0
-    new_p = [p.clone() for p in params]
-    new_m = [m.clone() for m in exp_avgs]
-    new_v = [v.clone() for v in exp_avg_sqs]
-    _lamb_multi_tensor(new_p, grads, new_m, new_v, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                       weight_decay=weight_decay, adam=adam)
-    for olds, news in ((params, new_p), (exp_avgs, new_m), (exp_avg_sqs, new_v)):
-        torch._foreach_copy_(olds, [torch.where(keep, n, o) for o, n in zip(olds, news)])
+    """The multi-tensor update that changes nothing when found_inf > 0, decided on the device, without copies of
+    the parameters: non-finite gradients become 0, the moments' decay factors become 1 and the update is
+    multiplied by 0. When found_inf == 0 every factor is exactly 1 and the result is bit for bit the update."""
+    keep = (found_inf == 0).to(params[0].dtype)                            # 1.0 or 0.0
+    torch._foreach_mul_(grads, keep)                                       # inf * 0 = nan: cleared next
+    for g in grads:
+        g.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+    torch._foreach_mul_(exp_avgs, beta1 * keep + (1 - keep))               # beta1, or 1 when skipped
+    torch._foreach_add_(exp_avgs, grads, alpha=1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2 * keep + (1 - keep))
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_add_(denom, eps)
+    updates = torch._foreach_div(exp_avgs, denom)
+    del denom
+    if weight_decay != 0:
+        torch._foreach_add_(updates, params, alpha=weight_decay)
+    if not adam:
+        w_norms = torch.stack(torch._foreach_norm(params)).clamp(0, 10)
+        u_norms = torch.stack(torch._foreach_norm(updates))
+        trust = torch.where((w_norms == 0) | (u_norms == 0), torch.ones_like(w_norms), w_norms / (u_norms + eps))
+        torch._foreach_mul_(updates, (trust * keep).unbind(0))
+    else:
+        torch._foreach_mul_(updates, keep)
+    if isinstance(lr, torch.Tensor):
+        torch._foreach_mul_(updates, lr)
+        torch._foreach_sub_(params, updates)
+    else:
+        torch._foreach_add_(params, updates, alpha=-lr)
