@@ -329,6 +329,11 @@ def main(argv=None) -> int:
     bench, extra = parse_cli(sys.argv[1:] if argv is None else argv)
     if bench.steps < 1 or bench.warmup < 0:
         raise UserError("--steps must be >= 1 and --warmup >= 0")
+    if bench.compile and bench.warmup < 2:
+        # issue 18: every timed shape is warmed up: the memory-less first step and the full-memory steps are
+        # two graphs, so two warm-up steps compile both before the clock starts
+        raise UserError("--compile needs --warmup >= 2 (the first, memory-less step and a full-memory step "
+                        "compile a graph each; timed steps must not compile)")
     result = run(bench, extra)
     print(report(result), flush=True)
     if bench.json:
