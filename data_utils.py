@@ -48,7 +48,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from utils.io.atomic import atomic_open, fsync_dir, write_text_atomic
+from utils.io.atomic import atomic_open, fsync_dir, make_dir, umask, write_text_atomic
 from utils.io.errors import UserError
 from utils.data.datasets import DATASETS
 from utils.data.vocabulary import BPEVocab, Vocab, check_text_file
@@ -216,13 +216,18 @@ def _cache_roots(datadir: Path, cache_dir: str | os.PathLike | None) -> list[Pat
 @contextlib.contextmanager
 def _build_lock(root: Path, key: str, verbose: bool):
     """Exclusive lock per cache entry, so that concurrent processes (ranks) build a cache once."""
-    root.mkdir(parents=True, exist_ok=True)
+    make_dir(root, "dataset cache folder", "--cache_dir")
     try:
         import fcntl
     except ImportError:  # no flock (Windows): the atomic rename still keeps the cache consistent
         yield
         return
-    with open(root / f".{key}.lock", "a") as f:
+    try:
+        lock_file = open(root / f".{key}.lock", "a")
+    except OSError as exc:
+        _raise_build_fault(exc, root)
+        raise
+    with lock_file as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -565,6 +570,7 @@ def _build(datadir, root, key, opts, files, sources, verbose, progress) -> None:
     for stale in root.glob(f".{key}.tmp-*"):  # left by a build that was killed (we hold the build lock)
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=root))
+    os.chmod(tmp, 0o777 & ~umask())  # mkdtemp's 0o700 would hide a shared data folder's cache from the team
     try:
         if opts["dataset"] == "lm1b":
             vocab, splits = _build_lm1b(tmp, files, verbose, progress)

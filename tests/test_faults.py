@@ -185,6 +185,65 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_the_previous_checkpoint(
     assert torch.load(work / "checkpoint_best.pt", weights_only=True)["train_step"] == best_step
 
 
+class _FullDiskAtLine:
+    """A log file whose write fails with ENOSPC at the `nth` line that contains `marker` (and every write
+    after it), as a file system that filled up while the run went on."""
+
+    def __init__(self, f, marker: str, nth: int):
+        self.f, self.marker, self.left, self.full = f, marker, nth, False
+
+    def write(self, data):
+        self.left -= self.marker in data
+        self.full = self.full or self.left <= 0
+        if self.full:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return self.f.write(data)
+
+    def flush(self):
+        if self.full:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return self.f.flush()
+
+    def close(self):
+        return self.f.close()
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+def log_full_at(log: str, marker: str, nth: int) -> None:
+    """Hook: the text log ("text") or the JSON metrics ("json") finds the disk full at a chosen line."""
+    from utils.training import metrics
+    if log == "text":
+        original = metrics._NoFollowFileHandler._open
+        metrics._NoFollowFileHandler._open = lambda self: _FullDiskAtLine(original(self), marker, nth)
+    else:
+        original = metrics.open_nofollow
+        metrics.open_nofollow = lambda *args, **kwargs: _FullDiskAtLine(original(*args, **kwargs), marker, nth)
+
+
+@pytest.mark.parametrize("log,name,marker,nth", [("text", "train_log.log", "| Eval   2 at step", 1),
+                                                 ("json", "train_log.json", '"valid_loss"', 2)])
+def test_a_full_disk_while_a_log_is_written_is_one_line_and_keeps_the_checkpoint(demo_corpus, tmp_path, log,
+                                                                                  name, marker, nth):
+    """ENOSPC at the line of the second evaluation (step 10) in the text log or the JSON metrics: one line naming
+    the file (not logging's traceback on stderr and a run that goes on without its log), exit 2, the step-5
+    checkpoint intact, and what the log held before is kept."""
+    work = tmp_path / "work"
+    argv = tiny_args(demo_corpus, work, max_step=20, eval_interval=5, no_test=True)
+    result = cli_runner.train(argv, tmp_path, hook=log_full_at, hook_args=(log, marker, nth))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [
+        f"error: cannot write {work / name}: no space left on the device; free space there (what it held before "
+        "is kept) or write to another directory, and run again"]
+    assert torch.load(work / "checkpoint_last.pt", weights_only=True)["train_step"] == 5
+    text = (work / "train_log.log").read_text()
+    assert "| Eval   1 at step        5" in text
+    if log == "json":
+        records = [json.loads(line) for line in (work / "train_log.json").read_text().splitlines()]
+        assert sum("valid_loss" in r for r in records) == 1
+
+
 def _skip_if_modes_do_not_bind(directory):
     probe = directory / "probe"
     directory.chmod(0o555)

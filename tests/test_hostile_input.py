@@ -236,13 +236,21 @@ def test_train_replaces_links_to_its_config_and_checkpoints(tmp_path, demo_corpu
 def test_train_writes_checkpoints_and_logs_with_the_umask(tmp_path, demo_corpus, umask, expected):
     import os
     import stat
-    work = tmp_path / "work"
-    result = cli_runner.train(tiny_args(demo_corpus, work), tmp_path, hook=os.umask, hook_args=(umask,))
+    work, cache = tmp_path / "work", tmp_path / "cache"
+    result = cli_runner.train(tiny_args(demo_corpus, work, cache_dir=cache), tmp_path, hook=os.umask,
+                              hook_args=(umask,))
     assert result.returncode == 0, result.stderr
     written = sorted(p for p in work.iterdir() if p.is_file())
     assert {"checkpoint_last.pt", "checkpoint_best.pt", "config.yaml", "train_log.log"} <= {p.name for p in written}
     for path in written:
         assert stat.S_IMODE(path.stat().st_mode) == expected, (path.name, oct(path.stat().st_mode))
+    # the dataset cache too, its folders included (a cache in a shared data folder serves the whole team)
+    cached = [p for p in cache.rglob("*") if not p.name.startswith(".")]
+    assert any(p.is_dir() for p in cached) and any(p.is_file() for p in cached)
+    for path in cached:
+        folder_mode = expected | (expected & 0o444) >> 2          # r -> x for folders
+        want = folder_mode if path.is_dir() else expected
+        assert stat.S_IMODE(path.stat().st_mode) == want, (path, oct(path.stat().st_mode))
 
 
 # --- class 10: a vocabulary swapped for another one ---------------------------------------------------------

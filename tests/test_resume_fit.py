@@ -43,6 +43,15 @@ DAMAGE = {
                                   "MemTransformerLM: size mismatch for"),
     "another vocabulary size": (lambda c: c["model_config"].update(n_token=c["model_config"]["n_token"] + 1),
                                 "it has another model (n_token="),
+    "no vocabulary": (lambda c: c.pop("vocab"), "its vocabulary is missing or damaged; resume from another "
+                                                "checkpoint"),
+    "a vocabulary that is text": (lambda c: c.update(vocab="x"), "its vocabulary is missing or damaged"),
+    "no optimizer state": (lambda c: c.pop("optimizer_state"), "it has no 'optimizer_state' field; resume from "
+                                                               "another checkpoint"),
+    "a moment of another shape": (lambda c: c["optimizer_state"]["state"][0].update(exp_avg=torch.zeros(3, 3)),
+                                  "its optimizer state exp_avg of "),
+    "a moment for no parameter": (lambda c: c["optimizer_state"]["state"].update({999: {}}),
+                                  "its optimizer state has an entry 999 for no parameter of this model"),
 }
 
 

@@ -127,17 +127,20 @@ def test_restart_without_memory_and_with_extended_context(demo_corpus, tmp_path)
 
 
 @pytest.mark.slow
-def test_restart_from_the_reference_checkpoint_continues_from_its_weights(shared_dir, tmp_path):
-    """The reference's checkpoint (100 steps on PTB, validation loss 6.80) restarts with its weights: the
-    first losses are near its own, far below a new model's log(10000) = 9.2."""
+def test_restart_from_the_reference_checkpoint_continues_from_its_state(shared_dir, tmp_path):
+    """The reference's checkpoint (Adam at lr 0.003, 100 steps on PTB, validation loss 6.80) restarts with its
+    weights, Adam moments, random state, memory and data position: the first losses are near its own, far below
+    a new model's log(10000) = 9.2. (tests/test_reference_resume.py checks the continuation step by step.)"""
     argv = ["--data", shared_dir / "data" / "ptb", "--dataset", "wt103", "--cache_dir", tmp_path / "cache",
             "--work_dir", tmp_path / "work", "--n_layer", 2, "--n_head", 2, "--d_model", 64, "--d_head", 32,
             "--d_inner", 128, "--dropout", 0, "--tgt_len", 32, "--mem_len", 32, "--eval_tgt_len", 32,
             "--batch_size", 8, "--max_step", 105, "--eval_interval", 105, "--eval_max_steps", 10, "--log_interval", 5,
+            "--optim", "adam", "--lr", 0.003, "--scheduler", "constant", "--warmup_step", 0,
             "--no_test", "--restart", shared_dir / "fixtures" / "reference-checkpoint" / "ptb_tiny_attn0.pt"]
     result = cli_runner.train(argv, tmp_path)
     assert result.returncode == 0, result.stderr
-    assert any(l.startswith("Loaded the reference checkpoint") for l in result.lines)
+    assert ("Restored from the reference checkpoint: model, optimizer and schedule, random state, memory, data "
+            "position") in result.lines
     step105 = [json.loads(l) for l in (tmp_path / "work" / "train_log.json").read_text().splitlines()][1]
     assert step105["step"] == 105 and 6.0 < step105["train_loss"] < 7.2
     assert torch.load(tmp_path / "work" / "checkpoint_last.pt", weights_only=True)["train_step"] == 105

@@ -1,12 +1,14 @@
 """A work directory belongs to one run (issue 13, classes 1-3): a second run on a busy work dir exits at once
 with one line naming the holder and touches nothing; a start that fails leaves the work dir byte-identical;
 a new run does not replace an earlier run's checkpoints unless told to (--overwrite)."""
+import json
 import os
 import signal
 import socket
 import time
 
 import pytest
+import torch
 
 import cli_runner
 from cli_runner import tiny_args
@@ -170,6 +172,40 @@ def test_new_run_over_checkpoints_is_refused_and_overwrite_starts_afresh(finishe
     assert b"lr: 0.02" in after["config.yaml"] and b"overwrite" not in after["config.yaml"]
     assert "--overwrite: deleted checkpoint_last.pt of an earlier run" in fresh.lines
     assert after["checkpoint_last.pt"] != before["checkpoint_last.pt"]
+    # the earlier run's JSON metrics are kept whole beside this run's own file, which starts afresh
+    assert after["train_log.1.json"] == before["train_log.json"]
+    records = [json.loads(line) for line in after["train_log.json"].splitlines()]
+    assert [r["step"] for r in records].count("PARAMETER") == 1 and records[0]["lr"] == 0.02
+    assert "Kept the earlier run's metrics of this work dir as train_log.1.json" in fresh.lines
+
+
+def test_restart_from_elsewhere_into_a_work_dir_with_checkpoints_is_refused(finished_run, tmp_path):
+    """--restart OTHER/checkpoint_last.pt with a --work_dir that holds another run's checkpoints would replace
+    them at the first save: refused with one line before anything is touched, unless --overwrite."""
+    argv, work_dir, before = finished_run
+    other = tmp_path / "other"
+    done = cli_runner.train(tiny_args(argv[argv.index("--data") + 1], other, max_step=5, eval_interval=5,
+                                      no_test=True), tmp_path, name="other")
+    assert done.returncode == 0, done.stderr
+    source = other / "checkpoint_last.pt"
+    refused = cli_runner.train(argv + ["--restart", str(source), "--max_step", "15"], tmp_path, name="elsewhere")
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert refused.stderr == (
+        f"error: work dir {work_dir} holds the checkpoints of another run (checkpoint_best.pt, checkpoint_last.pt) "
+        f"and --restart {source} continues a checkpoint from elsewhere, whose saves would replace them; resume "
+        f"this work dir's own run with --restart {work_dir}, choose another --work_dir, or pass --overwrite to "
+        "replace them\n")
+    assert snapshot(work_dir) == before
+    # its own checkpoint, by file or by folder, is a resume of this work dir
+    own = cli_runner.train(argv + ["--restart", str(work_dir / "checkpoint_last.pt"), "--max_step", "12"],
+                           tmp_path, name="own")
+    assert own.returncode == 0, own.stderr
+    replaced = cli_runner.train(argv + ["--restart", str(source), "--max_step", "10", "--overwrite"], tmp_path,
+                                name="replaced")
+    assert replaced.returncode == 0, replaced.stderr
+    assert "--overwrite: deleted checkpoint_last.pt of an earlier run" in replaced.lines
+    assert torch.load(work_dir / "checkpoint_last.pt", weights_only=True)["train_step"] == 10
+    assert (work_dir / "train_log.1.json").is_file()                  # the earlier records kept
 
 
 def test_resumes_append_to_the_log_and_keep_each_earlier_configuration(finished_run, tmp_path):
@@ -184,6 +220,9 @@ def test_resumes_append_to_the_log_and_keep_each_earlier_configuration(finished_
     assert after["train_log.log"].count(b"Experiment dir") == 3
     assert [after["config.1.yaml"], after["config.2.yaml"], after["config.yaml"]] == configs
     assert b"max_step: 20\n" in configs[2] and len(set(configs)) == 3
+    # resumes continue the run's JSON metrics: every record of the earlier part is still there, in order
+    assert after["train_log.json"].startswith(before["train_log.json"])
+    assert [json.loads(line)["step"] for line in after["train_log.json"].splitlines()].count("PARAMETER") == 3
 
 
 def test_the_same_configuration_again_is_kept_once(tmp_path):
@@ -199,3 +238,36 @@ def test_the_same_configuration_again_is_kept_once(tmp_path):
     record_config(args.replace(lr=0.5), tmp_path, log)
     assert (tmp_path / "config.1.yaml").read_bytes() == first and sorted(os.listdir(tmp_path)) == [
         "config.1.yaml", "config.yaml"]
+
+
+def test_a_resume_without_checkpoint_last_resumes_the_newest_left_not_a_fresh_start(finished_run, tmp_path):
+    """checkpoint_last.pt deleted (or a kill between the files of the first save): --restart <work_dir> resumes
+    from the newest checkpoint left instead of starting afresh over checkpoint_best.pt."""
+    argv, work_dir, before = finished_run
+    (work_dir / "checkpoint_last.pt").unlink()
+    best_step = torch.load(work_dir / "checkpoint_best.pt", weights_only=True)["train_step"]
+    resumed = cli_runner.train(argv + ["--restart", str(work_dir), "--max_step", "12"], tmp_path, name="resumed")
+    assert resumed.returncode == 0, resumed.stderr
+    assert (f"No checkpoint_last.pt in {work_dir}: resuming from checkpoint_best.pt, the newest checkpoint there"
+            in resumed.lines)
+    assert f"Resuming from {work_dir / 'checkpoint_best.pt'} at step {best_step}" in resumed.lines
+    assert torch.load(work_dir / "checkpoint_last.pt", weights_only=True)["train_step"] == 12
+
+
+@pytest.mark.parametrize("where", ["work_dir", "cache_dir", "log"])
+def test_a_file_or_folder_in_the_way_is_one_line(demo_corpus, tmp_path, where):
+    """--work_dir or --cache_dir naming a file, a folder where the log goes: one line, exit 2, no traceback."""
+    work_dir, cache_dir = tmp_path / "work", tmp_path / "cache"
+    if where == "work_dir":
+        work_dir.write_text("a file")
+        expected = (f"error: cannot create the work dir {work_dir}: a file is in the way (a folder is needed "
+                    "there); choose another --work_dir")
+    elif where == "cache_dir":
+        cache_dir.write_text("a file")
+        expected = "error: cannot create the dataset cache folder "
+    else:
+        (work_dir / "train_log.log").mkdir(parents=True)
+        expected = f"error: cannot write {work_dir / 'train_log.log'}: is a directory; remove what is in the way"
+    result = cli_runner.train(tiny_args(demo_corpus, work_dir, max_step=2, cache_dir=cache_dir), tmp_path)
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
+    assert result.stderr.startswith(expected), result.stderr

@@ -92,15 +92,46 @@ _DENIED = {errno.EACCES: "permission denied", errno.EPERM: "operation not permit
            errno.EROFS: "read-only file system"}
 
 
-def _raise_user_fault(exc: BaseException, path: Path) -> None:
+def _raise_user_fault(exc: BaseException, path: Path, appending: bool = False) -> None:
     if not isinstance(exc, OSError) or exc.errno not in {**_FULL, **_DENIED}:
         return
     from utils.io.errors import UserError
+    kept = "what it held before is kept" if appending else "the previous file, if any, is kept"
     if exc.errno in _FULL:
-        raise UserError(f"cannot write {path}: {_FULL[exc.errno]}; free space there (the previous file, if any, "
-                        "is kept) or write to another directory, and run again") from None
+        raise UserError(f"cannot write {path}: {_FULL[exc.errno]}; free space there ({kept}) or write to another "
+                        "directory, and run again") from None
     raise UserError(f"cannot write {path}: {_DENIED[exc.errno]}; make {path.parent} writable for this user or "
                     "write to another directory, and run again") from None
+
+
+def raise_append_fault(exc: BaseException, path: str | os.PathLike) -> None:
+    """For a file written in place by appending (a log): a full disk or a refused write as one UserError line
+    naming the file; any other error is left to the caller."""
+    _raise_user_fault(exc, Path(path), appending=True)
+
+
+def make_dir(path: str | os.PathLike, what: str, flag: str) -> None:
+    """mkdir -p `path` (`what` names it, `flag` is the option that chooses it), or one UserError line."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        from utils.io.errors import UserError
+        if exc.errno in _FULL:
+            reason = _FULL[exc.errno]
+        elif exc.errno in _DENIED:
+            reason = _DENIED[exc.errno]
+        elif exc.errno in (errno.EEXIST, errno.ENOTDIR):
+            reason = "a file is in the way (a folder is needed there)"
+        else:
+            reason = (exc.strerror or str(exc)).lower()
+        raise UserError(f"cannot create the {what} {path}: {reason}; choose another {flag}") from None
+
+
+def umask() -> int:
+    """The process's umask (read by setting it back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_text_atomic(path: str | os.PathLike, text: str, encoding: str = "utf-8", newline: str | None = None) -> None:
@@ -182,7 +213,10 @@ def open_nofollow(path: str | os.PathLike, mode: str = "a", encoding: str = "utf
         # missing (Windows) the check below is the only one
         if exc.errno in (errno.ELOOP, errno.EMLINK) and os.path.islink(path):
             raise _symlink_error(path) from None
-        raise
+        _raise_user_fault(exc, Path(path), appending=True)
+        from utils.io.errors import UserError
+        raise UserError(f"cannot write {path}: {(exc.strerror or str(exc)).lower()}; remove what is in the way or "
+                        "write to another directory, and run again") from None
     if not getattr(os, "O_NOFOLLOW", 0) and os.path.islink(path):
         os.close(fd)
         raise _symlink_error(path)

@@ -47,8 +47,13 @@ class WorkDirLock:
                             "does not support flock); choose a --work_dir on a local or flock-capable "
                             "file system") from None
         line = f"host {socket.gethostname()}, pid {os.getpid()}\n".encode()
-        os.pwrite(fd, line, 0)
-        os.ftruncate(fd, len(line))                 # the end of a longer line of an earlier holder
+        try:
+            os.pwrite(fd, line, 0)
+            os.ftruncate(fd, len(line))             # the end of a longer line of an earlier holder
+        except OSError as exc:
+            os.close(fd)
+            raise UserError(f"cannot write the lock file {self.path}: {(exc.strerror or str(exc)).lower()}; free "
+                            "space there or choose another --work_dir") from None
         self._fd = fd
         return self
 

@@ -24,32 +24,55 @@ from utils.io.checkpoint import CHECKPOINT_FORMAT, copy_checkpoint_atomic, load_
 from utils.io.errors import UserError
 from utils.model.model_config import architecture_differences
 from utils.model.reference_compat import reference_state_dict_to_ours
+from utils.training.reference_resume import (check_optimizer_shapes, optimizer_family_of_groups, parameter_names,
+                                             restore_reference_run)
 from utils.training.rng import rng_state, set_rng_state
 from utils.training.state import LogInterval, TrainState, check_state_values
+
+def newest_checkpoint(folder: Path) -> Path | None:
+    """The checkpoint a resume of `folder` starts from: checkpoint_last.pt, or, where it is missing (deleted, or
+    a kill between the files of the first save, which writes checkpoint_best.pt and --save_all's copy before
+    it), the newest complete one left: the highest checkpoint_<step>.pt, then checkpoint_best.pt. A fresh start
+    there would replace them."""
+    last = folder / "checkpoint_last.pt"
+    if last.is_file():
+        return last
+    numbered = [(int(p.stem.split("_")[1]), p) for p in folder.glob("checkpoint_*.pt")
+                if p.stem.split("_")[1].isdigit() and p.is_file()]
+    if numbered:
+        return max(numbered)[1]
+    best = folder / "checkpoint_best.pt"
+    return best if best.is_file() else None
+
 
 def resolve_restart(args, work_dir: Path, log: logging.Logger) -> str:
     """The checkpoint to resume from ("" for a fresh start).
 
-    --restart PATH: that checkpoint (a folder: its checkpoint_last.pt, or a fresh start while it has none, so
-    one command line serves the first launch and every requeue). --restart auto: the work dir's
-    checkpoint_last.pt when there is one.
+    --restart PATH: that checkpoint (a folder: its newest checkpoint, see newest_checkpoint, or a fresh start
+    while it has none, so one command line serves the first launch and every requeue). --restart auto: the work
+    dir's newest checkpoint when there is one.
     When torchrun restarted the workers after a failure (--max-restarts, TORCHELASTIC_RESTART_COUNT > 0), the
-    work dir's checkpoint_last.pt is this run's latest state, so it wins over --restart when it exists.
+    work dir's newest checkpoint is this run's latest state, so it wins over --restart when it exists.
     Rank 0 looks at the file system for all ranks.
     """
     restarted = distributed.env_int("TORCHELASTIC_RESTART_COUNT", 0) > 0
     if not restarted and args.restart != "auto":
         folder = Path(args.restart)
-        empty = bool(args.restart) and folder.is_dir() and not (folder / "checkpoint_last.pt").exists()
-        if distributed.broadcast_object(empty):
+        if not distributed.broadcast_object(folder.is_dir()):
+            return args.restart
+        found = distributed.broadcast_object(newest_checkpoint(folder))
+        if found is None:
             log.info(f"No checkpoint in {folder} yet, starting training from random init")
             return ""
-        return args.restart
-    last = work_dir / "checkpoint_last.pt"
+        if found.name == "checkpoint_last.pt":
+            return args.restart
+        log.info(f"No checkpoint_last.pt in {folder}: resuming from {found.name}, the newest checkpoint there")
+        return str(found)
+    found = distributed.broadcast_object(newest_checkpoint(work_dir) if work_dir.is_dir() else None)
     why = "torchrun restarted the workers" if restarted else "--restart auto"
-    if distributed.broadcast_object(last.is_file()):
-        log.info(f"{why}: resuming from {last}")
-        return str(last)
+    if found is not None:
+        log.info(f"{why}: resuming from {found}")
+        return str(found)
     fallback = "" if args.restart == "auto" else args.restart
     log.info(f"{why}: no checkpoint in {work_dir} yet, " + (f"resuming from {fallback}" if fallback else
                                                               "starting from scratch"))
@@ -126,13 +149,22 @@ class Checkpointer:
         that does not fit this run (another vocabulary, model, optimizer or data stream; missing, extra or
         damaged fields) is one UserError naming it."""
         ckpt = load_checkpoint(path, map_location=self.device)
+        try:
+            if ckpt["format"] != "reference":
+                vocab = Vocab.from_dict(ckpt["vocab"])
+        except (UserError, KeyError, TypeError, ValueError, AttributeError):
+            raise UserError(f"checkpoint {path} cannot be resumed: its vocabulary is missing or damaged; resume "
+                            "from another checkpoint") from None
         if ckpt["format"] != "reference":
-            check_fingerprint(Vocab.from_dict(ckpt["vocab"]), ckpt.get("vocab_fingerprint"), f"checkpoint {path}",
+            check_fingerprint(vocab, ckpt.get("vocab_fingerprint"), f"checkpoint {path}",
                               "the file was altered; resume from another checkpoint")
         try:
             return self._restore(ckpt, path)
         except UserError as exc:
             raise UserError(f"checkpoint {path} cannot be resumed: {exc}") from None
+        except KeyError as exc:
+            raise UserError(f"checkpoint {path} cannot be resumed: it has no {exc} field; resume from another "
+                            "checkpoint") from None
 
     def _restore(self, ckpt: dict, path) -> tuple[TrainState, list] | None:
         reference = ckpt["format"] == "reference"
@@ -144,10 +176,12 @@ class Checkpointer:
             return None
         self._load_weights(ckpt, reference)
         if reference:
-            self.log.info(f"Loaded the reference checkpoint {path} (model weights, step {state.train_step}); the "
-                          "optimizer state, memory and data position start fresh")
-            self.scheduler.step(state.train_step)
-            return state, [None] * self.args.batch_chunk
+            self.log.info(f"Loaded the reference checkpoint {path} at step {state.train_step}")
+            mems = restore_reference_run(ckpt, args=self.args, model=self.model, optimizer=self.optimizer,
+                                         scheduler=self.scheduler, scaler=self.scaler, train_iter=self.train_iter,
+                                         state=state, rank=self.rank, world_size=self.world_size,
+                                         device=self.device, log=self.log)
+            return state, mems
         self._forget_a_missing_best(state)
         self._restore_optimization(ckpt, state)
         mems = self._restore_position(state)
@@ -177,7 +211,9 @@ class Checkpointer:
         if differences:
             raise UserError(f"it has another model ({', '.join(differences)}); restart with the same model flags")
         trained_with = (ckpt.get("args") or {}).get("optim")
-        if not reference and trained_with and _family(trained_with) != _family(self.args.optim):
+        if reference and not trained_with:                  # its args may lack it: its param_groups tell
+            trained_with = optimizer_family_of_groups((ckpt.get("optimizer_state") or {}).get("param_groups"))
+        if trained_with and _family(trained_with) != _family(self.args.optim):
             raise UserError(f"it was trained with --optim {trained_with}, this run has --optim {self.args.optim}; "
                             f"resume with --optim {trained_with}")
 
@@ -210,6 +246,8 @@ class Checkpointer:
         return steps * self.args.batch_size * self.args.tgt_len
 
     def _restore_optimization(self, ckpt: dict, state: TrainState) -> None:
+        check_optimizer_shapes(ckpt["optimizer_state"], ckpt["model_state"],
+                               parameter_names(self.model, self.optimizer))
         try:
             load_optimizer_state(self.model, self.optimizer, ckpt["optimizer_state"])
         except (ValueError, KeyError, TypeError) as exc:

@@ -100,17 +100,18 @@ class Trainer:
         if restored is None:
             return False
         self.state, self.mems = restored
-        self._open_metrics(append=bool(restart))
+        self._open_metrics()
         return True
 
-    def _open_metrics(self, append: bool) -> None:
-        """The JSON-lines metrics file and TensorBoard (rank 0), starting with the configuration."""
+    def _open_metrics(self) -> None:
+        """The JSON-lines metrics file and TensorBoard (rank 0), starting with the configuration. Always appended
+        to: a resumed run continues its records; a new run's start_run has set an earlier run's file aside."""
         args = self.args
         if args.debug:                                       # --debug writes nothing to the work dir
             self.metrics = MetricsWriter(None, enabled=False)
         else:
             self.metrics = MetricsWriter(self.work_dir / args.dllog_file, self.work_dir / "tensorboard",
-                                         enabled=self.rank == 0, append=append)
+                                         enabled=self.rank == 0, append=True)
         self.metrics.log("PARAMETER", {k: v for k, v in args.to_dict().items() if isinstance(v, (int, float, str, bool))})
 
     # ---- everything ------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from utils.io.atomic import open_nofollow
+from utils.io.atomic import open_nofollow, raise_append_fault
 
 BPC_DATASETS = ("enwik8", "text8")
 
@@ -154,6 +154,23 @@ class _NoFollowFileHandler(logging.FileHandler):
     def _open(self):
         return open_nofollow(self.baseFilename, self.mode, encoding=self.encoding)
 
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.stream is not None:                  # None once a write failed: the log is not written again
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        """A full disk or a refused write stops the run with one line naming the log (logging's default prints
+        a traceback and goes on, losing every later line without a word); other errors as logging does."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, OSError):
+            stream, self.stream = self.stream, None
+            try:
+                stream.close()                       # flushing the failed line again may fail the same way
+            except OSError:
+                pass
+            raise_append_fault(exc, self.baseFilename)
+        super().handleError(record)
+
 
 class MetricsWriter:
     """JSON-lines metrics file plus optional TensorBoard scalars; a no-op on ranks other than 0."""
@@ -166,6 +183,7 @@ class MetricsWriter:
         if not self.enabled:
             return
         Path(jsonl_path).parent.mkdir(parents=True, exist_ok=True)
+        self._file_path = Path(jsonl_path)
         self._file = open_nofollow(jsonl_path, "a" if append else "w", buffering=1)
         if tensorboard_dir is not None:
             try:
@@ -180,15 +198,32 @@ class MetricsWriter:
         if not self.enabled:
             return
         record = {"step": step, **{k: _plain_number(v) for k, v in data.items()}}
-        self._file.write(json.dumps(record) + "\n")
+        try:
+            self._file.write(json.dumps(record) + "\n")
+        except OSError as exc:
+            self._give_up_file()
+            raise_append_fault(exc, self._file_path)
+            raise
         if self._tb is not None and tb_prefix is not None and isinstance(step, int):
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
                     self._tb.add_scalar(f"{tb_prefix}/{key}", value, step)
 
+    def _give_up_file(self) -> None:
+        file, self._file, self.enabled = self._file, None, False
+        try:
+            file.close()                             # flushing what failed may fail the same way
+        except OSError:
+            pass
+
     def close(self) -> None:
         if self._file is not None:
-            self._file.close()
+            try:
+                self._file.close()
+            except OSError as exc:
+                self._file = None
+                raise_append_fault(exc, self._file_path)
+                raise
             self._file = None
         if self._tb is not None:
             self._tb.close()

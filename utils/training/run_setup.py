@@ -12,7 +12,7 @@ from pathlib import Path
 
 from utils.config.cli import CONFIG_DUMP_NAME, dump_config
 from utils.distributed import group as distributed
-from utils.io.atomic import copy_file_atomic
+from utils.io.atomic import copy_file_atomic, fsync_dir, make_dir
 from utils.io.checkpoint import remove_partial_writes
 from utils.io.errors import UserError
 from utils.io.workdir_lock import WorkDirLock
@@ -53,7 +53,7 @@ def make_work_dir(args, rank: int) -> Path:
         stamp = distributed.broadcast_object(time.strftime("%Y%m%d-%H%M%S"))
         work_dir = work_dir / stamp
     if rank == 0 and not args.debug:
-        work_dir.mkdir(parents=True, exist_ok=True)
+        make_dir(work_dir, "work dir", "--work_dir")
     return work_dir
 
 
@@ -79,19 +79,37 @@ def resuming(args) -> bool:
     return bool(args.restart) or distributed.env_int("TORCHELASTIC_RESTART_COUNT", 0) > 0
 
 
+def restarts_from_elsewhere(args, work_dir: Path) -> bool:
+    """--restart names a checkpoint (or folder) outside the work dir: this run continues another run's training
+    into this work dir, and its checkpoints will replace whatever the work dir holds. A torchrun restart of the
+    workers resumes the work dir's own checkpoint first (resolve_restart), so it continues this work dir."""
+    if not args.restart or args.restart == "auto" or distributed.env_int("TORCHELASTIC_RESTART_COUNT", 0) > 0:
+        return False
+    source = Path(args.restart)
+    folder = source if source.is_dir() else source.parent
+    return folder.resolve() != Path(work_dir).resolve()
+
+
 def earlier_checkpoints(work_dir: Path) -> list[Path]:
     return sorted(work_dir.glob(CHECKPOINT_GLOB)) if work_dir.is_dir() else []
 
 
 def check_fresh_start(args, work_dir: Path) -> None:
     """A new run must not replace the checkpoints of an earlier one in its work dir without being told to."""
-    if args.debug or args.overwrite or resuming(args):
+    elsewhere = restarts_from_elsewhere(args, work_dir)
+    if args.debug or args.overwrite or (resuming(args) and not elsewhere):
         return
     found = [p.name for p in earlier_checkpoints(work_dir)]
-    if distributed.broadcast_object(found):
-        raise UserError(f"work dir {work_dir} holds the checkpoints of an earlier run ({', '.join(found)}); resume "
-                        f"it with --restart {work_dir}, choose another --work_dir, or pass --overwrite to start a "
-                        "new run there (replacing them)")
+    if not distributed.broadcast_object(found):
+        return
+    if elsewhere:
+        raise UserError(f"work dir {work_dir} holds the checkpoints of another run ({', '.join(found)}) and "
+                        f"--restart {args.restart} continues a checkpoint from elsewhere, whose saves would replace "
+                        f"them; resume this work dir's own run with --restart {work_dir}, choose another --work_dir, "
+                        "or pass --overwrite to replace them")
+    raise UserError(f"work dir {work_dir} holds the checkpoints of an earlier run ({', '.join(found)}); resume "
+                    f"it with --restart {work_dir}, choose another --work_dir, or pass --overwrite to start a "
+                    "new run there (replacing them)")
 
 
 def open_log(args, work_dir: Path, rank: int) -> logging.Logger:
@@ -113,10 +131,26 @@ def start_run(args, work_dir: Path, log: logging.Logger) -> None:
     different one is kept as config.<n>.yaml) and, for --overwrite, delete the earlier run's checkpoints (so
     that no later --restart resumes them by mistake)."""
     record_config(args, work_dir, log)
-    if args.overwrite and not resuming(args):
-        for old in earlier_checkpoints(work_dir):
-            old.unlink()
-            log.info(f"--overwrite: deleted {old.name} of an earlier run")
+    if not resuming(args) or restarts_from_elsewhere(args, work_dir):
+        keep_earlier_metrics(args, work_dir, log)
+        if args.overwrite:
+            for old in earlier_checkpoints(work_dir):
+                old.unlink()
+                log.info(f"--overwrite: deleted {old.name} of an earlier run")
+
+
+def keep_earlier_metrics(args, work_dir: Path, log: logging.Logger) -> None:
+    """A new run in a work dir that holds an earlier run's JSON metrics: that file is kept as
+    <name>.<n>.json (renamed, so nothing is copied or lost) and this run's records start a file of their own."""
+    path = work_dir / args.dllog_file
+    if not path.is_file() or path.is_symlink() or path.stat().st_size == 0:
+        return
+    n = 1
+    while (kept := path.with_name(f"{path.stem}.{n}{path.suffix}")).exists() or kept.is_symlink():
+        n += 1
+    os.rename(path, kept)
+    fsync_dir(work_dir)
+    log.info(f"Kept the earlier run's metrics of this work dir as {kept.name}")
 
 
 def record_config(args, work_dir: Path, log: logging.Logger) -> Path:
