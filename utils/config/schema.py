@@ -289,9 +289,10 @@ class SpeedConfig:
     swap_mem: bool = opt(False, "keep the memory on the CPU between chunks")
     softmax_tail_capacity: Optional[float] = opt(
         None, "adaptive softmax: rows per tail cluster as a fraction of a batch's tokens (ours): fixed shapes, no "
-        "host read-back, one compiled graph; exact while no tail cluster holds more of the batch (tokens over it get "
-        "a NaN loss, which stops the run); default: 1.0 (exact for any batch) with --compile or CUDA, exact sizes "
-        "read back each step in an eager CPU run", low=0, low_open=True, high=1)
+        "host read-back, no graph break; exact while no tail cluster holds more of the batch (tokens over it get a "
+        "NaN loss, which stops the run); 1 is exact for any batch but scores every token in every tail cluster; "
+        "default: exact sizes read back once per step (with --compile the output layer then runs eagerly)",
+        low=0, low_open=True, high=1)
 
 
 @dataclass(frozen=True)

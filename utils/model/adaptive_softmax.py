@@ -169,8 +169,8 @@ class ProjectedAdaptiveLogSoftmax(nn.Module):
         for i in own:
             d_emb_i = d_embed if div_val == 1 else d_embed // (div_val ** i)
             self.out_projs.append(nn.Parameter(torch.zeros(d_proj, d_emb_i)))
-        # rows per tail cluster as a fraction of the tokens (utils/model/adaptive_nll.py); None: exact sizes
-        # read back per call in eager mode on the CPU, 1.0 (static, exact) under torch.compile or on a GPU
+        # rows per tail cluster as a fraction of the tokens (utils/model/adaptive_nll.py); None: exact sizes,
+        # read back once per call (under torch.compile that part runs eagerly: one graph break)
         self.tail_capacity: Optional[float] = None
 
     # ---- parameters of each cluster -------------------------------------------------------------------
@@ -266,11 +266,18 @@ class ProjectedAdaptiveLogSoftmax(nn.Module):
 
     @torch.jit.unused
     def _nll(self, hidden: Tensor, target: Tensor, emb_weights: List[Tensor], emb_projs: List[Tensor]) -> Tensor:
-        """The NLL with static shapes (utils/model/adaptive_nll.py): no graph break, no read-back when a
-        capacity applies; with div_val 1 and clusters, one gradient buffer for the shared table."""
-        capacity = self.tail_capacity
-        if capacity is None and (torch.compiler.is_compiling() or hidden.device.type != "cpu"):
-            capacity = 1.0
+        """The NLL (utils/model/adaptive_nll.py); with div_val 1 and clusters, one gradient buffer for the shared
+        table. With a tail capacity: static shapes, no read-back, no graph break. Without (the default): exact
+        cluster sizes, read back once; under torch.compile that part runs eagerly (a graph break), because a
+        capacity of 1 (exact for any batch) would cost a tail cluster's logits for every token (for the
+        WikiText-103 cutoffs, more than the rest of the model)."""
+        if self.tail_capacity is None and self.cutoffs and torch.compiler.is_compiling():
+            return _exact_nll_eagerly(self, hidden, target, emb_weights, emb_projs)
+        return self._nll_with(hidden, target, emb_weights, emb_projs, self.tail_capacity)
+
+    @torch.jit.unused
+    def _nll_with(self, hidden: Tensor, target: Tensor, emb_weights: List[Tensor], emb_projs: List[Tensor],
+                  capacity: Optional[float]) -> Tensor:
         cluster_weight, cluster_bias = self.cluster_weight, self.cluster_bias
         if self.div_val == 1 and cluster_weight is not None and cluster_bias is not None:
             table = emb_weights[0] if self.tie_weight else self.out_layers_weights[0]
@@ -290,3 +297,10 @@ class ProjectedAdaptiveLogSoftmax(nn.Module):
             tail_lp = F.log_softmax(_float_logits(self._logits(hidden, weights[i], biases[i], projs[i])), dim=1)
             parts.append(head_lp[:, self.head_size - i].unsqueeze(1) + tail_lp)
         return torch.cat(parts, dim=1)
+
+
+@torch.compiler.disable
+def _exact_nll_eagerly(crit: ProjectedAdaptiveLogSoftmax, hidden: Tensor, target: Tensor, emb_weights: List[Tensor],
+                       emb_projs: List[Tensor]) -> Tensor:
+    """The exact-size NLL outside the compiled graph (its shapes depend on the data)."""
+    return crit._nll_with(hidden, target, emb_weights, emb_projs, None)

@@ -141,8 +141,9 @@ _ALLOCATOR_TUNED = None
 def compile_model(model: torch.nn.Module, args) -> torch.nn.Module:
     """torch.compile of the training model (--compile), static shapes; CUDA graphs with --cuda_graphs.
 
-    The whole training forward (output layer included: static adaptive-softmax shapes, see
-    utils/model/adaptive_nll.py) and its backward compile as one graph without breaks. A segment with an
+    With --softmax_tail_capacity the whole training forward (output layer included: static adaptive-softmax
+    shapes, utils/model/adaptive_nll.py) and its backward compile as one graph without breaks; without it the
+    adaptive softmax's exact-size part runs eagerly (one graph break, one read-back per step). A segment with an
     empty memory (the first) and one with a full memory are two shapes, so two graphs.
     """
     if not args.compile:
