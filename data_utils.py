@@ -369,6 +369,10 @@ def data_folder(datadir: str | os.PathLike) -> Path:
 def check_corpus(datadir: str | os.PathLike, dataset: str, vocab: str = "word", **options) -> None:
     """What get_lm_corpus checks before it reads anything (the folder, the options, the source files), without
     reading or building the corpus: train.py --check."""
+    if dataset == "prepared":  # a folder written by scripts/prepare_corpus.py
+        from utils.data.prepared import check_prepared
+        check_prepared(data_folder(datadir), vocab)
+        return
     _source_files(data_folder(datadir), _resolve_options(dataset, vocab, options))
 
 
@@ -388,6 +392,10 @@ def get_lm_corpus(
     tokenizer.json or a folder with vocab.json + merges.txt), bpe_vocab_size (BPE trained on train.txt).
     """
     datadir = data_folder(datadir)
+    if dataset == "prepared":  # a folder written by scripts/prepare_corpus.py: shards, no cache
+        from utils.data.prepared import load_prepared
+        vocab, splits, meta = load_prepared(datadir, vocab)
+        return Corpus("prepared", datadir, vocab, splits, datadir, meta)
     opts = _resolve_options(dataset, vocab, options)
     files = _source_files(datadir, opts)
     sources = _describe_sources(datadir, _flat_sources(files))
@@ -419,6 +427,9 @@ def encode_split(datadir: str | os.PathLike, dataset: str, split: str, vocab) ->
     if split not in SPLITS:
         raise UserError(f"unknown split {split!r}; choose train, valid or test")
     datadir = data_folder(datadir)
+    if dataset == "prepared":
+        from utils.data.prepared import prepared_split
+        return prepared_split(datadir, split, vocab)
     path = datadir / f"{split}.txt"
     if not path.exists():
         raise UserError(f"{path}: {split} split not found; a {dataset} folder needs train.txt, valid.txt and test.txt")
@@ -704,6 +715,8 @@ def _build_lm1b(tmp: Path, files: dict, verbose: bool, progress: bool):
 # Iterators
 # --------------------------------------------------------------------------------------------------------
 def _as_ids(data) -> np.ndarray:
+    if hasattr(data, "gather"):  # utils.data.prepared.ShardedIds: shards read memory-mapped, kept as they are
+        return data
     if isinstance(data, torch.Tensor):
         return data.detach().cpu().reshape(-1).numpy()
     if isinstance(data, np.ndarray):
@@ -824,7 +837,7 @@ class LMOrderedIterator:
     def _rows(self, first: int, last: int) -> np.ndarray:
         """Rows [first, last) of the (warm-up, rolled) layout, local columns: int64 [last - first, ncols]."""
         W, n = self.warmup_elems, self.n_step
-        if self.shifts is None and W == 0:
+        if self.shifts is None and W == 0 and isinstance(self.src, np.ndarray):
             grid = self.src[: n * self.bsz].reshape(self.bsz, n)
             return np.asarray(grid[self.col_first : self.col_last, first:last]).T.astype(np.int64)
         r = np.arange(first, last)[:, None]

@@ -101,6 +101,15 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, pos_scores: Optional[Tensor]
 
 
 # ---- layers ---------------------------------------------------------------------------------------------
+class QKVInput(nn.Module):
+    """The input of the q/k/v projection and its fused weight, passed through unchanged. Tensor parallelism
+    (utils/distributed/tensor_parallel.py) replaces it with the weight rows of this rank's heads and the
+    all-reduce of the input's gradient (and sets MultiHeadAttn.n_head to the heads of this rank)."""
+
+    def forward(self, x: Tensor, weight: Tensor) -> Tuple[Tensor, Tensor]:
+        return x, weight
+
+
 class MultiHeadAttn(nn.Module):
     """Attention of the current segment over [memory; segment], residual and LayerNorm (post- or pre-LN).
 
@@ -124,6 +133,7 @@ class MultiHeadAttn(nn.Module):
         self.scale = 1.0 / math.sqrt(d_head)
         self.pre_lnorm = pre_lnorm
         self.qkv_net = nn.Linear(d_model, 3 * n_head * d_head, bias=False)   # rows: q, k, v
+        self.qkv_input = QKVInput()
         self.r_net = nn.Linear(d_model, n_head * d_head, bias=False) if attn_type == 0 else None
         self.o_net = nn.Linear(n_head * d_head, d_model, bias=False)
         self.layer_norm = nn.LayerNorm(d_model)
@@ -139,7 +149,7 @@ class MultiHeadAttn(nn.Module):
         klen = cat.size(0)
         if self.pre_lnorm:
             cat = self.layer_norm(cat)
-        w = self.qkv_net.weight
+        cat, w = self.qkv_input(cat, self.qkv_net.weight)
         q = F.linear(cat[klen - qlen:], w[:hd]).view(qlen, bsz, n_head, d_head)  # queries: current only
         kv = F.linear(cat, w[hd:]).view(klen, bsz, 2, n_head, d_head)
         q = q.permute(1, 2, 0, 3)                                               # [bsz, H, qlen, Dh]

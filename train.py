@@ -78,8 +78,13 @@ def check(args) -> int:
     """--check N: what each of N processes would check alike before training, done once, in this process: the
     batch split, processes against GPUs, the data and the checkpoint to resume, and that the work dir is
     free (no run holds it, no earlier checkpoints a new run would replace). Writes nothing."""
-    args = global_batch(args, args.check)
-    check_batch_split(args, args.check)
+    data_parallel = args.check
+    if args.tensor_parallel > 1:                        # the batch is split over the data-parallel ranks only
+        from utils.distributed.tensor_parallel import check_layout
+        check_layout(args.tensor_parallel, args.check, args.n_head)
+        data_parallel = args.check // args.tensor_parallel
+    args = global_batch(args, data_parallel)
+    check_batch_split(args, data_parallel)
     note = check_process_count(args.check, args.cuda)
     check_inputs(args)
     if not args.debug and not args.append_time:         # --append_time: a new folder each run
@@ -102,7 +107,8 @@ def check_inputs(args) -> None:
 
 def train(args, preemption: PreemptionHandler) -> int:
     """Set up the work dir, the device, the corpus and the model, and hand them to the training loop."""
-    rank, world_size = distributed.get_rank(), distributed.get_world_size()
+    # the batch is split over the data-parallel ranks (with --tensor_parallel N, the world size / N)
+    rank, world_size = distributed.get_rank(), distributed.dp_world_size()
     args = global_batch(args, world_size)
     check_batch_split(args, world_size)
     check_inputs(args)
@@ -114,7 +120,11 @@ def train(args, preemption: PreemptionHandler) -> int:
     log = open_log(args, work_dir, rank)
     if rank == 0 and not args.debug:
         prepare_work_dir(args, work_dir, log)
-    log.info(f"world size: {world_size}" + (f" ({args.multi_gpu})" if world_size > 1 else ""))
+    if args.tensor_parallel > 1:                      # data parallelism across the tensor-parallel groups is FSDP2
+        log.info(f"world size: {distributed.get_world_size()} (tensor parallel {args.tensor_parallel} x data "
+                 f"parallel {world_size}" + (" fsdp)" if world_size > 1 else ")"))
+    else:
+        log.info(f"world size: {world_size}" + (f" ({args.multi_gpu})" if world_size > 1 else ""))
 
     device = select_device(args, log)
     args = resolve_speed_flags(args, device)
@@ -125,7 +135,7 @@ def train(args, preemption: PreemptionHandler) -> int:
     corpus = data_utils.get_lm_corpus(args.data, args.dataset, args.vocab, cache_dir=args.cache_dir,
                                       verbose=rank == 0, progress=rank == 0, **corpus_options(args))
     model_config = build_model_config(args, len(corpus.vocab))
-    check_memory(parameter_count(model_config), args, model_config, device, world_size)
+    check_memory(parameters_per_process(args, model_config, world_size), args, model_config, device, world_size)
     model = build_model(args, model_config)
     if rank == 0 and not args.debug:
         start_run(requested, work_dir, log)               # the run really starts: its configuration, --overwrite
@@ -142,6 +152,18 @@ def parameter_count(model_config: dict) -> int:
     machine is refused before it is built)."""
     with torch.device("meta"):
         return sum(p.numel() for p in MemTransformerLM(**model_config).parameters())
+
+
+def parameters_per_process(args, model_config: dict, dp_world_size: int) -> int:
+    """The parameters the memory check counts for one process: all of them, or with --tensor_parallel this
+    rank's share of the split layers plus the replicated rest (and FSDP's division over the data-parallel
+    ranks, which --tensor_parallel always uses and the check applies only for --multi_gpu fsdp)."""
+    if args.tensor_parallel == 1:
+        return parameter_count(model_config)
+    from utils.distributed.tensor_parallel import parameters_per_rank
+    with torch.device("meta"):
+        count = parameters_per_rank(MemTransformerLM(**model_config), args.tensor_parallel)
+    return count // dp_world_size if args.multi_gpu != "fsdp" else count
 
 
 def build_model(args, model_config: dict) -> MemTransformerLM:

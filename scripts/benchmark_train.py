@@ -30,6 +30,14 @@ and tokens/s. --repo DIR runs another checkout's model, optimizer and step (e.g.
 the same benchmark, so that before / after figures come from one script:
 
     python scripts/benchmark_train.py --preset cpu_small --report --repo ../wt-main -- --adaptive ...
+
+Tensor parallelism: under torchrun, `-- --tp N` splits the model as train.py does (each process runs the
+whole --batch_size). After the timed steps one more forward and backward run under a communication-counting
+mode (torch.distributed.tensor.debug.CommDebugMode): the bytes all-reduced per step are printed against the
+analytic figure (utils/distributed/tensor_parallel.py, analytic_all_reduce_bytes), with each rank's
+parameter memory. Only rank 0 prints.
+
+    torchrun --nproc_per_node 2 scripts/benchmark_train.py --preset cpu_small --steps 2 -- --tp 2
 """
 import argparse
 import json
@@ -52,6 +60,7 @@ import torch  # noqa: E402
 import data_utils  # noqa: E402
 from mem_transformer import MemTransformerLM  # noqa: E402
 from utils.config.cli import parse_args, train_parser  # noqa: E402
+from utils.distributed import group as distributed  # noqa: E402
 from utils.io.errors import UserError, run_cli  # noqa: E402
 from utils.model.model_config import build_model_config  # noqa: E402
 from utils.model.flops import cluster_fractions, cluster_sizes, mfu, peak_flops, training_flops_per_token  # noqa: E402
@@ -190,8 +199,8 @@ def _step_report_module():
 
 
 def run(bench, extra) -> dict:
-    args = train_args(bench, extra)
-    log = setup_logging(None)
+    args = distributed.init_from_env(train_args(bench, extra))
+    log = setup_logging(None, distributed.get_rank())
     device = select_device(args, log)
     args = resolve_speed_flags(args, device)
     configure_backends(args, device)
@@ -205,18 +214,19 @@ def run(bench, extra) -> dict:
     model.set_checkpoint_activations(args.checkpoint_activations)
     model.crit.tail_capacity = getattr(args, "softmax_tail_capacity", None)   # static shapes (issue 18)
     model.to(device)
+    n_all, n_nonemb = count_parameters(model)
+    para_model = distributed.wrap_model(model, args, device)     # --tp: split (replaces the parameters)
     optimizer = build_optimizer(args, model)
     scheduler = build_scheduler(args, optimizer)
     scaler = grad_scaler(args, device)
     autocast = amp_context(args, device)
     report_tools = _step_report_module() if bench.report else None
     graphs_before = report_tools.compiled_graphs() if report_tools else 0
-    step = TrainStep(model, compile_model(model, args), optimizer, scaler, autocast, args.clip, args.batch_chunk,
-                     args.swap_mem, args.cuda_graphs)
+    step = TrainStep(model, compile_model(para_model, args), optimizer, scaler, autocast, args.clip,
+                     args.batch_chunk, args.swap_mem, args.cuda_graphs)
     # a step that reads nothing back when the code has one (issue 18), else the one that returns floats
     step_fn = getattr(step, "run", step)
     mems = [None] * args.batch_chunk
-    n_all, n_nonemb = count_parameters(model)
 
     sizes = cluster_sizes(n_token, model_config["cutoffs"])
     counts = [0] * len(sizes)
@@ -261,6 +271,8 @@ def run(bench, extra) -> dict:
             report.update(report_tools.graph_breaks(model, data, target, mems[0]))
     if bench.saved_activations:
         saved = saved_activation_bytes(model, data, target, mems[0], autocast)
+    traffic = tensor_parallel_traffic(para_model, model, args, data, target, mems[0], autocast) \
+        if args.tensor_parallel > 1 else None
 
     fractions = cluster_fractions(counts)
     flops = training_flops_per_token(model_config, fractions)
@@ -289,7 +301,32 @@ def run(bench, extra) -> dict:
     if report is not None:
         result["report"] = report
         result["code"] = str(CODE)
+    if traffic is not None:
+        result["tensor_parallel"] = traffic
     return result
+
+
+def tensor_parallel_traffic(para_model, model, args, data, target, mems, autocast) -> dict:
+    """Bytes all-reduced by one forward and one backward (one batch chunk), counted and analytic, and this
+    rank's parameter memory against one process's."""
+    from utils.distributed.tensor_parallel import (analytic_all_reduce_bytes, comm_bytes_mode, full_parameter_bytes,
+                                                   local_parameter_bytes)
+    counted = {}
+    with comm_bytes_mode() as forward, autocast():
+        loss, _ = para_model(data, target, mems)
+    counted["forward"] = dict(forward.bytes_by_op)
+    with comm_bytes_mode() as backward:
+        loss.float().mean().backward()
+    counted["backward"] = dict(backward.bytes_by_op)
+    model.zero_grad(set_to_none=True)
+    mlen = 0 if mems is None else mems.size(1)
+    element_size = torch.finfo(torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32).bits // 8
+    analytic = analytic_all_reduce_bytes(args.n_layer, target.size(0), mlen, target.size(1), args.d_model,
+                                         element_size)
+    return {"tp": args.tensor_parallel, "mlen": mlen, "counted": counted, "analytic": analytic,
+            "param_bytes_rank": local_parameter_bytes(model), "param_bytes_full": full_parameter_bytes(model),
+            "split_param_bytes_rank": local_parameter_bytes(model, True),
+            "split_param_bytes_full": full_parameter_bytes(model, True)}
 
 
 def gb(n: float) -> str:
@@ -322,6 +359,18 @@ def report(r: dict) -> str:
         lines.append(f"  most frequent ops: {rep['top_ops']}")
         if rep["break_reasons"]:
             lines.append(f"  graph breaks: {rep['break_reasons']}")
+    tp = r.get("tensor_parallel")
+    if tp:
+        fw, bw = (sum(tp["counted"][k].values()) for k in ("forward", "backward"))
+        lines.append(f"tensor parallel {tp['tp']}: all-reduced per step (one chunk, memory {tp['mlen']}) forward "
+                     f"{fw:,} B counted / {tp['analytic']['forward']:,} B analytic, backward {bw:,} B counted / "
+                     f"{tp['analytic']['backward']:,} B analytic (Megatron's 2 x tgt_len x batch x d_model per "
+                     f"layer: {tp['analytic']['megatron_backward']:,} B; the q/k/v input gradient also covers the "
+                     f"memory rows); ops {sorted(set(tp['counted']['forward']) | set(tp['counted']['backward']))}")
+        lines.append(f"parameters per rank {tp['param_bytes_rank'] / 2**20:.2f} MiB of "
+                     f"{tp['param_bytes_full'] / 2**20:.2f} MiB; split layers {tp['split_param_bytes_rank']:,} of "
+                     f"{tp['split_param_bytes_full']:,} B "
+                     f"({tp['split_param_bytes_rank'] / tp['split_param_bytes_full']:.3f})")
     return "\n".join(lines)
 
 
@@ -335,7 +384,11 @@ def main(argv=None) -> int:
         raise UserError("--compile needs --warmup >= 2 (the first, memory-less step and a full-memory step "
                         "compile a graph each; timed steps must not compile)")
     result = run(bench, extra)
+    if not distributed.is_main_process():
+        distributed.shutdown()
+        return 0
     print(report(result), flush=True)
+    distributed.shutdown()
     if bench.json:
         with open(bench.json, "a", encoding="utf-8") as f:
             f.write(json.dumps(result) + "\n")

@@ -156,7 +156,8 @@ class ModelConfig:
 class DataConfig:
     """The corpus and its vocabulary."""
     data: str = opt("data/wikitext-103", "corpus directory (changed: relative to the repository root)", clis=TRAIN_EVAL)
-    dataset: str = opt("wt103", "dataset (custom: any folder with train.txt, valid.txt, test.txt); generate.py: "
+    dataset: str = opt("wt103", "dataset (custom: any folder with train.txt, valid.txt, test.txt; prepared: a folder written by "
+                       "scripts/prepare_corpus.py); generate.py: "
                        "how to read and write text", clis=ALL, choices=DATASETS, cli_defaults={GENERATE: None})
     vocab: str = opt("word", "vocabulary type", choices=("word", "bpe"))
     custom_level: str = opt("word", "--dataset custom: word or character tokens (ours)", choices=("word", "char"))
@@ -247,6 +248,10 @@ class DistributedConfig:
     """Several processes: torchrun, Slurm."""
     multi_gpu: Optional[str] = opt(None, "multi-GPU mode (changed: a bare --multi_gpu means ddp)",
                                    choices=("ddp", "dp", "fsdp"), nargs="?", const="ddp")
+    tensor_parallel: int = opt(1, "tensor (Megatron-style) parallelism: split each layer's attention heads and "
+                               "feed-forward block over this many processes (consecutive ranks, keep them inside a "
+                               "node); the world size / N processes are the data-parallel ranks (ours)",
+                               aliases=("--tp",), low=1)
     local_rank: int = opt(0, "local device index (default: $LOCAL_RANK or 0)", clis=ALL, aliases=("--local-rank",),
                           default_from=env_local_rank,
                           low=0, dumped=False)

@@ -33,6 +33,12 @@ def is_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
+def is_distributed(model: nn.Module) -> bool:
+    """Sharded by FSDP, or split by --tensor_parallel: its parameters are (partly) DTensors."""
+    from torch.distributed.tensor import DTensor
+    return is_sharded(model) or any(isinstance(p, DTensor) for p in model.parameters())
+
+
 def scalar(value) -> float:
     """A Python float of a tensor that may be a DTensor (e.g. the gradient norm of sharded gradients)."""
     if hasattr(value, "full_tensor"):
@@ -48,7 +54,7 @@ def _options(**kwargs):
 def full_model_state(model: nn.Module) -> dict:
     """The model's state dict as full CPU tensors. Sharded: every rank must call it; only rank 0 gets the
     tensors (the other ranks get an empty dict)."""
-    if not is_sharded(model):
+    if not is_distributed(model):
         return {k: v.detach().cpu() for k, v in model.state_dict().items()}
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
     return get_model_state_dict(model, options=_options(cpu_offload=True))
@@ -56,7 +62,7 @@ def full_model_state(model: nn.Module) -> dict:
 
 def load_model_state(model: nn.Module, state: dict) -> None:
     """Load a full state dict (from any checkpoint) into `model`, sharded or not."""
-    if not is_sharded(model):
+    if not is_distributed(model):
         model.load_state_dict(state)
         return
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
@@ -72,7 +78,7 @@ def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str
 def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """`optimizer.state_dict()` as one process would have it (states numbered, full tensors). Sharded: every
     rank must call it; rank 0 gets the result (the other ranks get a dict without state)."""
-    if not is_sharded(model):
+    if not is_distributed(model):
         return optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
     by_name = get_optimizer_state_dict(model, optimizer, options=_options(cpu_offload=True))
@@ -85,7 +91,7 @@ def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
 
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
     """Load a single-process optimizer state dict into `optimizer`, whose model may be sharded."""
-    if not is_sharded(model):
+    if not is_distributed(model):
         optimizer.load_state_dict(state)
         return
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict

@@ -58,6 +58,34 @@ def adopt_slurm_env(environ=os.environ) -> bool:
     return True
 
 
+# With tensor parallelism (utils/distributed/tensor_parallel.py) the processes form a (dp, tp) mesh: the data,
+# the metrics and the training state see the data-parallel ranks only. None: every process is one of them.
+_DATA_PARALLEL: tuple | None = None        # (data-parallel rank, data-parallel size, tensor-parallel size, group)
+
+
+def set_data_parallel(rank: int, size: int, tp_size: int, group) -> None:
+    global _DATA_PARALLEL
+    _DATA_PARALLEL = (rank, size, tp_size, group)
+
+
+def dp_rank() -> int:
+    """This process's data-parallel rank (its batch columns, its memory and data position)."""
+    return _DATA_PARALLEL[0] if _DATA_PARALLEL else get_rank()
+
+
+def dp_world_size() -> int:
+    return _DATA_PARALLEL[1] if _DATA_PARALLEL else get_world_size()
+
+
+def tp_world_size() -> int:
+    return _DATA_PARALLEL[2] if _DATA_PARALLEL else 1
+
+
+def dp_group():
+    """The process group of this rank's data-parallel peers (None: all processes)."""
+    return _DATA_PARALLEL[3] if _DATA_PARALLEL else None
+
+
 def get_rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else env_int("RANK", 0)
 
@@ -122,17 +150,17 @@ _OPS = {
 }
 
 
-def all_reduce_item(value: float, op: str = "mean") -> float:
-    """Reduce a Python number over all ranks with op in sum | mean | min | max | product."""
+def all_reduce_item(value: float, op: str = "mean", group=None) -> float:
+    """Reduce a Python number over all ranks (or those of `group`) with op in sum | mean | min | max | product."""
     if not is_initialized():
         return value
     backend_device = "cuda" if dist.get_backend() == "nccl" else "cpu"
     tensor = torch.tensor(float(value), dtype=torch.float64, device=backend_device)
     if op == "mean":
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        tensor /= get_world_size()
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+        tensor /= dist.get_world_size(group)
     else:
-        dist.all_reduce(tensor, op=_OPS[op])
+        dist.all_reduce(tensor, op=_OPS[op], group=group)
     return tensor.item()
 
 
@@ -146,7 +174,11 @@ def init_from_env(args):
     --multi_gpu was not ddp); --multi_gpu dp is a single-process mode and is refused.
     """
     world_size = env_int("WORLD_SIZE", 1)
+    tensor_parallel = getattr(args, "tensor_parallel", 1)
     if world_size <= 1:
+        if tensor_parallel > 1:
+            from utils.distributed.tensor_parallel import check_layout
+            check_layout(tensor_parallel, world_size, args.n_head)
         return args
     from utils.io.errors import UserError
     if args.cli == "train":
@@ -161,6 +193,9 @@ def init_from_env(args):
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
     init_distributed(torch.device("cuda" if use_cuda else "cpu"),
                      args.dist_timeout)
+    if tensor_parallel > 1:
+        from utils.distributed.tensor_parallel import init_mesh
+        init_mesh(tensor_parallel, args.n_head, "cuda" if use_cuda else "cpu")
     return args
 
 
@@ -176,6 +211,13 @@ def broadcast_object(obj):
     holder = [obj]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
+
+
+def gather_dp_objects(obj) -> list | None:
+    """Every data-parallel rank's `obj` as a list on rank 0, by data-parallel rank (the ranks of one
+    tensor-parallel group hold the same data and memory: the group's first rank speaks for it)."""
+    gathered = gather_objects(obj)
+    return gathered[::tp_world_size()] if gathered is not None else None
 
 
 def gather_objects(obj) -> list | None:
@@ -201,6 +243,9 @@ def wrap_model(model: torch.nn.Module, args, device: torch.device) -> torch.nn.M
     DDP looks for unused parameters only when the model can have some: with adaptive softmax a batch may
     hold no token of a cluster, leaving that cluster's embedding and output weights without a gradient.
     """
+    if tp_world_size() > 1:
+        from utils.distributed.tensor_parallel import parallelize
+        return parallelize(model, args)
     if not is_initialized() or get_world_size() == 1:
         return model
     if args.multi_gpu == "fsdp":

@@ -99,7 +99,8 @@ class Checkpointer:
         self.model_config, self.vocab = parts["model_config"], parts["vocab"]
         self.model, self.optimizer = parts["model"], parts["optimizer"]
         self.scheduler, self.scaler, self.train_iter = parts["scheduler"], parts["scaler"], parts["train_iter"]
-        self.rank, self.world_size = distributed.get_rank(), distributed.get_world_size()
+        # the memory, data position and random state are per data-parallel rank (see group.gather_dp_objects)
+        self.rank, self.world_size = distributed.dp_rank(), distributed.dp_world_size()
 
     # ---- taking one ------------------------------------------------------------------------------------------
     def capture(self, state: TrainState, mems: list) -> dict:
@@ -107,7 +108,7 @@ class Checkpointer:
         gathers the full weights); only rank 0's result is complete."""
         per_rank = {"rng": rng_state(self.device), "memory": [None if m is None else m.detach().cpu() for m in mems],
                     "data": self.train_iter.state_dict()}
-        gathered = distributed.gather_objects(per_rank)
+        gathered = distributed.gather_dp_objects(per_rank)
         state.batch, state.last_iter = self.train_iter.batch, self.train_iter.last_iter
         state.world_size, state.batch_chunk = self.world_size, self.args.batch_chunk
         state.rng_states = [g["rng"] for g in gathered] if gathered else None

@@ -81,8 +81,10 @@ class Lamb(Optimizer):
         # not a group option: the state dict stays the same with and without compilation
         self._compiled_update = torch.compile(_lamb_multi_tensor, dynamic=False) if compile else None
         self._lr_tensors: dict[torch.device, torch.Tensor] = {}
-        # GradScaler: the fused step takes found_inf as a device tensor (no read-back); see step()
-        self._step_supports_amp_scaling = bool(fused)
+        # GradScaler: the fused step takes found_inf as a device tensor (no read-back); see step(). Not for
+        # DTensor parameters (FSDP, --tensor_parallel): the scaler then decides on the host as before.
+        self._step_supports_amp_scaling = bool(fused) and not any(
+            hasattr(p, "device_mesh") for group in self.param_groups for p in group["params"])
         self.clip_coef: torch.Tensor | None = None           # set by the caller for one step (see the docstring)
 
     def _lr_tensor(self, lr: float, device: torch.device) -> torch.Tensor:
@@ -124,7 +126,9 @@ class Lamb(Optimizer):
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] += 1
-                bucket = buckets[(p.device, p.dtype)]
+                # DTensors (FSDP, --tensor_parallel) apart from tensors, and by mesh: foreach kernels take one kind
+                mesh = getattr(p, "device_mesh", None)
+                bucket = buckets[(p.device, p.dtype, None if mesh is None else id(mesh))]
                 for lst, t in zip(bucket, (p, grad, state["exp_avg"], state["exp_avg_sq"])):
                     lst.append(t)
 
@@ -133,7 +137,7 @@ class Lamb(Optimizer):
             if compiled:
                 update = self._compiled_update
             beta1, beta2 = group["betas"]
-            for (device, _), (params, grads, exp_avgs, exp_avg_sqs) in buckets.items():
+            for (device, _, _), (params, grads, exp_avgs, exp_avg_sqs) in buckets.items():
                 lr = self._lr_tensor(group["lr"], device) if compiled else group["lr"]
                 extra = {}
                 if clip_coef is not None:

@@ -34,6 +34,9 @@ class Trainer:
         self.args, self.log, self.work_dir, self.device = args, log, Path(work_dir), device
         self.preemption = preemption
         self.rank, self.world_size = distributed.get_rank(), distributed.get_world_size()
+        # the data, the memory and the random streams are per data-parallel rank (the ranks of a tensor-parallel
+        # group share them: their replicated activations need the same dropout masks)
+        self.dp_rank, self.dp_world_size = distributed.dp_rank(), distributed.dp_world_size()
         self.autocast = amp_context(args, device)
         self.guard = DivergenceGuard(self.work_dir)
         self.evaluator = Evaluator(model, args, device, self.autocast, log, self.guard)
@@ -44,7 +47,7 @@ class Trainer:
         self.checkpointer = Checkpointer(args, self.work_dir, log, device, dict(
             model_config=model_config, vocab=corpus.vocab, model=model, optimizer=self.optimizer,
             scheduler=self.scheduler, scaler=self.scaler, train_iter=self.train_iter))
-        self.state = TrainState(world_size=self.world_size, batch_chunk=args.batch_chunk)
+        self.state = TrainState(world_size=self.dp_world_size, batch_chunk=args.batch_chunk)
         # loss / gradient norm stay on the device between log intervals (no host sync per step, issue 18)
         self.step_metrics = StepMetrics(device, check_grad_norm=not self.scaler.is_enabled())
         self.mems = [None] * args.batch_chunk               # the memory of each batch chunk
@@ -54,11 +57,11 @@ class Trainer:
         self.interval_start = self.run_clock = time.time()  # when the log interval's / run's timing resumed
         # Every rank built the same initial weights from --seed; dropout (and sampled softmax) now draw from a
         # stream of their own per rank, so that ranks do not repeat each other's dropout masks.
-        seed_everything(args.seed + self.rank)
+        seed_everything(args.seed + self.dp_rank)
 
     # ---- setup -----------------------------------------------------------------------------------------------
     def _iterators(self, corpus) -> tuple:
-        args, rank, world_size = self.args, self.rank, self.world_size
+        args, rank, world_size = self.args, self.dp_rank, self.dp_world_size
         train = corpus.get_iterator("train", args.batch_size, args.tgt_len, device=self.device, ext_len=args.ext_len,
                                     rank=rank, world_size=world_size, varlen=args.varlen, seed=args.seed)
         eval_tgt, eval_ext, eval_mem = self.evaluator.lengths
@@ -71,12 +74,13 @@ class Trainer:
         """(optimizer, LR schedule, loss scaler, step) of the model, which goes on the device (DDP- or
         FSDP-wrapped for several processes)."""
         args, device = self.args, self.device
-        if not (args.multi_gpu == "fsdp" and self.world_size > 1):
+        if not (args.multi_gpu == "fsdp" and self.world_size > 1 and args.tensor_parallel == 1):
             model.to(device)                                 # FSDP moves each rank's shards there itself
         para_model = distributed.wrap_model(model, args, device)
         optimizer = build_optimizer(args, model)             # after sharding: FSDP replaces the parameters
         scheduler = build_scheduler(args, optimizer)
-        scaler = sharded_grad_scaler(args, device) if is_sharded(model) else grad_scaler(args, device)
+        sharded = is_sharded(model) or args.tensor_parallel > 1     # each rank sees part of the gradients
+        scaler = sharded_grad_scaler(args, device) if sharded else grad_scaler(args, device)
         step = TrainStep(model, compile_model(para_model, args), optimizer, scaler, self.autocast, args.clip,
                          args.batch_chunk, args.swap_mem, args.cuda_graphs)
         return optimizer, scheduler, scaler, step
@@ -169,7 +173,7 @@ class Trainer:
         self.step_metrics.add(state.train_step, loss, grad_norm, state.log_acc)
         state.log_acc.steps += 1                             # its loss sum: step_metrics.flush
         state.log_acc.tokens += target.numel()
-        state.tokens_seen += target.numel() * self.world_size  # every rank trains on a batch of the same shape
+        state.tokens_seen += target.numel() * self.dp_world_size  # every rank trains on a batch of the same shape
         return lr
 
     def _log_interval(self, lr: float) -> None:
@@ -179,7 +183,7 @@ class Trainer:
         elapsed = time.time() - self.interval_start + acc.elapsed
         cur_loss = distributed.all_reduce_item(acc.loss / acc.steps, "mean")
         avg_elapsed = distributed.all_reduce_item(elapsed / acc.steps, "max")
-        tokens = distributed.all_reduce_item(acc.tokens, "sum")
+        tokens = distributed.all_reduce_item(acc.tokens, "sum", distributed.dp_group())
         tok_per_s = tokens / elapsed if elapsed > 0 else 0.0
         self.throughput.update(tok_per_s, elapsed)
         batch, n_batch = self.train_iter.batch, self.train_iter.n_batch

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from utils.distributed import group as distributed
 from utils.distributed.fsdp import is_sharded, scalar
+from utils.distributed.tensor_parallel import clip_grad_norm_
 from utils.training.lamb import Lamb
 
 
@@ -37,8 +38,10 @@ class TrainStep:
         self.swap_mem = swap_mem
         self.cuda_graphs = cuda_graphs
         self._skipped: Optional[Tensor] = None  # device counter of skipped fp16 steps (None: zero)
-        # fused LAMB clips in its own multi-tensor pass (issue 18); sharded (DTensor) gradients keep torch's clip
-        self.clip_in_optimizer = isinstance(optimizer, Lamb) and optimizer.defaults["fused"] and not is_sharded(model)
+        # fused LAMB clips in its own multi-tensor pass (issue 18); sharded (FSDP) or tensor-parallel (DTensor)
+        # parameters keep clip_grad_norm_ (utils/distributed/tensor_parallel.py)
+        self.clip_in_optimizer = isinstance(optimizer, Lamb) and optimizer.defaults["fused"] \
+            and not is_sharded(model) and not any(hasattr(p, "full_tensor") for p in model.parameters())
 
     @property
     def skipped_steps(self) -> int:
@@ -84,7 +87,7 @@ class TrainStep:
             grad_norm = torch.nn.utils.get_total_norm(grads, 2.0, error_if_nonfinite=False, foreach=None)
             self.optimizer.clip_coef = torch.clamp(self.clip / (grad_norm + 1e-6), max=1.0)
         else:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+            grad_norm = clip_grad_norm_(self.model.parameters(), self.clip)   # torch's, or for DTensors mixed with tensors
         # fp16: the scaler lowers its scale exactly when it skips a step; compared on the device (the scale
         # tensor `_scale`, not get_scale(), which reads it back). The optimizer step itself reads nothing back
         # when the optimizer handles the scaler's found_inf on the device (Lamb: `_step_supports_amp_scaling`).
