@@ -26,6 +26,7 @@ from utils.model.init import init_weights
 from utils.model.model_config import build_model_config
 from utils.runtime.device import (check_process_count, configure_backends, environment_summary, resolve_speed_flags,
                                   select_device)
+from utils.training.batch_schedule import check_batch_layout, resolve_max_step
 from utils.training.loop import Trainer
 from utils.training.memory import check_memory
 from utils.training.preemption import PreemptionHandler
@@ -83,8 +84,9 @@ def check(args) -> int:
         from utils.distributed.tensor_parallel import check_layout
         check_layout(args.tensor_parallel, args.check, args.n_head)
         data_parallel = args.check // args.tensor_parallel
-    args = global_batch(args, data_parallel)
+    args = resolve_max_step(global_batch(args, data_parallel))
     check_batch_split(args, data_parallel)
+    check_batch_layout(args, data_parallel)
     note = check_process_count(args.check, args.cuda)
     check_inputs(args)
     if not args.debug and not args.append_time:         # --append_time: a new folder each run
@@ -109,8 +111,9 @@ def train(args, preemption: PreemptionHandler) -> int:
     """Set up the work dir, the device, the corpus and the model, and hand them to the training loop."""
     # the batch is split over the data-parallel ranks (with --tensor_parallel N, the world size / N)
     rank, world_size = distributed.get_rank(), distributed.dp_world_size()
-    args = global_batch(args, world_size)
+    args = resolve_max_step(global_batch(args, world_size))
     check_batch_split(args, world_size)
+    check_batch_layout(args, world_size)
     check_inputs(args)
     requested = args                                  # config.yaml: as asked, before the device resolves speed flags
     # nothing in the work dir is touched before the checks above and the lock and check_fresh_start below

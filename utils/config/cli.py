@@ -30,6 +30,7 @@ from utils.config.presets import (CONFIG_DIR, DEFAULT_PRESET, SECTIONS, did_you_
                                   resolve_config_file)
 from utils.config.schema import (CLIS, EVAL, GENERATE, GROUP_TITLES, TRAIN, Config, ConversionError, Spec, options_of,
                                  out_of_range, parse_json_object, range_text)
+from utils.config.large_batch import check_large_batch
 from utils.io.errors import UserError
 
 LOG = logging.getLogger(__name__)
@@ -326,6 +327,7 @@ def _check_common(cfg: Config) -> None:
 def check_train(cfg: Config) -> Config:
     """The reference's train.py checks (§1.1.9) and the rules between options; resolves `d_embed`."""
     _check_common(cfg)
+    cfg = check_large_batch(cfg)
     if cfg.mem_len == 0:
         _require(cfg.eval_tgt_len <= cfg.ext_len + cfg.tgt_len,
                  f"--eval_tgt_len ({cfg.eval_tgt_len}) must be <= --ext_len + --tgt_len "

@@ -27,7 +27,9 @@ ALL = CLIS
 TRAIN_EVAL = (TRAIN, EVAL)
 
 OPTIMIZERS = ("adam", "sgd", "adagrad", "lamb", "jitlamb")
-SCHEDULERS = ("cosine", "inv_sqrt", "dev_perf", "constant")
+SCHEDULERS = ("cosine", "inv_sqrt", "dev_perf", "constant", "linear")
+LR_SCALING_RULES = ("none", "linear", "sqrt")
+DDP_COMM_HOOKS = ("none", "fp16", "bf16")
 AFFINITY_MODES = ("socket", "single", "single_unique", "socket_unique_interleaved",
                   "socket_unique_continuous", "disabled")
 
@@ -100,6 +102,15 @@ def parse_clip(text: Any) -> float:
         return float(text)
     except (TypeError, ValueError):
         raise ConversionError(f"expects a number or 'off', got {text!r}") from None
+
+
+def parse_batch_schedule(text: Any) -> str:
+    """--batch_schedule: "STEP:BATCH,STEP:BATCH,..." (steps increasing from 0, batches >= 1), kept as text."""
+    from utils.training.batch_schedule import parse_schedule   # the one reader of the format
+    try:
+        return ",".join(f"{step}:{batch}" for step, batch in parse_schedule(str(text)))
+    except ValueError as exc:
+        raise ConversionError(str(exc)) from None
 
 
 def env_local_rank() -> int:
@@ -184,7 +195,7 @@ class OptimConfig:
     max_step_scheduler: Optional[int] = opt(None, "cosine horizon (default: --max_step)", low=1)
     warmup_step: int = opt(1000, "linear warm-up steps", low=0)
     decay_rate: float = opt(0.5, "LR decay factor of dev_perf", low=0, high=1, low_open=True, high_open=True)
-    lr_min: float = opt(0.0, "minimum LR of dev_perf", low=0)
+    lr_min: float = opt(0.0, "minimum LR of dev_perf; the LR the linear schedule decays to", low=0)
     clip: float = opt(0.25, "gradient norm clipping (> 0; 'off': no clipping)", low=0, low_open=True,
                       finite=False, parse=parse_clip)
     clip_nonemb: bool = opt(False, "unused by the reference too", no_effect="--clip applies to all parameters")
@@ -196,6 +207,23 @@ class OptimConfig:
     local_batch_size: Optional[int] = opt(None, "batch size per process (overrides --batch_size = world size x this)",
                                           low=1)
     batch_chunk: int = opt(1, "split each batch into this many gradient-accumulation chunks", low=1)
+    # large-batch training (README "Moving a recipe to more GPUs")
+    lr_scaling: str = opt("none", "scale --lr with the global batch: linear (lr x batch / --base_batch_size) or "
+                          "sqrt (lr x sqrt(batch / --base_batch_size)); none: --lr as given", choices=LR_SCALING_RULES)
+    base_batch_size: Optional[int] = opt(None, "the global batch (sequences) --lr is given for (needs --lr_scaling)",
+                                         low=1)
+    warmup_tokens: Optional[int] = opt(None, "linear warm-up in training tokens instead of --warmup_step (every "
+                                       "schedule then counts tokens)", low=0)
+    max_tokens: Optional[int] = opt(None, "stop after this many training tokens (the first of --max_step and this; "
+                                    "the schedules then count tokens)", low=1)
+    batch_schedule: Optional[str] = opt(None, "global batch per step range, \"STEP:BATCH,...\" (the first at step "
+                                        "0, e.g. \"0:8,1000:16\"); the memory is reset at each change",
+                                        parse=parse_batch_schedule)
+    lr_range_test: bool = opt(False, "instead of training: grow the LR exponentially from --lr_range_min to "
+                              "--lr_range_max, write lr_range_test.jsonl and .png, print a suggested LR")
+    lr_range_min: float = opt(1e-5, "first LR of --lr_range_test", low=0, low_open=True)
+    lr_range_max: float = opt(1.0, "last LR of --lr_range_test", low=0, low_open=True)
+    lr_range_steps: int = opt(200, "steps of --lr_range_test", low=2)
 
 
 @dataclass(frozen=True)
@@ -235,6 +263,8 @@ class RunConfig:
                                              clis=TRAIN_EVAL, low=0)
     target_perplexity: Optional[float] = opt(None, "exit 1 when the perplexity is above this", clis=TRAIN_EVAL,
                                              low=0, low_open=True)
+    log_noise_scale: bool = opt(False, "log the gradient noise scale B_simple (from the batch chunks, or the "
+                                "processes; one process needs --batch_chunk >= 2) and, with LAMB, the trust ratios")
     seed: int = opt(1111, "random seed", clis=ALL, low=0, high=2 ** 32 - 1)
     check: Optional[int] = opt(None, "check everything each of N processes would check alike (flags, preset, data "
                                "folder, checkpoint, processes against GPUs) in this one process, then exit: 0 when "
@@ -258,6 +288,10 @@ class DistributedConfig:
     dist_timeout: float = opt(600.0, "seconds to wait for the other processes to join and for any collective; a peer "
                               "that never starts or dies then ends the job with an error instead of a hang (ours)",
                               clis=TRAIN_EVAL, low=0, low_open=True)
+    ddp_comm_hook: str = opt("none", "--multi_gpu ddp: all-reduce the gradients compressed to fp16 or bf16 "
+                             "(half the traffic)", choices=DDP_COMM_HOOKS)
+    ddp_bucket_cap_mb: Optional[float] = opt(None, "--multi_gpu ddp: gradient bucket size in MiB (default: DDP's, "
+                                             "25)", low=0, low_open=True)
     gpu0_bsz: int = opt(-1, "batch size on GPU 0 with DataParallel (reference)",
                         no_effect="there is no DataParallel; each process of a torchrun job gets the same share")
     affinity: str = opt("disabled", "CPU affinity mode of the reference (pynvml)", clis=TRAIN_EVAL,

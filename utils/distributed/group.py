@@ -253,8 +253,15 @@ def wrap_model(model: torch.nn.Module, args, device: torch.device) -> torch.nn.M
         return shard_model(model, device)
     from torch.nn.parallel import DistributedDataParallel
     device_ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids,
-                                   find_unused_parameters=bool(getattr(model, "cutoffs", True)))
+    bucket = getattr(args, "ddp_bucket_cap_mb", None)
+    ddp = DistributedDataParallel(model, device_ids=device_ids, **({"bucket_cap_mb": bucket} if bucket else {}),
+                                  find_unused_parameters=bool(getattr(model, "cutoffs", True)))
+    hook = getattr(args, "ddp_comm_hook", "none")
+    rank_norms = getattr(args, "log_noise_scale", False) and args.batch_chunk == 1
+    if hook != "none" or rank_norms:     # 16-bit all-reduce (half the traffic); each rank's gradient norm
+        from utils.distributed import comm_hooks
+        ddp.comm_hook_state = comm_hooks.register(ddp, hook)
+    return ddp
 
 
 def no_grad_sync(para_model: torch.nn.Module):

@@ -93,10 +93,16 @@ class Lamb(Optimizer):
             self._lr_tensors[device] = torch.zeros((), dtype=torch.float32, device=device)
         return self._lr_tensors[device].fill_(lr)
 
+    def keep_trust_ratios(self) -> None:
+        """From now on each step leaves its trust ratios (one per parameter, lr excluded) in `trust_ratios`, a
+        device tensor (--log_noise_scale logs them; nothing is read to the host here)."""
+        self._keep_trust = True
+
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None):
         """One LAMB step over every parameter that has a gradient; returns the closure's loss, if any."""
         loss = None
+        ratios = []
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
@@ -149,16 +155,23 @@ class Lamb(Optimizer):
                     if not group["fused"]:
                         raise RuntimeError("Lamb(fused=False) does not take the GradScaler's found_inf")
                     extra["found_inf"] = found_inf.to(device)
-                update(
+                trust = update(
                     params, grads, exp_avgs, exp_avg_sqs,
                     lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
                     weight_decay=group["weight_decay"], adam=group["adam"], **extra,
                 )
+                if trust is not None and getattr(self, "_keep_trust", False):
+                    trust = torch.stack(trust) if isinstance(trust, list) else trust
+                    ratios.append(trust.detach().float().reshape(-1).to(ratios[0].device if ratios else device))
+        if ratios:
+            self.trust_ratios = torch.cat(ratios)
         return loss
 
 
 def _lamb_per_tensor(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, eps, weight_decay, adam):
-    """The update of the module docstring, one tensor at a time (syncs with the device for the zero tests)."""
+    """The update of the module docstring, one tensor at a time (syncs with the device for the zero tests);
+    returns the trust ratios, a list of scalar tensors (None with adam)."""
+    trusts = []
     for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
         m.mul_(beta1).add_(g, alpha=1 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
@@ -168,23 +181,26 @@ def _lamb_per_tensor(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, 
         if not adam:
             w_norm = p.norm(2).clamp(0, 10)
             u_norm = u.norm(2)
-            if w_norm != 0 and u_norm != 0:
-                u.mul_(w_norm / (u_norm + eps))
+            trust = w_norm / (u_norm + eps) if w_norm != 0 and u_norm != 0 else torch.ones_like(w_norm)
+            u.mul_(trust)
+            trusts.append(trust)
         p.add_(u, alpha=-lr)
+    return trusts or None
 
 
 def _lamb_multi_tensor(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, eps, weight_decay, adam,
                        clip_coef=None, found_inf=None):
     """The same update with multi-tensor kernels; all tensors share one device and dtype. No host syncs.
-    lr is a float or (compiled step) a scalar tensor. clip_coef (a scalar tensor): the gradient-clipping
-    factor, applied here (as clip_grad_norm_ would: gradients multiplied in place). found_inf (fp16 scaler,
-    a float tensor, > 0: a gradient is not finite): nothing changes, decided on the device."""
+    lr is a float or (compiled step) a scalar tensor. Returns the trust ratios (None with adam). clip_coef (a
+    scalar tensor): the gradient-clipping factor, applied here (as clip_grad_norm_ would: gradients multiplied
+    in place). found_inf (fp16 scaler, a float tensor, > 0: a gradient is not finite): nothing changes,
+    decided on the device."""
     if clip_coef is not None:
         torch._foreach_mul_(grads, clip_coef)
     if found_inf is not None:
-        _skip_if_found_inf(params, grads, exp_avgs, exp_avg_sqs, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                           weight_decay=weight_decay, adam=adam, found_inf=found_inf)
-        return
+        return _skip_if_found_inf(params, grads, exp_avgs, exp_avg_sqs, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                                  weight_decay=weight_decay, adam=adam, found_inf=found_inf)
+    ratios = None
     torch._foreach_mul_(exp_avgs, beta1)
     torch._foreach_add_(exp_avgs, grads, alpha=1 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
@@ -199,6 +215,7 @@ def _lamb_multi_tensor(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2
         w_norms = torch.stack(torch._foreach_norm(params)).clamp(0, 10)   # not in place: DTensors (FSDP)
         u_norms = torch.stack(torch._foreach_norm(updates))
         trust = torch.where((w_norms == 0) | (u_norms == 0), torch.ones_like(w_norms), w_norms / (u_norms + eps))
+        ratios = trust
         if isinstance(lr, torch.Tensor):
             trust = trust * lr
         torch._foreach_mul_(updates, trust.unbind(0))
@@ -208,6 +225,7 @@ def _lamb_multi_tensor(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2
         torch._foreach_sub_(params, updates)
     else:
         torch._foreach_add_(params, updates, alpha=-lr)
+    return ratios
 
 
 def _skip_if_found_inf(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, eps, weight_decay, adam, found_inf):
@@ -215,6 +233,7 @@ def _skip_if_found_inf(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2
     the parameters: non-finite gradients become 0, the moments' decay factors become 1 and the update is
     multiplied by 0. When found_inf == 0 every factor is exactly 1 and the result is bit for bit the update."""
     keep = (found_inf == 0).to(params[0].dtype)                            # 1.0 or 0.0
+    ratios = None
     torch._foreach_mul_(grads, keep)                                       # inf * 0 = nan: cleared next
     for g in grads:
         g.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
@@ -232,11 +251,15 @@ def _skip_if_found_inf(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2
         w_norms = torch.stack(torch._foreach_norm(params)).clamp(0, 10)
         u_norms = torch.stack(torch._foreach_norm(updates))
         trust = torch.where((w_norms == 0) | (u_norms == 0), torch.ones_like(w_norms), w_norms / (u_norms + eps))
-        torch._foreach_mul_(updates, (trust * keep).unbind(0))
+        ratios = trust
+        factor = trust * keep                                              # trust * 1 == trust exactly
+        if isinstance(lr, torch.Tensor):
+            factor = factor * lr
+        torch._foreach_mul_(updates, factor.unbind(0))
     else:
-        torch._foreach_mul_(updates, keep)
+        torch._foreach_mul_(updates, keep * lr if isinstance(lr, torch.Tensor) else keep)
     if isinstance(lr, torch.Tensor):
-        torch._foreach_mul_(updates, lr)
         torch._foreach_sub_(params, updates)
     else:
         torch._foreach_add_(params, updates, alpha=-lr)
+    return ratios

@@ -14,12 +14,15 @@ from utils.distributed import group as distributed
 from utils.distributed.fsdp import grad_scaler as sharded_grad_scaler, is_sharded
 from utils.model.init import count_parameters
 from utils.runtime.device import amp_context, compile_model, grad_scaler
+from utils.training.batch_schedule import BatchPlan, ScheduledStream
 from utils.training.checkpointer import Checkpointer, resolve_restart
 from utils.training.divergence import DivergenceGuard
 from utils.training.evaluator import Evaluator, check_targets
+from utils.training.lr_scaling import describe as describe_lr_scaling
 from utils.training.lr_scheduler import build_scheduler
 from utils.training.metrics import (DOUBLE_LINE, LINE, AverageMeter, MetricsWriter, format_train_line,
                                     loss_metrics)
+from utils.training.noise_scale import NoiseScaleMeter, interval_record
 from utils.training.optimizers import build_optimizer
 from utils.training.preemption import PreemptionHandler, clear_marker, write_marker
 from utils.training.rng import seed_everything
@@ -40,6 +43,8 @@ class Trainer:
         self.autocast = amp_context(args, device)
         self.guard = DivergenceGuard(self.work_dir)
         self.evaluator = Evaluator(model, args, device, self.autocast, log, self.guard)
+        self.plan = BatchPlan(args)                         # the global batch, tokens and LR factor of each step
+        self.state = TrainState(world_size=self.dp_world_size, batch_chunk=args.batch_chunk)
         self.train_iter, self.valid_iter, self.test_iter = self._iterators(corpus)
         self.n_params = count_parameters(model)             # (all, non-embedding), before FSDP shards them
         self.model = model
@@ -47,7 +52,6 @@ class Trainer:
         self.checkpointer = Checkpointer(args, self.work_dir, log, device, dict(
             model_config=model_config, vocab=corpus.vocab, model=model, optimizer=self.optimizer,
             scheduler=self.scheduler, scaler=self.scaler, train_iter=self.train_iter))
-        self.state = TrainState(world_size=self.dp_world_size, batch_chunk=args.batch_chunk)
         # loss / gradient norm stay on the device between log intervals (no host sync per step, issue 18)
         self.step_metrics = StepMetrics(device, check_grad_norm=not self.scaler.is_enabled())
         self.mems = [None] * args.batch_chunk               # the memory of each batch chunk
@@ -62,8 +66,11 @@ class Trainer:
     # ---- setup -----------------------------------------------------------------------------------------------
     def _iterators(self, corpus) -> tuple:
         args, rank, world_size = self.args, self.dp_rank, self.dp_world_size
-        train = corpus.get_iterator("train", args.batch_size, args.tgt_len, device=self.device, ext_len=args.ext_len,
-                                    rank=rank, world_size=world_size, varlen=args.varlen, seed=args.seed)
+        def train_iterator(batch_size):
+            return corpus.get_iterator("train", batch_size, args.tgt_len, device=self.device, ext_len=args.ext_len,
+                                       rank=rank, world_size=world_size, varlen=args.varlen, seed=args.seed)
+        train = train_iterator(args.batch_size) if not self.plan.scheduled else ScheduledStream(
+            train_iterator, lambda: self.plan.batch_at(self.state.train_step), self.device)
         eval_tgt, eval_ext, eval_mem = self.evaluator.lengths
         valid, test = (corpus.get_iterator(split, args.eval_batch_size, eval_tgt, device=self.device,
                                            ext_len=eval_ext, mem_len=eval_mem, rank=rank, world_size=world_size)
@@ -78,11 +85,18 @@ class Trainer:
             model.to(device)                                 # FSDP moves each rank's shards there itself
         para_model = distributed.wrap_model(model, args, device)
         optimizer = build_optimizer(args, model)             # after sharding: FSDP replaces the parameters
-        scheduler = build_scheduler(args, optimizer)
+        scheduler = build_scheduler(args, optimizer, self.plan)
         sharded = is_sharded(model) or args.tensor_parallel > 1     # each rank sees part of the gradients
         scaler = sharded_grad_scaler(args, device) if sharded else grad_scaler(args, device)
         step = TrainStep(model, compile_model(para_model, args), optimizer, scaler, self.autocast, args.clip,
                          args.batch_chunk, args.swap_mem, args.cuda_graphs)
+        if args.log_noise_scale:                             # the last chunk's gradient is all-reduced with DDP
+            step.observer = NoiseScaleMeter(model.parameters(), args.batch_chunk, self.world_size == 1, scaler)
+            hook_state = getattr(para_model, "comm_hook_state", None)
+            if hook_state is not None and args.batch_chunk == 1:   # one chunk per rank: the ranks' gradients
+                hook_state.observer = step.observer
+            if hasattr(optimizer, "keep_trust_ratios"):
+                optimizer.keep_trust_ratios()
         return optimizer, scheduler, scaler, step
 
     def _log_configuration(self) -> None:
@@ -93,6 +107,8 @@ class Trainer:
         log.info(DOUBLE_LINE)
         log.info(f"#params = {self.n_params[0]}")
         log.info(f"#non emb params = {self.n_params[1]}")
+        if self.args.lr_scaling != "none" or self.plan.scheduled:
+            log.info(describe_lr_scaling(self.args, self.plan.batch_of_step(1)))
 
     def _resume(self) -> bool:
         """Resume from the checkpoint --restart chose, if any; False when it already reached --max_step."""
@@ -104,6 +120,10 @@ class Trainer:
         if restored is None:
             return False
         self.state, self.mems = restored
+        if self.optimizer_step.observer is not None:    # the noise scale's open log interval (same layout only)
+            same = self.state.same_layout(self.dp_world_size, self.args.batch_chunk)
+            saved = self.state.noise_acc if same else None
+            self.optimizer_step.observer.load_state_dict(saved, self.rank, self.device)
         self._open_metrics()
         return True
 
@@ -122,6 +142,9 @@ class Trainer:
     def run(self) -> int:
         """Train to --max_step (or until a stop signal), test, report; the exit code."""
         self._log_configuration()
+        if self.args.lr_range_test:
+            from utils.training.lr_range_test import run_lr_range_test
+            return run_lr_range_test(self)
         if not self._resume():
             return 1
         preempted = self.train_loop()
@@ -166,7 +189,12 @@ class Trainer:
         (self.step_metrics) until the next log interval or checkpoint, which also checks them for divergence
         (fp16 without: a step with an infinite norm is skipped)."""
         state = self.state
-        loss, grad_norm = self.optimizer_step.run(data, target, self.mems)
+        if self.plan.switches_at(state.train_step + 1):     # a new batch size: new streams, fresh memory
+            self.mems = [None] * self.args.batch_chunk
+        if self.optimizer_step.observer is not None:
+            self.optimizer_step.observer.global_batch = self.plan.batch_of_step(state.train_step + 1)
+            self.optimizer_step.observer.local_batch = target.size(1)
+        loss, grad_norm = self.optimizer_step.run(data, target, self.mems)   # device tensors
         state.train_step += 1
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step(state.train_step)
@@ -191,7 +219,11 @@ class Trainer:
                                         tok_per_s, cur_loss, args.dataset))
         record = {"epoch": state.epoch, "train_batch": batch, "lr": lr, "train_time/batch": avg_elapsed * 1000,
                   "train_throughput": tok_per_s, **loss_metrics("train", cur_loss, args.dataset),
-                  "grad_norm": grad_norm}
+                  "grad_norm": grad_norm, "tokens": state.tokens_seen,
+                  "batch_size": self.plan.batch_of_step(state.train_step)}
+        if args.log_noise_scale:
+            record.update(interval_record(self.optimizer_step.observer, self.optimizer, self.metrics,
+                                          state.train_step))
         if self.scaler.is_enabled():
             record.update(self._loss_scale_report(acc.steps))
         self.metrics.log(state.train_step, record, tb_prefix="train")
@@ -238,6 +270,8 @@ class Trainer:
         is_best = state.record_validation(val_loss)
         if not args.debug:
             self._count_elapsed()
+            if self.optimizer_step.observer is not None:   # every rank's sums of the open log interval
+                state.noise_acc = {"ranks": distributed.gather_objects(self.optimizer_step.observer.state_dict())}
             ckpt = self.checkpointer.capture(state, self.mems)
             if self.rank == 0:
                 self.checkpointer.save(ckpt, is_best)

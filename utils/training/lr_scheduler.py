@@ -11,6 +11,13 @@ M = `--max_step_scheduler` or else `--max_step`. Optimizer step t runs with lr(t
               --lr_min) whenever the validation loss has not improved for more than --patience evals
               (ReduceLROnPlateau semantics: mode min, relative threshold 1e-4, no cooldown)
     constant  lr0 * min(1, t / W)
+    linear    t < W:  lr0 * t / W;   t >= W: lr_min + (lr0 - lr_min) * max(0, (M - t) / (M - W))   (ours)
+
+Token-based schedules (--warmup_tokens / --max_tokens, utils/training/batch_schedule.py): t is then the
+nominal number of tokens trained after step t (BatchPlan.tokens_at), W --warmup_tokens (or the tokens of
+--warmup_step steps) and M --max_tokens (or the tokens of the step horizon); inv_sqrt then reads 1 / sqrt(tokens).
+LR scaling (--lr_scaling, utils/training/lr_scaling.py): the LR of step t is multiplied by the factor of its
+global batch.
 
 Differences from the reference (§3.3): the reference set the schedule's value for step t after step t, so its
 step t ran with lr(t - 1) and its first step with the full lr0 (inv_sqrt: with 0); here step 1 runs with lr(1).
@@ -48,6 +55,7 @@ class LRScheduler:
         decay_rate: float = 0.5,
         patience: int = 0,
         lr_min: float = 0.0,
+        plan=None,
     ):
         if scheduler not in SCHEDULERS:
             raise UserError(f"unknown --scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
@@ -64,6 +72,7 @@ class LRScheduler:
         self.decay_rate = float(decay_rate)
         self.patience = int(patience)
         self.lr_min = float(lr_min)
+        self.plan = plan  # BatchPlan: the LR factor of each step's batch and, with token units, its tokens
         # mutable state (state_dict)
         self.last_step = 0  # optimizer steps taken
         self.level = self.lr0  # dev_perf: current plateau LR
@@ -83,6 +92,13 @@ class LRScheduler:
             return lr0 * warm
         if self.scheduler == "dev_perf":
             return self.level * warm
+        if self.scheduler == "linear":
+            if t < w:
+                return lr0 * warm
+            span = self.max_step - w
+            if span <= 0 or t >= self.max_step:
+                return self.lr_min
+            return self.lr_min + (lr0 - self.lr_min) * (self.max_step - t) / span
         # cosine
         if t < w:
             return lr0 * warm
@@ -94,7 +110,11 @@ class LRScheduler:
     @property
     def lr(self) -> float:
         """The learning rate the next optimizer step will use."""
-        return self.lr_at(self.last_step + 1)
+        t = self.last_step + 1
+        if self.plan is None:
+            return self.lr_at(t)
+        clock = self.plan.tokens_at(t) if self.plan.token_unit else t
+        return self.lr_at(clock) * self.plan.lr_scale_at(t)
 
     def step(self, train_step: int) -> float:
         """Call after optimizer step `train_step` (1-based): sets and returns lr(train_step + 1)."""
@@ -149,16 +169,23 @@ class LRScheduler:
         self._apply()
 
 
-def build_scheduler(args, optimizer: torch.optim.Optimizer) -> LRScheduler:
-    """The schedule selected by `args.scheduler`, with lr(1) already set on `optimizer`."""
+def build_scheduler(args, optimizer: torch.optim.Optimizer, plan=None) -> LRScheduler:
+    """The schedule selected by `args.scheduler`, with lr(1) already set on `optimizer`; `plan` (a BatchPlan)
+    adds LR scaling and token units."""
+    warmup, horizon = args.warmup_step, args.max_step_scheduler or args.max_step
+    if plan is not None and plan.token_unit:
+        warmup = args.warmup_tokens if args.warmup_tokens is not None else plan.tokens_at(warmup)
+        horizon = args.max_tokens if args.max_tokens is not None and not args.max_step_scheduler \
+            else plan.tokens_at(horizon)
     return LRScheduler(
         optimizer,
         args.scheduler,
         lr=args.lr,
-        warmup_step=args.warmup_step,
-        max_step=args.max_step_scheduler or args.max_step,
+        warmup_step=warmup,
+        max_step=horizon,
         eta_min=args.eta_min,
         decay_rate=args.decay_rate,
         patience=args.patience,
         lr_min=args.lr_min,
+        plan=plan,
     )

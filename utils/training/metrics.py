@@ -209,6 +209,11 @@ class MetricsWriter:
                 if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
                     self._tb.add_scalar(f"{tb_prefix}/{key}", value, step)
 
+    def histogram(self, tag: str, values, step: int) -> None:
+        """A histogram to TensorBoard only (e.g. LAMB's trust ratios)."""
+        if self.enabled and self._tb is not None:
+            self._tb.add_histogram(tag, values, step)
+
     def _give_up_file(self) -> None:
         file, self._file, self.enabled = self._file, None, False
         try:

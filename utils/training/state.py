@@ -7,7 +7,8 @@ live objects (iterator, generators, memory tensors, scheduler, scaler) hold them
 
 `state_dict()` holds plain Python types and tensors only, so a checkpoint loads with
 `torch.load(..., weights_only=True)`. Its keys are those of the first checkpoint format (txl-train-v1), which
-tools and job scripts read (e.g. `ckpt["train_step"]`), plus `tokens_seen`.
+tools and job scripts read (e.g. `ckpt["train_step"]`), plus `tokens_seen` (and `noise_acc` with
+--log_noise_scale).
 """
 import math
 from dataclasses import asdict, dataclass, field, fields
@@ -52,6 +53,7 @@ class TrainState:
     memory: Optional[list] = None
     scheduler_state: Optional[dict] = None
     scaler_state: Optional[dict] = None    # None without a loss scaler (no --fp16)
+    noise_acc: Optional[dict] = None       # --log_noise_scale: the open log interval's sums (NoiseScaleMeter)
 
     def record_validation(self, val_loss: Optional[float]) -> bool:
         """Keep the best validation loss; True when `val_loss` is a new best."""
@@ -67,6 +69,8 @@ class TrainState:
     def state_dict(self) -> dict:
         state = {f.name: getattr(self, f.name) for f in fields(self)}
         state["log_acc"] = self.log_acc.state_dict()
+        if self.noise_acc is None:                          # only runs with --log_noise_scale carry it
+            del state["noise_acc"]
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -75,7 +79,7 @@ class TrainState:
         Checkpoints of format txl-train-v1 have no `tokens_seen`: it keeps its current value. A missing field
         or one of the wrong type or value (a step that is text, a negative position, fewer per-rank entries
         than processes) raises UserError naming it, before anything is changed."""
-        optional = {"tokens_seen"}
+        optional = {"tokens_seen", "noise_acc"}
         missing = [f.name for f in fields(self) if f.name not in state and f.name not in optional]
         if missing:
             raise UserError(f"the training state lacks {', '.join(missing)}")
@@ -109,6 +113,7 @@ _CHECKS = {
                                             and math.isfinite(v)), "a finite number or none"),
     "scheduler_state": (lambda v: v is None or isinstance(v, dict), "a mapping or none"),
     "scaler_state": (lambda v: v is None or isinstance(v, dict), "a mapping or none"),
+    "noise_acc": (lambda v: v is None or isinstance(v, dict), "a mapping or none"),
 }
 _LOG_ACC = {"loss": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
             "steps": _count(0), "tokens": _count(0), "elapsed": (_seconds, "a number of seconds >= 0")}

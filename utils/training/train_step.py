@@ -38,6 +38,7 @@ class TrainStep:
         self.swap_mem = swap_mem
         self.cuda_graphs = cuda_graphs
         self._skipped: Optional[Tensor] = None  # device counter of skipped fp16 steps (None: zero)
+        self.observer = None                    # e.g. a NoiseScaleMeter: after_backward(chunk), after_step(norm)
         # fused LAMB clips in its own multi-tensor pass (issue 18); sharded (FSDP) or tensor-parallel (DTensor)
         # parameters keep clip_grad_norm_ (utils/distributed/tensor_parallel.py)
         self.clip_in_optimizer = isinstance(optimizer, Lamb) and optimizer.defaults["fused"] \
@@ -74,6 +75,8 @@ class TrainStep:
                     loss, mem = model(data_i, target_i, mem)
                 loss = loss.float().mean() / chunks
                 self.scaler.scale(loss).backward()
+                if self.observer is not None:
+                    self.observer.after_backward(i)
                 if mem is not None and self.cuda_graphs:
                     mem = mem.clone()           # a CUDA graph's output buffer is reused by its next replay
                 if self.swap_mem and mem is not None:
@@ -88,6 +91,8 @@ class TrainStep:
             self.optimizer.clip_coef = torch.clamp(self.clip / (grad_norm + 1e-6), max=1.0)
         else:
             grad_norm = clip_grad_norm_(self.model.parameters(), self.clip)   # torch's, or for DTensors mixed with tensors
+        if self.observer is not None:
+            self.observer.after_step(grad_norm)                           # the norm before clipping
         # fp16: the scaler lowers its scale exactly when it skips a step; compared on the device (the scale
         # tensor `_scale`, not get_scale(), which reads it back). The optimizer step itself reads nothing back
         # when the optimizer handles the scaler's found_inf on the device (Lamb: `_step_supports_amp_scaling`).
