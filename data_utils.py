@@ -592,7 +592,7 @@ def _build(datadir, root, key, opts, files, sources, verbose, progress) -> None:
         for split, info in splits.items():
             if info["n_tokens"] == 0:
                 raise UserError(f"{_first(files[split])}: {split} split has no tokens")
-        write_text_atomic(tmp / "vocab.json", json.dumps(vocab.to_dict(), ensure_ascii=False))
+        write_text_atomic(tmp / "vocab.json", json.dumps(vocab.to_dict(), ensure_ascii=False), sync_dir=False)
         meta = {
             "format": CACHE_FORMAT,
             "version": CACHE_VERSION,
@@ -604,7 +604,8 @@ def _build(datadir, root, key, opts, files, sources, verbose, progress) -> None:
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "manifest": _manifest(tmp, splits),
         }
-        write_text_atomic(tmp / "meta.json", json.dumps(meta, indent=1))
+        write_text_atomic(tmp / "meta.json", json.dumps(meta, indent=1), sync_dir=False)
+        fsync_dir(tmp)  # the folder's entries, once (each file was fsynced as it was written, sync_dir=False)
         final = root / key
         if final.exists():  # stale: move it away first, so that the rename below is atomic
             old = Path(tempfile.mkdtemp(prefix=f".{key}.old-", dir=root))
@@ -658,7 +659,7 @@ def _build_words(tmp: Path, files: dict, rule: _WordRule, verbose: bool, progres
 
 
 def _write_split(tmp: Path, split: str, blocks, dtype, n_vocab: int) -> dict:
-    with atomic_open(tmp / f"{split}.npy", "wb") as f:
+    with atomic_open(tmp / f"{split}.npy", "wb", sync_dir=False) as f:  # (_build fsyncs the folder)
         writer = _NpyWriter(f, dtype, high=n_vocab)
         for ids, _ in blocks:
             writer.append(ids)
@@ -686,8 +687,8 @@ def _build_lm1b(tmp: Path, files: dict, verbose: bool, progress: bool):
     for split in SPLITS:
         paths = files[split] if isinstance(files[split], list) else [files[split]]
         shards = []
-        with (atomic_open(tmp / f"{split}.npy", "wb") as f_tokens,
-              atomic_open(tmp / f"{split}.starts.npy", "wb") as f_starts):
+        with (atomic_open(tmp / f"{split}.npy", "wb", sync_dir=False) as f_tokens,
+              atomic_open(tmp / f"{split}.starts.npy", "wb", sync_dir=False) as f_starts):
             tokens = _NpyWriter(f_tokens, dtype, high=len(vocab))
             starts = _NpyWriter(f_starts, np.int64)
             for i, path in enumerate(paths):

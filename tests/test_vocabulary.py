@@ -6,24 +6,32 @@ import numpy as np
 import pytest
 
 import reference_rules as ref
+import utils.data.fast_words as fast_words
 import utils.data.vocabulary as vocabulary
+from utils.data.fast_words import first_seen_ids
 from utils.io.errors import UserError
 from utils.data.vocabulary import BPEVocab, Vocab
 
 # Whitespace that str.split() splits on besides ' ' and '\t', and line ends of every kind.
 ODD_SPACES = ["\xa0", "\x0b", "\x0c", "\x1c", "\x1f", "\x85", "\u2028", "\u3000"]
 WORDS = ["the", "The", "cat", "ΟΔΟΣ", "İstanbul", "naïve", "N", "<unk>", "<eos>", "a.b", "x", "@-@", "日本"]
+# Words of 8, 9, 16 and 17+ bytes (the fast path reads tokens 8 bytes at a time), a NUL inside a word, and
+# only the ASCII whitespace (the fast path leaves blocks with non-ASCII whitespace to the Python path).
+LONG_WORDS = WORDS + ["abcdefgh", "abcdefghi", "abcdefgh\x00", "abcdefghijklmnop", "abcdefghijklmnopq",
+                      "日本語日本語日本", "supercalifragilisticexpialidocious", "a\x00b", "\x00", "abcdefga", "abcdefgi",
+                      "abcdefg", "abcdefg\x0f"]
+ASCII_SPACES = ["\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x1f"]
 
 
-def random_corpus(rng: random.Random, n_lines: int, words=WORDS) -> str:
+def random_corpus(rng: random.Random, n_lines: int, words=WORDS, odd_spaces=ODD_SPACES) -> str:
     lines = []
     for _ in range(n_lines):
         n = rng.choice([0, 0, 1, 3, 8, 20])
         parts = []
         for _ in range(n):
             parts.append(rng.choice(words) if rng.random() < 0.7 else f"w{int(rng.paretovariate(1.2))}")
-            parts.append(rng.choice([" ", " ", " ", "  ", "\t"] + ODD_SPACES))
-        lead = rng.choice(["", " ", "\t ", "\xa0"])
+            parts.append(rng.choice([" ", " ", " ", "  ", "\t"] + odd_spaces))
+        lead = rng.choice(["", " ", "\t ", odd_spaces[0]])
         lines.append(lead + "".join(parts) + rng.choice(["\n", "\n", "\r\n", "\r", " \n"]))
     text = "".join(lines)
     return text if rng.random() < 0.5 else text.rstrip("\n\r")  # sometimes no final newline
@@ -54,11 +62,15 @@ def test_tokenize_rules():
 # ---- build + encode against the plain rule ------------------------------------------------------------------
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("chunked", [False, True])
-def test_build_and_encode_match_the_reference_rule(tmp_path, seed, chunked, request):
+@pytest.mark.parametrize("ascii_spaces", [False, True], ids=["odd_spaces", "ascii_spaces"])
+def test_build_and_encode_match_the_reference_rule(tmp_path, seed, chunked, ascii_spaces, request, monkeypatch):
     if chunked:
         request.getfixturevalue("small_chunks")
+    fast = []  # blocks the numpy path (utils/data/fast_words.py) numbered; None: left to the Python path
+    monkeypatch.setattr(vocabulary, "first_seen_ids", lambda text: fast.append(first_seen_ids(text)) or fast[-1])
     rng = random.Random(seed)
-    paths = [write(tmp_path / f"{s}.txt", random_corpus(rng, 60)) for s in ("train", "valid", "test")]
+    corpus = (lambda: random_corpus(rng, 60, LONG_WORDS, ASCII_SPACES)) if ascii_spaces else (lambda: random_corpus(rng, 60))
+    paths = [write(tmp_path / f"{s}.txt", corpus()) for s in ("train", "valid", "test")]
     lower = seed % 2 == 0
     special = ["<eos>"] if seed % 3 else ["<eos>", "<unk>"]
     min_freq, max_size = (2, 40) if seed >= 4 else (0, None)
@@ -84,6 +96,23 @@ def test_build_and_encode_match_the_reference_rule(tmp_path, seed, chunked, requ
         for path in paths:
             got = np.concatenate([ids for ids, _ in one.finish_provisional(blocks[path], path)])
             assert got.tolist() == ref.encode(path, expected, lower, add_eos=True)
+    if ascii_spaces:  # the numpy path numbered every block
+        assert fast and all(f is not None for f in fast)
+
+
+def test_a_hash_collision_falls_back_to_the_python_path(tmp_path, monkeypatch):
+    """Exactness does not rest on the hash: with every token hashed alike the check against each group's first
+    token fails, the block goes to the Python path, and the ids still follow the rule."""
+    monkeypatch.setattr(fast_words, "_mix", lambda x: x & np.uint64(0))
+    symbols, ids = fast_words.first_seen_ids("b a b\n")  # up to 7 bytes a token is its own key: no hash
+    assert symbols == ["b", "a"] and ids.tolist() == [0, 1, 0, -2]
+    assert fast_words.first_seen_ids("abcdefgh abcdefgi\n") is None  # longer ones: checked on their first 8 bytes
+    assert fast_words.first_seen_ids("abcdefghij abcdefghik\n") is None  # and on the bytes after those
+    path = write(tmp_path / "t.txt", "b a b\nabcdefghij abcdefghik a\n")
+    expected, _ = ref.build_vocab([path], ["<eos>"], False)
+    v = Vocab(special=["<eos>"], lower_case=False).build([path])
+    assert v.idx2sym == expected
+    assert v.encode_file(path).tolist() == ref.encode(path, expected, False, add_eos=True)
 
 
 def test_char_level_matches_the_rule(tmp_path, small_chunks):

@@ -36,6 +36,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+from utils.data.fast_words import first_seen_ids
 from utils.io.errors import UserError
 
 VOCAB_FORMAT = 1
@@ -191,6 +192,17 @@ class _FirstSeenIds(dict):
         self.n += 1
         return idx
 
+    def ids_of_distinct(self, symbols: list[str]) -> np.ndarray:
+        """The ids of `symbols` (distinct, in first-seen order): the new ones numbered in that order, added in
+        one C-level update instead of one __missing__ call each."""
+        ids = np.fromiter(map(self.get, symbols, itertools.repeat(_MISSING)), np.int64, len(symbols))
+        new = np.flatnonzero(ids == _MISSING)
+        if len(new):
+            ids[new] = np.arange(self.n, self.n + len(new))
+            self.update(zip(map(symbols.__getitem__, new.tolist()), range(self.n, self.n + len(new))))
+            self.n += len(new)
+        return ids
+
 
 class Vocab:
     """Word (or character, `delimiter=''`) vocabulary with the reference's ids; see the module docstring."""
@@ -217,6 +229,7 @@ class Vocab:
         # Counting state: provisional ids in first-seen order and their counts.
         self._prov = _FirstSeenIds()
         self._counts = np.zeros(0, np.int64)
+        self._remap: np.ndarray | None = None  # remap_provisional's result, once the vocabulary is built
 
     # ---- tokenizing --------------------------------------------------------------------------------------
     def tokenize(self, line: str, add_eos: bool = False, add_double_eos: bool = False) -> list[str]:
@@ -230,12 +243,16 @@ class Vocab:
             return symbols + [EOS]
         return symbols
 
-    def _blocks(
-        self, path: str | os.PathLike, line_ends: bool = True, progress: bool = False, desc: str = "reading"
-    ) -> Iterator[tuple[list[str], str, int]]:
-        """Yield (symbols, marker, first_line) per block of `path`, lower-cased when asked.
+    def _id_blocks(
+        self, path: str | os.PathLike, table: dict[str, int], progress: bool = False, desc: str = "reading"
+    ) -> Iterator[tuple[np.ndarray, Callable[[int], str], int]]:
+        """Yield (ids, word_of, first_line) per block of `path`, lower-cased when asked: the ids of the
+        block's symbols in `table` (see `_map`) with LINE_END after each line, and `word_of(pos)` the symbol
+        at position `pos` of the ids (for error messages).
 
-        With `line_ends`, `marker` (a string that is not a symbol of the block) follows each line's symbols.
+        Word-level blocks are tokenized and numbered in numpy (utils/data/fast_words.py); only the block's
+        distinct symbols are then looked up in `table`, in first-seen order, so a _FirstSeenIds table numbers
+        them as a per-token pass would. Other blocks take the Python path (one split of the whole block).
         """
         chunks = iter_text_chunks(
             path, split_long_lines=self.delimiter is None, progress=progress, desc=f"{desc} {Path(path).name}"
@@ -243,16 +260,27 @@ class Vocab:
         for text, first_line in chunks:
             if self.lower_case:
                 text = text.lower()
+            fast = first_seen_ids(text) if self.delimiter is None else None
+            if fast is not None:
+                symbols, local = fast
+                lookup = np.empty(len(symbols) + 2, np.int64)
+                if isinstance(table, _FirstSeenIds):
+                    lookup[: len(symbols)] = table.ids_of_distinct(symbols)
+                else:
+                    lookup[: len(symbols)] = self._map(table, symbols, "\n")  # no symbol holds a newline
+                lookup[-2] = LINE_END  # local ids are LINE_END (-2) at line ends: lookup[-2] keeps them so
+                yield lookup[local], lambda pos, symbols=symbols, local=local: symbols[local[pos]], first_line
+                continue
             marker = _pick_marker(text)
             if self.delimiter is None:  # one split of the whole block equals per-line strip().split()
-                tokens = text.replace("\n", f" {marker} ").split() if line_ends else text.split()
+                tokens = text.replace("\n", f" {marker} ").split()
             else:
                 tokens = []
                 for line in text.split("\n")[:-1]:
                     line = line.strip()
                     tokens.extend(list(line) if self.delimiter == "" else line.split(self.delimiter))
                     tokens.append(marker)
-            yield tokens, marker, first_line
+            yield self._map(table, tokens, marker), tokens.__getitem__, first_line
 
     def _add_counts(self, ids: np.ndarray, counts: np.ndarray | None = None) -> None:
         total = np.bincount(ids, weights=counts, minlength=self._prov.n).astype(np.int64)
@@ -287,15 +315,9 @@ class Vocab:
         """
         if verbose:
             print(f"counting file {path} ...", flush=True)
-        for tokens, marker, _ in self._blocks(path, line_ends=sink is not None, progress=progress, desc="counting"):
-            if sink is None:
-                block = collections.Counter(tokens)
-                block.pop(marker, None)
-                ids = np.fromiter(map(self._prov.__getitem__, block), np.int64, len(block))
-                self._add_counts(ids, np.fromiter(block.values(), np.float64, len(block)))
-            else:
-                ids = self._map(self._prov, tokens, marker)
-                self._add_counts(ids[ids >= 0])
+        for ids, _, _ in self._id_blocks(path, self._prov, progress=progress, desc="counting"):
+            self._add_counts(ids[ids >= 0])
+            if sink is not None:
                 sink(ids)
 
     @property
@@ -347,6 +369,7 @@ class Vocab:
             raise UserError(f"{path}: vocabulary file has no <UNK> (or <unk>) symbol for unknown words")
 
     def _set_symbols(self, idx2sym: list[str]) -> None:
+        self._remap = None
         self.idx2sym = idx2sym
         self.sym2idx = {sym: i for i, sym in enumerate(idx2sym)}
         self.eos_idx = self.sym2idx.get(EOS)
@@ -386,9 +409,8 @@ class Vocab:
         """Encode a file block by block: yields (ids int64, line starts within the block)."""
         eos_idx, s_idx = self._line_ends_ids(path, add_eos, add_double_eos)
         table = dict(self.sym2idx)
-        for tokens, marker, first_line in self._blocks(path, progress=progress, desc="encoding"):
-            ids = self._map(table, tokens, marker)
-            self._fill_unknown(ids, path, first_line, tokens.__getitem__)
+        for ids, word_of, first_line in self._id_blocks(path, table, progress=progress, desc="encoding"):
+            self._fill_unknown(ids, path, first_line, word_of)
             yield finish_line_ends(ids, add_eos, add_double_eos, eos_idx, s_idx)
 
     def encode_file(
@@ -414,12 +436,15 @@ class Vocab:
         return sents
 
     def remap_provisional(self) -> np.ndarray:
-        """Array mapping provisional ids (from counting) to final ids; _MISSING where a symbol was dropped."""
-        remap = np.full(len(self._counts), _MISSING, np.int64)
-        prov = np.fromiter(map(self._prov.get, self.idx2sym, itertools.repeat(_MISSING)), np.int64, len(self))
-        known = prov >= 0
-        remap[prov[known]] = np.flatnonzero(known)
-        return remap
+        """Array mapping provisional ids (from counting) to final ids; _MISSING where a symbol was dropped.
+        Computed once per vocabulary (each split's finish_provisional asks for it); do not modify it."""
+        if self._remap is None or len(self._remap) != len(self._counts):
+            remap = np.full(len(self._counts), _MISSING, np.int64)
+            prov = np.fromiter(map(self._prov.get, self.idx2sym, itertools.repeat(_MISSING)), np.int64, len(self))
+            known = prov >= 0
+            remap[prov[known]] = np.flatnonzero(known)
+            self._remap = remap
+        return self._remap
 
     def finish_provisional(
         self,
@@ -430,14 +455,16 @@ class Vocab:
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Turn the provisional id blocks that count_file gave its sink into final (ids, line starts)."""
         eos_idx, s_idx = self._line_ends_ids(path, add_eos, add_double_eos)
-        remap = self.remap_provisional()
+        # one gather per block: the provisional LINE_END (-2) indexes lookup[-2], which keeps it
+        lookup = np.concatenate((self.remap_provisional(), [LINE_END, _MISSING]))
         line = 1
         for prov in blocks:
-            prov = np.asarray(prov, np.int64)
-            ids = np.where(prov >= 0, remap[np.maximum(prov, 0)], prov)
+            prov = np.asarray(prov)
+            ids = lookup[prov]
             self._fill_unknown(ids, path, line, lambda pos: list(self._prov)[prov[pos]])
-            line += int(np.count_nonzero(prov == LINE_END))
-            yield finish_line_ends(ids, add_eos, add_double_eos, eos_idx, s_idx)
+            ids, starts = finish_line_ends(ids, add_eos, add_double_eos, eos_idx, s_idx)
+            line += len(starts)  # one start per line end
+            yield ids, starts
 
     # ---- symbols and ids ---------------------------------------------------------------------------------
     def get_idx(self, sym: str) -> int:

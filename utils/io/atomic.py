@@ -53,12 +53,13 @@ def _create_temp(path: Path) -> tuple[int, Path]:
 
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "wb", encoding: str | None = None,
-                newline: str | None = None) -> Iterator[IO[Any]]:
+                newline: str | None = None, sync_dir: bool = True) -> Iterator[IO[Any]]:
     """Open `path` for writing through a temporary file that replaces it when the block ends without error.
 
     `mode` is "wb" (binary) or "w" (text, UTF-8 unless `encoding` says otherwise; `newline` as for open).
     The parent directory is created. On an exception in the block the target is untouched and the temporary
-    file is removed."""
+    file is removed. `sync_dir=False` leaves the directory's fsync to the caller (a folder of files written
+    together and then renamed into place needs one fsync of the folder, not one per file)."""
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_open writes whole files: mode must be 'w' or 'wb', not {mode!r}")
     if mode == "wb" and (encoding is not None or newline is not None):
@@ -82,7 +83,8 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", encoding: str | None 
             os.unlink(tmp)
         _raise_user_fault(exc, path)
         raise
-    fsync_dir(path.parent)
+    if sync_dir:
+        fsync_dir(path.parent)
 
 
 # A full disk or a directory the user may not write to is the user's to fix, not a bug: one line naming the
@@ -134,9 +136,10 @@ def umask() -> int:
     return mask
 
 
-def write_text_atomic(path: str | os.PathLike, text: str, encoding: str = "utf-8", newline: str | None = None) -> None:
-    """Replace `path` with `text` (UTF-8 by default), atomically."""
-    with atomic_open(path, "w", encoding=encoding, newline=newline) as f:
+def write_text_atomic(path: str | os.PathLike, text: str, encoding: str = "utf-8", newline: str | None = None,
+                      sync_dir: bool = True) -> None:
+    """Replace `path` with `text` (UTF-8 by default), atomically (`sync_dir`: see atomic_open)."""
+    with atomic_open(path, "w", encoding=encoding, newline=newline, sync_dir=sync_dir) as f:
         f.write(text)
 
 

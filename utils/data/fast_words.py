@@ -1,0 +1,175 @@
+"""Whitespace tokenizing and first-seen numbering of a block of text in numpy, without one Python string per
+token: the fast path of `Vocab` for word-level text (`delimiter=None`).
+
+`str.split()` on the whole block then one dict look-up per token costs ~200 ns per token in Python (a new
+string object, its hash, the look-up); the reference's algorithm does that twice plus a Python call per
+token. Here the block is encoded to UTF-8 and handled as bytes:
+
+1. Tokens are the maximal runs of bytes that are not whitespace. Python's `str.split()` splits on the ASCII
+   whitespace below and on 19 non-ASCII characters; a block holding any of those (found among the bytes from
+   0xC2 up) is left to the Python path, so the tokens here are exactly `str.split()`'s. ASCII bytes never
+   occur inside a multi-byte UTF-8 character, so every token is whole characters.
+2. Each token gets a 64-bit key: a token of up to 7 bytes is its own key (its bytes and its length: exact);
+   a longer one gets a hash of its bytes read 8 at a time (`_mix`, splitmix64's finalizer), top bit set.
+3. Equal keys are grouped through a table indexed by the key's multiplied top bits (tokens whose slot
+   another key took retry in another table, until none is left), then each group is numbered in the order of
+   its first token (`np.minimum.at`).
+4. Exactness does not rest on the hash: every long token is compared with its group's first token (length
+   and every byte). Should two different tokens ever share a hash, the block goes to the Python path.
+
+Only the distinct symbols of a block become Python strings (in first-seen order); the caller maps those to
+its own ids. The result equals `text.replace("\\n", f" {marker} ").split()` numbered in first-seen order.
+"""
+import numpy as np
+
+# The ASCII characters str.split() treats as whitespace (\t \n \v \f \r, \x1c-\x1f, space) ...
+_ASCII_SPACE = bytes(c in (9, 10, 11, 12, 13, 28, 29, 30, 31, 32) for c in range(256))  # a bytes.translate table
+# ... and the UTF-8 bytes of the non-ASCII ones (U+0085, U+00A0, U+1680, U+2000-U+200A, U+2028, U+2029,
+# U+202F, U+205F, U+3000): a block that has one goes to the Python path.
+_OTHER_SPACES = [chr(c).encode("utf-8") for c in (0x85, 0xA0, 0x1680, *range(0x2000, 0x200B), 0x2028, 0x2029, 0x202F,
+                                                  0x205F, 0x3000)]
+
+
+def _has_other_space(padded: np.ndarray, size: int) -> bool:
+    """Whether the UTF-8 bytes padded[1 : size + 1] hold one of _OTHER_SPACES (all start with 0xC2 or above)."""
+    lead = np.flatnonzero(padded[1 : size + 1] >= 0xC2) + 1
+    if not len(lead):
+        return False
+    code = (padded[lead].astype(np.int64) << 16) | (padded[lead + 1].astype(np.int64) << 8) | padded[lead + 2]
+    two = np.array([int.from_bytes(s, "big") << 8 for s in _OTHER_SPACES if len(s) == 2])
+    three = np.array([int.from_bytes(s, "big") for s in _OTHER_SPACES if len(s) == 3])
+    return bool(np.isin(code & ~0xFF, two).any() or np.isin(code, three).any())
+# _LOW_BYTES[k]: the mask that keeps the first k bytes of a little-endian 8-byte word (k = 0..8).
+_LOW_BYTES = np.array([(1 << (8 * k)) - 1 for k in range(8)] + [(1 << 64) - 1], np.uint64)
+_MAX_TABLE_BITS = 18
+_ROUND_MULTIPLIERS = [np.uint64(m) for m in (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9,
+                                              0xD6E8FEB86659FD93, 0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53,
+                                              0x9FB21C651E98DF25)]
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer, in place on a uint64 array (wrapping arithmetic)."""
+    x ^= x >> np.uint64(30)
+    x *= np.uint64(0xBF58476D1CE4E5B9)
+    x ^= x >> np.uint64(27)
+    x *= np.uint64(0x94D049BB133111EB)
+    x ^= x >> np.uint64(31)
+    return x
+
+
+def _words(words_at: np.ndarray, starts: np.ndarray, lengths: np.ndarray, k: int) -> np.ndarray:
+    """Bytes 8k .. 8k+7 of each token as a little-endian uint64, the bytes past its end zeroed (`words_at[i]`
+    is the 8 bytes from offset i)."""
+    word = words_at[starts + 8 * k] if k else words_at[starts]
+    word &= _LOW_BYTES[np.clip(lengths - 8 * k, 0, 8) if k else np.minimum(lengths, 8)]
+    return word
+
+
+def _group(h: np.ndarray) -> tuple[np.ndarray, int]:
+    """(group, n_groups): a group number per token, equal exactly when the keys `h` are equal.
+
+    Each round writes the keys into a table at the top bits of key x an odd constant (at most 2^18 slots,
+    2 MB, in cache: a block has far fewer distinct symbols than tokens); a slot ends up holding one of the
+    keys written to it, the tokens of that key take the slot as their group and the others retry in the next
+    table with another constant."""
+    bits = min(max(8, (2 * len(h)).bit_length()), _MAX_TABLE_BITS)
+    group = h * _ROUND_MULTIPLIERS[0]  # (keys need not be mixed)
+    group >>= np.uint64(64 - bits)
+    group = group.view(np.int64)
+    table = np.empty(1 << bits, np.uint64)
+    table[group] = h
+    lost = np.flatnonzero(table[group] != h)
+    n_groups = 1 << bits
+    for multiplier in _ROUND_MULTIPLIERS[1:]:
+        if not len(lost):
+            return group, n_groups
+        hl = h[lost]
+        bits = min(max(8, (2 * len(lost)).bit_length()), _MAX_TABLE_BITS)
+        slot = ((hl * multiplier) >> np.uint64(64 - bits)).view(np.int64)
+        table = np.empty(1 << bits, np.uint64)
+        table[slot] = hl
+        won = table[slot] == hl
+        group[lost[won]] = slot[won] + n_groups
+        lost = lost[~won]
+        n_groups += 1 << bits
+    if len(lost):  # a few left after every round: sort them
+        group[lost] = n_groups + np.unique(h[lost], return_inverse=True)[1].ravel()
+        n_groups += len(lost)
+    return group, n_groups
+
+
+def _decode(padded: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> list[str]:
+    """The tokens at `starts` (offsets in `padded`) as strings: their bytes gathered space-separated, one
+    decode and one split (tokens have no spaces, and each one is whole UTF-8 characters)."""
+    if not len(starts):
+        return []
+    ends = np.cumsum(lengths + 1)
+    out = np.full(int(ends[-1]) - 1, 32, np.uint8)
+    within = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    out[np.repeat(ends - lengths - 1, lengths) + within] = padded[np.repeat(starts, lengths) + within]
+    return out.tobytes().decode("utf-8").split(" ")
+
+
+def first_seen_ids(text: str) -> tuple[list[str], np.ndarray] | None:
+    """(symbols, ids) of `text` split on whitespace: `symbols` the distinct tokens in first-seen order, `ids`
+    (int64) the index in `symbols` of each token with LINE_END (-2) at each newline; None when the block has
+    non-ASCII whitespace (or, against all odds, a hash collision): the caller then takes the Python path."""
+    # (offsets below are in `data`; `padded` holds data at 1 .. size)
+    data = text.encode("utf-8")
+    size = len(data)
+    padded = np.zeros(size + 16, np.uint8)
+    padded[1 : size + 1] = np.frombuffer(data, np.uint8)  # a 0 before, zeros after for 8-byte reads
+    if _has_other_space(padded, size):
+        return None
+    space = np.frombuffer(b"\x01" + data.translate(_ASCII_SPACE) + b"\x01", bool)  # (translate: C speed)
+    edges = np.flatnonzero(space[1:] != space[:-1])  # start, end, start, end ... (offsets in data)
+    starts, ends = edges[0::2], edges[1::2]
+    newlines = np.flatnonzero(padded[1 : size + 1] == 10)
+    n = len(starts)
+    if n == 0:
+        return [], np.full(len(newlines), -2, np.int64)
+    lengths = ends - starts
+    words_at = np.ndarray((size + 8,), "<u8", buffer=padded, offset=1, strides=(1,))  # unaligned: bytes i .. i+7
+    first_word = _words(words_at, starts, lengths, 0)
+    # A token of up to 7 bytes is its own key: its bytes, and its length in the top byte (exact, top bit 0).
+    key = lengths.astype(np.uint64)
+    key <<= np.uint64(56)
+    key |= first_word
+    # A longer one gets a 64-bit hash of all its bytes, with the top bit set (never a short token's key).
+    long = np.flatnonzero(lengths > 7)
+    if len(long):
+        long_starts, long_lengths = starts[long], lengths[long]
+        h = _mix(first_word[long] ^ (long_lengths.astype(np.uint64) * _ROUND_MULTIPLIERS[0]))
+        more = np.flatnonzero(long_lengths > 8)
+        k = 1
+        while len(more):
+            h[more] = _mix(h[more] ^ _words(words_at, long_starts[more], long_lengths[more], k))
+            k += 1
+            more = more[long_lengths[more] > 8 * k]
+        key[long] = h | np.uint64(1 << 63)
+    group, n_groups = _group(key)
+    # number the groups in the order of their first token
+    first = np.full(n_groups, n, np.int64)
+    np.minimum.at(first, group, np.arange(n))
+    reps = np.sort(first[first < n])  # the first token of each group, in text order
+    local = np.empty(n_groups, np.int64)
+    local[group[reps]] = np.arange(len(reps))
+    ids = local[group]
+    # A long token's group is its hash's: check that it equals the group's first token (the same length and the
+    # same bytes, 8 at a time) rather than trust the hash.
+    if len(long):
+        rep = reps[ids[long]]
+        if not ((lengths[rep] == long_lengths).all() and (first_word[rep] == first_word[long]).all()):
+            return None
+        more = np.flatnonzero(long_lengths > 8)
+        k = 1
+        while len(more):
+            mine = _words(words_at, long_starts[more], long_lengths[more], k)
+            if not (mine == _words(words_at, starts[rep[more]], long_lengths[more], k)).all():
+                return None
+            k += 1
+            more = more[long_lengths[more] > 8 * k]
+    symbols = _decode(padded, starts[reps] + 1, lengths[reps])
+    if len(newlines):
+        ids = np.insert(ids, np.searchsorted(starts, newlines), -2)
+    return symbols, ids
