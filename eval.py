@@ -137,13 +137,18 @@ def evaluate(model, iterator, args, device, log, meters) -> tuple[float, int]:
     interval = {"loss": 0.0, "time": 0.0, "tokens": 0, "batches": 0}
     n_batch = iterator.n_batch if args.max_size is None else min(iterator.n_batch, args.max_size)
     step = [0]
+    full = [0]                                  # tokens of a full batch (the largest seen)
 
     def on_batch(index: int, seconds: float, loss: float, n_tokens: int) -> None:
         step[0] += 1
         tokens_per_s = distributed.all_reduce_item(n_tokens / seconds if seconds > 0 else 0.0, "sum")
         seconds = distributed.all_reduce_item(seconds, "max")
-        meters["latency"].update(seconds * 1000)
-        meters["throughput"].update(tokens_per_s, seconds)
+        full[0] = max(full[0], n_tokens)
+        # --type compile: a shorter (last) batch is a shape the warm-up did not compile; its time is a
+        # compilation, not a latency, so it is not a timing sample (issue 18)
+        if not (args.type == "compile" and n_tokens < full[0]):
+            meters["latency"].update(seconds * 1000)
+            meters["throughput"].update(tokens_per_s, seconds)
         interval["loss"] += loss
         interval["time"] += seconds
         interval["tokens"] += n_tokens

@@ -78,7 +78,7 @@ def main() -> int:
     start = time.perf_counter()
     with progress_bar(args.num_tokens, "generating", show_progress(args), unit="token") as bar:
         for step in generate(model, prompt_ids, args.num_tokens, args.num_samples, args.temperature, args.top_k,
-                             args.top_p, generator=generator, device=device):
+                             args.top_p, generator=generator, device=device, kv_cache=args.kv_cache is not False):
             tokens.append(step.tokens.cpu())
             bar.update()
     elapsed = time.perf_counter() - start

@@ -177,6 +177,7 @@ def build_model(args, model_config: dict) -> MemTransformerLM:
     init_weights(model, args.init, args.init_range, args.init_std, args.proj_init_std)
     model.set_attn_impl(args.attn_impl)
     model.set_checkpoint_activations(args.checkpoint_activations)
+    model.crit.tail_capacity = args.softmax_tail_capacity   # static adaptive-softmax shapes (issue 18)
     return model
 
 

@@ -343,6 +343,12 @@ class SpeedConfig:
     checkpoint_activations: bool = opt(False, "recompute each layer's activations in the backward pass instead of "
                                        "keeping them (less memory, ~1/3 more compute)")
     swap_mem: bool = opt(False, "keep the memory on the CPU between chunks")
+    softmax_tail_capacity: Optional[float] = opt(
+        None, "adaptive softmax: rows per tail cluster as a fraction of a batch's tokens (ours): fixed shapes, no "
+        "host read-back, no graph break; exact while no tail cluster holds more of the batch (tokens over it get a "
+        "NaN loss, which stops the run); 1 is exact for any batch but scores every token in every tail cluster; "
+        "default: exact sizes read back once per step (with --compile the output layer then runs eagerly)",
+        low=0, low_open=True, high=1)
 
 
 @dataclass(frozen=True)
@@ -387,6 +393,9 @@ class GenerateConfig:
     top_k: int = opt(0, "sample among the k most likely tokens (0: all)", clis=(GENERATE,), low=0)
     top_p: float = opt(1.0, "sample among the most likely tokens that together have this probability (1: all)",
                        clis=(GENERATE,), low=0, high=1, low_open=True)
+    kv_cache: Optional[bool] = opt(None, "keep the memory's keys and values from token to token (ours; attention "
+                                   "types 0 and 1 of an eager model; default: on; --no_kv_cache recomputes them)",
+                                   clis=(GENERATE,))
 
 
 # group attribute names of Config (none equals an option name: --model and --data are options)
