@@ -48,7 +48,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from utils.io.atomic import atomic_open, fsync_dir, make_dir, umask, write_text_atomic
+from utils.io.atomic import atomic_open, fsync_dir, make_dir, open_nofollow, umask, write_text_atomic
 from utils.io.errors import UserError
 from utils.data.datasets import DATASETS
 from utils.data.vocabulary import BPEVocab, Vocab, check_text_file
@@ -226,7 +226,7 @@ def _build_lock(root: Path, key: str, verbose: bool):
         yield
         return
     try:
-        lock_file = open(root / f".{key}.lock", "a")
+        lock_file = open_nofollow(root / f".{key}.lock", "a")   # a link planted there is refused, not followed
     except OSError as exc:
         _raise_build_fault(exc, root)
         raise
