@@ -15,8 +15,8 @@ Datasets (`get_lm_corpus(datadir, dataset, vocab)`), with the reference's vocabu
 With `vocab='bpe'` (wt103, wt2, ptb, custom words) a byte-level BPE is trained on train.txt (or loaded with
 `bpe_model`) and each split is its whole text followed by `<|endoftext|>`.
 
-Cache: `<datadir>/.txl_cache/<dataset>-<vocab>-<hash of the options>/` (or, where the data folder is not
-writable, `$TXL_CACHE_DIR` or `~/.cache/transformer-xl/data/`; or `cache_dir`), holding `meta.json` (format
+Cache: `<datadir>/.txl_cache/<dataset>-<vocab, or char for custom characters>-<hash of the options>/` (or,
+where the data folder is not writable, `$TXL_CACHE_DIR` or `~/.cache/transformer-xl/data/`; or `cache_dir`), holding `meta.json` (format
 version, options, the source files' sizes and modification times, token counts), `vocab.json` and one
 `<split>.npy` per split (ids in the smallest unsigned dtype that fits; lm1b adds `<split>.starts.npy`, the
 offset of each sentence). Splits are loaded memory-mapped, so a corpus larger than memory trains from disk.
@@ -48,7 +48,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from utils.io.atomic import atomic_open, fsync_dir, make_dir, umask, write_text_atomic
+from utils.io.atomic import atomic_open, fsync_dir, make_dir, open_nofollow, umask, write_text_atomic
 from utils.io.errors import UserError
 from utils.data.datasets import DATASETS
 from utils.data.vocabulary import BPEVocab, Vocab, check_text_file
@@ -186,8 +186,11 @@ def _describe_sources(datadir: Path, paths: list[Path]) -> list[dict]:
 # Cache location, lock, files
 # --------------------------------------------------------------------------------------------------------
 def _cache_key(opts: dict) -> str:
+    """`<dataset>-<level>-<hash>`: the level is the vocabulary type (word, bpe), or char for a character-level
+    custom corpus."""
     digest = hashlib.sha1(json.dumps(opts, sort_keys=True).encode()).hexdigest()[:12]
-    return f"{opts['dataset']}-{opts['vocab']}-{digest}"
+    level = "char" if opts.get("custom_level") == "char" else opts["vocab"]
+    return f"{opts['dataset']}-{level}-{digest}"
 
 
 def _external_root(base: Path, datadir: Path) -> Path:
@@ -223,7 +226,7 @@ def _build_lock(root: Path, key: str, verbose: bool):
         yield
         return
     try:
-        lock_file = open(root / f".{key}.lock", "a")
+        lock_file = open_nofollow(root / f".{key}.lock", "a")   # a link planted there is refused, not followed
     except OSError as exc:
         _raise_build_fault(exc, root)
         raise

@@ -10,6 +10,9 @@ the vocabulary stored in the checkpoint. Output lines are the reference eval.py'
 """
 import utils.runtime.openmp_env  # noqa: F401  (first: bounds OpenMP's spin-wait before torch loads it)
 import json
+import logging
+import math
+import os
 import platform
 import sys
 import time
@@ -19,9 +22,12 @@ import numpy as np
 import torch
 
 import data_utils
-from inference.runtime import (LoadedModel, length_overrides, load_for_inference, precision_of, prepare_runtime,
-                               save_torchscript, torchscript_file, warm_up)
-from utils.config.cli import eval_parser, eval_splits, fill_from_checkpoint, parse_args
+from inference.checkpoint_settings import check_data_folder, describe, fill_from_stored
+from inference.export import load_export
+from inference.mem_sweep import format_table, result_row, sweep_lengths, write_json
+from inference.runtime import (LoadedModel, apply_lengths, is_export, length_overrides, load_for_inference,
+                               precision_of, prepare_runtime, save_torchscript, torchscript_file, warm_up)
+from utils.config.cli import eval_parser, eval_splits, parse_args
 from utils.distributed import group as distributed
 from utils.io.atomic import write_text_atomic
 from utils.io.checkpoint import load_checkpoint
@@ -30,10 +36,9 @@ from utils.runtime.device import (check_process_count, configure_backends, envir
                                   select_device)
 from utils.training.evaluation import evaluate_stream, reduce_eval_result
 from utils.training.evaluator import check_targets
-from utils.training.metrics import (DOUBLE_LINE, AverageMeter, MetricsWriter, format_eval_progress_line,
-                                    format_split_result, safe_exp, setup_logging)
-
-DATA_OPTIONS = ("data", "dataset")   # taken from the checkpoint when not given
+from utils.training.metrics import (DOUBLE_LINE, AverageMeter, MetricsWriter, corpus_label,
+                                    format_eval_progress_line, format_split_result, safe_exp, setup_logging, uses_bpc)
+from utils.training.progress import progress_bar, show_progress
 
 
 def check(args) -> int:
@@ -43,11 +48,13 @@ def check(args) -> int:
     stored = None
     if args.load_torchscript:
         torchscript_file(args.load_torchscript)
+    elif args.manual_config is None and is_export(args.model):
+        stored = load_export(args.model)[4]
     elif args.manual_config is None:
         ckpt = load_checkpoint(args.model or Path(args.work_dir) / "checkpoint_best.pt")
         stored = ckpt.get("args") if ckpt["format"] != "reference" else None
     if not args.manual:
-        data_utils.data_folder(fill_from_checkpoint(args, stored, DATA_OPTIONS).data)
+        check_data_folder(*fill_from_stored(args, stored))
     if note:
         print(note, file=sys.stderr)
     return 0
@@ -63,14 +70,46 @@ def load_model(args, device, log) -> LoadedModel:
                               manual_config=args.manual_config, overrides=length_overrides(args), device=device)
 
 
-def data_from_checkpoint(args, loaded: LoadedModel, log):
-    """--data and --dataset from the configuration stored in the checkpoint unless the user set them (on the
-    command line or in a preset): a model is scored on the corpus it was trained on."""
-    filled = fill_from_checkpoint(args, loaded.settings, DATA_OPTIONS)
-    taken = [name for name in DATA_OPTIONS if getattr(filled, name) != getattr(args, name)]
+def settings_from_checkpoint(args, loaded: LoadedModel, log):
+    """The corpus and the evaluation lengths stored in the checkpoint unless the user set them (on the command
+    line or in a preset): a model is scored on the corpus it was trained on, as training scored it
+    (inference/checkpoint_settings.py). Says what it took; the lengths are set on the model."""
+    filled, taken = fill_from_stored(args, loaded.settings)
     if taken:
-        log.info("From the checkpoint's configuration: " + ", ".join(f"--{n} {getattr(filled, n)}" for n in taken))
+        log.info(describe(filled, taken))
+        apply_lengths(loaded.model, length_overrides(filled))
+    if not filled.manual:
+        check_data_folder(filled, taken)
     return filled
+
+
+def with_manual_file(args):
+    """--manual_file PATH: its text becomes the --manual text (batch size 1)."""
+    if args.manual_file is None:
+        return args
+    if args.manual:
+        raise UserError("--manual and --manual_file exclude each other; pass the text one way")
+    try:
+        text = Path(args.manual_file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read --manual_file {args.manual_file}: {exc}") from None
+    return args.replace(manual=[text], batch_size=1)
+
+
+def report_unknown(symbols: list, vocab, log) -> None:
+    """--manual: how many words the vocabulary does not know (scored as <unk>), and the first few."""
+    known = getattr(vocab, "sym2idx", None)
+    if known is None:                          # BPE: every text has ids
+        return
+    unknown = [sym for sym in symbols if sym not in known]
+    if not unknown:
+        return
+    first = ", ".join(list(dict.fromkeys(unknown))[:10])             # the first ten distinct ones
+    if vocab.unk_idx is None:
+        raise UserError(f"--manual: {unknown[0]!r} is not in the vocabulary, which has no <unk> to stand for unknown "
+                        f"words ({len(unknown)} of {len(symbols)} words are unknown: {first})")
+    log.info(f"--manual: {len(unknown)} of {len(symbols)} words are not in the vocabulary and are scored as "
+             f"<unk>: {first}")
 
 
 def manual_ids(args, vocab) -> np.ndarray:
@@ -79,7 +118,10 @@ def manual_ids(args, vocab) -> np.ndarray:
         raise UserError("--manual got empty text; pass the words to score, e.g. --manual \"recognize speech\"")
     if vocab is None:
         raise UserError("--manual needs a vocabulary: pass --model with a checkpoint (--manual_config has none)")
-    ids = vocab.encode(data_utils.tokenize_raw(text), add_eos=True)
+    tokenized = data_utils.tokenize_raw(text)
+    if hasattr(vocab, "tokenize"):
+        report_unknown(vocab.tokenize(tokenized), vocab, logging.getLogger("txl"))
+    ids = vocab.encode(tokenized, add_eos=True)
     if len(ids) < 2:
         raise UserError("--manual text is too short: it needs at least one word")
     return np.asarray(ids, dtype=np.int64)
@@ -95,13 +137,18 @@ def evaluate(model, iterator, args, device, log, meters) -> tuple[float, int]:
     interval = {"loss": 0.0, "time": 0.0, "tokens": 0, "batches": 0}
     n_batch = iterator.n_batch if args.max_size is None else min(iterator.n_batch, args.max_size)
     step = [0]
+    full = [0]                                  # tokens of a full batch (the largest seen)
 
     def on_batch(index: int, seconds: float, loss: float, n_tokens: int) -> None:
         step[0] += 1
         tokens_per_s = distributed.all_reduce_item(n_tokens / seconds if seconds > 0 else 0.0, "sum")
         seconds = distributed.all_reduce_item(seconds, "max")
-        meters["latency"].update(seconds * 1000)
-        meters["throughput"].update(tokens_per_s, seconds)
+        full[0] = max(full[0], n_tokens)
+        # --type compile: a shorter (last) batch is a shape the warm-up did not compile; its time is a
+        # compilation, not a latency, so it is not a timing sample (issue 18)
+        if not (args.type == "compile" and n_tokens < full[0]):
+            meters["latency"].update(seconds * 1000)
+            meters["throughput"].update(tokens_per_s, seconds)
         interval["loss"] += loss
         interval["time"] += seconds
         interval["tokens"] += n_tokens
@@ -113,13 +160,20 @@ def evaluate(model, iterator, args, device, log, meters) -> tuple[float, int]:
                                                interval["loss"] / b))
             interval.update(loss=0.0, time=0.0, tokens=0, batches=0)
 
+    bar = progress_bar(n_batch * args.repeat, "evaluating", show_progress(args) and distributed.is_main_process())
+
+    def on_batch_and_bar(*values) -> None:
+        on_batch(*values)
+        bar.update()
+
     for _ in range(args.repeat):
         result = evaluate_stream(model, iterator, device, max_steps=args.max_size or -1, timed=True,
-                                 on_batch=on_batch)
+                                 on_batch=on_batch_and_bar)
         loss_sum, scored = reduce_eval_result(result, iterator)     # over all ranks' columns
         total_loss += loss_sum
         total_len += scored
         n_batches += result.n_batches
+    bar.close()
     elapsed = time.time() - start
     log.info(f"Time : {elapsed:.2f}s, {1000 * elapsed / max(n_batches, 1):.2f}ms/segment")
     if total_len == 0:
@@ -129,11 +183,11 @@ def evaluate(model, iterator, args, device, log, meters) -> tuple[float, int]:
 
 def main() -> int:
     distributed.adopt_slurm_env()                       # one process per srun task: ranks from SLURM_* variables
-    args = parse_args(eval_parser(), section="eval")
+    args = with_manual_file(parse_args(eval_parser(), section="eval"))
     if args.check is not None:
         return check(args)
     args = distributed.init_from_env(args)
-    work_dir = Path(args.work_dir)
+    work_dir = eval_work_dir(args)
     log = open_eval_log(args, work_dir)
     device = select_device(args, log)
     args = resolve_speed_flags(args, device)
@@ -144,7 +198,7 @@ def main() -> int:
     np.random.seed(args.seed)
 
     loaded = load_model(args, device, log)
-    args = data_from_checkpoint(args, loaded, log)
+    args = settings_from_checkpoint(args, loaded, log)
     model, precision, runtime = build_runtime(args, loaded, device, log)
     splits = split_iterators(args, loaded.vocab, device, loaded.model_config["n_token"])
     log.info(f"Evaluating with: math {precision} type {runtime} bsz {args.batch_size} tgt_len {args.tgt_len} "
@@ -155,15 +209,30 @@ def main() -> int:
     metrics = MetricsWriter(None if args.debug else work_dir / args.dllog_file,
                             enabled=distributed.is_main_process(), append=True)
     metrics.log("PARAMETER", {k: v for k, v in args.to_dict().items() if isinstance(v, (int, float, str, bool))})
-    dataset = (loaded.dataset if args.manual else args.dataset) or args.dataset
-    losses = [score_split(model, split, iterator, dataset, args, device, log, meters, metrics)
-              for split, iterator in splits.items()]
+    dataset = corpus_label((loaded.dataset if args.manual else args.dataset) or args.dataset, vocab=loaded.vocab)
+    if args.mem_len_sweep:
+        losses = sweep_memory(model, loaded, dataset, args, device, log, meters, metrics, work_dir)
+    else:
+        losses = [score_split(model, split, iterator, dataset, args, device, log, meters, metrics)
+                  for split, iterator in splits.items()]
     if args.save_data:
         report_latency(args, meters, work_dir, log, metrics, device, f"{precision}_{runtime}")
     metrics.close()
     code = check_targets(args, losses[-1], meters["throughput"].avg, log)
     distributed.shutdown()
     return code
+
+
+def eval_work_dir(args) -> Path:
+    """Where eval_log.log / eval_log.json go: --work_dir, or without it the folder of --model when it is
+    writable (the training's work dir, next to its train_log), so that `eval.py --model WORK/checkpoint_best.pt`
+    writes nothing elsewhere."""
+    if args.model and "work_dir" not in args.given and not args.load_torchscript and not is_export(args.model):
+        model = Path(args.model)
+        folder = model if model.is_dir() else model.parent    # a work dir stands for its checkpoint_last.pt
+        if os.access(folder, os.W_OK):                        # else (a read-only copy): --work_dir's default
+            return folder
+    return Path(args.work_dir)
 
 
 def open_eval_log(args, work_dir: Path):
@@ -217,13 +286,39 @@ def split_iterators(args, vocab, device, n_token: int) -> dict:
 
 
 def score_split(model, split, iterator, dataset, args, device, log, meters, metrics) -> float:
-    """Evaluate one split, print its result line and log its summary; the mean loss."""
+    """Evaluate one split, print its result line and log its summary (eval_ppl, and eval_bpc for a
+    character-level corpus); the mean loss."""
     loss, _ = evaluate(model, iterator, args, device, log, meters)
     log.info(DOUBLE_LINE)
     log.info(format_split_result(split, loss, dataset))
     log.info(DOUBLE_LINE)
-    metrics.log("SUMMARY", {"split": split, "eval_loss": loss, "eval_ppl": safe_exp(loss)})
+    score = {"eval_ppl": safe_exp(loss), **({"eval_bpc": loss / math.log(2)} if uses_bpc(dataset) else {})}
+    metrics.log("SUMMARY", {"split": split, "eval_loss": loss, **score})
     return loss
+
+
+def sweep_memory(model, loaded, dataset, args, device, log, meters, metrics, work_dir: Path) -> list[float]:
+    """--mem_len_sweep: every split at every memory length (inference/mem_sweep.py); the losses, in order."""
+    rows, losses = [], []
+    for mem_len in sweep_lengths(args.mem_len_sweep):
+        run = args.replace(mem_len=mem_len)
+        model.reset_length(run.tgt_len, run.ext_len, mem_len)
+        log.info(f"--mem_len_sweep: mem_len {mem_len}")
+        for split, iterator in split_iterators(run, loaded.vocab, device, loaded.model_config["n_token"]).items():
+            loss = score_split(model, split, iterator, dataset, run, device, log, meters, metrics)
+            rows.append(result_row(mem_len, split, loss, dataset))
+            losses.append(loss)
+    log.info(f"Memory sweep: tgt_len {args.tgt_len} clamp_len {args.clamp_len} same_length {args.same_length} "
+             f"bsz {args.batch_size}")
+    for line in format_table(rows):
+        log.info(line)
+    if not args.debug and distributed.is_main_process():
+        header = {"model": args.model or args.load_torchscript, "dataset": args.dataset, "tgt_len": args.tgt_len,
+                  "ext_len": args.ext_len, "clamp_len": args.clamp_len, "same_length": args.same_length,
+                  "batch_size": args.batch_size}
+        write_json(work_dir / "mem_len_sweep.json", header, rows)
+        log.info(f"Wrote {work_dir / 'mem_len_sweep.json'}")
+    return losses
 
 
 def device_name(device: torch.device) -> str:

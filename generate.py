@@ -10,6 +10,7 @@ prompt is fed in segments of --tgt_len tokens, then each step feeds one new toke
 last --mem_len tokens, so a step costs the same however long the text has grown. The text (prompt and
 continuation, detokenized) goes to stdout, one block per sample; messages go to stderr.
 """
+import utils.runtime.openmp_env  # noqa: F401  (first: bounds OpenMP's spin-wait before torch loads it)
 import logging
 import sys
 import time
@@ -22,7 +23,8 @@ from inference.runtime import current_lengths, length_overrides, load_for_infere
 from inference.text import TextCodec
 from utils.config.cli import generate_parser, parse_args
 from utils.io.errors import UserError, run_cli
-from utils.runtime.device import select_device
+from utils.runtime.device import select_device, tune_cpu_allocator
+from utils.training.progress import progress_bar, show_progress
 
 
 def read_prompt(args) -> str:
@@ -51,6 +53,8 @@ def main() -> int:
     check_sampling(args.temperature, args.top_k, args.top_p)
     log = stderr_logger()
     device = select_device(args, log)
+    if device.type == "cpu":
+        tune_cpu_allocator()                  # as train.py and eval.py: freed buffers are reused, not re-zeroed
     prompt = read_prompt(args)
 
     loaded = load_for_inference(model_path=args.model, torchscript_path=args.load_torchscript,
@@ -72,9 +76,11 @@ def main() -> int:
     generator = torch.Generator(device=device).manual_seed(args.seed)
     tokens = []
     start = time.perf_counter()
-    for step in generate(model, prompt_ids, args.num_tokens, args.num_samples, args.temperature, args.top_k,
-                         args.top_p, generator=generator, device=device):
-        tokens.append(step.tokens.cpu())
+    with progress_bar(args.num_tokens, "generating", show_progress(args), unit="token") as bar:
+        for step in generate(model, prompt_ids, args.num_tokens, args.num_samples, args.temperature, args.top_k,
+                             args.top_p, generator=generator, device=device, kv_cache=args.kv_cache is not False):
+            tokens.append(step.tokens.cpu())
+            bar.update()
     elapsed = time.perf_counter() - start
     samples = torch.stack(tokens, dim=1).tolist()                        # [n_samples, n_tokens]
 

@@ -30,6 +30,7 @@ from utils.training.batch_schedule import check_batch_layout, resolve_max_step
 from utils.training.loop import Trainer
 from utils.training.memory import check_memory
 from utils.training.preemption import PreemptionHandler
+from utils.training.progress import show_progress
 from utils.training.rng import seed_everything
 from utils.io.workdir_lock import check_unlocked
 from utils.training.run_setup import (base_work_dir, check_batch_split, check_fresh_start, corpus_options,
@@ -136,7 +137,8 @@ def train(args, preemption: PreemptionHandler) -> int:
         log.info(environment_summary(device))
     seed_everything(args.seed)
     corpus = data_utils.get_lm_corpus(args.data, args.dataset, args.vocab, cache_dir=args.cache_dir,
-                                      verbose=rank == 0, progress=rank == 0, **corpus_options(args))
+                                      verbose=rank == 0, progress=rank == 0 and show_progress(args),
+                                      **corpus_options(args))
     model_config = build_model_config(args, len(corpus.vocab))
     check_memory(parameters_per_process(args, model_config, world_size), args, model_config, device, world_size)
     model = build_model(args, model_config)
@@ -175,6 +177,7 @@ def build_model(args, model_config: dict) -> MemTransformerLM:
     init_weights(model, args.init, args.init_range, args.init_std, args.proj_init_std)
     model.set_attn_impl(args.attn_impl)
     model.set_checkpoint_activations(args.checkpoint_activations)
+    model.crit.tail_capacity = args.softmax_tail_capacity   # static adaptive-softmax shapes (issue 18)
     return model
 
 

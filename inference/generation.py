@@ -11,6 +11,10 @@ each forward step feeds only the newest token of every sample, which attends to 
 tokens came before. Each token sees at most the `mem_len` tokens before it, layer by layer: the context of
 a step is what evaluation with `--same_length` gives a token, not the whole text.
 
+With `kv_cache=True` (generate.py's default) the keys and values of the memory are kept from step to step
+(inference/kv_cache.py): a step computes only the new token's own projections, so its cost no longer grows
+with mem_len's projections (attention types 0 and 1, eager model; otherwise generation recomputes).
+
 Works with the eager model, a scripted one and a loaded TorchScript file (reset_length, init_mems and
 next_token_logprobs are exported).
 """
@@ -20,6 +24,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 from torch import Tensor
 
+from inference.kv_cache import MemoryKVCache, supports as kv_cache_supports
 from utils.io.errors import UserError
 
 
@@ -73,11 +78,12 @@ def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
 def generate(model: torch.nn.Module, prompt_ids: Sequence[int], n_tokens: int, n_samples: int = 1,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, mem_len: Optional[int] = None,
              segment_len: Optional[int] = None, generator: Optional[torch.Generator] = None,
-             device: Optional[torch.device] = None) -> Iterator[Step]:
+             device: Optional[torch.device] = None, kv_cache: bool = False) -> Iterator[Step]:
     """Yield `n_tokens` steps of `n_samples` continuations of `prompt_ids` (see the module docstring).
 
     mem_len: memory length during generation (default: the model's); segment_len: the prompt is fed in
     segments of this length (default: the model's tgt_len). The model's lengths are restored at the end.
+    kv_cache: keep the memory's keys and values between steps (see the module docstring).
     """
     check_sampling(temperature, top_k, top_p)
     if len(prompt_ids) == 0:
@@ -104,10 +110,14 @@ def generate(model: torch.nn.Module, prompt_ids: Sequence[int], n_tokens: int, n
         logprobs = logprobs.expand(n_samples, -1)                        # [n_samples, n_token]
         # one token per step
         model.reset_length(1, 0, mem_len)
+        cache = MemoryKVCache(model) if kv_cache and kv_cache_supports(model) else None
         for index in range(n_tokens):
             tokens = sample_next(logprobs, temperature, top_k, top_p, generator)
             yield Step(index, tokens, logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1))
             if index + 1 < n_tokens:
-                logprobs, mems = model.next_token_logprobs(tokens.unsqueeze(0), mems)
+                if cache is not None:
+                    logprobs, mems = cache.step(tokens.unsqueeze(0), mems)
+                else:
+                    logprobs, mems = model.next_token_logprobs(tokens.unsqueeze(0), mems)
     finally:
         model.reset_length(*saved)

@@ -70,11 +70,20 @@ def load_for_inference(model_path: Optional[str] = None, torchscript_path: Optio
         config = {**manual_config, **(overrides or {})}
         config.pop("dtype", None)
         loaded = LoadedModel(model_from_config(config, "--manual_config"), None, config, None, "config")
+    elif is_export(model_path):                         # a folder of scripts/export.py
+        from inference.export import load_export
+        model, vocab, config, dataset, settings = load_export(model_path)
+        loaded = LoadedModel(model, vocab, config, dataset, "export", settings)
     else:
         loaded = _load_checkpoint(Path(model_path))
     apply_lengths(loaded.model, overrides or {})
     loaded.model = loaded.model.to(device).eval()
     return loaded
+
+
+def is_export(path) -> bool:
+    """A folder written by scripts/export.py (another folder means its checkpoint_last.pt, as before)."""
+    return path is not None and Path(path).is_dir() and (Path(path) / "config.json").is_file()
 
 
 def model_from_config(config: dict, where: str) -> torch.nn.Module:

@@ -23,6 +23,14 @@ on the CPU the process's peak resident memory. --saved_activations also measures
 for the backward pass of one step (eager model, parameters excluded): the activation memory on any device.
 MFU and the FLOPs formula: utils/model/flops.py (and README.md, "Performance").
 
+--report (issue 18) adds, per steady-state step: eager ATen ops and dtype casts (a step of the uncompiled model,
+counted by a TorchDispatchMode), graph breaks (torch._dynamo.explain of the training forward), graphs compiled
+over the run (warm-up included), host syncs of one step (utils/runtime/host_sync.py), beside the peak memory
+and tokens/s. --repo DIR runs another checkout's model, optimizer and step (e.g. a worktree of main) under
+the same benchmark, so that before / after figures come from one script:
+
+    python scripts/benchmark_train.py --preset cpu_small --report --repo ../wt-main -- --adaptive ...
+
 Tensor parallelism: under torchrun, `-- --tp N` splits the model as train.py does (each process runs the
 whole --batch_size). After the timed steps one more forward and backward run under a communication-counting
 mode (torch.distributed.tensor.debug.CommDebugMode): the bytes all-reduced per step are printed against the
@@ -42,7 +50,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+# --repo: import the model / optimizer / step of another checkout (before / after comparisons)
+CODE = Path(sys.argv[sys.argv.index("--repo") + 1]).resolve() if "--repo" in sys.argv[:-1] else REPO
+sys.path.insert(0, str(CODE))
 
 import utils.runtime.openmp_env  # noqa: E402,F401  (before torch: bounds OpenMP's spin-wait)
 import torch  # noqa: E402
@@ -95,6 +105,9 @@ def parse_cli(argv):
                         help="also measure the bytes saved for backward by one eager step")
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     parser.add_argument("--json", default=None, help="append the result as one JSON line to this file")
+    parser.add_argument("--report", action="store_true",
+                        help="also count ATen ops, casts, graph breaks, compilations and host syncs per step")
+    parser.add_argument("--repo", default=None, help="run this checkout's code (default: this one)")
     if "--" in argv:
         cut = argv.index("--")
         ours, extra = argv[:cut], argv[cut + 1:]
@@ -177,6 +190,14 @@ def device_name(device: torch.device) -> str:
     return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
 
 
+def _step_report_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("_issue18_step_report", REPO / "utils" / "runtime" / "step_report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def run(bench, extra) -> dict:
     args = distributed.init_from_env(train_args(bench, extra))
     log = setup_logging(None, distributed.get_rank())
@@ -191,6 +212,7 @@ def run(bench, extra) -> dict:
     init_weights(model, args.init, args.init_range, args.init_std, args.proj_init_std)
     model.set_attn_impl(args.attn_impl)
     model.set_checkpoint_activations(args.checkpoint_activations)
+    model.crit.tail_capacity = getattr(args, "softmax_tail_capacity", None)   # static shapes (issue 18)
     model.to(device)
     n_all, n_nonemb = count_parameters(model)
     para_model = distributed.wrap_model(model, args, device)     # --tp: split (replaces the parameters)
@@ -198,8 +220,12 @@ def run(bench, extra) -> dict:
     scheduler = build_scheduler(args, optimizer)
     scaler = grad_scaler(args, device)
     autocast = amp_context(args, device)
+    report_tools = _step_report_module() if bench.report else None
+    graphs_before = report_tools.compiled_graphs() if report_tools else 0
     step = TrainStep(model, compile_model(para_model, args), optimizer, scaler, autocast, args.clip,
                      args.batch_chunk, args.swap_mem, args.cuda_graphs)
+    # a step that reads nothing back when the code has one (issue 18), else the one that returns floats
+    step_fn = getattr(step, "run", step)
     mems = [None] * args.batch_chunk
 
     sizes = cluster_sizes(n_token, model_config["cutoffs"])
@@ -218,8 +244,10 @@ def run(bench, extra) -> dict:
                 torch.cuda.reset_peak_memory_stats(device)
             warmup_s = time.perf_counter() - start
         t0 = time.perf_counter()
-        loss, _ = step(data, target, mems)
+        loss, _ = step_fn(data, target, mems)
         scheduler.step(i + 1)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)                  # per-step times (the step itself reads nothing back)
         if i >= bench.warmup:
             step_times.append(time.perf_counter() - t0)
             tokens += target.numel()
@@ -230,6 +258,17 @@ def run(bench, extra) -> dict:
     if len(step_times) < bench.steps:
         raise UserError(f"the data gave only {bench.warmup + len(step_times)} batches")
     elapsed = sum(step_times)
+    losses = [float(x) for x in losses]
+    report = None
+    if report_tools:
+        report = {"compiled_graphs": report_tools.compiled_graphs() - graphs_before}
+        report.update(report_tools.count_syncs(lambda: step_fn(data, target, mems)))
+        eager_step = TrainStep(model, model, optimizer, scaler, autocast, args.clip, args.batch_chunk,
+                               args.swap_mem, False)
+        eager_fn = getattr(eager_step, "run", eager_step)
+        report.update(report_tools.count_ops(lambda: eager_fn(data, target, mems)))
+        with autocast():
+            report.update(report_tools.graph_breaks(model, data, target, mems[0]))
     if bench.saved_activations:
         saved = saved_activation_bytes(model, data, target, mems[0], autocast)
     traffic = tensor_parallel_traffic(para_model, model, args, data, target, mems[0], autocast) \
@@ -259,6 +298,9 @@ def run(bench, extra) -> dict:
         result["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if saved is not None:
         result["saved_activations"] = saved
+    if report is not None:
+        result["report"] = report
+        result["code"] = str(CODE)
     if traffic is not None:
         result["tensor_parallel"] = traffic
     return result
@@ -309,6 +351,14 @@ def report(r: dict) -> str:
     lines.append(f"tokens/s {r['tokens_per_s']:.0f} | ms/step {r['ms_per_step']:.1f} (median "
                  f"{r['ms_per_step_median']:.1f}) | {memory} | FLOPs/token {r['flops_per_token'] / 1e6:.1f} M | "
                  f"{r['tokens_per_s'] * r['flops_per_token'] / 1e12:.2f} TFLOP/s | {util} | loss {r['last_loss']:.3f}")
+    if "report" in r:
+        rep = r["report"]
+        lines.append(f"report ({r['code']}): eager ATen ops/step {rep['aten_ops']} (casts {rep['casts']}) | graph "
+                     f"breaks {rep['graph_breaks']} ({rep['graphs']} graphs) | graphs compiled in the run "
+                     f"{rep['compiled_graphs']} | host syncs/step {rep['host_syncs']} {rep['sync_ops'] or ''}")
+        lines.append(f"  most frequent ops: {rep['top_ops']}")
+        if rep["break_reasons"]:
+            lines.append(f"  graph breaks: {rep['break_reasons']}")
     tp = r.get("tensor_parallel")
     if tp:
         fw, bw = (sum(tp["counted"][k].values()) for k in ("forward", "backward"))
@@ -328,6 +378,11 @@ def main(argv=None) -> int:
     bench, extra = parse_cli(sys.argv[1:] if argv is None else argv)
     if bench.steps < 1 or bench.warmup < 0:
         raise UserError("--steps must be >= 1 and --warmup >= 0")
+    if bench.compile and bench.warmup < 2:
+        # issue 18: every timed shape is warmed up: the memory-less first step and the full-memory steps are
+        # two graphs, so two warm-up steps compile both before the clock starts
+        raise UserError("--compile needs --warmup >= 2 (the first, memory-less step and a full-memory step "
+                        "compile a graph each; timed steps must not compile)")
     result = run(bench, extra)
     if not distributed.is_main_process():
         distributed.shutdown()

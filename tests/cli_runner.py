@@ -212,6 +212,8 @@ def parse_line(line: str, kind: str):
     """The values of `line` if it has the reference's format `kind`, re-formatted to the very same
     characters (so widths, precisions and separators all match); None if it does not."""
     fmt = REFERENCE_FORMATS[kind]
+    if kind.startswith("train"):     # ours after the reference's fields: the run's elapsed time and the ETA
+        line = re.sub(r" \| elapsed \d+:\d\d:\d\d \| eta (?:\d+:\d\d:\d\d|-)$", "", line)
     match = _format_regex(fmt).fullmatch(line)
     if match is None:
         return None

@@ -118,10 +118,12 @@ def test_data_and_dataset_come_from_the_checkpoint_unless_given(trained, tmp_pat
     stored = cli_runner.evaluate(["--model", work / "checkpoint_best.pt", "--work_dir", tmp_path / "a", *lengths],
                                  tmp_path, name="stored")
     assert stored.returncode == 0, stored.stderr
-    assert f"From the checkpoint's configuration: --data {corpus}, --dataset custom" in stored.lines
+    assert any(line.startswith(f"From the checkpoint's configuration: --data {corpus}, --dataset custom, --ext_len 0")
+               for line in stored.lines)
     given = cli_runner.evaluate(eval_argv(trained, tmp_path, "--split", "valid"), tmp_path, name="given")
     assert given.returncode == 0, given.stderr
-    assert not any(line.startswith("From the checkpoint") for line in given.lines)
+    taken = [line for line in given.lines if line.startswith("From the checkpoint")]
+    assert taken and not any(flag in taken[0] for flag in ("--data", "--dataset", "--tgt_len", "--mem_len"))
     assert result_lines(stored, "valid") == result_lines(given, "valid")
     elsewhere = cli_runner.evaluate(["--model", work / "checkpoint_best.pt", "--work_dir", tmp_path / "b",
                                      "--data", tmp_path / "missing", *lengths], tmp_path, name="elsewhere")

@@ -349,3 +349,19 @@ def test_eval_with_a_manual_config_smaller_than_the_corpus_vocabulary(tmp_path, 
                                   tmp_path / "eval"], tmp_path)
     assert_one_line_error(result, "the model predicts 10 tokens (n_token), but the custom vocabulary of "
                                   f"{data} has ", "; set n_token to ")
+
+
+def test_the_cache_build_lock_does_not_follow_a_link(tmp_path):
+    """The dataset cache's build lock, like every file the project writes, refuses a symbolic link planted in
+    its place (its target, here a file of the user's, is left as it was)."""
+    import data_utils
+    from utils.io.errors import UserError
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me")
+    root = tmp_path / "cache"
+    root.mkdir()
+    (root / ".somekey.lock").symlink_to(target)
+    with pytest.raises(UserError, match="is a symbolic link"):
+        with data_utils._build_lock(root, "somekey", verbose=False):
+            pass
+    assert target.read_text() == "keep me"

@@ -189,3 +189,64 @@ def test_compiled_step_matches_the_eager_step_and_compiles_once_while_the_lr_cha
         results.append(params)
     for eager, compiled in zip(*results):
         torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-7)
+
+
+# ---- issue 18: the GradScaler's found_inf and the clip factor on the device ---------------------------------
+
+def _fp16_like_step(found_inf, clip_coef=None, adam=False):
+    params = make_params()
+    opt = Lamb(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=0.01, adam=adam, fused=True)
+    for step in range(3):
+        grads = grads_for(step, params)
+        if step == 2 and found_inf:
+            grads[1][3] = float("inf")
+        for p, g in zip(params, grads):
+            p.grad = g
+        if step == 2:
+            opt.found_inf = torch.tensor(1.0 if found_inf else 0.0)
+            opt.grad_scale = None
+            opt.clip_coef = clip_coef
+        opt.step()
+    return params, opt
+
+
+@pytest.mark.parametrize("adam", [False, True])
+def test_found_inf_on_the_device_skips_exactly_and_otherwise_changes_nothing(adam):
+    skipped, opt_s = _fp16_like_step(True, adam=adam)
+    ran, opt_r = _fp16_like_step(False, adam=adam)
+    two_steps = make_params()                        # what the skipped run must equal: the state after step 2
+    opt = Lamb(two_steps, lr=LR, betas=BETAS, eps=EPS, weight_decay=0.01, adam=adam, fused=True)
+    plain = make_params()                            # what the not-skipped run must equal: no scaler at all
+    opt_p = Lamb(plain, lr=LR, betas=BETAS, eps=EPS, weight_decay=0.01, adam=adam, fused=True)
+    for step in range(3):
+        for plist, o in ((two_steps, opt), (plain, opt_p)):
+            if plist is two_steps and step == 2:
+                continue
+            for p, g in zip(plist, grads_for(step, plist)):
+                p.grad = g
+            o.step()
+    for a, b in zip(skipped, two_steps):
+        assert torch.equal(a, b)
+        assert torch.equal(opt_s.state[a]["exp_avg"], opt.state[b]["exp_avg"])
+        assert torch.equal(opt_s.state[a]["exp_avg_sq"], opt.state[b]["exp_avg_sq"])
+    for a, b in zip(ran, plain):
+        assert torch.equal(a, b)
+
+
+def test_the_clip_factor_inside_the_update_equals_clip_grad_norm_then_step():
+    params = make_params()
+    ref = make_params()
+    opt = Lamb(params, lr=LR, weight_decay=0.01)
+    opt_ref = Lamb(ref, lr=LR, weight_decay=0.01)
+    for step in range(3):
+        for plist in (params, ref):
+            for p, g in zip(plist, grads_for(step, plist)):
+                p.grad = g * 3
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        opt.clip_coef = torch.clamp(0.25 / (norm + 1e-6), max=1.0)
+        opt.step()
+        torch.nn.utils.clip_grad_norm_(ref, 0.25)
+        opt_ref.step()
+    for a, b in zip(params, ref):
+        assert torch.equal(a, b)
+    assert opt.clip_coef is None                     # for one step only

@@ -104,6 +104,18 @@ def parse_clip(text: Any) -> float:
         raise ConversionError(f"expects a number or 'off', got {text!r}") from None
 
 
+def parse_mem_len_sweep(text: Any) -> str:
+    """--mem_len_sweep: memory lengths separated by commas ("0,32,160,640"), each >= 0; kept as that text."""
+    items = [t.strip() for t in str(text).split(",") if t.strip()]
+    try:
+        values = [int(t) for t in items]
+    except ValueError:
+        raise ConversionError(f"expects memory lengths separated by commas such as 0,32,160,640, got {text!r}") from None
+    if not values or any(v < 0 for v in values):
+        raise ConversionError(f"expects one or more memory lengths >= 0 separated by commas, got {text!r}")
+    return ",".join(str(v) for v in values)
+
+
 def parse_batch_schedule(text: Any) -> str:
     """--batch_schedule: "STEP:BATCH,STEP:BATCH,..." (steps increasing from 0, batches >= 1), kept as text."""
     from utils.training.batch_schedule import parse_schedule   # the one reader of the format
@@ -252,12 +264,14 @@ class RunConfig:
     no_env: bool = opt(False, "do not log the environment (versions, device; changed: one line, not collect_env)",
                        clis=TRAIN_EVAL)
     save_all: bool = opt(False, "also keep checkpoint_{step}.pt at every evaluation")
+    plot: bool = opt(False, "redraw work_dir/curves.png (training loss, validation perplexity or bpc, learning rate, "
+                     "throughput; scripts/plot_runs.py) at each evaluation (ours)")
     no_eval: bool = opt(False, "no periodic evaluation and no final test (checkpoints are still written every "
                         "--eval_interval steps)")
     no_test: bool = opt(False, "skip the final test evaluation")
     eval_tgt_len: int = opt(192, "segment length for evaluation", low=1)
     eval_batch_size: int = opt(16, "global batch size for evaluation", low=1)
-    eval_max_steps: int = opt(-1, "at most this many eval batches (-1: all)", low=-1)
+    eval_max_steps: int = opt(-1, "at most this many eval batches (0 or -1: all, as in the reference)", low=-1)
     eval_interval: int = opt(5000, "evaluate (and write a checkpoint) every N steps", low=1)
     target_throughput: Optional[float] = opt(None, "exit 1 when the average throughput (tok/s) is below this",
                                              clis=TRAIN_EVAL, low=0)
@@ -266,6 +280,9 @@ class RunConfig:
     log_noise_scale: bool = opt(False, "log the gradient noise scale B_simple (from the batch chunks, or the "
                                 "processes; one process needs --batch_chunk >= 2) and, with LAMB, the trust ratios")
     seed: int = opt(1111, "random seed", clis=ALL, low=0, high=2 ** 32 - 1)
+    progress: Optional[bool] = opt(None, "progress bars with ETA on stderr for evaluation, corpus preparation and "
+                                   "generation (ours; default: only when stderr is a terminal; --no_progress: never)",
+                                   clis=ALL)
     check: Optional[int] = opt(None, "check everything each of N processes would check alike (flags, preset, data "
                                "folder, checkpoint, processes against GPUs) in this one process, then exit: 0 when "
                                "all is well, else one error line and 2; the recipes and run.sub run it before "
@@ -326,6 +343,12 @@ class SpeedConfig:
     checkpoint_activations: bool = opt(False, "recompute each layer's activations in the backward pass instead of "
                                        "keeping them (less memory, ~1/3 more compute)")
     swap_mem: bool = opt(False, "keep the memory on the CPU between chunks")
+    softmax_tail_capacity: Optional[float] = opt(
+        None, "adaptive softmax: rows per tail cluster as a fraction of a batch's tokens (ours): fixed shapes, no "
+        "host read-back, no graph break; exact while no tail cluster holds more of the batch (tokens over it get a "
+        "NaN loss, which stops the run); 1 is exact for any batch but scores every token in every tail cluster; "
+        "default: exact sizes read back once per step (with --compile the output layer then runs eagerly)",
+        low=0, low_open=True, high=1)
 
 
 @dataclass(frozen=True)
@@ -337,6 +360,8 @@ class EvalConfig:
                                           "of --model)", clis=(EVAL, GENERATE))
     manual: Optional[list[str]] = opt(None, "evaluate these words instead of a dataset split (batch size 1)", clis=(EVAL,),
                                  nargs="+")
+    manual_file: Optional[str] = opt(None, "evaluate the text of this file (UTF-8) like --manual (ours; for texts "
+                                     "longer than a command line)", clis=(EVAL,))
     split: str = opt("all", "split to evaluate (all: valid, then test)", clis=(EVAL,),
                      choices=("all", "valid", "test"))
     type: str = opt("pytorch", "model runtime: eager, TorchScript, or torch.compile (changed: compile added)",
@@ -352,6 +377,9 @@ class EvalConfig:
     percentiles: list[int] = opt([90, 95, 99], "latency percentiles to report (changed: parsed as integers)",
                             clis=(EVAL,), nargs="+", low=0, high=100)
     save_torchscript: Optional[str] = opt(None, "save the TorchScript model here", clis=(EVAL,))
+    mem_len_sweep: Optional[str] = opt(None, "score the split(s) once per memory length, e.g. 0,32,160,640: prints a "
+                                       "table and writes work_dir/mem_len_sweep.json (ours)", clis=(EVAL,),
+                                       parse=parse_mem_len_sweep)
 
 
 @dataclass(frozen=True)
@@ -365,6 +393,9 @@ class GenerateConfig:
     top_k: int = opt(0, "sample among the k most likely tokens (0: all)", clis=(GENERATE,), low=0)
     top_p: float = opt(1.0, "sample among the most likely tokens that together have this probability (1: all)",
                        clis=(GENERATE,), low=0, high=1, low_open=True)
+    kv_cache: Optional[bool] = opt(None, "keep the memory's keys and values from token to token (ours; attention "
+                                   "types 0 and 1 of an eager model; default: on; --no_kv_cache recomputes them)",
+                                   clis=(GENERATE,))
 
 
 # group attribute names of Config (none equals an option name: --model and --data are options)

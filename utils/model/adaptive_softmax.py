@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from utils.model.linear_nll import linear_nll
+from utils.model.adaptive_nll import adaptive_nll, cluster_ids as _cluster_ids, shared_table_adaptive_nll
 
 
 def normalize_tie_projs(tie_projs: Optional[List[bool]], n_clusters: int) -> List[bool]:
@@ -49,47 +49,6 @@ def _float_logits(x: Tensor) -> Tensor:
 
 def _project(hidden: Tensor, proj: Optional[Tensor]) -> Tensor:
     return hidden if proj is None else torch.matmul(hidden, proj)
-
-
-@torch.compiler.disable
-def adaptive_nll(hidden: Tensor, target: Tensor, weights: List[Tensor], biases: List[Tensor],
-                 projs: List[Optional[Tensor]], cutoffs: List[int], head_size: int) -> Tensor:
-    """NLL [N] of the targets under the (adaptive) softmax with the clusters' parameters (`cluster_params`).
-
-    Every token is scored by the head (its shortlist id, or the head column of its tail cluster). Tail tokens
-    are grouped by one stable sort of their cluster ids; the cluster sizes are read back from the device once
-    (one host sync per call, however many clusters), and each tail cluster runs one fused linear + NLL on its
-    tokens. Runs eagerly under torch.compile (its shapes depend on the data).
-    """
-    if not cutoffs:
-        return linear_nll(_project(hidden, projs[0]), weights[0], biases[0], target)
-    cluster = _cluster_ids(target, cutoffs)
-    head_col = torch.where(cluster == 0, target, head_size - cluster)
-    nll = linear_nll(_project(hidden, projs[0]), weights[0], biases[0], head_col)
-    order = torch.argsort(cluster, stable=True)
-    counts = torch.bincount(cluster, minlength=len(cutoffs) + 1).tolist()
-    bounds = [0] + list(cutoffs)
-    start = counts[0]
-    tail_idx: List[Tensor] = []
-    tail_nll: List[Tensor] = []
-    for i in range(1, len(cutoffs) + 1):
-        if counts[i] > 0:
-            idx = order[start:start + counts[i]]                                   # positions in cluster i
-            tail_idx.append(idx)
-            tail_nll.append(linear_nll(_project(hidden.index_select(0, idx), projs[i]), weights[i], biases[i],
-                                       target.index_select(0, idx) - bounds[i]))
-        start += counts[i]
-    if tail_idx:
-        nll = nll.index_add(0, torch.cat(tail_idx), torch.cat(tail_nll))
-    return nll
-
-
-def _cluster_ids(target: Tensor, cutoffs: List[int]) -> Tensor:
-    """0 for shortlist tokens, i for tokens of tail cluster i."""
-    cluster = torch.zeros_like(target)
-    for c in cutoffs:
-        cluster = cluster + (target >= c).long()
-    return cluster
 
 
 class AdaptiveEmbedding(nn.Module):
@@ -141,14 +100,15 @@ class AdaptiveEmbedding(nn.Module):
                 embed = F.linear(embed, projs[0])                                # [*, d_proj]
             return embed * self.emb_scale
 
+        # Static shapes (no nonzero, no read-back, one compiled graph): every cluster embeds every token at
+        # a valid row and keeps the tokens that are its own; the others add exact zeros.
         flat = tokens.reshape(-1)                                                # [N]
         out = torch.zeros(flat.size(0), self.d_proj, dtype=projs[0].dtype, device=flat.device)
         for i, layer in enumerate(self.emb_layers):
             lo, hi = self.bounds[i], self.bounds[i + 1]
-            idx = ((flat >= lo) & (flat < hi)).nonzero().squeeze(1)             # positions in cluster i
-            if idx.numel() > 0:
-                emb_i = F.linear(layer(flat.index_select(0, idx) - lo), projs[i])    # [n_i, d_proj]
-                out.index_copy_(0, idx, emb_i.to(out.dtype))
+            inside = (flat >= lo) & (flat < hi)                                  # tokens of cluster i
+            emb_i = F.linear(layer(torch.where(inside, flat - lo, 0)), projs[i])  # [N, d_proj]
+            out = out + torch.where(inside.unsqueeze(1), emb_i.to(out.dtype), 0.0)
         return (out * self.emb_scale).view(shape)
 
 
@@ -163,6 +123,7 @@ class ProjectedAdaptiveLogSoftmax(nn.Module):
     bounds: List[int]
     tie_projs: List[bool]
     own_proj_index: List[int]
+    tail_capacity: Optional[float]
 
     def __init__(self, n_token: int, d_embed: int, d_proj: int, cutoffs: List[int], div_val: int = 1,
                  tie_projs: Optional[List[bool]] = None, tie_weight: bool = False):
@@ -208,8 +169,27 @@ class ProjectedAdaptiveLogSoftmax(nn.Module):
         for i in own:
             d_emb_i = d_embed if div_val == 1 else d_embed // (div_val ** i)
             self.out_projs.append(nn.Parameter(torch.zeros(d_proj, d_emb_i)))
+        # rows per tail cluster as a fraction of the tokens (utils/model/adaptive_nll.py); None: exact sizes,
+        # read back once per call (under torch.compile that part runs eagerly: one graph break)
+        self.tail_capacity: Optional[float] = None
 
     # ---- parameters of each cluster -------------------------------------------------------------------
+    def cluster_projs(self, emb_projs: List[Tensor]) -> List[Optional[Tensor]]:
+        """Per cluster: the projection [d_proj, d_emb_i] or None."""
+        own_p: List[Tensor] = []
+        for p in self.out_projs:
+            own_p.append(p)
+        projs: List[Optional[Tensor]] = []
+        for i in range(self.n_clusters + 1):
+            proj_i: Optional[Tensor] = None
+            if self.has_proj:
+                if self.tie_projs[i]:
+                    proj_i = emb_projs[0] if len(emb_projs) == 1 else emb_projs[i]
+                else:
+                    proj_i = own_p[self.own_proj_index[i]]
+            projs.append(proj_i)
+        return projs
+
     def cluster_params(self, emb_weights: List[Tensor], emb_projs: List[Tensor]
                        ) -> Tuple[List[Tensor], List[Tensor], List[Optional[Tensor]]]:
         """Per cluster: weight [size_i, d_emb_i], bias [size_i], projection [d_proj, d_emb_i] or None.
@@ -262,9 +242,9 @@ class ProjectedAdaptiveLogSoftmax(nn.Module):
     # ---- outputs ----------------------------------------------------------------------------------------
     def forward(self, hidden: Tensor, target: Tensor, emb_weights: List[Tensor], emb_projs: List[Tensor]) -> Tensor:
         """hidden [N, d_proj], target [N] -> NLL [N] in the original order."""
-        weights, biases, projs = self.cluster_params(emb_weights, emb_projs)
         if not torch.jit.is_scripting():
-            return adaptive_nll(hidden, target, weights, biases, projs, self.cutoffs, self.head_size)
+            return self._nll(hidden, target, emb_weights, emb_projs)
+        weights, biases, projs = self.cluster_params(emb_weights, emb_projs)
         # TorchScript: the same NLL with autograd's own ops
         head_logit = _float_logits(self._logits(hidden, weights[0], biases[0], projs[0]))   # [N, head_size]
         if self.n_clusters == 0:
@@ -284,6 +264,28 @@ class ProjectedAdaptiveLogSoftmax(nn.Module):
             logprob = logprob.index_add(0, idx, tail_lp)
         return -logprob
 
+    @torch.jit.unused
+    def _nll(self, hidden: Tensor, target: Tensor, emb_weights: List[Tensor], emb_projs: List[Tensor]) -> Tensor:
+        """The NLL (utils/model/adaptive_nll.py); with div_val 1 and clusters, one gradient buffer for the shared
+        table. With a tail capacity: static shapes, no read-back, no graph break. Without (the default): exact
+        cluster sizes, read back once; under torch.compile that part runs eagerly (a graph break), because a
+        capacity of 1 (exact for any batch) would cost a tail cluster's logits for every token (for the
+        WikiText-103 cutoffs, more than the rest of the model)."""
+        if self.tail_capacity is None and self.cutoffs and torch.compiler.is_compiling():
+            return _exact_nll_eagerly(self, hidden, target, emb_weights, emb_projs)
+        return self._nll_with(hidden, target, emb_weights, emb_projs, self.tail_capacity)
+
+    @torch.jit.unused
+    def _nll_with(self, hidden: Tensor, target: Tensor, emb_weights: List[Tensor], emb_projs: List[Tensor],
+                  capacity: Optional[float]) -> Tensor:
+        cluster_weight, cluster_bias = self.cluster_weight, self.cluster_bias
+        if self.div_val == 1 and cluster_weight is not None and cluster_bias is not None:
+            table = emb_weights[0] if self.tie_weight else self.out_layers_weights[0]
+            return shared_table_adaptive_nll(hidden, target, table, self.out_layers_biases[0], cluster_weight,
+                                             cluster_bias, self.cluster_projs(emb_projs), self.cutoffs, capacity)
+        weights, biases, projs = self.cluster_params(emb_weights, emb_projs)
+        return adaptive_nll(hidden, target, weights, biases, projs, self.cutoffs, self.head_size, capacity)
+
     def log_probs(self, hidden: Tensor, emb_weights: List[Tensor], emb_projs: List[Tensor]) -> Tensor:
         """hidden [N, d_proj] -> log-probabilities [N, n_token], built cluster by cluster."""
         weights, biases, projs = self.cluster_params(emb_weights, emb_projs)
@@ -295,3 +297,10 @@ class ProjectedAdaptiveLogSoftmax(nn.Module):
             tail_lp = F.log_softmax(_float_logits(self._logits(hidden, weights[i], biases[i], projs[i])), dim=1)
             parts.append(head_lp[:, self.head_size - i].unsqueeze(1) + tail_lp)
         return torch.cat(parts, dim=1)
+
+
+@torch.compiler.disable
+def _exact_nll_eagerly(crit: ProjectedAdaptiveLogSoftmax, hidden: Tensor, target: Tensor, emb_weights: List[Tensor],
+                       emb_projs: List[Tensor]) -> Tensor:
+    """The exact-size NLL outside the compiled graph (its shapes depend on the data)."""
+    return crit._nll_with(hidden, target, emb_weights, emb_projs, None)

@@ -10,7 +10,8 @@ per MAC forward, 4 backward), for everything the implementation computes:
                 scores:   3 · klen · H·Dh                       (q·k, q·r, p·v over all klen keys)
     output      head:     (shortlist + n_clusters) · d_emb_0 (+ d_model · d_emb_0 when projected)
                 tail i:   fraction_i · (size_i · d_emb_i (+ d_model · d_emb_i when projected))
-    input       projections of the adaptive input: d_emb_i · d_model for the tokens of cluster i
+    input       projections of the adaptive input: d_emb_i · d_model per token for every cluster i (div_val > 1:
+                each cluster projects every token and keeps its own, so that no shape depends on the data)
 
 with qlen = tgt_len + ext_len and klen = qlen + mem_len. fraction_i is the share of target tokens in tail
 cluster i (it depends on the data; word frequencies follow Zipf's law, so the tails are a few percent).
@@ -86,8 +87,8 @@ def training_flops_per_token(config: Dict, fractions: Optional[Sequence[float]] 
         rows = size + (len(cutoffs) if i == 0 else 0)
         weight = 1.0 if i == 0 else share                                       # the head scores every token
         output += weight * (rows * d_emb + (d * d_emb if projected else 0))
-        if projected:
-            output += share * d_emb * d                                         # adaptive input projection
+        if projected:   # the adaptive input: with div_val > 1 every cluster projects every token (static shapes)
+            output += (1.0 if div_val > 1 else share) * d_emb * d
     return 6.0 * (n_layer * layer + output)
 
 

@@ -38,6 +38,33 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
+def nll_forward(h: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor):
+    """(nll, logits, lse) of h [N, d], w [V, d], b [V] already in the compute dtype (autocast off)."""
+    logits = F.linear(h, w, b)                                                    # [N, V]
+    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    lse = torch.empty(logits.size(0), dtype=acc, device=logits.device)
+    step = _row_blocks(logits.size(0), logits.size(1), logits.device)
+    for start in range(0, logits.size(0), step):
+        lse[start:start + step] = torch.logsumexp(logits[start:start + step].to(acc), dim=1)
+    nll = lse - logits.gather(1, target.unsqueeze(1)).squeeze(1).to(acc)
+    return nll, logits, lse
+
+
+def nll_grad_logits_(logits: Tensor, lse: Tensor, target: Tensor, grad_nll: Tensor) -> Tensor:
+    """d nll / d logits, computed in place of the logits (softmax * g, minus g at the target)."""
+    grad = logits
+    g = grad_nll.to(lse.dtype)
+    step = _row_blocks(grad.size(0), grad.size(1), grad.device)
+    for start in range(0, grad.size(0), step):
+        block = grad[start:start + step]
+        p = block.to(lse.dtype).sub_(lse[start:start + step, None]).exp_()       # softmax, float32
+        p.mul_(g[start:start + step, None])
+        block.copy_(p)                                                           # no copy when float32
+    rows = torch.arange(grad.size(0), device=grad.device)
+    grad.index_put_((rows, target), -g.to(grad.dtype), accumulate=True)          # - g at the target
+    return grad
+
+
 class _LinearNLL(torch.autograd.Function):
 
     @staticmethod
@@ -46,13 +73,7 @@ class _LinearNLL(torch.autograd.Function):
         h, w = hidden.to(dtype), weight.to(dtype)
         b = None if bias is None else bias.to(dtype)
         with torch.autocast(hidden.device.type, enabled=False):
-            logits = F.linear(h, w, b)                                            # [N, V]
-            acc = torch.float64 if dtype == torch.float64 else torch.float32
-            lse = torch.empty(logits.size(0), dtype=acc, device=logits.device)
-            step = _row_blocks(logits.size(0), logits.size(1), logits.device)
-            for start in range(0, logits.size(0), step):
-                lse[start:start + step] = torch.logsumexp(logits[start:start + step].to(acc), dim=1)
-            nll = lse - logits.gather(1, target.unsqueeze(1)).squeeze(1).to(acc)
+            nll, logits, lse = nll_forward(h, w, b, target)
         ctx.save_for_backward(h, w, lse, target)
         ctx.logits = logits                     # reused in place by backward: not a saved tensor
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
@@ -66,17 +87,8 @@ class _LinearNLL(torch.autograd.Function):
             raise RuntimeError("the fused output-layer loss can be differentiated once per forward "
                                "(backward with retain_graph=True through it is not supported)")
         ctx.logits = None
-        grad = logits                                                            # becomes d nll / d logits
-        g = grad_nll.to(lse.dtype)
-        step = _row_blocks(grad.size(0), grad.size(1), grad.device)
-        with torch.autocast(grad.device.type, enabled=False):
-            for start in range(0, grad.size(0), step):
-                block = grad[start:start + step]
-                p = block.to(lse.dtype).sub_(lse[start:start + step, None]).exp_()   # softmax, float32
-                p.mul_(g[start:start + step, None])
-                block.copy_(p)                                                   # no copy when float32
-            rows = torch.arange(grad.size(0), device=grad.device)
-            grad.index_put_((rows, target), -g.to(grad.dtype), accumulate=True)   # - g at the target
+        with torch.autocast(logits.device.type, enabled=False):
+            grad = nll_grad_logits_(logits, lse, target, grad_nll)               # in place of the logits
             hidden_dtype, weight_dtype, bias_dtype = ctx.dtypes
             grad_hidden = grad_weight = grad_bias = None
             if ctx.needs_input_grad[0]:

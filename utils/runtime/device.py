@@ -141,11 +141,18 @@ _ALLOCATOR_TUNED = None
 def compile_model(model: torch.nn.Module, args) -> torch.nn.Module:
     """torch.compile of the training model (--compile), static shapes; CUDA graphs with --cuda_graphs.
 
-    The output layer runs eagerly in any case (its tail clusters have data-dependent sizes); everything up to
-    it, forward and backward, is compiled. A segment with an empty memory (the first) and one with a full
-    memory are two shapes, so two graphs.
+    With --softmax_tail_capacity the whole training forward (output layer included: static adaptive-softmax
+    shapes, utils/model/adaptive_nll.py) and its backward compile as one graph without breaks; without it the
+    adaptive softmax's exact-size part runs eagerly (one graph break, one read-back per step). A segment with an
+    empty memory (the first) and one with a full memory are two shapes, so two graphs.
     """
     if not args.compile:
         return model
+    if getattr(args, "varlen", False):
+        # issue 18: not silent. Each segment length is a shape of its own (one graph each); past dynamo's
+        # recompile limit the model would run eagerly without a word.
+        logging.getLogger("txl").warning(
+            f"--varlen with --compile: every new segment length compiles another graph; after "
+            f"{torch._dynamo.config.recompile_limit} lengths the model runs eagerly (drop --varlen for one graph)")
     mode = "reduce-overhead" if args.cuda_graphs else None
     return torch.compile(model, dynamic=False, mode=mode)

@@ -4,30 +4,40 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from utils.distributed import group as distributed
 from utils.distributed.fsdp import load_model_state
 from utils.io.checkpoint import load_checkpoint
 from utils.io.errors import UserError
 from utils.training.divergence import DivergenceGuard
 from utils.training.evaluation import eval_lengths, evaluate_stream, reduce_eval_result
-from utils.training.metrics import (DOUBLE_LINE, LINE, MetricsWriter, format_eval_line, format_test_line,
-                                    loss_metrics, safe_exp)
+from utils.training.metrics import (DOUBLE_LINE, LINE, MetricsWriter, corpus_label, format_eval_line,
+                                    format_test_line, loss_metrics, safe_exp)
+from utils.training.progress import progress_bar, show_progress
 
 
 class Evaluator:
     """Scores the model with the training-time evaluation settings (reference §3.5): segments of
     --eval_tgt_len with the context size of training (`lengths`), at most --eval_max_steps batches."""
 
-    def __init__(self, model, args, device, autocast, log, guard: DivergenceGuard):
+    def __init__(self, model, args, device, autocast, log, guard: DivergenceGuard, label: Optional[str] = None):
         self.model, self.args, self.device, self.autocast, self.log = model, args, device, autocast, log
         self.guard = guard
         self.lengths = eval_lengths(args.tgt_len, args.ext_len, args.mem_len, args.eval_tgt_len)
+        # the name the metrics go by (metrics.corpus_label): bits per character for character-level corpora
+        self.label = label or corpus_label(args.dataset, args.custom_level)
 
-    def mean_loss(self, iterator) -> float:
-        """Mean NLL per token of a split, over all ranks."""
+    def mean_loss(self, iterator, split: str = "valid") -> float:
+        """Mean NLL per token of a split, over all ranks (a progress bar on a terminal, rank 0)."""
         args, model = self.args, self.model
         model.eval()
         model.reset_length(*self.lengths)
-        result = evaluate_stream(model, iterator, self.device, max_steps=args.eval_max_steps, autocast=self.autocast)
+        # as the reference: --eval_max_steps 0 (or -1) means no limit
+        max_steps = args.eval_max_steps if args.eval_max_steps > 0 else -1
+        n_batch = getattr(iterator, "n_batch", None)
+        total = min(n_batch, max_steps) if n_batch is not None and max_steps > 0 else n_batch
+        with progress_bar(total, f"evaluating {split}", show_progress(args) and distributed.is_main_process()) as bar:
+            result = evaluate_stream(model, iterator, self.device, max_steps=max_steps, autocast=self.autocast,
+                                     on_batch=lambda *_: bar.update())
         model.reset_length(args.tgt_len, args.ext_len, args.mem_len)
         model.train()
         total, count = reduce_eval_result(result, iterator)
@@ -39,13 +49,14 @@ class Evaluator:
     def validate(self, step: int, iterator, metrics: MetricsWriter) -> float:
         """The validation loss at `step`, logged (stops the run when it is not finite)."""
         args, log = self.args, self.log
+        log.info(f"Evaluating the valid split at step {step} ...")
         start = time.time()
         val_loss = self.mean_loss(iterator)
         self.guard.check(step, "validation loss", val_loss)
         log.info(LINE)
-        log.info(format_eval_line(step // args.eval_interval, step, time.time() - start, val_loss, args.dataset))
+        log.info(format_eval_line(step // args.eval_interval, step, time.time() - start, val_loss, self.label))
         log.info(LINE)
-        metrics.log(step, {"valid_elapsed": time.time() - start, **loss_metrics("valid", val_loss, args.dataset)},
+        metrics.log(step, {"valid_elapsed": time.time() - start, **loss_metrics("valid", val_loss, self.label)},
                     tb_prefix="valid")
         return val_loss
 
@@ -57,10 +68,11 @@ class Evaluator:
             return None
         best = load_checkpoint(best_path, map_location=self.device)
         load_model_state(self.model, best["model_state"])
+        self.log.info("Evaluating the best checkpoint on the test split ...")
         start = time.time()
-        test_loss = self.mean_loss(iterator)
+        test_loss = self.mean_loss(iterator, "test")
         self.log.info(DOUBLE_LINE)
-        self.log.info(format_test_line(time.time() - start, test_loss, args.dataset))
+        self.log.info(format_test_line(time.time() - start, test_loss, self.label))
         self.log.info(DOUBLE_LINE)
         return test_loss
 

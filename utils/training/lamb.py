@@ -21,6 +21,16 @@ plain loop, one tensor at a time. Both give the same results. `compile=True` (wi
 gives) runs the multi-tensor step through torch.compile, which fuses its passes over the parameters into a few
 kernels; the learning rate then enters as a device tensor, so a new value each step compiles nothing.
 
+Gradient clipping in the same pass (issue 18): the caller (TrainStep) computes the total gradient norm (one
+reduction over all gradients, which must precede any update) and sets `optimizer.clip_coef` =
+min(1, max_norm / (norm + 1e-6)) (a device tensor) before `step()`, as GradScaler sets `found_inf`; the step
+multiplies the gradients by it inside the multi-tensor update (under torch.compile fused into the update's
+passes) instead of a separate pass of `clip_grad_norm_`. Same math as `torch.nn.utils.clip_grad_norm_`.
+
+Mixed precision: the fused step handles the fp16 GradScaler's skip decision on the device
+(`_step_supports_amp_scaling`): the scaler hands over `found_inf` instead of reading it back to the host,
+and a step with non-finite gradients leaves the parameters and the running averages exactly as they were.
+
 State per parameter: `exp_avg` (m), `exp_avg_sq` (v) tensors and `step` (an int, counted but unused by the
 math), so `optimizer.state_dict()` holds tensors and plain types only and loads with `weights_only=True`.
 """
@@ -71,6 +81,11 @@ class Lamb(Optimizer):
         # not a group option: the state dict stays the same with and without compilation
         self._compiled_update = torch.compile(_lamb_multi_tensor, dynamic=False) if compile else None
         self._lr_tensors: dict[torch.device, torch.Tensor] = {}
+        # GradScaler: the fused step takes found_inf as a device tensor (no read-back); see step(). Not for
+        # DTensor parameters (FSDP, --tensor_parallel): the scaler then decides on the host as before.
+        self._step_supports_amp_scaling = bool(fused) and not any(
+            hasattr(p, "device_mesh") for group in self.param_groups for p in group["params"])
+        self.clip_coef: torch.Tensor | None = None           # set by the caller for one step (see the docstring)
 
     def _lr_tensor(self, lr: float, device: torch.device) -> torch.Tensor:
         """lr as a float32 scalar tensor on `device` (the compiled step reads it; no recompilation)."""
@@ -91,6 +106,13 @@ class Lamb(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # set by torch.amp.GradScaler.step for an optimizer with _step_supports_amp_scaling
+        found_inf = getattr(self, "found_inf", None)
+        grad_scale = getattr(self, "grad_scale", None)
+        all_grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if grad_scale is not None:                           # the scaler did not unscale them yet
+            torch._foreach_mul_(all_grads, grad_scale.double().reciprocal().float())
+        clip_coef, self.clip_coef = self.clip_coef, None     # for this step only
 
         for group in self.param_groups:
             # (device, dtype) -> [params, grads, exp_avgs, exp_avg_sqs]; foreach kernels want uniform lists
@@ -123,10 +145,20 @@ class Lamb(Optimizer):
             beta1, beta2 = group["betas"]
             for (device, _, _), (params, grads, exp_avgs, exp_avg_sqs) in buckets.items():
                 lr = self._lr_tensor(group["lr"], device) if compiled else group["lr"]
+                extra = {}
+                if clip_coef is not None:
+                    if group["fused"]:
+                        extra["clip_coef"] = clip_coef.to(device)
+                    else:
+                        torch._foreach_mul_(grads, clip_coef.to(device))
+                if found_inf is not None:
+                    if not group["fused"]:
+                        raise RuntimeError("Lamb(fused=False) does not take the GradScaler's found_inf")
+                    extra["found_inf"] = found_inf.to(device)
                 trust = update(
                     params, grads, exp_avgs, exp_avg_sqs,
                     lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
-                    weight_decay=group["weight_decay"], adam=group["adam"],
+                    weight_decay=group["weight_decay"], adam=group["adam"], **extra,
                 )
                 if trust is not None and getattr(self, "_keep_trust", False):
                     trust = torch.stack(trust) if isinstance(trust, list) else trust
@@ -156,9 +188,18 @@ def _lamb_per_tensor(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, 
     return trusts or None
 
 
-def _lamb_multi_tensor(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, eps, weight_decay, adam):
+def _lamb_multi_tensor(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, eps, weight_decay, adam,
+                       clip_coef=None, found_inf=None):
     """The same update with multi-tensor kernels; all tensors share one device and dtype. No host syncs.
-    lr is a float or (compiled step) a scalar tensor. Returns the trust ratios (None with adam)."""
+    lr is a float or (compiled step) a scalar tensor. Returns the trust ratios (None with adam). clip_coef (a
+    scalar tensor): the gradient-clipping factor, applied here (as clip_grad_norm_ would: gradients multiplied
+    in place). found_inf (fp16 scaler, a float tensor, > 0: a gradient is not finite): nothing changes,
+    decided on the device."""
+    if clip_coef is not None:
+        torch._foreach_mul_(grads, clip_coef)
+    if found_inf is not None:
+        return _skip_if_found_inf(params, grads, exp_avgs, exp_avg_sqs, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                                  weight_decay=weight_decay, adam=adam, found_inf=found_inf)
     ratios = None
     torch._foreach_mul_(exp_avgs, beta1)
     torch._foreach_add_(exp_avgs, grads, alpha=1 - beta1)
@@ -180,6 +221,43 @@ def _lamb_multi_tensor(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2
         torch._foreach_mul_(updates, trust.unbind(0))
     elif isinstance(lr, torch.Tensor):
         torch._foreach_mul_(updates, lr)
+    if isinstance(lr, torch.Tensor):
+        torch._foreach_sub_(params, updates)
+    else:
+        torch._foreach_add_(params, updates, alpha=-lr)
+    return ratios
+
+
+def _skip_if_found_inf(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, eps, weight_decay, adam, found_inf):
+    """The multi-tensor update that changes nothing when found_inf > 0, decided on the device, without copies of
+    the parameters: non-finite gradients become 0, the moments' decay factors become 1 and the update is
+    multiplied by 0. When found_inf == 0 every factor is exactly 1 and the result is bit for bit the update."""
+    keep = (found_inf == 0).to(params[0].dtype)                            # 1.0 or 0.0
+    ratios = None
+    torch._foreach_mul_(grads, keep)                                       # inf * 0 = nan: cleared next
+    for g in grads:
+        g.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+    torch._foreach_mul_(exp_avgs, beta1 * keep + (1 - keep))               # beta1, or 1 when skipped
+    torch._foreach_add_(exp_avgs, grads, alpha=1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2 * keep + (1 - keep))
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_add_(denom, eps)
+    updates = torch._foreach_div(exp_avgs, denom)
+    del denom
+    if weight_decay != 0:
+        torch._foreach_add_(updates, params, alpha=weight_decay)
+    if not adam:
+        w_norms = torch.stack(torch._foreach_norm(params)).clamp(0, 10)
+        u_norms = torch.stack(torch._foreach_norm(updates))
+        trust = torch.where((w_norms == 0) | (u_norms == 0), torch.ones_like(w_norms), w_norms / (u_norms + eps))
+        ratios = trust
+        factor = trust * keep                                              # trust * 1 == trust exactly
+        if isinstance(lr, torch.Tensor):
+            factor = factor * lr
+        torch._foreach_mul_(updates, factor.unbind(0))
+    else:
+        torch._foreach_mul_(updates, keep * lr if isinstance(lr, torch.Tensor) else keep)
     if isinstance(lr, torch.Tensor):
         torch._foreach_sub_(params, updates)
     else:

@@ -20,13 +20,16 @@ from utils.training.divergence import DivergenceGuard
 from utils.training.evaluator import Evaluator, check_targets
 from utils.training.lr_scaling import describe as describe_lr_scaling
 from utils.training.lr_scheduler import build_scheduler
-from utils.training.metrics import (DOUBLE_LINE, LINE, AverageMeter, MetricsWriter, format_train_line,
-                                    loss_metrics)
+from utils.training.metrics import (DOUBLE_LINE, LINE, AverageMeter, MetricsWriter, corpus_label,
+                                    format_train_line, loss_metrics)
 from utils.training.noise_scale import NoiseScaleMeter, interval_record
 from utils.training.optimizers import build_optimizer
+from utils.training.plots import redraw_curves
+from utils.training.progress import eta_seconds, progress_fields
 from utils.training.preemption import PreemptionHandler, clear_marker, write_marker
 from utils.training.rng import seed_everything
 from utils.training.state import LogInterval, TrainState
+from utils.training.step_metrics import StepMetrics
 from utils.training.train_step import TrainStep
 
 
@@ -41,7 +44,8 @@ class Trainer:
         self.dp_rank, self.dp_world_size = distributed.dp_rank(), distributed.dp_world_size()
         self.autocast = amp_context(args, device)
         self.guard = DivergenceGuard(self.work_dir)
-        self.evaluator = Evaluator(model, args, device, self.autocast, log, self.guard)
+        self.evaluator = Evaluator(model, args, device, self.autocast, log, self.guard,
+                                   label=corpus_label(args.dataset, args.custom_level, corpus.vocab))
         self.plan = BatchPlan(args)                         # the global batch, tokens and LR factor of each step
         self.state = TrainState(world_size=self.dp_world_size, batch_chunk=args.batch_chunk)
         self.train_iter, self.valid_iter, self.test_iter = self._iterators(corpus)
@@ -51,6 +55,8 @@ class Trainer:
         self.checkpointer = Checkpointer(args, self.work_dir, log, device, dict(
             model_config=model_config, vocab=corpus.vocab, model=model, optimizer=self.optimizer,
             scheduler=self.scheduler, scaler=self.scaler, train_iter=self.train_iter))
+        # loss / gradient norm stay on the device between log intervals (no host sync per step, issue 18)
+        self.step_metrics = StepMetrics(device, check_grad_norm=not self.scaler.is_enabled())
         self.mems = [None] * args.batch_chunk               # the memory of each batch chunk
         self.throughput = AverageMeter(warmup=args.mem_len // args.tgt_len + 2)
         self.metrics = None                                 # opened by run(), once it knows whether it resumes
@@ -158,13 +164,14 @@ class Trainer:
     def train_loop(self) -> bool:
         """Epoch after epoch until --max_step or a stop signal; True when a signal stopped it."""
         args, state = self.args, self.state
-        self.run_clock = time.time()
+        self.run_clock = self.session_clock = time.time()
+        self.session_fraction = self.fraction_done()          # where this session started: the ETA's pace
         while True:
             self._start_epoch()
             for data, target, _, _ in self.train_iter:
-                grad_norm, lr = self._train_step(data, target)
+                lr = self._train_step(data, target)
                 if state.train_step % args.log_interval == 0:
-                    self._log_interval(grad_norm, lr)
+                    self._log_interval(lr)
                 stop = self._stop_reason()
                 if stop or state.train_step % args.eval_interval == 0:
                     self._evaluate_and_checkpoint(validate=stop != "preempted")
@@ -181,28 +188,44 @@ class Trainer:
         # as the reference: the log interval's clock restarts with each epoch
         self.interval_start = time.time()
 
-    def _train_step(self, data, target) -> tuple[float, float]:
-        """One optimizer step; (gradient norm, the learning rate it used)."""
+    def _train_step(self, data, target) -> float:
+        """One optimizer step; the learning rate it used. The loss and gradient norm stay on the device
+        (self.step_metrics) until the next log interval or checkpoint, which also checks them for divergence
+        (fp16 without: a step with an infinite norm is skipped)."""
         state = self.state
         if self.plan.switches_at(state.train_step + 1):     # a new batch size: new streams, fresh memory
             self.mems = [None] * self.args.batch_chunk
         if self.optimizer_step.observer is not None:
             self.optimizer_step.observer.global_batch = self.plan.batch_of_step(state.train_step + 1)
             self.optimizer_step.observer.local_batch = target.size(1)
-        loss, grad_norm = self.optimizer_step(data, target, self.mems)
+        loss, grad_norm = self.optimizer_step.run(data, target, self.mems)   # device tensors
         state.train_step += 1
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step(state.train_step)
-        self.guard.check(state.train_step, "training loss", loss)
-        if not self.scaler.is_enabled():                     # fp16: a step with an infinite norm is skipped
-            self.guard.check(state.train_step, "gradient norm", grad_norm)
-        state.log_acc.add(loss, target.numel())
+        self.step_metrics.add(state.train_step, loss, grad_norm, state.log_acc)
+        state.log_acc.steps += 1                             # its loss sum: step_metrics.flush
+        state.log_acc.tokens += target.numel()
         state.tokens_seen += target.numel() * self.dp_world_size  # every rank trains on a batch of the same shape
-        return grad_norm, lr
+        return lr
 
-    def _log_interval(self, grad_norm: float, lr: float) -> None:
+    def fraction_done(self) -> float:
+        """How far the run is, in [0, 1]: its nominal tokens against those of --max_step (--max_tokens is already a
+        step count there); with a batch-size schedule a late step weighs more than an early one."""
+        total = self.plan.tokens_at(self.args.max_step)
+        if total <= 0:
+            return min(1.0, self.state.train_step / self.args.max_step)
+        return min(1.0, self.plan.tokens_at(self.state.train_step) / total)
+
+    def _elapsed_and_eta(self) -> str:
+        """The log line's end: the run's elapsed time (evaluations included) and the ETA at this session's pace."""
+        now = time.time()
+        eta = eta_seconds(now - self.session_clock, self.fraction_done(), self.session_fraction)
+        return progress_fields(self.state.train_elapsed + now - self.run_clock, eta)
+
+    def _log_interval(self, lr: float) -> None:
         """The training log line and metrics record of the steps since the last one (all ranks)."""
         args, state, acc = self.args, self.state, self.state.log_acc
+        grad_norm = self.step_metrics.flush(acc, self.guard)  # the interval's one read-back from the device
         elapsed = time.time() - self.interval_start + acc.elapsed
         cur_loss = distributed.all_reduce_item(acc.loss / acc.steps, "mean")
         avg_elapsed = distributed.all_reduce_item(elapsed / acc.steps, "max")
@@ -211,9 +234,10 @@ class Trainer:
         self.throughput.update(tok_per_s, elapsed)
         batch, n_batch = self.train_iter.batch, self.train_iter.n_batch
         self.log.info(format_train_line(state.epoch, state.train_step, batch, n_batch, lr, avg_elapsed * 1000,
-                                        tok_per_s, cur_loss, args.dataset))
+                                        tok_per_s, cur_loss, self.evaluator.label)
+                      + self._elapsed_and_eta())
         record = {"epoch": state.epoch, "train_batch": batch, "lr": lr, "train_time/batch": avg_elapsed * 1000,
-                  "train_throughput": tok_per_s, **loss_metrics("train", cur_loss, args.dataset),
+                  "train_throughput": tok_per_s, **loss_metrics("train", cur_loss, self.evaluator.label),
                   "grad_norm": grad_norm, "tokens": state.tokens_seen,
                   "batch_size": self.plan.batch_of_step(state.train_step)}
         if args.log_noise_scale:
@@ -224,6 +248,7 @@ class Trainer:
         self.metrics.log(state.train_step, record, tb_prefix="train")
         self.last_train_loss = cur_loss
         state.log_acc = LogInterval()
+        self.step_metrics.restart_interval()
         self.interval_start = time.time()
 
     def _loss_scale_report(self, steps: int) -> dict:
@@ -235,8 +260,18 @@ class Trainer:
         return {"skipped_steps": skipped, "loss_scale": scale}
 
     def _stop_reason(self) -> str | None:
-        """"preempted" when a stop signal reached any rank, "done" at --max_step."""
-        if distributed.any_rank(self.preemption.requested):  # every rank asks: they stop together
+        """"preempted" when a stop signal reached any rank, "done" at --max_step.
+
+        One process checks its signal flag after every step. Several ranks agree on it (a collective, so a
+        wait for every rank) at log intervals only: a signal then stops the run at the next multiple of
+        --log_interval (or --max_step), up to log_interval - 1 steps later."""
+        if self.world_size == 1:
+            requested = self.preemption.requested
+        elif self.state.train_step % self.args.log_interval == 0:
+            requested = distributed.any_rank(self.preemption.requested)  # every rank asks: they stop together
+        else:
+            requested = False
+        if requested:
             return "preempted"
         return "done" if self.state.train_step >= self.args.max_step else None
 
@@ -244,6 +279,7 @@ class Trainer:
         """Validate (unless a stop signal came or --no_eval) and write a checkpoint (unless --debug). Their
         time does not count as training time."""
         args, state = self.args, self.state
+        self.step_metrics.flush(state.log_acc, self.guard)   # the loss sum into the state; diverged: no save
         pause = time.time()
         state.log_acc.elapsed += pause - self.interval_start
         val_loss = None
@@ -258,6 +294,8 @@ class Trainer:
             ckpt = self.checkpointer.capture(state, self.mems)
             if self.rank == 0:
                 self.checkpointer.save(ckpt, is_best)
+            if args.plot and self.rank == 0:
+                redraw_curves(self.work_dir, args.dllog_file, self.log)
         self.interval_start = time.time()
 
     def _count_elapsed(self) -> None:
@@ -290,9 +328,9 @@ class Trainer:
         if self.last_train_loss is not None:
             summary["train_loss"] = self.last_train_loss
         if test_loss is not None:
-            summary.update(loss_metrics("test", test_loss, args.dataset))
+            summary.update(loss_metrics("test", test_loss, self.evaluator.label))
         if state.best_val_loss is not None:
-            summary.update(loss_metrics("valid", state.best_val_loss, args.dataset))
+            summary.update(loss_metrics("valid", state.best_val_loss, self.evaluator.label))
         self.metrics.log("SUMMARY", summary)
         self.metrics.close()
         return check_targets(args, state.best_val_loss, throughput, log)

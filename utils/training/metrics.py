@@ -13,6 +13,7 @@ from typing import Any
 from utils.io.atomic import open_nofollow, raise_append_fault
 
 BPC_DATASETS = ("enwik8", "text8")
+CHAR_LEVEL = "char-level"   # the label of another character-level corpus (custom, prepared): bits per character
 
 LINE = "-" * 100
 DOUBLE_LINE = "=" * 100
@@ -60,8 +61,20 @@ class AverageMeter:
 
 
 def uses_bpc(dataset: str) -> bool:
-    """Character-level benchmarks report bits per character instead of perplexity."""
-    return dataset in BPC_DATASETS
+    """Character-level corpora report bits per character instead of perplexity: the enwik8 and text8 benchmarks
+    and any other character-level corpus (`corpus_label`)."""
+    return dataset in BPC_DATASETS or dataset == CHAR_LEVEL
+
+
+def corpus_label(dataset: str, custom_level: str | None = None, vocab=None) -> str:
+    """The name the metrics go by: the dataset, or CHAR_LEVEL for another character-level corpus: a custom one
+    with --custom_level char, or any whose vocabulary splits text into characters (a prepared --level char
+    corpus, a checkpoint's vocabulary)."""
+    if dataset in BPC_DATASETS:
+        return dataset
+    if (dataset == "custom" and custom_level == "char") or getattr(vocab, "delimiter", None) == "":
+        return CHAR_LEVEL
+    return dataset
 
 
 def loss_metrics(prefix: str, loss: float, dataset: str) -> dict:

@@ -4,8 +4,9 @@
     memory, mean NLL / batch_chunk, backward (scaled with fp16); unscale, clip the gradient norm, step
     (skipped by the fp16 scaler when a gradient is not finite), update the scale.
 
-The memory of each chunk is carried in `mems` (a list, updated in place). The loss and the gradient norm come
-back to the host once per step.
+The memory of each chunk is carried in `mems` (a list, updated in place). `run` returns the loss and the gradient
+norm as device tensors and reads nothing back to the host (issue 18: the loop reads them at log intervals,
+utils/training/step_metrics.py); calling the step returns them as Python floats (one read-back).
 """
 import contextlib
 from typing import Callable, List, Optional, Tuple
@@ -14,13 +15,15 @@ import torch
 from torch import Tensor
 
 from utils.distributed import group as distributed
-from utils.distributed.fsdp import scalar
+from utils.distributed.fsdp import is_sharded, scalar
 from utils.distributed.tensor_parallel import clip_grad_norm_
+from utils.training.lamb import Lamb
 
 
 class TrainStep:
-    """`step(data, target, mems) -> (loss, grad_norm)`; `skipped_steps` counts the steps the fp16 loss scaler
-    skipped since the caller last reset it."""
+    """`step(data, target, mems) -> (loss, grad_norm)` as floats, `step.run(...)` as device tensors;
+    `skipped_steps` counts the steps the fp16 loss scaler skipped since the caller last reset it (kept on the
+    device; reading it is a read-back)."""
 
     def __init__(self, model: torch.nn.Module, forward_model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  scaler: torch.amp.GradScaler, autocast: Callable[[], contextlib.AbstractContextManager],
@@ -34,10 +37,27 @@ class TrainStep:
         self.batch_chunk = batch_chunk
         self.swap_mem = swap_mem
         self.cuda_graphs = cuda_graphs
-        self.skipped_steps = 0
+        self._skipped: Optional[Tensor] = None  # device counter of skipped fp16 steps (None: zero)
         self.observer = None                    # e.g. a NoiseScaleMeter: after_backward(chunk), after_step(norm)
+        # fused LAMB clips in its own multi-tensor pass (issue 18); sharded (FSDP) or tensor-parallel (DTensor)
+        # parameters keep clip_grad_norm_ (utils/distributed/tensor_parallel.py)
+        self.clip_in_optimizer = isinstance(optimizer, Lamb) and optimizer.defaults["fused"] \
+            and not is_sharded(model) and not any(hasattr(p, "full_tensor") for p in model.parameters())
+
+    @property
+    def skipped_steps(self) -> int:
+        return 0 if self._skipped is None else int(self._skipped)
+
+    @skipped_steps.setter
+    def skipped_steps(self, value: int) -> None:
+        self._skipped = None if value == 0 else torch.tensor(value)
 
     def __call__(self, data: Tensor, target: Tensor, mems: List[Optional[Tensor]]) -> Tuple[float, float]:
+        loss, grad_norm = self.run(data, target, mems)
+        return loss.item(), scalar(grad_norm)
+
+    def run(self, data: Tensor, target: Tensor, mems: List[Optional[Tensor]]) -> Tuple[Tensor, Tensor]:
+        """One optimizer step; (loss, gradient norm) as 0-dim device tensors, nothing read back to the host."""
         model, chunks = self.forward_model, self.batch_chunk
         self.optimizer.zero_grad(set_to_none=True)
         device = target.device
@@ -64,12 +84,22 @@ class TrainStep:
                 mems[i] = mem
                 step_loss += loss.detach()
         self.scaler.unscale_(self.optimizer)
-        grad_norm = clip_grad_norm_(self.model.parameters(), self.clip)   # torch's, or for DTensors mixed with tensors
+        if self.clip_in_optimizer:
+            # clip_grad_norm_'s math; the multiply by the factor happens inside LAMB's update (one pass less)
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            grad_norm = torch.nn.utils.get_total_norm(grads, 2.0, error_if_nonfinite=False, foreach=None)
+            self.optimizer.clip_coef = torch.clamp(self.clip / (grad_norm + 1e-6), max=1.0)
+        else:
+            grad_norm = clip_grad_norm_(self.model.parameters(), self.clip)   # torch's, or for DTensors mixed with tensors
         if self.observer is not None:
-            self.observer.after_step(grad_norm)
-        scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else None
+            self.observer.after_step(grad_norm)                           # the norm before clipping
+        # fp16: the scaler lowers its scale exactly when it skips a step; compared on the device (the scale
+        # tensor `_scale`, not get_scale(), which reads it back). The optimizer step itself reads nothing back
+        # when the optimizer handles the scaler's found_inf on the device (Lamb: `_step_supports_amp_scaling`).
+        scale_before = self.scaler._scale.clone() if self.scaler.is_enabled() else None
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        if scale_before is not None and self.scaler.get_scale() < scale_before:
-            self.skipped_steps += 1
-        return step_loss.item(), scalar(grad_norm)
+        if scale_before is not None:
+            lowered = (self.scaler._scale < scale_before).to(torch.int64)
+            self._skipped = lowered if self._skipped is None else self._skipped.to(lowered.device) + lowered
+        return step_loss, grad_norm

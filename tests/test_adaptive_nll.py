@@ -1,0 +1,161 @@
+"""Issue 18: the adaptive-softmax NLL with static shapes (fixed-capacity tail gathers) and one gradient buffer
+for the shared table, against an independent path: autograd through the crit's own log_probs (full
+log-softmax, cluster by cluster, float64); and the compiled model without graph breaks."""
+import pytest
+import torch
+from torch._dynamo.utils import counters
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from mem_transformer import MemTransformerLM
+from utils.model.adaptive_softmax import ProjectedAdaptiveLogSoftmax
+
+N_TOKEN, CUTOFFS = 60, [20, 30, 45]
+
+
+def crit_and_params(div_val, tie, d_embed=8, d_proj=6, seed=0):
+    torch.manual_seed(seed)
+    crit = ProjectedAdaptiveLogSoftmax(N_TOKEN, d_embed, d_proj, CUTOFFS, div_val=div_val,
+                                       tie_projs=[False, True, False, True], tie_weight=tie).double()
+    if div_val == 1:
+        emb_w = [torch.nn.Parameter(torch.randn(N_TOKEN, d_embed, dtype=torch.float64))]
+        emb_p = [torch.nn.Parameter(torch.randn(d_proj, d_embed, dtype=torch.float64))]
+    else:
+        bounds = [0] + CUTOFFS + [N_TOKEN]
+        emb_w = [torch.nn.Parameter(torch.randn(bounds[i + 1] - bounds[i], d_embed // div_val ** i,
+                                                dtype=torch.float64)) for i in range(4)]
+        emb_p = [torch.nn.Parameter(torch.randn(d_proj, d_embed // div_val ** i, dtype=torch.float64))
+                 for i in range(4)]
+    with torch.no_grad():
+        for p in crit.parameters():
+            p.copy_(torch.randn_like(p))
+    return crit, emb_w, emb_p
+
+
+def loss_and_grads(crit, emb_w, emb_p, hidden, target, reference=False):
+    params = list(crit.parameters()) + emb_w + emb_p
+    for p in params:
+        p.grad = None
+    h = hidden.clone().requires_grad_()
+    if reference:                    # autograd through the full log-probabilities
+        nll = -crit.log_probs(h, emb_w, emb_p).gather(1, target.unsqueeze(1)).squeeze(1)
+    else:
+        nll = crit(h, target, emb_w, emb_p)
+    weights = torch.linspace(0.5, 1.5, nll.numel(), dtype=nll.dtype)          # a non-uniform upstream gradient
+    (nll * weights).sum().backward()
+    return nll.detach(), [h.grad] + [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+
+
+@pytest.mark.parametrize("capacity", [None, 1.0, 0.5])
+@pytest.mark.parametrize("div_val, tie", [(1, True), (1, False), (2, True), (2, False)])
+def test_static_adaptive_nll_and_gradients_match_autograd_through_the_full_log_softmax(div_val, tie, capacity):
+    crit, emb_w, emb_p = crit_and_params(div_val, tie)
+    crit.tail_capacity = capacity
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(24, 6, dtype=torch.float64, generator=g)
+    # every cluster present, none over half of the tokens (capacity 0.5 is then exact)
+    target = torch.tensor([0, 5, 19, 20, 25, 29, 30, 40, 44, 45, 50, 59] * 2)
+    target = target[torch.randperm(24, generator=g)]
+    nll, grads = loss_and_grads(crit, emb_w, emb_p, hidden, target)
+    ref_nll, ref_grads = loss_and_grads(crit, emb_w, emb_p, hidden, target, reference=True)
+    torch.testing.assert_close(nll, ref_nll, rtol=1e-12, atol=1e-12)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("div_val", [1, 2])
+def test_tokens_over_the_capacity_get_nan_and_the_others_stay_exact(div_val):
+    crit, emb_w, emb_p = crit_and_params(div_val, True)
+    hidden = torch.randn(10, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    target = torch.tensor([1, 50, 51, 2, 52, 53, 3, 25, 54, 4])       # 5 tokens of cluster 3 (ids 45..59)
+    crit.tail_capacity = 0.3                                         # 3 rows per tail cluster
+    nll = crit(hidden, target, emb_w, emb_p)
+    crit.tail_capacity = None
+    exact = crit(hidden, target, emb_w, emb_p)
+    in_cluster_3 = [1, 2, 4, 5, 8]                                    # stable order: the last 2 overflow
+    assert torch.isnan(nll[[5, 8]]).all()
+    keep = [i for i in range(10) if i not in (5, 8)]
+    torch.testing.assert_close(nll[keep], exact[keep], rtol=1e-12, atol=1e-12)
+    assert torch.isfinite(exact).all() and len(in_cluster_3) == 5
+
+
+class TableSizedOutputs(TorchDispatchMode):
+    """The ops that produce a tensor of the table's shape (full-size gradient buffers)."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape, self.ops = tuple(shape), []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor) and tuple(out.shape) == self.shape and not func.is_view:
+            self.ops.append(str(func.overloadpacket.__name__))
+        return out
+
+
+def test_tied_div_val_1_table_gets_one_gradient_buffer_from_the_output_layer():
+    torch.manual_seed(0)
+    model = MemTransformerLM(N_TOKEN, 1, 2, 8, 4, 16, 0.0, 0.0, tie_weight=True, cutoffs=CUTOFFS,
+                             tgt_len=6, mem_len=0)
+    data = torch.randint(0, N_TOKEN, (6, 4))
+    loss, _ = model(data, torch.randint(0, N_TOKEN, (6, 4)), None)
+    table = model.word_emb.emb_layers[0].weight
+    with TableSizedOutputs(table.shape) as seen:
+        loss.mean().backward()
+    # the embedding's own backward (1), the output layer's one buffer (1), their sum (1); autograd through
+    # row slices gave one zero-filled table-sized tensor per cluster (4) and their sums
+    assert len(seen.ops) <= 3, seen.ops
+    assert "slice_backward" not in seen.ops and "zeros" not in seen.ops and "new_zeros" not in seen.ops
+
+
+# (attn_type, div_val, tie_weight): every attention type, div_val 1 and 4, tied and untied
+CONFIGS = [(0, 1, True), (0, 4, False), (1, 1, False), (1, 4, True), (2, 1, True), (2, 4, False),
+           (3, 1, False), (3, 4, True)]
+
+
+def small_model(attn_type, div_val, tie):
+    torch.manual_seed(0)
+    return MemTransformerLM(200, 2, 2, 16, 8, 32, 0.1, 0.0, tie_weight=tie, div_val=div_val, cutoffs=[50, 100],
+                            tie_projs=[False, True, True], tgt_len=8, mem_len=8, attn_type=attn_type,
+                            d_embed=16).train()
+
+
+@pytest.mark.parametrize("attn_type, div_val, tie", CONFIGS)
+def test_the_training_forward_has_no_graph_break(attn_type, div_val, tie):
+    model = small_model(attn_type, div_val, tie)
+    model.crit.tail_capacity = 0.5
+
+    def loss_of(data, target, mems):
+        loss, new_mems = model(data, target, mems)
+        return loss.float().mean(), new_mems
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(loss_of)(torch.randint(0, 200, (8, 4)), torch.randint(0, 200, (8, 4)),
+                                               torch.zeros(2, 8, 4, 16))
+    assert explained.graph_break_count == 0, [str(r.reason)[:200] for r in explained.break_reasons]
+    assert explained.graph_count == 1
+
+
+@pytest.mark.slow
+def test_a_30_step_compiled_run_compiles_twice_and_matches_eager():
+    """fullgraph=True (a graph break would raise); graphs: the memory-less first step and the rest.
+    Backend aot_eager: dynamo + AOT autograd (forward and backward graphs) without inductor's C++ builds."""
+    from lamb import Lamb
+    from utils.training.train_step import TrainStep
+    import contextlib
+    stream = torch.randint(0, 200, (8 * 31 + 1, 4), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for compiled in (False, True):
+        model = small_model(0, 1, True)
+        model.crit.tail_capacity = 1.0
+        torch._dynamo.reset()
+        graphs_before = counters["stats"]["unique_graphs"]
+        forward = torch.compile(model, fullgraph=True, dynamic=False, backend="aot_eager") if compiled else model
+        step = TrainStep(model, forward, Lamb(model.parameters(), lr=0.01), torch.amp.GradScaler("cpu", enabled=False),
+                         contextlib.nullcontext, clip=0.25)
+        mems, run = [None], []
+        for i in range(30):
+            loss, _ = step.run(stream[8 * i: 8 * i + 8], stream[8 * i + 1: 8 * i + 9], mems)
+            run.append(loss)
+        losses.append(torch.stack(run))
+        if compiled:
+            assert counters["stats"]["unique_graphs"] - graphs_before == 2
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=1e-5)
