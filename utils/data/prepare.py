@@ -717,6 +717,13 @@ def ordered_map(fn, items: Iterable, workers: int, initializer=None, initargs: t
 # --------------------------------------------------------------------------------------------------------
 # Pass 1: bounded counting
 # --------------------------------------------------------------------------------------------------------
+def _merged(array: np.ndarray, old: np.ndarray, slots: np.ndarray, values) -> np.ndarray:
+    out = np.empty(len(old), array.dtype)
+    out[slots] = values
+    out[old] = array
+    return out
+
+
 class BoundedCounter:
     """Misra-Gries summary with batched decrements, at most 2 * capacity keys (int64: the symbols' hashes).
 
@@ -753,10 +760,15 @@ class BoundedCounter:
         self.counts[pos[found]] += counts[found]  # keys are distinct
         new = ~found
         if new.any():  # keys is sorted, so are the new ones: one insert keeps self.keys sorted
+            # (np.insert's work, with the slots computed once for the three arrays: new key j goes before
+            # old key at[j], after the new ones before it)
             at = pos[new]
-            self.keys = np.insert(self.keys, at, keys[new])
-            self.counts = np.insert(self.counts, at, counts[new])
-            self.entered = np.insert(self.entered, at, self.decrement)
+            slots = at + np.arange(len(at))
+            old = np.ones(len(self.keys) + len(at), np.bool_)
+            old[slots] = False
+            self.keys = _merged(self.keys, old, slots, keys[new])
+            self.counts = _merged(self.counts, old, slots, counts[new])
+            self.entered = _merged(self.entered, old, slots, self.decrement)
         self.peak = max(self.peak, len(self.keys))
         if len(self.keys) > 2 * self.capacity:
             self.prune()
