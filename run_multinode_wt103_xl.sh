@@ -1,7 +1,7 @@
 #!/bin/bash
 # Transformer-XL XL (~1.4B parameters, configs/wt103_xl.yaml) on WikiText-103 with tensor parallelism, over nodes.
 #
-#   bash run_multinode_wt103_large.sh {train|eval|all} [flags for train.py / eval.py]
+#   bash run_multinode_wt103_xl.sh {train|eval|all} [flags for train.py / eval.py]
 #
 # Runs ONE process; start it once per GPU: Slurm's srun does (see run.sub: `sbatch -N 8 run.sub all`), and so
 # does any launcher that sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT (torchrun). Without a

@@ -202,29 +202,19 @@ class ProjectedAdaptiveLogSoftmax(nn.Module):
         own_b: List[Tensor] = []
         for p in self.out_layers_biases:
             own_b.append(p)
-        own_p: List[Tensor] = []
-        for p in self.out_projs:
-            own_p.append(p)
         all_w = emb_weights if self.tie_weight else own_w
 
         weights: List[Tensor] = []
         biases: List[Tensor] = []
-        projs: List[Optional[Tensor]] = []
         for i in range(self.n_clusters + 1):
             if self.div_val == 1:
                 lo, hi = self.bounds[i], self.bounds[i + 1]
                 w_i, b_i = all_w[0][lo:hi], own_b[0][lo:hi]
             else:
                 w_i, b_i = all_w[i], own_b[i]
-            proj_i: Optional[Tensor] = None
-            if self.has_proj:
-                if self.tie_projs[i]:
-                    proj_i = emb_projs[0] if len(emb_projs) == 1 else emb_projs[i]
-                else:
-                    proj_i = own_p[self.own_proj_index[i]]
             weights.append(w_i)
             biases.append(b_i)
-            projs.append(proj_i)
+        projs = self.cluster_projs(emb_projs)
 
         cluster_weight, cluster_bias = self.cluster_weight, self.cluster_bias
         if cluster_weight is not None and cluster_bias is not None:

@@ -201,21 +201,10 @@ def _lamb_multi_tensor(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2
         return _skip_if_found_inf(params, grads, exp_avgs, exp_avg_sqs, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                                   weight_decay=weight_decay, adam=adam, found_inf=found_inf)
     ratios = None
-    torch._foreach_mul_(exp_avgs, beta1)
-    torch._foreach_add_(exp_avgs, grads, alpha=1 - beta1)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
-    denom = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_add_(denom, eps)
-    updates = torch._foreach_div(exp_avgs, denom)
-    del denom
-    if weight_decay != 0:
-        torch._foreach_add_(updates, params, alpha=weight_decay)
+    updates = _moment_updates(params, grads, exp_avgs, exp_avg_sqs, beta1, beta2, beta1=beta1, beta2=beta2, eps=eps,
+                              weight_decay=weight_decay)
     if not adam:
-        w_norms = torch.stack(torch._foreach_norm(params)).clamp(0, 10)   # not in place: DTensors (FSDP)
-        u_norms = torch.stack(torch._foreach_norm(updates))
-        trust = torch.where((w_norms == 0) | (u_norms == 0), torch.ones_like(w_norms), w_norms / (u_norms + eps))
-        ratios = trust
+        trust = ratios = _trust_ratios(params, updates, eps)
         if isinstance(lr, torch.Tensor):
             trust = trust * lr
         torch._foreach_mul_(updates, trust.unbind(0))
@@ -228,6 +217,29 @@ def _lamb_multi_tensor(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2
     return ratios
 
 
+def _moment_updates(params, grads, exp_avgs, exp_avg_sqs, decay1, decay2, *, beta1, beta2, eps, weight_decay):
+    """Update the moments in place (decayed by decay1 / decay2: beta1 / beta2, or tensors) and return the Adam
+    directions m / (sqrt(v) + eps) plus the weight decay, one tensor per parameter."""
+    torch._foreach_mul_(exp_avgs, decay1)
+    torch._foreach_add_(exp_avgs, grads, alpha=1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, decay2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_add_(denom, eps)
+    updates = torch._foreach_div(exp_avgs, denom)
+    del denom
+    if weight_decay != 0:
+        torch._foreach_add_(updates, params, alpha=weight_decay)
+    return updates
+
+
+def _trust_ratios(params, updates, eps) -> torch.Tensor:
+    """LAMB's trust ratio per parameter, ||w|| (clamped to 10) / ||update||, 1 where either norm is 0."""
+    w_norms = torch.stack(torch._foreach_norm(params)).clamp(0, 10)   # not in place: DTensors (FSDP)
+    u_norms = torch.stack(torch._foreach_norm(updates))
+    return torch.where((w_norms == 0) | (u_norms == 0), torch.ones_like(w_norms), w_norms / (u_norms + eps))
+
+
 def _skip_if_found_inf(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, eps, weight_decay, adam, found_inf):
     """The multi-tensor update that changes nothing when found_inf > 0, decided on the device, without copies of
     the parameters: non-finite gradients become 0, the moments' decay factors become 1 and the update is
@@ -237,21 +249,11 @@ def _skip_if_found_inf(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2
     torch._foreach_mul_(grads, keep)                                       # inf * 0 = nan: cleared next
     for g in grads:
         g.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-    torch._foreach_mul_(exp_avgs, beta1 * keep + (1 - keep))               # beta1, or 1 when skipped
-    torch._foreach_add_(exp_avgs, grads, alpha=1 - beta1)
-    torch._foreach_mul_(exp_avg_sqs, beta2 * keep + (1 - keep))
-    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
-    denom = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_add_(denom, eps)
-    updates = torch._foreach_div(exp_avgs, denom)
-    del denom
-    if weight_decay != 0:
-        torch._foreach_add_(updates, params, alpha=weight_decay)
+    # the moments decay by beta, or by 1 when skipped
+    updates = _moment_updates(params, grads, exp_avgs, exp_avg_sqs, beta1 * keep + (1 - keep),
+                              beta2 * keep + (1 - keep), beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
     if not adam:
-        w_norms = torch.stack(torch._foreach_norm(params)).clamp(0, 10)
-        u_norms = torch.stack(torch._foreach_norm(updates))
-        trust = torch.where((w_norms == 0) | (u_norms == 0), torch.ones_like(w_norms), w_norms / (u_norms + eps))
-        ratios = trust
+        trust = ratios = _trust_ratios(params, updates, eps)
         factor = trust * keep                                              # trust * 1 == trust exactly
         if isinstance(lr, torch.Tensor):
             factor = factor * lr
