@@ -29,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from utils.io.errors import UserError
 from utils.model.adaptive_softmax import AdaptiveEmbedding, ProjectedAdaptiveLogSoftmax, normalize_tie_projs
-from utils.model.attention import ATTN_IMPLS, relative_flex_attention
+from utils.model.attention import ATTN_IMPLS, check_attn_impl, fused_relative_attention
 from utils.model.log_uniform_sampler import LogUniformSampler, sample_logits
 
 
@@ -170,8 +170,8 @@ class MultiHeadAttn(nn.Module):
             q = q + r_w_bias.unsqueeze(1)
 
         dropatt = self.dropatt.p
-        if not torch.jit.is_scripting() and band is not None and self._flex_applies():
-            vec = relative_flex_attention(q, k, v, q_pos, r_pos, band, self.scale)
+        if not torch.jit.is_scripting() and band is not None and self._fused_applies():
+            vec = fused_relative_attention(self.attn_impl, q, k, v, q_pos, r_pos, band, self.scale)
         else:
             pos_scores: Optional[Tensor] = None
             if q_pos is not None and r_pos is not None:
@@ -187,11 +187,13 @@ class MultiHeadAttn(nn.Module):
         return self.layer_norm(h + out)
 
     @torch.jit.unused
-    def _flex_applies(self) -> bool:
-        """FlexAttention runs inside torch.compile only (eagerly it is a slow reference implementation), for
-        attention type 0, without attention dropout; elsewhere attn_impl 'flex' falls back to 'sdpa'."""
-        return (self.attn_impl == "flex" and self.attn_type == 0 and torch.compiler.is_compiling()
-                and not (self.training and self.dropatt.p > 0))
+    def _fused_applies(self) -> bool:
+        """The fused relative kernels (utils/model/attention.py) serve attention type 0 without attention
+        dropout: 'flex' inside torch.compile only (eagerly it is a slow reference implementation), 'triton'
+        always; elsewhere they fall back to 'sdpa'."""
+        if self.attn_type != 0 or (self.training and self.dropatt.p > 0):
+            return False
+        return self.attn_impl == "triton" or (self.attn_impl == "flex" and torch.compiler.is_compiling())
 
 
 class PositionwiseFF(nn.Module):
@@ -343,16 +345,10 @@ class MemTransformerLM(nn.Module):
 
     def set_attn_impl(self, impl: str):
         """How attention is computed (same results, different kernels): 'math' (explicit matmuls and
-        softmax), 'sdpa' (F.scaled_dot_product_attention with the position term as an additive bias) or
-        'flex' (FlexAttention under torch.compile, the shift done inside the kernel; 'sdpa' elsewhere)."""
-        if impl not in ATTN_IMPLS:
-            raise UserError(f"attention implementation must be one of {', '.join(ATTN_IMPLS)}, got {impl!r}")
-        if impl == "flex":
-            try:
-                import torch.nn.attention.flex_attention  # noqa: F401
-            except ImportError:
-                raise UserError(f"--attn_impl flex needs FlexAttention (PyTorch >= 2.5, this is "
-                                f"{torch.__version__}); use --attn_impl sdpa") from None
+        softmax), 'sdpa' (F.scaled_dot_product_attention with the position term as an additive bias),
+        'flex' (FlexAttention under torch.compile, the shift done inside the kernel; 'sdpa' elsewhere) or
+        'triton' (one fused Triton kernel forward and backward, utils/model/triton_rel_attention.py)."""
+        check_attn_impl(impl)
         for layer in self.layers:
             layer.attn.attn_impl = impl
 
