@@ -31,6 +31,7 @@ from utils.io.errors import UserError
 from utils.model.adaptive_softmax import AdaptiveEmbedding, ProjectedAdaptiveLogSoftmax, normalize_tie_projs
 from utils.model.attention import ATTN_IMPLS, check_attn_impl, fused_relative_attention
 from utils.model.log_uniform_sampler import LogUniformSampler, sample_logits
+from utils.model.varlen_padding import padded_memory
 
 
 # ---- positions ------------------------------------------------------------------------------------------
@@ -245,6 +246,7 @@ class MemTransformerLM(nn.Module):
 
     cutoffs: List[int]
     tie_projs: List[bool]
+    varlen_padding: bool
 
     def __init__(self, n_token: int, n_layer: int, n_head: int, d_model: int, d_head: int, d_inner: int,
                  dropout: float, dropatt: float, dtype=None, tie_weight: bool = True, d_embed: Optional[int] = None,
@@ -289,6 +291,7 @@ class MemTransformerLM(nn.Module):
         self.same_length = same_length
         self.clamp_len = clamp_len
         self.sample_softmax = sample_softmax
+        self.varlen_padding = False          # target -1 marks padding (--varlen --compile, utils/model/varlen_padding.py)
         self.dropout = dropout
         self.dropatt = dropatt
 
@@ -390,8 +393,10 @@ class MemTransformerLM(nn.Module):
             pos_seq = pos_seq.clamp(max=self.clamp_len)
         return sinusoid_embedding(pos_seq, self.d_model).to(like.dtype)
 
-    def _forward(self, data: Tensor, mems: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
-        """data [qlen, bsz] -> final hidden states [qlen, bsz, d_model] (after dropout), new memory."""
+    def _forward(self, data: Tensor, mems: Optional[Tensor], n_pad: Optional[Tensor] = None
+                 ) -> Tuple[Tensor, Optional[Tensor]]:
+        """data [qlen, bsz] -> final hidden states [qlen, bsz, d_model] (after dropout), new memory; with n_pad
+        (a tensor) the last n_pad positions are padding and the memory is taken before them."""
         qlen = data.size(0)
         mlen = 0 if mems is None else mems.size(1)
         klen = mlen + qlen
@@ -441,6 +446,8 @@ class MemTransformerLM(nn.Module):
                 core_out = layer(core_out, mem_i, mask, unused, unused, unused, band)
 
         core_out = self.drop(core_out)
+        if n_pad is not None and mems is not None:
+            return core_out, padded_memory(hids, mems, n_pad, self.ext_len, self.mem_len)
         return core_out, self._update_mems(hids, mems, qlen, mlen)
 
     def _update_mems(self, hids: List[Tensor], mems: Optional[Tensor], qlen: int, mlen: int) -> Optional[Tensor]:
@@ -462,7 +469,11 @@ class MemTransformerLM(nn.Module):
         NLL is float32 (float64 for a float64 model). In training mode with sample_softmax > 0 it is the
         sampled-softmax loss; otherwise the exact (adaptive) softmax.
         """
-        hidden, new_mems = self._forward(data, mems)
+        n_pad: Optional[Tensor] = None
+        if self.varlen_padding and target is not None and mems is not None and mems.size(1) == self.mem_len:
+            n_pad = (target[:, 0] < 0).sum()                                   # padded positions at the end
+            target = target.clamp(min=0)
+        hidden, new_mems = self._forward(data, mems, n_pad)
         if target is None:
             return hidden, new_mems
         tgt_len = target.size(0)

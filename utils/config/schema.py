@@ -195,6 +195,9 @@ class DataConfig:
                                    "~/.cache/transformer-xl when --data is read-only)")
     roll: bool = opt(False, "rotate each stream randomly at every epoch")
     varlen: bool = opt(False, "variable-length segments")
+    varlen_buckets: list[int] = opt([], "--varlen with --compile: segment lengths to pad to, one compiled graph "
+                                    "each (ours; default: multiples of 8 around --tgt_len and one for the short "
+                                    "segments; see docs/gpu_step.md)")
 
 
 @dataclass(frozen=True)
