@@ -96,7 +96,7 @@ def parse_cli(argv):
                         help="fp32 (no TF32), tf32, bf16 or fp16 (mixed precision, float32 weights)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile (default: train.py's: on with CUDA, off on the CPU)")
-    parser.add_argument("--attn_impl", default=None, help="math, sdpa, flex (default: train.py's auto)")
+    parser.add_argument("--attn_impl", default=None, help="math, sdpa, flex, triton (default: train.py's auto)")
     parser.add_argument("--checkpoint_activations", action="store_true")
     parser.add_argument("--cuda_graphs", action="store_true")
     parser.add_argument("--steps", type=int, default=20, help="timed steps")
