@@ -117,3 +117,14 @@ def test_the_kernel_compiles_in_one_graph_and_gives_the_eager_loss_and_gradients
     for got, want in zip(g_compiled, g_eager):
         assert_rounding_close(got, want, "gradient")
     torch._dynamo.reset()
+
+
+def test_the_cpu_without_the_interpreter_is_refused_before_training(triton_attention, monkeypatch):
+    from utils.config.cli import parse_args, train_parser
+    from utils.io.errors import UserError
+    from utils.runtime.device import resolve_speed_flags
+    args = parse_args(train_parser(), ["--data", "x", "--attn_impl", "triton"], section="train")
+    assert resolve_speed_flags(args, torch.device("cpu")).attn_impl == "triton"      # interpreter set
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(UserError, match="triton needs the triton package and a GPU"):
+        resolve_speed_flags(args, torch.device("cpu"))

@@ -89,6 +89,11 @@ def resolve_speed_flags(args, device: torch.device):
     """
     if args.cuda_graphs and device.type != "cuda":
         raise UserError("--cuda_graphs needs a GPU (this run is on the CPU); drop --cuda_graphs")
+    if args.attn_impl == "triton":
+        from utils.model import triton_rel_attention
+        if not triton_rel_attention.runs_on(device):
+            raise UserError("--attn_impl triton needs the triton package and a GPU (on the CPU only Triton's slow "
+                            "interpreter runs it, with TRITON_INTERPRET=1); use --attn_impl sdpa or math")
     changes = {}
     if args.compile is None:                  # train.py reads it
         changes["compile"] = device.type == "cuda"
