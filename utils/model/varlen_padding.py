@@ -81,8 +81,7 @@ class BucketPadding:
 def enable(model: torch.nn.Module, forward_model, args):
     """BucketPadding around forward_model when --varlen with --compile applies (attention types 0 and 1,
     a memory); the model(s) inside are told to read target -1 as padding. Otherwise forward_model."""
-    from mem_transformer import MemTransformerLM
-    cores = [m for m in model.modules() if isinstance(m, MemTransformerLM)]
+    cores = [m for m in model.modules() if hasattr(m, "varlen_padding")]      # the MemTransformerLM(s) inside
     if not cores or cores[0].attn_type not in (0, 1) or cores[0].mem_len == 0:
         import logging
         logging.getLogger("txl").warning(
