@@ -53,10 +53,17 @@ def test_padding_to_buckets_gives_the_unpadded_losses_memories_and_gradients(att
                 assert_rounding_close(g, g_e, f"gradient {step}")
 
 
-def test_default_buckets_cover_every_varlen_length():
-    buckets = default_buckets(192)
-    assert len(buckets) <= 6 and max(buckets) >= 192 + 15
-    assert all(bucket_for(n, buckets) - n < 8 for n in range(180, 208))  # the usual lengths pad < 8
+@pytest.mark.parametrize("tgt_len, overhead", [(64, 0.08), (192, 0.03)])
+def test_default_buckets_cover_every_varlen_length_with_little_padding(tgt_len, overhead):
+    """The lengths the iterator draws (its own rule) all fit a bucket; the padded positions are a few percent
+    (docs/gpu_step.md: 6.7% for tgt_len 64, 2.2% for 192, over 20,000 draws)."""
+    from data_utils import LMOrderedIterator
+    it = LMOrderedIterator(torch.zeros(10 * tgt_len, dtype=torch.long), 2, tgt_len, varlen=True, seed=1111)
+    buckets = default_buckets(tgt_len)
+    lengths = [it.varlen_bptt(i) for i in range(3000)]
+    assert len(buckets) <= 6 and all(bucket_for(n, buckets) in buckets for n in lengths)
+    padded = sum(bucket_for(n, buckets) for n in lengths)
+    assert padded / sum(lengths) - 1 < overhead
 
 
 def test_a_compiled_varlen_run_compiles_once_per_bucket_and_matches_the_eager_run():
