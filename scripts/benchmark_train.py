@@ -108,6 +108,9 @@ def parse_cli(argv):
     parser.add_argument("--report", action="store_true",
                         help="also count ATen ops, casts, graph breaks, compilations and host syncs per step")
     parser.add_argument("--repo", default=None, help="run this checkout's code (default: this one)")
+    parser.add_argument("--profile", default=None, metavar="FILE",
+                        help="after the timed steps, profile one more step (torch.profiler) and write its ops "
+                             "sorted by self CPU time to FILE")
     if "--" in argv:
         cut = argv.index("--")
         ours, extra = argv[:cut], argv[cut + 1:]
@@ -269,6 +272,8 @@ def run(bench, extra) -> dict:
         report.update(report_tools.count_ops(lambda: eager_fn(data, target, mems)))
         with autocast():
             report.update(report_tools.graph_breaks(model, data, target, mems[0]))
+    if bench.profile:
+        profile_step(bench.profile, lambda: (step_fn(data, target, mems), scheduler.step(i + 1)))
     if bench.saved_activations:
         saved = saved_activation_bytes(model, data, target, mems[0], autocast)
     traffic = tensor_parallel_traffic(para_model, model, args, data, target, mems[0], autocast) \
@@ -304,6 +309,18 @@ def run(bench, extra) -> dict:
     if traffic is not None:
         result["tensor_parallel"] = traffic
     return result
+
+
+def profile_step(path: str, fn) -> None:
+    """One more steady-state step under torch.profiler; its ops by self CPU time, as a table, into `path`."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True) as prof:
+        fn()
+    by_op = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=60)
+    by_shape = prof.key_averages(group_by_input_shape=True).table(
+        sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=40, max_shapes_column_width=80)
+    Path(path).write_text(f"# {' '.join(sys.argv)}\n# code: {CODE}\n# by op\n{by_op}\n# by op and input shapes\n"
+                          f"{by_shape}\n", encoding="utf-8")
 
 
 def tensor_parallel_traffic(para_model, model, args, data, target, mems, autocast) -> dict:
