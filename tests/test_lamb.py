@@ -282,6 +282,12 @@ def test_the_eager_cpu_step_keeps_one_update_buffer_per_parameter_between_steps(
     assert set(buffers) == set(params)
     for p in params:
         p.grad = torch.ones_like(p)
-    opt.step()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        opt.step()                                                     # runs on one thread ...
+        assert torch.get_num_threads() == 2                            # ... and gives the other back
+    finally:
+        torch.set_num_threads(threads)
     assert all(opt._update_buffers[p] is buffers[p] for p in params)   # reused, not reallocated
     assert "update" not in str(opt.state_dict())                       # not part of the saved state

@@ -26,8 +26,9 @@ every tensor at a time), so that a block's gradient, moments, parameter and upda
 ops instead of each op streaming the whole 68M-element WikiText-103 table through memory again; the update
 goes into a buffer kept between steps (one table-sized tensor, not two fresh ones per step). Every element
 meets the same operations as in the multi-tensor version and the norms are still taken over whole tensors, so
-the results are bit for bit those of the unblocked update (tests/test_lamb.py). On a GPU (and compiled) the
-multi-tensor kernels run as before.
+the results are bit for bit those of the unblocked update (tests/test_lamb.py). It runs on one intra-op thread
+(`_one_thread`: on a shared machine a thousand fork/joins cost more than the second core gives). On a GPU
+(and compiled) the multi-tensor kernels run as before.
 
 Gradient clipping in the same pass (issue 18): the caller (TrainStep) computes the total gradient norm (one
 reduction over all gradients, which must precede any update) and sets `optimizer.clip_coef` =
@@ -42,6 +43,7 @@ and a step with non-finite gradients leaves the parameters and the running avera
 State per parameter: `exp_avg` (m), `exp_avg_sq` (v) tensors and `step` (an int, counted but unused by the
 math), so `optimizer.state_dict()` holds tensors and plain types only and loads with `weights_only=True`.
 """
+import contextlib
 from collections import defaultdict
 from typing import Callable, Iterable
 
@@ -174,11 +176,12 @@ class Lamb(Optimizer):
                 elif group["fused"] and not compiled and device.type == "cpu" and not hasattr(params[0], "device_mesh"):
                     update = _lamb_blocked
                     extra["buffers"] = [self._update_buffer(p) for p in params]
-                trust = update(
-                    params, grads, exp_avgs, exp_avg_sqs,
-                    lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
-                    weight_decay=group["weight_decay"], adam=group["adam"], **extra,
-                )
+                with _one_thread() if update is _lamb_blocked else contextlib.nullcontext():
+                    trust = update(
+                        params, grads, exp_avgs, exp_avg_sqs,
+                        lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
+                        weight_decay=group["weight_decay"], adam=group["adam"], **extra,
+                    )
                 if trust is not None and getattr(self, "_keep_trust", False):
                     trust = torch.stack(trust) if isinstance(trust, list) else trust
                     ratios.append(trust.detach().float().reshape(-1).to(ratios[0].device if ratios else device))
@@ -239,6 +242,22 @@ def _lamb_multi_tensor(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2
 # Elements per block of the eager CPU update: 1 MiB of float32 per tensor; the five tensors a block touches
 # (gradient, two moments, parameter, update) fit in a core's L2 / the L3 slice.
 _BLOCK = 1 << 18
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """The blocked update on one thread: its ~1,000 small ops would each be a fork/join of the intra-op threads,
+    and on a shared machine every join waits for a descheduled partner (measured: 3x slower than one thread
+    at load 6 on 2 cores); one thread streaming cache-sized blocks is faster than two streaming the table."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _blocks(*tensors: torch.Tensor):
