@@ -268,12 +268,15 @@ def test_the_blocked_cpu_step_equals_the_multi_tensor_update_bit_for_bit(monkeyp
                   clip_coef=None if clip is None else torch.tensor(clip))
     buffers = [torch.empty(s) for s in shapes]
     for _ in range(2):                                                     # the buffers are reused
+        ours[1], theirs[1] = [g.clone() for g in tensors[1]], [g.clone() for g in tensors[1]]   # fresh gradients
         got = lamb_module._lamb_blocked(*ours, buffers=buffers, **kwargs)
         want = lamb_module._lamb_multi_tensor(*theirs, **kwargs)
     assert (got is None) == (want is None) and (got is None or torch.equal(got, want))
-    for a, b in zip(ours, theirs):
-        for x, y in zip(a, b):
+    for which in (0, 2, 3):                                                # parameters and both moments
+        for x, y in zip(ours[which], theirs[which]):
             assert torch.equal(x, y)
+    for x, y in zip(ours[1], tensors[1]):                                  # the gradients are left as they were
+        assert torch.equal(x, y)
 
 
 def test_the_eager_cpu_step_keeps_one_update_buffer_per_parameter_between_steps():

@@ -34,7 +34,8 @@ Gradient clipping in the same pass (issue 18): the caller (TrainStep) computes t
 reduction over all gradients, which must precede any update) and sets `optimizer.clip_coef` =
 min(1, max_norm / (norm + 1e-6)) (a device tensor) before `step()`, as GradScaler sets `found_inf`; the step
 multiplies the gradients by it inside the multi-tensor update (under torch.compile fused into the update's
-passes) instead of a separate pass of `clip_grad_norm_`. Same math as `torch.nn.utils.clip_grad_norm_`.
+passes) instead of a separate pass of `clip_grad_norm_`. Same math as `torch.nn.utils.clip_grad_norm_` (the
+eager CPU step uses the clipped values without writing them back into `.grad`).
 
 Mixed precision: the fused step handles the fp16 GradScaler's skip decision on the device
 (`_step_supports_amp_scaling`): the scaler hands over `found_inf` instead of reading it back to the host,
@@ -270,16 +271,28 @@ def _blocks(*tensors: torch.Tensor):
         yield tuple(f[start:start + _BLOCK] for f in flat)
 
 
+def _scratch(scratch: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """A flat buffer of at least like.numel() elements of like's dtype and device (grown when needed)."""
+    if scratch is None or scratch.numel() < like.numel() or scratch.dtype != like.dtype or scratch.device != like.device:
+        scratch = torch.empty(like.numel(), dtype=like.dtype, device=like.device)
+    return scratch
+
+
 def _lamb_blocked(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, eps, weight_decay, adam, buffers,
                   clip_coef=None):
     """`_lamb_multi_tensor`'s update (no found_inf), op for op, block by block (module docstring): the
     moments and the direction of each block while it is in the cache, into `buffers` (one per parameter);
     then the norms over whole tensors (the same reductions as the multi-tensor version: same bits), then the
-    parameters block by block. Returns the trust ratios (None with adam)."""
+    parameters block by block. Returns the trust ratios (None with adam). Unlike the multi-tensor version it
+    writes neither the clipped gradient back to `grads` nor the scaled update back to `buffers` (two passes
+    over the table less); parameters and moments are bit for bit the same."""
+    scratch = None                               # a block's clipped gradient / scaled update (values only)
     for p, g, m, v, u in zip(params, grads, exp_avgs, exp_avg_sqs, buffers):
         for pb, gb, mb, vb, ub in _blocks(p, g, m, v, u):
             if clip_coef is not None:
-                gb.mul_(clip_coef)
+                # the clipped values, not written back to the gradient (one stream over the table less)
+                scratch = _scratch(scratch, gb)
+                gb = torch.mul(gb, clip_coef, out=scratch[:gb.numel()].view_as(gb))
             mb.mul_(beta1)
             mb.add_(gb, alpha=1 - beta1)
             vb.mul_(beta2)
@@ -297,10 +310,10 @@ def _lamb_blocked(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, eps
         factors = factors.unbind(0)
     for i, (p, u) in enumerate(zip(params, buffers)):
         for pb, ub in _blocks(p, u):
-            if factors is not None:
-                ub.mul_(factors[i])
-            elif isinstance(lr, torch.Tensor):
-                ub.mul_(lr)
+            factor = factors[i] if factors is not None else lr if isinstance(lr, torch.Tensor) else None
+            if factor is not None:                          # the scaled update is not written back either
+                scratch = _scratch(scratch, ub)
+                ub = torch.mul(ub, factor, out=scratch[:ub.numel()].view_as(ub))
             if isinstance(lr, torch.Tensor):
                 pb.sub_(ub)
             else:
