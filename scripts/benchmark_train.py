@@ -31,6 +31,10 @@ the same benchmark, so that before / after figures come from one script:
 
     python scripts/benchmark_train.py --preset cpu_small --report --repo ../wt-main -- --adaptive ...
 
+--profile FILE (issue 18) runs one more steady-state step under torch.profiler and writes its ops sorted by
+self CPU time (by op, and by op and input shapes) to FILE. The printed "CPU time" is the process's CPU time
+per step (all threads, median): the work, less sensitive than the wall time to other jobs on shared cores.
+
 Tensor parallelism: under torchrun, `-- --tp N` splits the model as train.py does (each process runs the
 whole --batch_size). After the timed steps one more forward and backward run under a communication-counting
 mode (torch.distributed.tensor.debug.CommDebugMode): the bytes all-reduced per step are printed against the
