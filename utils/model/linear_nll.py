@@ -46,7 +46,7 @@ def nll_forward(h: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor):
     """(nll, logits, lse) of h [N, d], w [V, d], b [V] already in the compute dtype (autocast off)."""
     if h.device.type == "cpu" and h.size(0) * _FEW_ROWS < w.size(0):
         # a few rows against many (an adaptive-softmax tail cluster: a handful of tokens against up to 160k
-        # vocabulary rows): [V, d]·[d, N] is 1.3-3x faster on the CPU than [N, d]·[d, V] (the BLAS's small-M
+        # vocabulary rows): [V, d]·[d, N] is several times faster on the CPU than [N, d]·[d, V] (the BLAS's small-M
         # path); the logits are the transposed view of that [V, N] buffer, which the backward's table-gradient
         # matmul then reads contiguously. Another summation order than F.linear's: last-bit differences.
         logits = (torch.mm(w, h.t()) if b is None else torch.addmm(b.unsqueeze(1), w, h.t())).t()

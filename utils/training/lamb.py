@@ -248,8 +248,9 @@ _BLOCK = 1 << 18
 @contextlib.contextmanager
 def _one_thread():
     """The blocked update on one thread: its ~1,000 small ops would each be a fork/join of the intra-op threads,
-    and on a shared machine every join waits for a descheduled partner (measured: 3x slower than one thread
-    at load 6 on 2 cores); one thread streaming cache-sized blocks is faster than two streaming the table."""
+    and on a shared machine every join waits for a descheduled partner (two threads per block op made the
+    step slower than before in an alternated round at load 6); one thread streaming cache-sized blocks is
+    faster than two streaming the table (benchmarks/results/README.md, "Issue 18")."""
     threads = torch.get_num_threads()
     if threads == 1:
         yield
