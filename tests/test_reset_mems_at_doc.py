@@ -241,3 +241,31 @@ def test_a_corpus_without_end_of_document_symbols_is_refused_in_one_line(demo_co
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "--reset_mems_at_doc" in result.stderr, result.stderr
     assert not (tmp_path / "work").exists()
+
+
+@pytest.mark.slow
+def test_two_ranks_with_the_flag_train_like_one_process(tmp_path):
+    """DDP over 2 gloo ranks, each with its own columns and their memory flags: the per-step losses and the
+    final weights of one process with the same global batch (no dropout)."""
+    import dist_testlib
+    from test_prepare_corpus import write_jsonl, zipf_articles
+    from utils.data.prepare import Options, prepare_corpus
+
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed not available")
+    src = write_jsonl(tmp_path / "c.jsonl", zipf_articles(n_docs=200, vocab=400, seed=3))
+    data = tmp_path / "prepared"
+    prepare_corpus([src], data, Options(max_vocab_size=300, valid_docs=10, test_docs=10), workers=1)
+    flags = ["--dataset", "prepared", "--reset_mems_at_doc", "--max_step", "8", "--no_test"]
+    one = dist_testlib.python_train(data, tmp_path / "one", *flags)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = dist_testlib.torchrun(2, data, tmp_path / "two", *flags, "--multi_gpu", "ddp")
+    assert two.returncode == 0, (two.stdout + two.stderr)[-3000:]
+    ours, theirs = dist_testlib.step_losses(tmp_path / "two"), dist_testlib.step_losses(tmp_path / "one")
+    assert sorted(ours) == sorted(theirs) == list(range(1, 9))
+    assert max(abs(ours[s] - theirs[s]) for s in ours) <= 1e-5
+    ckpt = dist_testlib.last_checkpoint(tmp_path / "two")
+    assert [m[0].size(0) for m in ckpt["memory"]] == [3, 3]       # each rank's memory carries its flag row
+    diff = dist_testlib.max_weight_difference(ckpt["model_state"],
+                                              dist_testlib.last_checkpoint(tmp_path / "one")["model_state"])
+    assert diff <= 1e-5
