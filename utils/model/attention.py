@@ -28,9 +28,9 @@ def relative_flex_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Optional[Ten
     q [bsz, H, qlen, Dh] (not scaled), k, v [bsz, H, klen, Dh]; q_pos [bsz, H, qlen, Dh] (scaled) and
     r_pos [klen, H, Dh], or None for no position term; band (lo, hi): query i sees key j exactly when lo < j - i <= hi.
     docs [klen, bsz] int64 or None (--reset_mems_at_doc): the keys' document numbers; a query (key mlen + i) sees
-    only keys of its own document. They are added to the scores as -inf: the block mask stays the band's, shared
-    by the batch, and the kernel reads the document numbers, not a [bsz, qlen, klen] mask (the CPU kernel
-    cannot read a mask computed in the same graph). -> [bsz, H, qlen, Dh]
+    only keys of its own document: the score function makes the others -inf (the block mask stays the band's,
+    shared by the batch). It reads the document numbers, not a [bsz, qlen, klen] mask: less to read, and the CPU
+    kernel fails to compile with a captured mask computed element-wise in the same graph. -> [bsz, H, qlen, Dh]
     """
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
