@@ -232,7 +232,21 @@ def test_train_with_the_flag_resumes_exactly_and_eval_scores_with_it(tmp_path):
                                   "prepared", "--split", "valid", "--tgt_len", 8, "--mem_len", 8, "--batch_size", 4,
                                   "--reset_mems_at_doc", "--work_dir", tmp_path / "eval"], tmp_path, name="eval")
     assert scored.returncode == 0, scored.stderr
-    assert any(line.startswith("| valid") and " loss " in line for line in scored.lines)
+    valid_line = [line for line in scored.lines if line.startswith("| valid") and " loss " in line]
+    assert len(valid_line) == 1
+    # from the checkpoint alone: the flag is taken from the training configuration, same score; switched off
+    # on the command line, the memory of ended articles is seen again and the score moves
+    same = ["--model", tmp_path / "whole" / "checkpoint_last.pt", "--data", data, "--split", "valid", "--tgt_len", 8,
+            "--mem_len", 8, "--batch_size", 4]
+    taken = cli_runner.evaluate(same + ["--work_dir", tmp_path / "eval2"], tmp_path, name="eval2")
+    assert taken.returncode == 0, taken.stderr
+    assert any("--reset_mems_at_doc on" in line for line in taken.lines), taken.lines
+    assert [line for line in taken.lines if line.startswith("| valid") and " loss " in line] == valid_line
+    off = cli_runner.evaluate(same + ["--no_reset_mems_at_doc", "--work_dir", tmp_path / "eval3"], tmp_path,
+                              name="eval3")
+    assert off.returncode == 0, off.stderr
+    off_line = [line for line in off.lines if line.startswith("| valid") and " loss " in line]
+    assert len(off_line) == 1 and off_line != valid_line
 
 
 def test_a_corpus_without_end_of_document_symbols_is_refused_in_one_line(demo_corpus, tmp_path):
