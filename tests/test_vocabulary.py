@@ -8,7 +8,7 @@ import pytest
 import reference_rules as ref
 import utils.data.fast_words as fast_words
 import utils.data.vocabulary as vocabulary
-from utils.data.fast_words import first_seen_ids
+from utils.data.fast_words import scan_words
 from utils.io.errors import UserError
 from utils.data.vocabulary import BPEVocab, Vocab
 
@@ -67,7 +67,7 @@ def test_build_and_encode_match_the_reference_rule(tmp_path, seed, chunked, asci
     if chunked:
         request.getfixturevalue("small_chunks")
     fast = []  # blocks the numpy path (utils/data/fast_words.py) numbered; None: left to the Python path
-    monkeypatch.setattr(vocabulary, "first_seen_ids", lambda text: fast.append(first_seen_ids(text)) or fast[-1])
+    monkeypatch.setattr(vocabulary, "scan_words", lambda text: fast.append(scan_words(text)) or fast[-1])
     rng = random.Random(seed)
     corpus = (lambda: random_corpus(rng, 60, LONG_WORDS, ASCII_SPACES)) if ascii_spaces else (lambda: random_corpus(rng, 60))
     paths = [write(tmp_path / f"{s}.txt", corpus()) for s in ("train", "valid", "test")]

@@ -23,22 +23,25 @@ its own ids. The result equals `text.replace("\\n", f" {marker} ").split()` numb
 import numpy as np
 
 # The ASCII characters str.split() treats as whitespace (\t \n \v \f \r, \x1c-\x1f, space) ...
-_ASCII_SPACE = bytes(c in (9, 10, 11, 12, 13, 28, 29, 30, 31, 32) for c in range(256))  # a bytes.translate table
+_SPACE_BUT_LINE_END = bytes(c in (9, 11, 12, 13, 28, 29, 30, 31, 32) for c in range(256))  # (scan: "\n" is a token)
 # ... and the UTF-8 bytes of the non-ASCII ones (U+0085, U+00A0, U+1680, U+2000-U+200A, U+2028, U+2029,
 # U+202F, U+205F, U+3000): a block that has one goes to the Python path.
 _OTHER_SPACES = [chr(c).encode("utf-8") for c in (0x85, 0xA0, 0x1680, *range(0x2000, 0x200B), 0x2028, 0x2029, 0x202F,
                                                   0x205F, 0x3000)]
 
 
-def _has_other_space(padded: np.ndarray, size: int) -> bool:
-    """Whether the UTF-8 bytes padded[1 : size + 1] hold one of _OTHER_SPACES (all start with 0xC2 or above)."""
-    lead = np.flatnonzero(padded[1 : size + 1] >= 0xC2) + 1
+def _has_other_space(buf: np.ndarray) -> bool:
+    """Whether the UTF-8 bytes `buf` (which end with at least 2 ASCII bytes) hold one of _OTHER_SPACES (all
+    start with 0xC2 or above)."""
+    lead = np.flatnonzero(buf >= 0xC2)
     if not len(lead):
         return False
-    code = (padded[lead].astype(np.int64) << 16) | (padded[lead + 1].astype(np.int64) << 8) | padded[lead + 2]
+    code = (buf[lead].astype(np.int64) << 16) | (buf[lead + 1].astype(np.int64) << 8) | buf[lead + 2]
     two = np.array([int.from_bytes(s, "big") << 8 for s in _OTHER_SPACES if len(s) == 2])
     three = np.array([int.from_bytes(s, "big") for s in _OTHER_SPACES if len(s) == 3])
     return bool(np.isin(code & ~0xFF, two).any() or np.isin(code, three).any())
+
+
 # _LOW_BYTES[k]: the mask that keeps the first k bytes of a little-endian 8-byte word (k = 0..8).
 _LOW_BYTES = np.array([(1 << (8 * k)) - 1 for k in range(8)] + [(1 << 64) - 1], np.uint64)
 _MAX_TABLE_BITS = 18
@@ -98,38 +101,77 @@ def _group(h: np.ndarray) -> tuple[np.ndarray, int]:
     return group, n_groups
 
 
-def _decode(padded: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> list[str]:
-    """The tokens at `starts` (offsets in `padded`) as strings: their bytes gathered space-separated, one
+def _decode(buf: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> list[str]:
+    """The tokens at `starts` (offsets in `buf`) as strings: their bytes gathered space-separated, one
     decode and one split (tokens have no spaces, and each one is whole UTF-8 characters)."""
     if not len(starts):
         return []
     ends = np.cumsum(lengths + 1)
     out = np.full(int(ends[-1]) - 1, 32, np.uint8)
     within = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    out[np.repeat(ends - lengths - 1, lengths) + within] = padded[np.repeat(starts, lengths) + within]
+    out[np.repeat(ends - lengths - 1, lengths) + within] = buf[np.repeat(starts, lengths) + within]
     return out.tobytes().decode("utf-8").split(" ")
 
 
-def first_seen_ids(text: str) -> tuple[list[str], np.ndarray] | None:
-    """(symbols, ids) of `text` split on whitespace: `symbols` the distinct tokens in first-seen order, `ids`
-    (int64) the index in `symbols` of each token with LINE_END (-2) at each newline; None when the block has
-    non-ASCII whitespace (or, against all odds, a hash collision): the caller then takes the Python path."""
-    # (offsets below are in `data`; `padded` holds data at 1 .. size)
-    data = text.encode("utf-8")
-    size = len(data)
-    padded = np.zeros(size + 16, np.uint8)
-    padded[1 : size + 1] = np.frombuffer(data, np.uint8)  # a 0 before, zeros after for 8-byte reads
-    if _has_other_space(padded, size):
+def settle_allocator(nbytes: int = 32 << 20) -> None:
+    """Let freed block-sized arrays stay with the process instead of going back to the system at once.
+
+    glibc's malloc serves a request above its mmap threshold (128 KB at start) with a fresh mmap, and gives the
+    top of its heap back once more than twice that threshold is free there; each time a large block of memory
+    is freed through mmap it raises both to that size. Until that has happened, every temporary array of a
+    block (a few MB each, a dozen per block) is new memory, and its page faults cost about as much as the
+    arithmetic (a WikiText-103 valid block: ~4,500 faults, 20 ms instead of 11 ms). Allocating and freeing one
+    `nbytes` buffer (never touched: no page is faulted in) raises the threshold as glibc's own heuristic would
+    after any large free; the process may then keep up to 2 x nbytes of freed memory for reuse. Elsewhere
+    (another malloc) this is one harmless allocation."""
+    np.empty(nbytes, np.uint8)
+
+
+# A line end is a token of its own (see _scan): the 1-byte token "\n", which no word can be (it is whitespace).
+_LINE_END_KEY = np.uint64((1 << 56) | 10)
+_PAD = b" " * 15  # after the text: 8-byte reads past a token's end stay inside the buffer (those bytes are masked)
+
+
+class WordBlock:
+    """A block of text tokenized and grouped by `scan_words`: `symbols` (the distinct tokens in first-seen order, line
+    ends not included), `group` (a group number per token, line ends included) and the group of each symbol.
+    `ids(values)` and `counts()` turn per-symbol values into per-token ones with one pass over the tokens."""
+
+    def __init__(self, symbols: list[str], group: np.ndarray, n_groups: int, symbol_groups: np.ndarray,
+                 line_end_group: int | None):
+        self.symbols, self.group, self.n_groups = symbols, group, n_groups
+        self.symbol_groups, self.line_end_group = symbol_groups, line_end_group
+
+    def ids(self, values: np.ndarray, line_end: int = -2) -> np.ndarray:
+        """values[i] for each token of symbol i, `line_end` at each line end (int64)."""
+        table = np.empty(self.n_groups, np.int64)
+        table[self.symbol_groups] = values
+        if self.line_end_group is not None:
+            table[self.line_end_group] = line_end
+        return table[self.group]
+
+    def counts(self) -> np.ndarray:
+        """How many times each symbol occurs in the block (int64, in the order of `symbols`)."""
+        return np.bincount(self.group, minlength=self.n_groups)[self.symbol_groups]
+
+
+def scan_words(text: str) -> WordBlock | None:
+    """`text` split on whitespace, each line end ("\n") kept as a token, the tokens grouped by equal value (see
+    the module docstring); None when the block has non-ASCII whitespace (or, against all odds, a hash
+    collision): the caller then takes the Python path."""
+    data = text.encode("utf-8").replace(b"\n", b" \n ")  # a line end becomes a token of its own
+    buf = b"".join((b" ", data, _PAD))  # (offsets below are in buf; the leading space starts the first token)
+    array = np.frombuffer(buf, np.uint8)
+    if not text.isascii() and _has_other_space(array):
         return None
-    space = np.frombuffer(b"\x01" + data.translate(_ASCII_SPACE) + b"\x01", bool)  # (translate: C speed)
-    edges = np.flatnonzero(space[1:] != space[:-1])  # start, end, start, end ... (offsets in data)
-    starts, ends = edges[0::2], edges[1::2]
-    newlines = np.flatnonzero(padded[1 : size + 1] == 10)
+    space = np.frombuffer(buf.translate(_SPACE_BUT_LINE_END), np.bool_)  # (translate: C speed)
+    edges = np.flatnonzero(space[1:] != space[:-1])  # before a start, before an end, ... (buf has spaces around)
+    starts = edges[0::2] + 1
+    lengths = edges[1::2] - edges[0::2]
     n = len(starts)
     if n == 0:
-        return [], np.full(len(newlines), -2, np.int64)
-    lengths = ends - starts
-    words_at = np.ndarray((size + 8,), "<u8", buffer=padded, offset=1, strides=(1,))  # unaligned: bytes i .. i+7
+        return WordBlock([], np.zeros(0, np.int64), 0, np.zeros(0, np.int64), None)
+    words_at = np.ndarray((len(buf) - 7,), "<u8", buffer=buf, strides=(1,))  # unaligned: bytes i .. i+7
     first_word = _words(words_at, starts, lengths, 0)
     # A token of up to 7 bytes is its own key: its bytes, and its length in the top byte (exact, top bit 0).
     key = lengths.astype(np.uint64)
@@ -148,17 +190,14 @@ def first_seen_ids(text: str) -> tuple[list[str], np.ndarray] | None:
             more = more[long_lengths[more] > 8 * k]
         key[long] = h | np.uint64(1 << 63)
     group, n_groups = _group(key)
-    # number the groups in the order of their first token
+    # the first token of each group, then the groups in the order of their first token
     first = np.full(n_groups, n, np.int64)
     np.minimum.at(first, group, np.arange(n))
-    reps = np.sort(first[first < n])  # the first token of each group, in text order
-    local = np.empty(n_groups, np.int64)
-    local[group[reps]] = np.arange(len(reps))
-    ids = local[group]
+    reps = np.sort(first[first < n])
     # A long token's group is its hash's: check that it equals the group's first token (the same length and the
     # same bytes, 8 at a time) rather than trust the hash.
     if len(long):
-        rep = reps[ids[long]]
+        rep = first[group[long]]
         if not ((lengths[rep] == long_lengths).all() and (first_word[rep] == first_word[long]).all()):
             return None
         more = np.flatnonzero(long_lengths > 8)
@@ -169,7 +208,18 @@ def first_seen_ids(text: str) -> tuple[list[str], np.ndarray] | None:
                 return None
             k += 1
             more = more[long_lengths[more] > 8 * k]
-    symbols = _decode(padded, starts[reps] + 1, lengths[reps])
-    if len(newlines):
-        ids = np.insert(ids, np.searchsorted(starts, newlines), -2)
-    return symbols, ids
+    line_end = key[reps] == _LINE_END_KEY
+    at = np.flatnonzero(line_end)
+    line_end_group = int(group[reps[at[0]]]) if len(at) else None
+    reps = reps[~line_end]
+    return WordBlock(_decode(array, starts[reps], lengths[reps]), group, n_groups, group[reps], line_end_group)
+
+
+def first_seen_ids(text: str) -> tuple[list[str], np.ndarray] | None:
+    """(symbols, ids) of `text` split on whitespace: `symbols` the distinct tokens in first-seen order, `ids`
+    (int64) the index in `symbols` of each token with LINE_END (-2) at each newline; None when the block has
+    non-ASCII whitespace (or, against all odds, a hash collision): the caller then takes the Python path."""
+    block = scan_words(text)
+    if block is None:
+        return None
+    return block.symbols, block.ids(np.arange(len(block.symbols)))

@@ -36,7 +36,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from utils.data.fast_words import first_seen_ids
+from utils.data.fast_words import scan_words, settle_allocator
 from utils.io.errors import UserError
 
 VOCAB_FORMAT = 1
@@ -244,32 +244,36 @@ class Vocab:
         return symbols
 
     def _id_blocks(
-        self, path: str | os.PathLike, table: dict[str, int], progress: bool = False, desc: str = "reading"
-    ) -> Iterator[tuple[np.ndarray, Callable[[int], str], int]]:
-        """Yield (ids, word_of, first_line) per block of `path`, lower-cased when asked: the ids of the
-        block's symbols in `table` (see `_map`) with LINE_END after each line, and `word_of(pos)` the symbol
-        at position `pos` of the ids (for error messages).
+        self, path: str | os.PathLike, table: dict[str, int], progress: bool = False, desc: str = "reading",
+        count: bool = False,
+    ) -> Iterator[tuple[np.ndarray, Callable[[int], str], int, tuple | None]]:
+        """Yield (ids, word_of, first_line, counted) per block of `path`, lower-cased when asked: the ids of
+        the block's symbols in `table` (see `_map`) with LINE_END after each line, `word_of(pos)` the symbol
+        at position `pos` of the ids (for error messages), and with `count` on the numpy path
+        `counted = (ids of the block's distinct symbols, their counts)` (else None: count `ids` yourself).
 
-        Word-level blocks are tokenized and numbered in numpy (utils/data/fast_words.py); only the block's
+        Word-level blocks are tokenized and grouped in numpy (utils/data/fast_words.py); only the block's
         distinct symbols are then looked up in `table`, in first-seen order, so a _FirstSeenIds table numbers
         them as a per-token pass would. Other blocks take the Python path (one split of the whole block).
         """
         chunks = iter_text_chunks(
             path, split_long_lines=self.delimiter is None, progress=progress, desc=f"{desc} {Path(path).name}"
         )
+        if self.delimiter is None:
+            settle_allocator()
         for text, first_line in chunks:
             if self.lower_case:
                 text = text.lower()
-            fast = first_seen_ids(text) if self.delimiter is None else None
-            if fast is not None:
-                symbols, local = fast
-                lookup = np.empty(len(symbols) + 2, np.int64)
+            block = scan_words(text) if self.delimiter is None else None
+            if block is not None:
+                symbols = block.symbols
                 if isinstance(table, _FirstSeenIds):
-                    lookup[: len(symbols)] = table.ids_of_distinct(symbols)
+                    distinct = table.ids_of_distinct(symbols)
                 else:
-                    lookup[: len(symbols)] = self._map(table, symbols, "\n")  # no symbol holds a newline
-                lookup[-2] = LINE_END  # local ids are LINE_END (-2) at line ends: lookup[-2] keeps them so
-                yield lookup[local], lambda pos, symbols=symbols, local=local: symbols[local[pos]], first_line
+                    distinct = self._map(table, symbols, "\n")  # no symbol holds a newline
+                counted = (distinct, block.counts()) if count else None
+                word_of = lambda pos, block=block: block.symbols[block.ids(np.arange(len(block.symbols)))[pos]]
+                yield block.ids(distinct, LINE_END), word_of, first_line, counted
                 continue
             marker = _pick_marker(text)
             if self.delimiter is None:  # one split of the whole block equals per-line strip().split()
@@ -280,12 +284,18 @@ class Vocab:
                     line = line.strip()
                     tokens.extend(list(line) if self.delimiter == "" else line.split(self.delimiter))
                     tokens.append(marker)
-            yield self._map(table, tokens, marker), tokens.__getitem__, first_line
+            yield self._map(table, tokens, marker), tokens.__getitem__, first_line, None
 
     def _add_counts(self, ids: np.ndarray, counts: np.ndarray | None = None) -> None:
         total = np.bincount(ids, weights=counts, minlength=self._prov.n).astype(np.int64)
         total[: len(self._counts)] += self._counts
         self._counts = total
+
+    def _add_distinct_counts(self, ids: np.ndarray, counts: np.ndarray) -> None:
+        """Add `counts` to the provisional ids `ids` (distinct, so one fancy += adds each once)."""
+        if len(self._counts) < self._prov.n:
+            self._counts = np.concatenate((self._counts, np.zeros(self._prov.n - len(self._counts), np.int64)))
+        self._counts[ids] += counts
 
     @staticmethod
     def _map(table: dict[str, int], tokens: list[str], marker: str) -> np.ndarray:
@@ -315,8 +325,11 @@ class Vocab:
         """
         if verbose:
             print(f"counting file {path} ...", flush=True)
-        for ids, _, _ in self._id_blocks(path, self._prov, progress=progress, desc="counting"):
-            self._add_counts(ids[ids >= 0])
+        for ids, _, _, counted in self._id_blocks(path, self._prov, progress=progress, desc="counting", count=True):
+            if counted is None:
+                self._add_counts(ids[ids >= 0])
+            else:
+                self._add_distinct_counts(*counted)
             if sink is not None:
                 sink(ids)
 
@@ -409,7 +422,7 @@ class Vocab:
         """Encode a file block by block: yields (ids int64, line starts within the block)."""
         eos_idx, s_idx = self._line_ends_ids(path, add_eos, add_double_eos)
         table = dict(self.sym2idx)
-        for ids, word_of, first_line in self._id_blocks(path, table, progress=progress, desc="encoding"):
+        for ids, word_of, first_line, _ in self._id_blocks(path, table, progress=progress, desc="encoding"):
             self._fill_unknown(ids, path, first_line, word_of)
             yield finish_line_ends(ids, add_eos, add_double_eos, eos_idx, s_idx)
 
