@@ -115,6 +115,7 @@ def iter_text_chunks(
 
         bar = tqdm(total=size, unit="B", unit_scale=True, desc=desc or f"reading {path.name}", leave=False)
     line = 1
+    last = ""  # the block yielded last: its lines are counted (a pass over it) only once another block is read
     pending: list[str] = []
     pending_len = 0
     open_line = False
@@ -122,6 +123,9 @@ def iter_text_chunks(
         with open(path, encoding="utf-8") as f:
             done = 0
             while block := f.read(_CHUNK_CHARS):
+                if last:  # (a block follows it: the next yield starts on a later line)
+                    line += last.count("\n")
+                    last = ""
                 if bar is not None:
                     now = f.buffer.tell()
                     bar.update(now - done)
@@ -137,7 +141,7 @@ def iter_text_chunks(
                 pending = [block[cut:]] if cut < len(block) else []
                 pending_len = len(block) - cut
                 yield text, line
-                line += text.count("\n")
+                last = text
                 open_line = not text.endswith("\n")
     except UnicodeDecodeError:
         raise UserError(_decode_error_message(path)) from None
@@ -146,6 +150,7 @@ def iter_text_chunks(
             bar.close()
     tail = "".join(pending)
     if tail or open_line:  # the last line had no newline (or was cut at a space and ends here)
+        line += last.count("\n")
         yield (tail + "\n" if add_final_newline else tail), line
 
 
@@ -333,6 +338,13 @@ class Vocab:
             if sink is not None:
                 sink(ids)
 
+    def drop_counts(self) -> None:
+        """Forget the counting state (provisional ids and counts): what is left is the vocabulary as its JSON
+        (`to_dict`) holds it."""
+        self._prov = _FirstSeenIds()
+        self._counts = np.zeros(0, np.int64)
+        self._remap = None
+
     @property
     def counter(self) -> collections.Counter:
         """The counts as a Counter in first-seen order (what the reference's `vocab.counter` holds)."""
@@ -358,8 +370,10 @@ class Vocab:
             if len(below):
                 order = order[: below[0]]
         idx2sym = list(dict.fromkeys(self.special))
-        specials = set(idx2sym)
-        idx2sym += [syms[i] for i in order.tolist() if syms[i] not in specials]
+        special_ids = [i for i in map(self._prov.get, idx2sym) if i is not None]  # counted specials keep their place
+        if special_ids:
+            order = order[~np.isin(order, special_ids)]
+        idx2sym += map(syms.__getitem__, order.tolist())
         self._set_symbols(idx2sym)
         if verbose:
             print(f"final vocab size {len(self)} from {len(syms)} unique tokens", flush=True)
@@ -384,7 +398,7 @@ class Vocab:
     def _set_symbols(self, idx2sym: list[str]) -> None:
         self._remap = None
         self.idx2sym = idx2sym
-        self.sym2idx = {sym: i for i, sym in enumerate(idx2sym)}
+        self.sym2idx = dict(zip(idx2sym, range(len(idx2sym))))
         self.eos_idx = self.sym2idx.get(EOS)
         self.unk_idx = self.sym2idx.get("<unk>", self.sym2idx.get("<UNK>"))
 
@@ -465,11 +479,26 @@ class Vocab:
         path: str | os.PathLike,
         add_eos: bool = True,
         add_double_eos: bool = False,
-    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Turn the provisional id blocks that count_file gave its sink into final (ids, line starts)."""
+        starts: bool = True,
+        dtype=np.int64,
+    ) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+        """Turn the provisional id blocks that count_file gave its sink into final (ids, line starts).
+
+        `starts=False`: the line starts are not wanted (None is yielded instead); then, where lines end with
+        <eos> and every provisional id has a final one (or <unk> stands for those that have not), each block
+        is a single gather from a table that maps line ends to <eos> too, into `dtype` (which must hold every
+        id; other cases give int64)."""
         eos_idx, s_idx = self._line_ends_ids(path, add_eos, add_double_eos)
         # one gather per block: the provisional LINE_END (-2) indexes lookup[-2], which keeps it
         lookup = np.concatenate((self.remap_provisional(), [LINE_END, _MISSING]))
+        if not starts and add_eos and not add_double_eos and (self.unk_idx is not None or (lookup[:-2] >= 0).all()):
+            table = lookup.copy()
+            table[table == _MISSING] = self.unk_idx if self.unk_idx is not None else 0  # (only table[-1]: unused)
+            table[-2] = eos_idx
+            table = table.astype(dtype)
+            for prov in blocks:
+                yield table[prov], None
+            return
         line = 1
         for prov in blocks:
             prov = np.asarray(prov)
