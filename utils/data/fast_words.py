@@ -113,7 +113,7 @@ def _decode(buf: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> list[st
     return out.tobytes().decode("utf-8").split(" ")
 
 
-def settle_allocator(nbytes: int = 32 << 20) -> None:
+def settle_allocator(nbytes: int = 30 << 20) -> None:
     """Let freed block-sized arrays stay with the process instead of going back to the system at once.
 
     glibc's malloc serves a request above its mmap threshold (128 KB at start) with a fresh mmap, and gives the
