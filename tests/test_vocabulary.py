@@ -96,6 +96,9 @@ def test_build_and_encode_match_the_reference_rule(tmp_path, seed, chunked, asci
         for path in paths:
             got = np.concatenate([ids for ids, _ in one.finish_provisional(blocks[path], path)])
             assert got.tolist() == ref.encode(path, expected, lower, add_eos=True)
+            # the cache build's single gather (no line starts wanted), into the file's dtype
+            fast = [ids for ids, starts in one.finish_provisional(blocks[path], path, starts=False, dtype=np.uint16)]
+            assert all(ids.dtype == np.uint16 for ids in fast) and np.concatenate(fast).tolist() == got.tolist()
     if ascii_spaces:  # the numpy path numbered every block
         assert fast and all(f is not None for f in fast)
 
