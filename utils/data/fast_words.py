@@ -44,6 +44,7 @@ def _has_other_space(buf: np.ndarray) -> bool:
 
 # _LOW_BYTES[k]: the mask that keeps the first k bytes of a little-endian 8-byte word (k = 0..8).
 _LOW_BYTES = np.array([(1 << (8 * k)) - 1 for k in range(8)] + [(1 << 64) - 1], np.uint64)
+_SPACES_AFTER = ~_LOW_BYTES & np.uint64(0x2020202020202020)  # spaces in the bytes that _LOW_BYTES[k] clears
 _MAX_TABLE_BITS = 18
 _ROUND_MULTIPLIERS = [np.uint64(m) for m in (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9,
                                               0xD6E8FEB86659FD93, 0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53,
@@ -101,16 +102,26 @@ def _group(h: np.ndarray) -> tuple[np.ndarray, int]:
     return group, n_groups
 
 
-def _decode(buf: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> list[str]:
-    """The tokens at `starts` (offsets in `buf`) as strings: their bytes gathered space-separated, one
-    decode and one split (tokens have no spaces, and each one is whole UTF-8 characters)."""
+def _decode(words_at: np.ndarray, first_word: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> list[str] | None:
+    """The tokens at `starts` as strings (`first_word`: their first 8 bytes as `_words` gives them): each one
+    written as whole 8-byte words, the bytes after its end spaces (at least one), so that one decode and one
+    `split()` give them back (a token has no whitespace, and is whole UTF-8 characters). None if the count
+    does not come out (it cannot: the caller then takes the Python path)."""
     if not len(starts):
         return []
-    ends = np.cumsum(lengths + 1)
-    out = np.full(int(ends[-1]) - 1, 32, np.uint8)
-    within = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    out[np.repeat(ends - lengths - 1, lengths) + within] = buf[np.repeat(starts, lengths) + within]
-    return out.tobytes().decode("utf-8").split(" ")
+    n_words = lengths // 8 + 1
+    slot = np.cumsum(n_words) - n_words
+    out = np.empty(int(slot[-1] + n_words[-1]), "<u8")
+    out[slot] = first_word | _SPACES_AFTER[np.minimum(lengths, 8)]
+    more = np.flatnonzero(lengths >= 8)
+    k = 1
+    while len(more):
+        rest = lengths[more] - 8 * k
+        out[slot[more] + k] = _words(words_at, starts[more], lengths[more], k) | _SPACES_AFTER[np.clip(rest, 0, 8)]
+        k += 1
+        more = more[rest >= 8]
+    symbols = out.tobytes().decode("utf-8").split()
+    return symbols if len(symbols) == len(starts) else None
 
 
 def settle_allocator(nbytes: int = 30 << 20) -> None:
@@ -193,7 +204,9 @@ def scan_words(text: str) -> WordBlock | None:
     # the first token of each group, then the groups in the order of their first token
     first = np.full(n_groups, n, np.int64)
     np.minimum.at(first, group, np.arange(n))
-    reps = np.sort(first[first < n])
+    is_first = np.zeros(n, np.bool_)
+    is_first[first[first < n]] = True
+    reps = np.flatnonzero(is_first)  # (in text order: no sort)
     # A long token's group is its hash's: check that it equals the group's first token (the same length and the
     # same bytes, 8 at a time) rather than trust the hash.
     if len(long):
@@ -212,7 +225,10 @@ def scan_words(text: str) -> WordBlock | None:
     at = np.flatnonzero(line_end)
     line_end_group = int(group[reps[at[0]]]) if len(at) else None
     reps = reps[~line_end]
-    return WordBlock(_decode(array, starts[reps], lengths[reps]), group, n_groups, group[reps], line_end_group)
+    symbols = _decode(words_at, first_word[reps], starts[reps], lengths[reps])
+    if symbols is None:
+        return None
+    return WordBlock(symbols, group, n_groups, group[reps], line_end_group)
 
 
 def first_seen_ids(text: str) -> tuple[list[str], np.ndarray] | None:

@@ -63,7 +63,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from utils.data.fast_words import first_seen_ids
+from utils.data.fast_words import first_seen_ids, settle_allocator
 from utils.io.atomic import atomic_open, write_text_atomic
 from utils.io.errors import UserError
 
@@ -973,6 +973,7 @@ def prepare_corpus(inputs: Sequence[str | os.PathLike], output: str | os.PathLik
     if (out / "manifest.json").exists() and not overwrite:
         raise UserError(f"{out}: already holds a prepared corpus; pass --overwrite or another --output")
     workers = max(1, workers or os.cpu_count() or 1)
+    settle_allocator()  # (before the workers fork: they keep the setting) block-sized arrays without page-fault churn
     if "fork" not in multiprocessing.get_all_start_methods():
         workers = 1  # the workers' symbol keys (string hashes) must be this process's: forked workers only
     total_bytes = sum(f.stat().st_size for f in files)
