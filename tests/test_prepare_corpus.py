@@ -352,10 +352,12 @@ def test_candidate_maps_equal_the_string_look_up_and_a_hash_collision_is_left_to
                 assert np.load(mapped).tolist() == [table.get(s, k + 2) for s in symbols]
 
     keys = np.sort(prepare.symbol_keys(["cc", "aa", "bb", "ff"]))
-    names = prepare._resolve(work, len(chunks), keys, opts)
+    real = prepare.symbol_keys
+    monkeypatch.setattr(prepare, "symbol_keys", lambda symbols: pytest.fail("hashed again"))
+    names = prepare._resolve(work, len(chunks), keys, opts)  # (the keys kept in the chunk files serve)
     assert names == ["aa", "bb", "cc", "ff"]  # first-seen order
     check(names, [True, True])
-    real = prepare.symbol_keys
+    monkeypatch.setattr(prepare, "_hash_tag", lambda: 12345)  # chunks of another run (hash): hashed again
     monkeypatch.setattr(prepare, "symbol_keys", lambda symbols: real(["aa" if s == "zz" else s for s in symbols]))
     names = prepare._resolve(work, len(chunks), keys, opts)  # "zz" now has the key of "aa"
     assert names == ["aa", "bb", "cc", "ff"]

@@ -631,13 +631,20 @@ def _bpe_ids(records) -> tuple[np.ndarray, list[int]]:
     return ids, [len(p) for p in parts]
 
 
-def _write_chunk(path: Path, ids, symbols: list[str], lengths, ends, bad: int) -> None:
+def _hash_tag() -> int:
+    """Marks keys made by this process's string hash (and its forked workers'): another run's differ."""
+    return hash("prepare_corpus: the string hash of this run")
+
+
+def _write_chunk(path: Path, ids, symbols: list[str], lengths, ends, bad: int, keys=None) -> None:
     # no symbol holds a newline (lines are split on it first, and doc_separator has no whitespace), so the
-    # symbol list is stored newline-joined
+    # symbol list is stored newline-joined; `keys` (symbol_keys of the symbols) are kept with _hash_tag so
+    # that _resolve need not hash the symbols again in this run
+    extra = {} if keys is None else {"keys": keys, "hash_tag": np.int64(_hash_tag())}
     with atomic_open(path, "wb") as f:
         np.savez(f, ids=ids, symbols=np.frombuffer("\n".join(symbols).encode("utf-8"), np.uint8),
                  n_symbols=np.int64(len(symbols)), lengths=np.asarray(lengths, np.int64),
-                 ends=np.asarray(ends, np.bool_), bad=np.int64(bad))
+                 ends=np.asarray(ends, np.bool_), bad=np.int64(bad), **extra)
 
 
 def read_chunk(path: Path, only: tuple[str, ...] | None = None) -> dict:
@@ -676,15 +683,16 @@ def tokenize_chunk(job: tuple[Chunk | None, Path]) -> tuple[np.ndarray, np.ndarr
             ids = np.fromiter(map(table.__getitem__, tokens), np.uint32, len(tokens))
             symbols = list(table)
         ends = [e for _, e in records]
-        _write_chunk(path, ids, symbols, lengths, ends, bad)
+        keys = symbol_keys(symbols)
+        _write_chunk(path, ids, symbols, lengths, ends, bad, keys)
+    if chunk is None:
+        keys = symbol_keys(symbols)
     counts = np.bincount(ids, minlength=len(symbols))
-    keys = symbol_keys(symbols)
     keep = np.ones(len(symbols), np.bool_)
     for special in _WORKER["opts"].specials():
-        try:
-            keep[symbols.index(special)] = False
-        except ValueError:
-            pass
+        at = _find(symbols, keys, special)
+        if at >= 0:
+            keep[at] = False
     # sorted and distinct (two symbols with one hash count as one), so that the main process's merge need not
     # sort: that work is spread over the workers
     keys, inverse = np.unique(keys[keep], return_inverse=True)
@@ -815,17 +823,22 @@ def _chunk_hits(path: Path) -> tuple[int, np.ndarray, np.ndarray, list[str], int
     """A chunk's symbols whose key is a candidate key (in a worker): (number of symbols, their local ids, the
     keys' positions, their strings, the local id of <eos> and of the separator or -1)."""
     keys, opts = _RESOLVING["keys"], _RESOLVING["opts"]
-    symbols = read_chunk(path, only=())["symbols"]
-    mine = symbol_keys(symbols)
+    data = read_chunk(path, only=("keys", "hash_tag"))
+    symbols = data["symbols"]
+    stored = "keys" in data and int(data["hash_tag"]) == _hash_tag()  # (a resumed run's chunks: another hash)
+    mine = data["keys"] if stored else symbol_keys(symbols)
     pos = np.minimum(np.searchsorted(keys, mine), max(len(keys) - 1, 0))
     hit = np.flatnonzero((keys[pos] == mine) if len(keys) else np.zeros(len(mine), np.bool_))
-    specials = []
-    for special in (EOS, opts.doc_separator):
-        try:
-            specials.append(symbols.index(special))
-        except ValueError:
-            specials.append(-1)
+    specials = [_find(symbols, mine, special) for special in (EOS, opts.doc_separator)]
     return len(symbols), hit, pos[hit], _pick(symbols, hit), *specials
+
+
+def _find(symbols: list[str], keys: np.ndarray, symbol: str) -> int:
+    """symbols.index(symbol) (the symbols are distinct), or -1: among the symbols of its key (symbol_keys)."""
+    for at in np.flatnonzero(keys == hash(symbol)).tolist():
+        if symbols[at] == symbol:
+            return at
+    return -1
 
 
 def _pick(items: list, at: np.ndarray) -> list:
