@@ -269,6 +269,9 @@ def flatten_jsonl(src: Path, dst: Path) -> None:
 
 
 PEAK_RSS = """
+def cpu_seconds():  # user + system time of this process and of its finished children (the workers)
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 def peak_rss_mb():
     # VmHWM: this process's own peak (ru_maxrss would include the parent's memory at the fork before exec)
     try:
@@ -282,10 +285,10 @@ PREPARE_CHILD = """
 import json, resource, time
 """ + PEAK_RSS + """
 from utils.data.prepare import Options, prepare_corpus
-t = time.perf_counter()
+t, cpu0 = time.perf_counter(), cpu_seconds()
 m = prepare_corpus({inputs!r}, {out!r}, Options(**{opts!r}), workers={workers}, progress=False)
 seconds = time.perf_counter() - t
-print(json.dumps({{"seconds": seconds, "main_rss_mb": peak_rss_mb(),
+print(json.dumps({{"seconds": seconds, "cpu_s": cpu_seconds() - cpu0, "main_rss_mb": peak_rss_mb(),
                   "worker_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
                   "tokens": m["n_tokens"], "docs": m["n_docs"], "vocab": m["vocab"]["size"],
                   "unk_fraction": m["unk_fraction"], "exact": m["counting"]["exact"],
@@ -306,12 +309,12 @@ class Vocab(BaselineVocab):  # the reference's Vocab with max_size and <unk> (re
         self.unk_idx = self.sym2idx["<unk>"]
     def get_idx(self, sym):
         return self.sym2idx.get(sym, self.unk_idx)
-t = time.perf_counter()
+t, cpu0 = time.perf_counter(), cpu_seconds()
 v = Vocab(special=["<eos>", "<unk>"])
 v.count_file({path!r})
 v.build_vocab()
 n = len(v.encode_file({path!r}))
-print(json.dumps({{"seconds": time.perf_counter() - t, "tokens": n, "vocab": len(v.idx2sym),
+print(json.dumps({{"seconds": time.perf_counter() - t, "cpu_s": cpu_seconds() - cpu0, "tokens": n, "vocab": len(v.idx2sym),
                   "distinct": len(v.counter), "rss_mb": peak_rss_mb()}}))
 """
 
@@ -393,7 +396,9 @@ def wiki_benchmark(args, tmp: Path, results: dict) -> None:
             shutil.rmtree(tmp / "flat", ignore_errors=True)
             ourss.append(run_child(PREPARE_CHILD.format(inputs=[str(flat)], out=str(tmp / "flat"), opts={
                 **opts, "text_docs": "paragraph"}, workers=max(args.workers))))
-            print(f"  run {i + 1}: reference {refs[-1]['seconds']:.1f} s, ours {ourss[-1]['seconds']:.1f} s", flush=True)
+            print(f"  run {i + 1}: reference {refs[-1]['seconds']:.1f} s, ours {ourss[-1]['seconds']:.1f} s "
+                  f"({refs[-1]['seconds'] / ourss[-1]['seconds']:.1f}x; CPU time {refs[-1]['cpu_s']:.1f} s against "
+                  f"{ourss[-1]['cpu_s']:.1f} s in all processes; load average {os.getloadavg()[0]:.1f})", flush=True)
         ref = {**min(refs, key=lambda r: r["seconds"]), "rss_mb": max(r["rss_mb"] for r in refs)}
         ours = {**min(ourss, key=lambda r: r["seconds"]), "main_rss_mb": max(r["main_rss_mb"] for r in ourss),
                 "worker_rss_mb": max(r["worker_rss_mb"] for r in ourss)}
@@ -405,6 +410,11 @@ def wiki_benchmark(args, tmp: Path, results: dict) -> None:
         print(f"  prepare_corpus, {max(args.workers)} workers (text)      {ours['seconds']:7.1f} s  peak RSS main "
               f"{ours['main_rss_mb']:.0f} MB + {max(args.workers)} x {ours['worker_rss_mb']:.0f} MB = {ours_rss:.0f} MB;"
               f"  {ref['seconds'] / ours['seconds']:.1f}x faster, {ref['rss_mb'] / ours_rss:.1f}x less memory", flush=True)
+        pair_ratios = [r["seconds"] / o["seconds"] for r, o in zip(refs, ourss)]
+        print(f"  speed-up: best of each {ref['seconds'] / ours['seconds']:.1f}x, median of the pairs "
+              f"{statistics.median(pair_ratios):.1f}x (pairs: " + ", ".join(f"{x:.1f}" for x in pair_ratios) + ")",
+              flush=True)
+        rows["flat_pair_ratios"] = pair_ratios
         rows["flat_reference"], rows["flat_ours"] = ref, ours
     results["wiki"] = {"mb": mb, "articles": made["articles"], "identical": same, **rows}
 
