@@ -64,7 +64,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from utils.data.fast_words import first_seen_ids, settle_allocator
-from utils.io.atomic import atomic_open, write_text_atomic
+from utils.io.atomic import atomic_open, fsync_dir, write_text_atomic
 from utils.io.errors import UserError
 
 FORMAT = "txl-prepared-corpus"
@@ -641,7 +641,7 @@ def _write_chunk(path: Path, ids, symbols: list[str], lengths, ends, bad: int, k
     # symbol list is stored newline-joined; `keys` (symbol_keys of the symbols) are kept with _hash_tag so
     # that _resolve need not hash the symbols again in this run
     extra = {} if keys is None else {"keys": keys, "hash_tag": np.int64(_hash_tag())}
-    with atomic_open(path, "wb") as f:
+    with atomic_open(path, "wb", sync_dir=False) as f:  # (the folder is fsynced once, at the end of _count)
         np.savez(f, ids=ids, symbols=np.frombuffer("\n".join(symbols).encode("utf-8"), np.uint8),
                  n_symbols=np.int64(len(symbols)), lengths=np.asarray(lengths, np.int64),
                  ends=np.asarray(ends, np.bool_), bad=np.int64(bad), **extra)
@@ -878,7 +878,7 @@ def _resolve(work: Path, n_chunks: int, keys: np.ndarray, opts: Options, workers
         for code, at in ((k, eos), (k + 1, separator)):
             if at >= 0:
                 candidate[at] = code
-        with atomic_open(path.with_suffix(".candidate.npy"), "wb") as f:
+        with atomic_open(path.with_suffix(".candidate.npy"), "wb", sync_dir=False) as f:  # (as the chunks)
             np.save(f, candidate.astype(np.int32 if k + 3 < 2**31 else np.int64))
     if len(names) != k:  # (cannot happen: every key came from a chunk) the maps would be wrong: drop them
         for made in (work / "chunks").glob("*.candidate.npy"):
@@ -1107,6 +1107,10 @@ def _count(files, opts: Options, work: Path, workers: int, total_bytes: int, pro
                         "(or a larger --count_capacity) to bound the vocabulary")
     keys, threshold, exact = summary.candidates(opts.max_vocab_size, opts.min_freq) if len(summary) else ([], 0, True)
     candidates = _resolve(work, n_chunks, np.asarray(keys, np.int64), opts, workers) if len(keys) else []
+    # Each chunk file and map was fsynced before its rename; their names are made durable here, once, before
+    # pass1.json says that they exist (a chunk whose rename was lost in a crash before this would simply be
+    # tokenized again).
+    fsync_dir(work / "chunks")
     return {"n_docs": n_docs, "n_tokens": n_tokens, "bad_lines": bad, "candidates": candidates, "n_chunks": n_chunks,
             "threshold": threshold, "decrement": summary.decrement, "exact": exact, "prunes": summary.prunes,
             "summary_peak": summary.peak}
