@@ -636,11 +636,11 @@ def _hash_tag() -> int:
     return hash("prepare_corpus: the string hash of this run")
 
 
-def _write_chunk(path: Path, ids, symbols: list[str], lengths, ends, bad: int, keys=None) -> None:
+def _write_chunk(path: Path, ids, symbols: list[str], lengths, ends, bad: int, keys=None, key_order=None) -> None:
     # no symbol holds a newline (lines are split on it first, and doc_separator has no whitespace), so the
-    # symbol list is stored newline-joined; `keys` (symbol_keys of the symbols) are kept with _hash_tag so
-    # that _resolve need not hash the symbols again in this run
-    extra = {} if keys is None else {"keys": keys, "hash_tag": np.int64(_hash_tag())}
+    # symbol list is stored newline-joined; `keys` (symbol_keys of the symbols) and their sorting order are
+    # kept with _hash_tag so that _resolve need not hash the symbols again in this run
+    extra = {} if keys is None else {"keys": keys, "key_order": key_order, "hash_tag": np.int64(_hash_tag())}
     with atomic_open(path, "wb", sync_dir=False) as f:  # (the folder is fsynced once, at the end of _count)
         np.savez(f, ids=ids, symbols=np.frombuffer("\n".join(symbols).encode("utf-8"), np.uint8),
                  n_symbols=np.int64(len(symbols)), lengths=np.asarray(lengths, np.int64),
@@ -684,20 +684,25 @@ def tokenize_chunk(job: tuple[Chunk | None, Path]) -> tuple[np.ndarray, np.ndarr
             symbols = list(table)
         ends = [e for _, e in records]
         keys = symbol_keys(symbols)
-        _write_chunk(path, ids, symbols, lengths, ends, bad, keys)
+        order = np.argsort(keys)
+        _write_chunk(path, ids, symbols, lengths, ends, bad, keys, order)
     if chunk is None:
         keys = symbol_keys(symbols)
+        order = np.argsort(keys)
     counts = np.bincount(ids, minlength=len(symbols))
     keep = np.ones(len(symbols), np.bool_)
     for special in _WORKER["opts"].specials():
         at = _find(symbols, keys, special)
         if at >= 0:
             keep[at] = False
-    # sorted and distinct (two symbols with one hash count as one), so that the main process's merge need not
-    # sort: that work is spread over the workers
-    keys, inverse = np.unique(keys[keep], return_inverse=True)
-    counts = np.bincount(inverse.reshape(-1), weights=counts[keep], minlength=len(keys)).astype(np.int64)
-    return keys, counts, int(np.sum(ends)), len(ids), bad
+    # sorted and distinct (two symbols with one hash count as one: their counts summed), so that the main
+    # process's merge need not sort: that work is spread over the workers
+    order = order[keep[order]]
+    keys, counts = keys[order], counts[order]
+    if len(keys):
+        start = np.flatnonzero(np.concatenate(([True], keys[1:] != keys[:-1])))
+        keys, counts = keys[start], np.add.reduceat(counts, start)
+    return keys, counts.astype(np.int64), int(np.sum(ends)), len(ids), bad
 
 
 def ordered_map(fn, items: Iterable, workers: int, initializer=None, initargs: tuple = (),
@@ -823,11 +828,14 @@ def _chunk_hits(path: Path) -> tuple[int, np.ndarray, np.ndarray, list[str], int
     """A chunk's symbols whose key is a candidate key (in a worker): (number of symbols, their local ids, the
     keys' positions, their strings, the local id of <eos> and of the separator or -1)."""
     keys, opts = _RESOLVING["keys"], _RESOLVING["opts"]
-    data = read_chunk(path, only=("keys", "hash_tag"))
+    data = read_chunk(path, only=("keys", "key_order", "hash_tag"))
     symbols = data["symbols"]
     stored = "keys" in data and int(data["hash_tag"]) == _hash_tag()  # (a resumed run's chunks: another hash)
     mine = data["keys"] if stored else symbol_keys(symbols)
-    pos = np.minimum(np.searchsorted(keys, mine), max(len(keys) - 1, 0))
+    order = data["key_order"] if stored else np.argsort(mine)
+    pos = np.empty(len(mine), np.int64)
+    pos[order] = np.searchsorted(keys, mine[order])  # (sorted needles: each search starts where the last ended)
+    pos = np.minimum(pos, max(len(keys) - 1, 0))
     hit = np.flatnonzero((keys[pos] == mine) if len(keys) else np.zeros(len(mine), np.bool_))
     specials = [_find(symbols, mine, special) for special in (EOS, opts.doc_separator)]
     return len(symbols), hit, pos[hit], _pick(symbols, hit), *specials
