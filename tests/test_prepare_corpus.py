@@ -315,7 +315,7 @@ def test_the_numpy_word_path_gives_what_the_python_path_gives(lower_case):
               "\t", "\r", "\x0b", "\x0c", "\x1c", "\x1f", " ", "  ", "\n", "\n\n", "\n \n"]
     rng = random.Random(1)
     opts = Options(lower_case=lower_case)
-    fast_runs = 0
+    fast_runs = plain_runs = 0
     for _ in range(600):
         records = [("".join(rng.choice(pieces) for _ in range(rng.randint(0, 12))), rng.random() < 0.7)
                    for _ in range(rng.randint(1, 5))]
@@ -325,9 +325,10 @@ def test_the_numpy_word_path_gives_what_the_python_path_gives(lower_case):
             assert lower_case
             continue
         fast_runs += 1
+        plain_runs += not any("<eos>" in text or "<eod>" in text for text, _ in records)  # (_insert_specials)
         ids, symbols, lengths = _python_path_symbols(records, opts)
         assert fast[0].tolist() == ids and fast[1] == symbols and fast[2].tolist() == lengths, records
-    assert fast_runs > 100
+    assert fast_runs > 100 and 50 < plain_runs < fast_runs - 50  # both ways of numbering <eos> and <eod>
     # non-ASCII whitespace (which str.split() splits on) goes to the Python path
     prepare._set_worker(Options())
     assert prepare._fast_word_ids([("a\u00a0b", True)]) is None

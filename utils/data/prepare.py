@@ -601,6 +601,9 @@ def _fast_word_ids(records) -> tuple[np.ndarray, list[str], np.ndarray] | None:
     line_tokens = line_words + nonempty
     lengths = np.add.reduceat(line_tokens, record_last_line - lines_per_record + 1) + ends
     # renumber in first-seen order over the whole stream (the words are in that order among themselves)
+    if min(eos_code, sep_code) >= n_words:  # (the usual case: neither special is a word of the text)
+        ids, symbols = _insert_specials(stream, words, extra, n_words)
+        return ids, symbols, lengths
     n = len(stream)
     first = np.full(n_words + len(extra), n, np.int64)
     is_word = np.flatnonzero(~special)  # the text's own words (not <eos> and separators added)
@@ -618,6 +621,29 @@ def _fast_word_ids(records) -> tuple[np.ndarray, list[str], np.ndarray] | None:
     number[order] = np.arange(len(order))
     every = words + extra
     return number[stream].astype(np.uint32), _pick(every, order), lengths
+
+
+def _insert_specials(stream: np.ndarray, words: list[str], extra: list[str], n_words: int) -> tuple[np.ndarray, list]:
+    """(ids, symbols) of `stream` numbered in first-seen order, where words 0 .. n_words - 1 are already in that
+    order and the codes n_words + i (extra[i], not words of the text) are not: each extra symbol takes its place
+    after the words seen before its first occurrence (the words after it move up by one)."""
+    placed = []  # (first position, words before it, code)
+    for i in range(len(extra)):
+        at = np.flatnonzero(stream == n_words + i)
+        if len(at):
+            before = stream[: at[0]]
+            before = before[before < n_words]
+            placed.append((int(at[0]), int(before.max()) + 1 if len(before) else 0, n_words + i))
+    placed.sort()
+    number = np.arange(n_words + len(extra), dtype=np.int64)
+    shift = np.zeros(n_words + 1, np.int64)
+    symbols = list(words)
+    for rank, (_, k, code) in enumerate(placed):
+        shift[k] += 1
+        number[code] = k + rank
+        symbols.insert(k + rank, extra[code - n_words])
+    number[:n_words] += np.cumsum(shift)[:n_words]
+    return number[stream].astype(np.uint32), symbols
 
 
 def _bpe_ids(records) -> tuple[np.ndarray, list[int]]:
