@@ -118,6 +118,37 @@ def test_a_hash_collision_falls_back_to_the_python_path(tmp_path, monkeypatch):
     assert v.encode_file(path).tolist() == ref.encode(path, expected, False, add_eos=True)
 
 
+def test_symbols_known_by_key_across_blocks_are_checked_byte_for_byte(tmp_path, monkeypatch, small_chunks):
+    """A later block's symbols are found by key in the counting table's KeyTable (not decoded); with every long
+    token hashed alike, a key found with other bytes (another length, or other bytes after the first 8) is
+    treated as not found and looked up by its string, and the ids and counts still follow the rule."""
+    monkeypatch.setattr(fast_words, "_mix", lambda x: x & np.uint64(0))
+    lines = ["abcdefghij", "abcdefghik", "abcdefghij b", "abcdefghijk", "abcdefghik a", "abcdefgh", "b abcdefgh"]
+    path = write(tmp_path / "t.txt", "\n".join(lines) + "\n")  # (blocks of 7 characters: about a line each)
+    decoded = []
+    real = fast_words.WordBlock.decode
+    monkeypatch.setattr(fast_words.WordBlock, "decode", lambda self, which: decoded.extend(real(self, which)) or real(self, which))
+    expected, counter = ref.build_vocab([path], ["<eos>"], False)
+    v = Vocab(special=["<eos>"], lower_case=False).build([path])
+    assert v.idx2sym == expected and list(v.counter.items()) == list(counter.items())
+    assert v.encode_file(path).tolist() == ref.encode(path, expected, False, add_eos=True)
+    one = Vocab(special=["<eos>"], lower_case=False)
+    one.count_file(path)
+    assert list(one.counter.items()) == list(counter.items())
+    assert sorted(set(decoded)) == sorted(counter)
+
+
+def test_a_later_block_decodes_only_its_new_symbols(tmp_path, monkeypatch, small_chunks):
+    path = write(tmp_path / "t.txt", "ab abcdefghijk\n" * 5 + "ab x\n")  # (blocks of 7 characters)
+    decoded = []
+    real = fast_words.WordBlock.decode
+    monkeypatch.setattr(fast_words.WordBlock, "decode", lambda self, which: decoded.extend(real(self, which)) or real(self, which))
+    v = Vocab(special=["<eos>"], lower_case=False)
+    v.count_file(path)
+    assert sorted(decoded) == ["ab", "abcdefghijk", "x"]  # each once: found by key in the later blocks
+    assert list(v.counter.items()) == [("ab", 6), ("abcdefghijk", 5), ("x", 1)]
+
+
 def test_char_level_matches_the_rule(tmp_path, small_chunks):
     rng = random.Random(7)
     paths = [write(tmp_path / f"{s}.txt", random_corpus(rng, 40)) for s in ("train", "valid")]

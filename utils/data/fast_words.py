@@ -144,14 +144,38 @@ _PAD = b" " * 15  # after the text: 8-byte reads past a token's end stay inside 
 
 
 class WordBlock:
-    """A block of text tokenized and grouped by `scan_words`: `symbols` (the distinct tokens in first-seen order, line
-    ends not included), `group` (a group number per token, line ends included) and the group of each symbol.
-    `ids(values)` and `counts()` turn per-symbol values into per-token ones with one pass over the tokens."""
+    """A block of text tokenized and grouped by `scan_words`: `symbols` (the distinct tokens in first-seen order,
+    line ends not included; decoded when first asked for), `group` (a group number per token, line ends
+    included) and the group of each symbol. `ids(values)` and `counts()` turn per-symbol values into per-token
+    ones with one pass over the tokens; `keys`, `starts`, `lengths` are the symbols' keys and bytes (for a
+    KeyTable)."""
 
-    def __init__(self, symbols: list[str], group: np.ndarray, n_groups: int, symbol_groups: np.ndarray,
-                 line_end_group: int | None):
-        self.symbols, self.group, self.n_groups = symbols, group, n_groups
+    def __init__(self, group: np.ndarray, n_groups: int, symbol_groups: np.ndarray, line_end_group: int | None,
+                 words_at: np.ndarray, first_word: np.ndarray, starts: np.ndarray, lengths: np.ndarray,
+                 keys: np.ndarray):
+        self.group, self.n_groups = group, n_groups
         self.symbol_groups, self.line_end_group = symbol_groups, line_end_group
+        self.words_at, self.first_word, self.starts, self.lengths, self.keys = words_at, first_word, starts, lengths, keys
+        self._symbols: list[str] | None = None
+
+    @property
+    def symbols(self) -> list[str]:
+        if self._symbols is None:
+            self._symbols = self.decode(np.arange(len(self.keys)))
+        return self._symbols
+
+    def decode(self, which: np.ndarray) -> list[str]:
+        """The symbols `which` (indices, ascending) as strings."""
+        symbols = _decode(self.words_at, self.first_word[which], self.starts[which], self.lengths[which])
+        if symbols is None:
+            raise RuntimeError("fast_words: the decoded symbols do not match the tokens")  # (cannot happen)
+        return symbols
+
+    def word(self, which: np.ndarray, k: int) -> np.ndarray:
+        """Bytes 8k .. 8k+7 of the symbols `which`, as _words gives them."""
+        if k == 0:
+            return self.first_word[which]
+        return _words(self.words_at, self.starts[which], self.lengths[which], k)
 
     def ids(self, values: np.ndarray, line_end: int = -2) -> np.ndarray:
         """values[i] for each token of symbol i, `line_end` at each line end (int64)."""
@@ -164,6 +188,74 @@ class WordBlock:
     def counts(self) -> np.ndarray:
         """How many times each symbol occurs in the block (int64, in the order of `symbols`)."""
         return np.bincount(self.group, minlength=self.n_groups)[self.symbol_groups]
+
+
+class KeyTable:
+    """Numbers already given to symbols, by their key (WordBlock.keys), so that the symbols of a later block
+    that are found here need not become Python strings. The key of a symbol of up to 7 bytes is the symbol
+    itself; a longer one's is a hash, so its bytes are kept here and a match is compared with them byte for
+    byte (a symbol whose bytes differ is reported not found, and the caller looks it up by its string)."""
+
+    def __init__(self):
+        self.keys = np.zeros(0, np.uint64)  # sorted
+        self.values = np.zeros(0, np.int64)
+        self.lengths = np.zeros(0, np.int64)
+        self.offsets = np.zeros(0, np.int64)  # of a long symbol's words in self.words
+        self.words = np.zeros(0, np.uint64)
+
+    def _positions(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        pos = np.minimum(np.searchsorted(self.keys, keys), max(len(self.keys) - 1, 0))
+        found = (self.keys[pos] == keys) if len(self.keys) else np.zeros(len(keys), np.bool_)
+        return pos, found
+
+    def find(self, block: WordBlock) -> tuple[np.ndarray, np.ndarray]:
+        """(values, found) for the block's symbols (values -1 where not found)."""
+        pos, found = self._positions(block.keys)
+        long = np.flatnonzero(found & (block.keys >= np.uint64(1 << 63)))
+        if len(long):  # a hashed key: the same length and the same bytes, 8 at a time
+            at = pos[long]
+            ok = self.lengths[at] == block.lengths[long]
+            for k in range(int(block.lengths[long].max() + 7) // 8):
+                check = np.flatnonzero(ok & (block.lengths[long] > 8 * k))
+                if not len(check):
+                    break
+                ok[check] &= self.words[self.offsets[at[check]] + k] == block.word(long[check], k)
+            found[long[~ok]] = False
+        values = np.full(len(found), -1, np.int64)
+        values[found] = self.values[pos[found]]
+        return values, found
+
+    def add(self, block: WordBlock, which: np.ndarray, values: np.ndarray) -> None:
+        """Record values[j] as the number of the block's symbol which[j] (a key already here keeps its own)."""
+        keys = block.keys[which]
+        _, present = self._positions(keys)
+        which, keys, values = which[~present], keys[~present], values[~present]
+        if not len(which):
+            return
+        lengths = block.lengths[which]
+        n_words = np.where(keys >= np.uint64(1 << 63), (lengths + 7) // 8, 0)  # (short symbols: the key is exact)
+        offsets = len(self.words) + np.cumsum(n_words) - n_words
+        words = np.empty(int(n_words.sum()), np.uint64)
+        for k in range(int(n_words.max())):
+            mine = np.flatnonzero(n_words > k)
+            words[offsets[mine] - len(self.words) + k] = block.word(which[mine], k)
+        self.words = np.concatenate((self.words, words))
+        order = np.argsort(keys)
+        keys, values, lengths, offsets = keys[order], values[order], lengths[order], offsets[order]
+        slots = np.searchsorted(self.keys, keys) + np.arange(len(keys))  # where each new key goes, in the merge
+        old = np.ones(len(self.keys) + len(keys), np.bool_)
+        old[slots] = False
+        self.keys = _merge(self.keys, old, slots, keys)
+        self.values = _merge(self.values, old, slots, values)
+        self.lengths = _merge(self.lengths, old, slots, lengths)
+        self.offsets = _merge(self.offsets, old, slots, offsets)
+
+
+def _merge(array: np.ndarray, old: np.ndarray, slots: np.ndarray, new: np.ndarray) -> np.ndarray:
+    out = np.empty(len(old), array.dtype)
+    out[slots] = new
+    out[old] = array
+    return out
 
 
 def scan_words(text: str) -> WordBlock | None:
@@ -181,7 +273,9 @@ def scan_words(text: str) -> WordBlock | None:
     lengths = edges[1::2] - edges[0::2]
     n = len(starts)
     if n == 0:
-        return WordBlock([], np.zeros(0, np.int64), 0, np.zeros(0, np.int64), None)
+        empty = np.zeros(0, np.int64)
+        return WordBlock(empty, 0, empty, None, np.zeros(0, "<u8"), np.zeros(0, np.uint64), empty, empty,
+                         np.zeros(0, np.uint64))
     words_at = np.ndarray((len(buf) - 7,), "<u8", buffer=buf, strides=(1,))  # unaligned: bytes i .. i+7
     first_word = _words(words_at, starts, lengths, 0)
     # A token of up to 7 bytes is its own key: its bytes, and its length in the top byte (exact, top bit 0).
@@ -225,10 +319,8 @@ def scan_words(text: str) -> WordBlock | None:
     at = np.flatnonzero(line_end)
     line_end_group = int(group[reps[at[0]]]) if len(at) else None
     reps = reps[~line_end]
-    symbols = _decode(words_at, first_word[reps], starts[reps], lengths[reps])
-    if symbols is None:
-        return None
-    return WordBlock(symbols, group, n_groups, group[reps], line_end_group)
+    return WordBlock(group, n_groups, group[reps], line_end_group, words_at, first_word[reps], starts[reps],
+                     lengths[reps], key[reps])
 
 
 def first_seen_ids(text: str) -> tuple[list[str], np.ndarray] | None:

@@ -36,7 +36,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from utils.data.fast_words import scan_words, settle_allocator
+from utils.data.fast_words import KeyTable, WordBlock, scan_words, settle_allocator
 from utils.io.errors import UserError
 
 VOCAB_FORMAT = 1
@@ -191,6 +191,7 @@ class _FirstSeenIds(dict):
     def __init__(self):
         super().__init__()
         self.n = 0
+        self.known = KeyTable()  # the numpy path's symbols by key: a later block's need not become strings
 
     def __missing__(self, sym: str) -> int:
         self[sym] = idx = self.n
@@ -206,6 +207,16 @@ class _FirstSeenIds(dict):
             ids[new] = np.arange(self.n, self.n + len(new))
             self.update(zip(map(symbols.__getitem__, new.tolist()), range(self.n, self.n + len(new))))
             self.n += len(new)
+        return ids
+
+    def ids_of_block(self, block: WordBlock) -> np.ndarray:
+        """ids_of_distinct(block.symbols), where only the symbols not found by key in `known` are decoded and
+        looked up by their string (found ones are the same bytes, so the same string)."""
+        ids, found = self.known.find(block)
+        missing = np.flatnonzero(~found)
+        if len(missing):
+            ids[missing] = self.ids_of_distinct(block.decode(missing))
+            self.known.add(block, missing, ids[missing])
         return ids
 
 
@@ -271,11 +282,10 @@ class Vocab:
                 text = text.lower()
             block = scan_words(text) if self.delimiter is None else None
             if block is not None:
-                symbols = block.symbols
                 if isinstance(table, _FirstSeenIds):
-                    distinct = table.ids_of_distinct(symbols)
+                    distinct = table.ids_of_block(block)
                 else:
-                    distinct = self._map(table, symbols, "\n")  # no symbol holds a newline
+                    distinct = self._map(table, block.symbols, "\n")  # no symbol holds a newline
                 counted = (distinct, block.counts()) if count else None
                 word_of = lambda pos, block=block: block.symbols[block.ids(np.arange(len(block.symbols)))[pos]]
                 yield block.ids(distinct, LINE_END), word_of, first_line, counted
