@@ -1,24 +1,28 @@
 """Whitespace tokenizing and first-seen numbering of a block of text in numpy, without one Python string per
-token: the fast path of `Vocab` for word-level text (`delimiter=None`).
+token: the fast path of `Vocab` for word-level text (`delimiter=None`) and of prepare_corpus's word level.
 
 `str.split()` on the whole block then one dict look-up per token costs ~200 ns per token in Python (a new
 string object, its hash, the look-up); the reference's algorithm does that twice plus a Python call per
-token. Here the block is encoded to UTF-8 and handled as bytes:
+token. Here the block is encoded to UTF-8 and handled as bytes (`scan_words`):
 
-1. Tokens are the maximal runs of bytes that are not whitespace. Python's `str.split()` splits on the ASCII
-   whitespace below and on 19 non-ASCII characters; a block holding any of those (found among the bytes from
-   0xC2 up) is left to the Python path, so the tokens here are exactly `str.split()`'s. ASCII bytes never
-   occur inside a multi-byte UTF-8 character, so every token is whole characters.
+1. Tokens are the maximal runs of bytes that are not whitespace, and each line end ("\n") is a token of its
+   own (so line ends need no second pass). Python's `str.split()` splits on the ASCII whitespace below and
+   on 19 non-ASCII characters; a block holding any of those (found among the bytes from 0xC2 up) is left to
+   the Python path, so the tokens here are exactly `str.split()`'s. ASCII bytes never occur inside a
+   multi-byte UTF-8 character, so every token is whole characters.
 2. Each token gets a 64-bit key: a token of up to 7 bytes is its own key (its bytes and its length: exact);
    a longer one gets a hash of its bytes read 8 at a time (`_mix`, splitmix64's finalizer), top bit set.
 3. Equal keys are grouped through a table indexed by the key's multiplied top bits (tokens whose slot
-   another key took retry in another table, until none is left), then each group is numbered in the order of
-   its first token (`np.minimum.at`).
+   another key took retry in another table, until none is left); the first token of each group comes from
+   `np.minimum.at`, and the groups' first tokens in text order are the block's symbols in first-seen order.
 4. Exactness does not rest on the hash: every long token is compared with its group's first token (length
    and every byte). Should two different tokens ever share a hash, the block goes to the Python path.
 
-Only the distinct symbols of a block become Python strings (in first-seen order); the caller maps those to
-its own ids. The result equals `text.replace("\\n", f" {marker} ").split()` numbered in first-seen order.
+The result (`WordBlock`) gives per-token values from per-symbol ones (`ids`) and the symbols' counts in one
+pass each. Only the symbols asked for become Python strings: `KeyTable` keeps the keys (and a long symbol's
+bytes, compared byte for byte on a match) of symbols numbered in earlier blocks, so a later block decodes
+only its new symbols. `first_seen_ids(text)` equals `text.replace("\n", f" {marker} ").split()` numbered
+in first-seen order, with -2 for the marker.
 """
 import numpy as np
 
@@ -138,7 +142,7 @@ def settle_allocator(nbytes: int = 30 << 20) -> None:
     np.empty(nbytes, np.uint8)
 
 
-# A line end is a token of its own (see _scan): the 1-byte token "\n", which no word can be (it is whitespace).
+# A line end is a token of its own (see scan_words): the 1-byte token "\n", which no word can be (it is whitespace).
 _LINE_END_KEY = np.uint64((1 << 56) | 10)
 _PAD = b" " * 15  # after the text: 8-byte reads past a token's end stay inside the buffer (those bytes are masked)
 
