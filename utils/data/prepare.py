@@ -937,6 +937,27 @@ def _say(verbose: bool, message: str) -> None:
         print(message, flush=True)
 
 
+class _Hashing:
+    """A binary file that hashes what is written to it: a written file's sha256 without reading it back."""
+
+    def __init__(self, f):
+        self.f, self.sha256, self.bytes = f, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        self.bytes += memoryview(data).nbytes
+        return self.f.write(data)
+
+
+def _save_npy(path: Path, array: np.ndarray) -> dict:
+    """np.save's bytes of `array` into `path`, atomically (fsynced; the caller fsyncs the folder once the
+    files are all there): {"bytes", "sha256"} of what was written."""
+    with atomic_open(path, "wb", sync_dir=False) as f:
+        hashing = _Hashing(f)
+        np.lib.format.write_array(hashing, array, allow_pickle=False)
+    return {"bytes": hashing.bytes, "sha256": hashing.sha256.hexdigest()}
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -996,9 +1017,8 @@ class _ShardWriter:
     def _flush(self, n: int) -> None:
         ids = np.concatenate(self.buffer) if len(self.buffer) != 1 else self.buffer[0]
         name = f"{self.split}.{len(self.shards):05d}.npy"
-        with atomic_open(self.out / name, "wb") as f:
-            np.lib.format.write_array(f, np.ascontiguousarray(ids[:n]), allow_pickle=False)
-        self.shards.append({"file": name, "n_tokens": int(n)})
+        written = _save_npy(self.out / name, np.ascontiguousarray(ids[:n]))
+        self.shards.append({"file": name, "n_tokens": int(n), **written})
         rest = ids[n:]
         self.buffer, self.buffered = ([rest] if len(rest) else []), len(rest)
 
@@ -1254,20 +1274,19 @@ def _assemble(files, opts: Options, pass1: dict, work: Path, out: Path, verbose:
     if doc != pass1["n_docs"]:
         raise RuntimeError(f"pass 2 wrote {doc} articles, pass 1 counted {pass1['n_docs']}")
 
-    write_text_atomic(out / "vocab.json", json.dumps(vocab, ensure_ascii=False))
+    write_text_atomic(out / "vocab.json", json.dumps(vocab, ensure_ascii=False), sync_dir=False)
     splits = {}
     for name in SPLITS:
         shards = writers[name].finish()
         starts = np.concatenate(doc_starts[name])
-        with atomic_open(out / f"{name}.docs.npy", "wb") as f:
-            np.lib.format.write_array(f, starts, allow_pickle=False)
-        for shard in shards:
-            shard.update(bytes=(out / shard["file"]).stat().st_size, sha256=_sha256(out / shard["file"]))
+        docs = _save_npy(out / f"{name}.docs.npy", starts)
         n = writers[name].n
         splits[name] = {"n_tokens": n, "n_docs": len(starts) - 1, "n_unk": n_unk[name],
                         "unk_fraction": n_unk[name] / n if n else 0.0, "dtype": dtype.name, "shards": shards,
-                        "docs": {"file": f"{name}.docs.npy", "bytes": (out / f"{name}.docs.npy").stat().st_size,
-                                 "sha256": _sha256(out / f"{name}.docs.npy")}}
+                        "docs": {"file": f"{name}.docs.npy", **docs}}
+    # Every file above was fsynced before its rename: their names are made durable here, once, before the
+    # manifest (written last, its own rename fsynced) says that the corpus is complete.
+    fsync_dir(out)
     total = sum(s["n_tokens"] for s in splits.values())
     unk_all = sum(n_unk.values())
     manifest = {
