@@ -198,41 +198,54 @@ class KeyTable:
     """Numbers already given to symbols, by their key (WordBlock.keys), so that the symbols of a later block
     that are found here need not become Python strings. The key of a symbol of up to 7 bytes is the symbol
     itself; a longer one's is a hash, so its bytes are kept here and a match is compared with them byte for
-    byte (a symbol whose bytes differ is reported not found, and the caller looks it up by its string)."""
+    byte (a symbol whose bytes differ is reported not found, and the caller looks it up by its string).
+
+    Keys are kept in two sorted levels: new ones are merged into the small one, which is merged into the large
+    one when it reaches a quarter of its size, so that adding costs O(size) only now and then, not per block."""
+
+    _FIELDS = ("keys", "values", "lengths", "offsets")  # offsets: of a long symbol's words in self.words
 
     def __init__(self):
-        self.keys = np.zeros(0, np.uint64)  # sorted
-        self.values = np.zeros(0, np.int64)
-        self.lengths = np.zeros(0, np.int64)
-        self.offsets = np.zeros(0, np.int64)  # of a long symbol's words in self.words
+        empty = {"keys": np.zeros(0, np.uint64), **{f: np.zeros(0, np.int64) for f in self._FIELDS[1:]}}
+        self.levels = [dict(empty), dict(empty)]  # large, small
         self.words = np.zeros(0, np.uint64)
 
-    def _positions(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        pos = np.minimum(np.searchsorted(self.keys, keys), max(len(self.keys) - 1, 0))
-        found = (self.keys[pos] == keys) if len(self.keys) else np.zeros(len(keys), np.bool_)
+    @staticmethod
+    def _positions(level: dict, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        pos = np.minimum(np.searchsorted(level["keys"], keys), max(len(level["keys"]) - 1, 0))
+        found = (level["keys"][pos] == keys) if len(level["keys"]) else np.zeros(len(keys), np.bool_)
         return pos, found
 
     def find(self, block: WordBlock) -> tuple[np.ndarray, np.ndarray]:
         """(values, found) for the block's symbols (values -1 where not found)."""
-        pos, found = self._positions(block.keys)
-        long = np.flatnonzero(found & (block.keys >= np.uint64(1 << 63)))
-        if len(long):  # a hashed key: the same length and the same bytes, 8 at a time
-            at = pos[long]
-            ok = self.lengths[at] == block.lengths[long]
-            for k in range(int(block.lengths[long].max() + 7) // 8):
-                check = np.flatnonzero(ok & (block.lengths[long] > 8 * k))
-                if not len(check):
-                    break
-                ok[check] &= self.words[self.offsets[at[check]] + k] == block.word(long[check], k)
-            found[long[~ok]] = False
-        values = np.full(len(found), -1, np.int64)
-        values[found] = self.values[pos[found]]
+        values = np.full(len(block.keys), -1, np.int64)
+        found = np.zeros(len(block.keys), np.bool_)
+        for level in self.levels:
+            todo = np.flatnonzero(~found)
+            pos, hit = self._positions(level, block.keys[todo])
+            todo, pos = todo[hit], pos[hit]
+            long = np.flatnonzero(block.keys[todo] >= np.uint64(1 << 63))
+            if len(long):  # a hashed key: the same length and the same bytes, 8 at a time
+                mine, at = todo[long], pos[long]
+                ok = level["lengths"][at] == block.lengths[mine]
+                for k in range(int(block.lengths[mine].max() + 7) // 8):
+                    check = np.flatnonzero(ok & (block.lengths[mine] > 8 * k))
+                    if not len(check):
+                        break
+                    ok[check] &= self.words[level["offsets"][at[check]] + k] == block.word(mine[check], k)
+                keep = np.ones(len(todo), np.bool_)
+                keep[long[~ok]] = False  # (another symbol with this key: not found)
+                todo, pos = todo[keep], pos[keep]
+            values[todo] = level["values"][pos]
+            found[todo] = True
         return values, found
 
     def add(self, block: WordBlock, which: np.ndarray, values: np.ndarray) -> None:
         """Record values[j] as the number of the block's symbol which[j] (a key already here keeps its own)."""
         keys = block.keys[which]
-        _, present = self._positions(keys)
+        present = np.zeros(len(keys), np.bool_)
+        for level in self.levels:
+            present |= self._positions(level, keys)[1]
         which, keys, values = which[~present], keys[~present], values[~present]
         if not len(which):
             return
@@ -245,14 +258,20 @@ class KeyTable:
             words[offsets[mine] - len(self.words) + k] = block.word(which[mine], k)
         self.words = np.concatenate((self.words, words))
         order = np.argsort(keys)
-        keys, values, lengths, offsets = keys[order], values[order], lengths[order], offsets[order]
-        slots = np.searchsorted(self.keys, keys) + np.arange(len(keys))  # where each new key goes, in the merge
-        old = np.ones(len(self.keys) + len(keys), np.bool_)
+        new = {"keys": keys[order], "values": values[order], "lengths": lengths[order], "offsets": offsets[order]}
+        large, small = self.levels
+        small = self._merged(small, new)
+        if len(small["keys"]) * 4 >= len(large["keys"]):
+            large, small = self._merged(large, small), {f: a[:0] for f, a in small.items()}
+        self.levels = [large, small]
+
+    @classmethod
+    def _merged(cls, level: dict, new: dict) -> dict:
+        """The two sorted levels as one (their keys are distinct)."""
+        slots = np.searchsorted(level["keys"], new["keys"]) + np.arange(len(new["keys"]))
+        old = np.ones(len(level["keys"]) + len(new["keys"]), np.bool_)
         old[slots] = False
-        self.keys = _merge(self.keys, old, slots, keys)
-        self.values = _merge(self.values, old, slots, values)
-        self.lengths = _merge(self.lengths, old, slots, lengths)
-        self.offsets = _merge(self.offsets, old, slots, offsets)
+        return {f: _merge(level[f], old, slots, new[f]) for f in cls._FIELDS}
 
 
 def _merge(array: np.ndarray, old: np.ndarray, slots: np.ndarray, new: np.ndarray) -> np.ndarray:
