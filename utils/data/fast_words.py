@@ -142,6 +142,42 @@ def settle_allocator(nbytes: int = 30 << 20) -> None:
     np.empty(nbytes, np.uint8)
 
 
+def _keys(words_at: np.ndarray, starts: np.ndarray, lengths: np.ndarray, first_word: np.ndarray) -> np.ndarray:
+    """The 64-bit key of each token (`first_word`: its first 8 bytes as _words gives them)."""
+    # A token of up to 7 bytes is its own key: its bytes, and its length in the top byte (exact, top bit 0).
+    key = lengths.astype(np.uint64)
+    key <<= np.uint64(56)
+    key |= first_word
+    # A longer one gets a 64-bit hash of all its bytes, with the top bit set (never a short token's key).
+    long = np.flatnonzero(lengths > 7)
+    if len(long):
+        long_starts, long_lengths = starts[long], lengths[long]
+        h = _mix(first_word[long] ^ (long_lengths.astype(np.uint64) * _ROUND_MULTIPLIERS[0]))
+        more = np.flatnonzero(long_lengths > 8)
+        k = 1
+        while len(more):
+            h[more] = _mix(h[more] ^ _words(words_at, long_starts[more], long_lengths[more], k))
+            k += 1
+            more = more[long_lengths[more] > 8 * k]
+        key[long] = h | np.uint64(1 << 63)
+    return key
+
+
+def symbol_keys(symbols: list[str]) -> np.ndarray:
+    """The keys (uint64) that scan_words gives these symbols as tokens (any strings without a newline)."""
+    if not symbols:
+        return np.zeros(0, np.uint64)
+    data = "\n".join(symbols).encode("utf-8") + b"\n"
+    buf = data + _PAD
+    ends = np.flatnonzero(np.frombuffer(data, np.uint8) == 10)
+    if len(ends) != len(symbols):
+        raise ValueError("a symbol holds a newline")
+    starts = np.concatenate(([0], ends[:-1] + 1)).astype(np.int64)
+    lengths = ends - starts
+    words_at = np.ndarray((len(buf) - 7,), "<u8", buffer=buf, strides=(1,))
+    return _keys(words_at, starts, lengths, _words(words_at, starts, lengths, 0))
+
+
 # A line end is a token of its own (see scan_words): the 1-byte token "\n", which no word can be (it is whitespace).
 _LINE_END_KEY = np.uint64((1 << 56) | 10)
 _PAD = b" " * 15  # after the text: 8-byte reads past a token's end stay inside the buffer (those bytes are masked)
@@ -174,6 +210,26 @@ class WordBlock:
         if symbols is None:
             raise RuntimeError("fast_words: the decoded symbols do not match the tokens")  # (cannot happen)
         return symbols
+
+    def joined(self) -> bytes:
+        """The symbols' UTF-8 bytes joined by newlines ("\n".join(symbols).encode(), without the strings): their
+        8-byte words padded with spaces, the first space after each symbol made a newline, the spaces dropped."""
+        if not len(self.keys):
+            return b""
+        n_words = self.lengths // 8 + 1
+        slot = np.cumsum(n_words) - n_words
+        out = np.empty(int(slot[-1] + n_words[-1]), "<u8")
+        out[slot] = self.first_word | _SPACES_AFTER[np.minimum(self.lengths, 8)]
+        more = np.flatnonzero(self.lengths >= 8)
+        k = 1
+        while len(more):
+            rest = self.lengths[more] - 8 * k
+            out[slot[more] + k] = self.word(more, k) | _SPACES_AFTER[np.clip(rest, 0, 8)]
+            k += 1
+            more = more[rest >= 8]
+        data = out.view(np.uint8)
+        data[8 * slot + self.lengths] = 10
+        return data[data != 32].tobytes()[:-1]
 
     def word(self, which: np.ndarray, k: int) -> np.ndarray:
         """Bytes 8k .. 8k+7 of the symbols `which`, as _words gives them."""
@@ -301,22 +357,10 @@ def scan_words(text: str) -> WordBlock | None:
                          np.zeros(0, np.uint64))
     words_at = np.ndarray((len(buf) - 7,), "<u8", buffer=buf, strides=(1,))  # unaligned: bytes i .. i+7
     first_word = _words(words_at, starts, lengths, 0)
-    # A token of up to 7 bytes is its own key: its bytes, and its length in the top byte (exact, top bit 0).
-    key = lengths.astype(np.uint64)
-    key <<= np.uint64(56)
-    key |= first_word
-    # A longer one gets a 64-bit hash of all its bytes, with the top bit set (never a short token's key).
+    key = _keys(words_at, starts, lengths, first_word)
     long = np.flatnonzero(lengths > 7)
     if len(long):
         long_starts, long_lengths = starts[long], lengths[long]
-        h = _mix(first_word[long] ^ (long_lengths.astype(np.uint64) * _ROUND_MULTIPLIERS[0]))
-        more = np.flatnonzero(long_lengths > 8)
-        k = 1
-        while len(more):
-            h[more] = _mix(h[more] ^ _words(words_at, long_starts[more], long_lengths[more], k))
-            k += 1
-            more = more[long_lengths[more] > 8 * k]
-        key[long] = h | np.uint64(1 << 63)
     group, n_groups = _group(key)
     # the first token of each group, then the groups in the order of their first token
     first = np.full(n_groups, n, np.int64)

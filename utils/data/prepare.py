@@ -39,8 +39,9 @@ Memory: the main process holds one chunk being read, at most `2 * workers` chunk
 most 2 * count_capacity keys of 24 bytes in numpy arrays: 48 MB for the default capacity of 1,000,000, and
 as much again while a chunk is merged), then the candidate table (at most that many strings) and one shard
 buffer (`shard_tokens` ids); each worker one chunk (about 100 MB for the default 4 MB). Temporary disk: about
-the size of the input text. A string hash collision between two symbols (64 bits: about 1e-7 for 2 million
-distinct symbols) would merge their counts in the summary.
+the size of the input text. The summary's keys are utils.data.fast_words's 64-bit keys (a symbol of up to 7
+bytes is its own key, a longer one's a hash of its bytes): a hash collision between two long symbols (about
+1e-7 for 2 million distinct symbols) would merge their counts in the summary.
 """
 import bz2
 import collections
@@ -63,7 +64,8 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from utils.data.fast_words import first_seen_ids, settle_allocator
+from utils.data import fast_words
+from utils.data.fast_words import WordBlock, scan_words, settle_allocator
 from utils.io.atomic import atomic_open, fsync_dir, write_text_atomic
 from utils.io.errors import UserError
 
@@ -552,12 +554,33 @@ def _tokens(records) -> tuple[list[str], list[int]]:
     return tokens, lengths
 
 
-def _fast_word_ids(records) -> tuple[np.ndarray, list[str], np.ndarray] | None:
+class _Joined:
+    """A chunk's symbols without Python strings: their UTF-8 bytes joined by newlines, their keys (int64, as
+    symbol_keys gives), how many, and where the special symbols are among them (-1: not there)."""
+
+    def __init__(self, data: bytes, keys: np.ndarray, n: int, special_at: list[int]):
+        self.data, self.keys, self.n, self.special_at = data, keys, n, special_at
+
+    def strings(self) -> list[str]:
+        return self.data.decode("utf-8").split("\n") if self.n else []
+
+
+def _find_word(block: WordBlock, symbol: str) -> int:
+    """The index of `symbol` among the block's symbols, or -1: among those of its key, compared by bytes."""
+    key = fast_words.symbol_keys([symbol])[0]
+    for at in np.flatnonzero(block.keys == key).tolist():
+        if key < np.uint64(1 << 63) or block.decode(np.array([at]))[0] == symbol:  # (a short key is exact)
+            return at
+    return -1
+
+
+def _fast_word_ids(records) -> tuple[np.ndarray, "list[str] | _Joined", np.ndarray] | None:
     """What the Python path (`_tokens`, then first-seen numbering) makes of the records at word level, through
-    utils.data.fast_words (numpy on the UTF-8 bytes; only the distinct words become Python strings):
-    (ids in first-seen order over the whole stream, uint32; the symbols; each record's length). None where it
-    does not apply (Moses, characters, lower-casing of non-ASCII text, non-ASCII whitespace, a hash
-    collision): the caller then takes the Python path, so the result never depends on which path ran."""
+    utils.data.fast_words (numpy on the UTF-8 bytes; no Python string per token, and usually none per symbol):
+    (ids in first-seen order over the whole stream, uint32; the symbols, as a list or a _Joined; each record's
+    length). None where it does not apply (Moses, characters, lower-casing of non-ASCII text, non-ASCII
+    whitespace, a hash collision): the caller then takes the Python path, so the result never depends on
+    which path ran."""
     opts: Options = _WORKER["opts"]
     if opts.level != "word" or opts.moses or not records:
         return None
@@ -567,22 +590,22 @@ def _fast_word_ids(records) -> tuple[np.ndarray, list[str], np.ndarray] | None:
         if not joined.isascii():  # (per-line str.lower of non-ASCII text can depend on context: final sigma)
             return None
         joined = joined.lower()
-    got = first_seen_ids(joined)
-    if got is None:
+    block = scan_words(joined)
+    if block is None:
         return None
-    words, raw = got  # raw: word numbers in first-seen order, -2 at the end of each line
-    n_words = len(words)
+    n_words = len(block.keys)
+    raw = block.ids(np.arange(n_words))  # word numbers in first-seen order, -2 at the end of each line
     extra = []  # <eos> and the separator: their word number when the text has them as words, else new ones
     codes = []
     for special in (EOS, opts.doc_separator):
-        try:
-            codes.append(words.index(special))
-        except ValueError:
-            if special in extra:
-                codes.append(n_words + extra.index(special))
-            else:
-                codes.append(n_words + len(extra))
-                extra.append(special)
+        at = _find_word(block, special)
+        if at >= 0:
+            codes.append(at)
+        elif special in extra:
+            codes.append(n_words + extra.index(special))
+        else:
+            codes.append(n_words + len(extra))
+            extra.append(special)
     eos_code, sep_code = codes
     marks = np.flatnonzero(raw < 0)  # the end of each line
     line_words = np.diff(marks, prepend=-1) - 1
@@ -602,8 +625,9 @@ def _fast_word_ids(records) -> tuple[np.ndarray, list[str], np.ndarray] | None:
     lengths = np.add.reduceat(line_tokens, record_last_line - lines_per_record + 1) + ends
     # renumber in first-seen order over the whole stream (the words are in that order among themselves)
     if min(eos_code, sep_code) >= n_words:  # (the usual case: neither special is a word of the text)
-        ids, symbols = _insert_specials(stream, words, extra, n_words)
-        return ids, symbols, lengths
+        ids, number, placed = _insert_specials(stream, extra, n_words)
+        return ids, _joined_symbols(block, number, placed, extra, opts), lengths
+    words = block.symbols
     n = len(stream)
     first = np.full(n_words + len(extra), n, np.int64)
     is_word = np.flatnonzero(~special)  # the text's own words (not <eos> and separators added)
@@ -623,10 +647,11 @@ def _fast_word_ids(records) -> tuple[np.ndarray, list[str], np.ndarray] | None:
     return number[stream].astype(np.uint32), _pick(every, order), lengths
 
 
-def _insert_specials(stream: np.ndarray, words: list[str], extra: list[str], n_words: int) -> tuple[np.ndarray, list]:
-    """(ids, symbols) of `stream` numbered in first-seen order, where words 0 .. n_words - 1 are already in that
-    order and the codes n_words + i (extra[i], not words of the text) are not: each extra symbol takes its place
-    after the words seen before its first occurrence (the words after it move up by one)."""
+def _insert_specials(stream: np.ndarray, extra: list[str], n_words: int) -> tuple[np.ndarray, np.ndarray, list]:
+    """(ids, number, placed) of `stream` numbered in first-seen order, where words 0 .. n_words - 1 are already
+    in that order and the codes n_words + i (extra[i], not words of the text) are not: each extra symbol takes
+    its place after the words seen before its first occurrence (the words after it move up by one). `number`
+    maps old codes to new ones; `placed`: (first position, words before it, code) of the extras that occur."""
     placed = []  # (first position, words before it, code)
     for i in range(len(extra)):
         at = np.flatnonzero(stream == n_words + i)
@@ -637,13 +662,38 @@ def _insert_specials(stream: np.ndarray, words: list[str], extra: list[str], n_w
     placed.sort()
     number = np.arange(n_words + len(extra), dtype=np.int64)
     shift = np.zeros(n_words + 1, np.int64)
-    symbols = list(words)
     for rank, (_, k, code) in enumerate(placed):
         shift[k] += 1
         number[code] = k + rank
-        symbols.insert(k + rank, extra[code - n_words])
     number[:n_words] += np.cumsum(shift)[:n_words]
-    return number[stream].astype(np.uint32), symbols
+    return number[stream].astype(np.uint32), number, placed
+
+
+def _joined_symbols(block: WordBlock, number: np.ndarray, placed: list, extra: list[str], opts: Options) -> _Joined:
+    """The block's words with the placed extra symbols among them (see _insert_specials), as a _Joined."""
+    n_words = len(block.keys)
+    n = n_words + len(placed)
+    keys = np.empty(n, np.uint64)
+    keys[number[:n_words]] = block.keys
+    data = block.joined() + b"\n" if n_words else b""  # each word followed by a newline
+    word_ends = np.cumsum(block.lengths + 1)  # (bytes: a symbol's UTF-8 is whole)
+    pieces, done = [], 0
+    for _, k, code in placed:  # (in order: k does not decrease)
+        name = extra[code - n_words]
+        keys[number[code]] = fast_words.symbol_keys([name])[0]
+        cut = int(word_ends[k - 1]) if k else 0
+        pieces += [data[done:cut], name.encode("utf-8") + b"\n"]
+        done = cut
+    pieces.append(data[done:])
+    special_at = []
+    for special in opts.specials():
+        if special in extra:
+            code = n_words + extra.index(special)
+            special_at.append(int(number[code]) if any(c == code for _, _, c in placed) else -1)
+        else:
+            at = _find_word(block, special)
+            special_at.append(int(number[at]) if at >= 0 else -1)
+    return _Joined(b"".join(pieces)[:-1], keys.view(np.int64), n, special_at)
 
 
 def _bpe_ids(records) -> tuple[np.ndarray, list[int]]:
@@ -657,20 +707,17 @@ def _bpe_ids(records) -> tuple[np.ndarray, list[int]]:
     return ids, [len(p) for p in parts]
 
 
-def _hash_tag() -> int:
-    """Marks keys made by this process's string hash (and its forked workers'): another run's differ."""
-    return hash("prepare_corpus: the string hash of this run")
-
-
-def _write_chunk(path: Path, ids, symbols: list[str], lengths, ends, bad: int, keys=None, key_order=None) -> None:
+def _write_chunk(path: Path, ids, symbols: "list[str] | _Joined", lengths, ends, bad: int, keys=None,
+                 key_order=None) -> None:
     # no symbol holds a newline (lines are split on it first, and doc_separator has no whitespace), so the
     # symbol list is stored newline-joined; `keys` (symbol_keys of the symbols) and their sorting order are
-    # kept with _hash_tag so that _resolve need not hash the symbols again in this run
-    extra = {} if keys is None else {"keys": keys, "key_order": key_order, "hash_tag": np.int64(_hash_tag())}
+    # kept so that _resolve need not compute them again
+    extra = {} if keys is None else {"keys": keys, "key_order": key_order}
+    joined = symbols.data if isinstance(symbols, _Joined) else "\n".join(symbols).encode("utf-8")
+    n = symbols.n if isinstance(symbols, _Joined) else len(symbols)
     with atomic_open(path, "wb", sync_dir=False) as f:  # (the folder is fsynced once, at the end of _count)
-        np.savez(f, ids=ids, symbols=np.frombuffer("\n".join(symbols).encode("utf-8"), np.uint8),
-                 n_symbols=np.int64(len(symbols)), lengths=np.asarray(lengths, np.int64),
-                 ends=np.asarray(ends, np.bool_), bad=np.int64(bad), **extra)
+        np.savez(f, ids=ids, symbols=np.frombuffer(joined, np.uint8), n_symbols=np.int64(n),
+                 lengths=np.asarray(lengths, np.int64), ends=np.asarray(ends, np.bool_), bad=np.int64(bad), **extra)
 
 
 def read_chunk(path: Path, only: tuple[str, ...] | None = None) -> dict:
@@ -709,16 +756,20 @@ def tokenize_chunk(job: tuple[Chunk | None, Path]) -> tuple[np.ndarray, np.ndarr
             ids = np.fromiter(map(table.__getitem__, tokens), np.uint32, len(tokens))
             symbols = list(table)
         ends = [e for _, e in records]
-        keys = symbol_keys(symbols)
+        keys = symbols.keys if isinstance(symbols, _Joined) else symbol_keys(symbols)
         order = np.argsort(keys)
         _write_chunk(path, ids, symbols, lengths, ends, bad, keys, order)
-    if chunk is None:
-        keys = symbol_keys(symbols)
-        order = np.argsort(keys)
-    counts = np.bincount(ids, minlength=len(symbols))
-    keep = np.ones(len(symbols), np.bool_)
-    for special in _WORKER["opts"].specials():
-        at = _find(symbols, keys, special)
+    if chunk is None:  # (keys and order as stored, or made again for a chunk written without them)
+        keys = data["keys"] if "keys" in data else symbol_keys(symbols)
+        order = data["key_order"] if "key_order" in data else np.argsort(keys)
+    if isinstance(symbols, _Joined):
+        n_symbols, special_at = symbols.n, symbols.special_at
+    else:
+        n_symbols = len(symbols)
+        special_at = [_find(symbols, keys, special) for special in _WORKER["opts"].specials()]
+    counts = np.bincount(ids, minlength=n_symbols)
+    keep = np.ones(n_symbols, np.bool_)
+    for at in special_at:
         if at >= 0:
             keep[at] = False
     # sorted and distinct (two symbols with one hash count as one: their counts summed), so that the main
@@ -838,9 +889,10 @@ class BoundedCounter:
 
 
 def symbol_keys(symbols: list[str]) -> np.ndarray:
-    """The summary's keys of symbols: Python's string hash (cached on the string; the same in this process
-    and the workers it forks, and different in another run, which never reuses keys)."""
-    return np.fromiter(map(hash, symbols), np.int64, len(symbols))
+    """The summary's keys of symbols (int64): utils.data.fast_words's 64-bit keys, which the numpy word path
+    gives every symbol without making it a string (a symbol of up to 7 bytes is its own key; a longer one's
+    is a hash of its bytes, the same in every process and run)."""
+    return fast_words.symbol_keys(symbols).view(np.int64)
 
 
 _RESOLVING: dict = {}  # the candidate keys, in the worker processes of _resolve
@@ -854,9 +906,9 @@ def _chunk_hits(path: Path) -> tuple[int, np.ndarray, np.ndarray, list[str], int
     """A chunk's symbols whose key is a candidate key (in a worker): (number of symbols, their local ids, the
     keys' positions, their strings, the local id of <eos> and of the separator or -1)."""
     keys, opts = _RESOLVING["keys"], _RESOLVING["opts"]
-    data = read_chunk(path, only=("keys", "key_order", "hash_tag"))
+    data = read_chunk(path, only=("keys", "key_order"))
     symbols = data["symbols"]
-    stored = "keys" in data and int(data["hash_tag"]) == _hash_tag()  # (a resumed run's chunks: another hash)
+    stored = "keys" in data  # (a chunk written without them: made again)
     mine = data["keys"] if stored else symbol_keys(symbols)
     order = data["key_order"] if stored else np.argsort(mine)
     pos = np.empty(len(mine), np.int64)
@@ -869,7 +921,7 @@ def _chunk_hits(path: Path) -> tuple[int, np.ndarray, np.ndarray, list[str], int
 
 def _find(symbols: list[str], keys: np.ndarray, symbol: str) -> int:
     """symbols.index(symbol) (the symbols are distinct), or -1: among the symbols of its key (symbol_keys)."""
-    for at in np.flatnonzero(keys == hash(symbol)).tolist():
+    for at in np.flatnonzero(keys == fast_words.symbol_keys([symbol]).view(np.int64)[0]).tolist():
         if symbols[at] == symbol:
             return at
     return -1
@@ -890,8 +942,8 @@ def _resolve(work: Path, n_chunks: int, keys: np.ndarray, opts: Options, workers
     <eos> k, the separator k + 1, anything else k + 2 (<unk>), k = len(keys). A symbol whose key is not a
     candidate's is not one (equal strings have equal hashes); one whose key is, is compared with the
     candidate's string, and a chunk where a hash matched another string (a collision) gets no map: _assemble
-    then maps it by strings. The chunks are read, hashed and searched by `workers` processes (forked: the
-    same string hashes), numbered here in chunk order."""
+    then maps it by strings. The chunks are read and searched (with the keys kept in their files) by
+    `workers` processes, numbered here in chunk order."""
     names: list[str] = []
     number = np.full(len(keys), -1, np.int64)  # key -> candidate number, once seen
     k = len(keys)
@@ -1042,7 +1094,7 @@ def prepare_corpus(inputs: Sequence[str | os.PathLike], output: str | os.PathLik
     workers = max(1, workers or os.cpu_count() or 1)
     settle_allocator()  # (before the workers fork: they keep the setting) block-sized arrays without page-fault churn
     if "fork" not in multiprocessing.get_all_start_methods():
-        workers = 1  # the workers' symbol keys (string hashes) must be this process's: forked workers only
+        workers = 1  # (the workers get their options by fork)
     total_bytes = sum(f.stat().st_size for f in files)
     work = out / ".work"
     config = {"options": opts.counting_key(), "inputs": [{"path": str(f.resolve()), "bytes": f.stat().st_size,
