@@ -904,19 +904,40 @@ def _set_resolving(keys: np.ndarray, opts: Options) -> None:
 
 def _chunk_hits(path: Path) -> tuple[int, np.ndarray, np.ndarray, list[str], int, int]:
     """A chunk's symbols whose key is a candidate key (in a worker): (number of symbols, their local ids, the
-    keys' positions, their strings, the local id of <eos> and of the separator or -1)."""
+    keys' positions, their strings, the local id of <eos> and of the separator or -1). Only those symbols are
+    decoded."""
     keys, opts = _RESOLVING["keys"], _RESOLVING["opts"]
-    data = read_chunk(path, only=("keys", "key_order"))
-    symbols = data["symbols"]
-    stored = "keys" in data  # (a chunk written without them: made again)
-    mine = data["keys"] if stored else symbol_keys(symbols)
-    order = data["key_order"] if stored else np.argsort(mine)
+    with np.load(path) as z:
+        raw, n_symbols = z["symbols"], int(z["n_symbols"])
+        stored = "keys" in z.files  # (a chunk written without them: made again)
+        mine = z["keys"] if stored else None
+        order = z["key_order"] if stored else None
+    if not stored:
+        mine = symbol_keys(raw.tobytes().decode("utf-8").split("\n") if n_symbols else [])
+        order = np.argsort(mine)
     pos = np.empty(len(mine), np.int64)
     pos[order] = np.searchsorted(keys, mine[order])  # (sorted needles: each search starts where the last ended)
     pos = np.minimum(pos, max(len(keys) - 1, 0))
     hit = np.flatnonzero((keys[pos] == mine) if len(keys) else np.zeros(len(mine), np.bool_))
-    specials = [_find(symbols, mine, special) for special in (EOS, opts.doc_separator)]
-    return len(symbols), hit, pos[hit], _pick(symbols, hit), *specials
+    starts = np.concatenate(([0], np.flatnonzero(raw == 10) + 1)) if n_symbols else np.zeros(0, np.int64)
+    specials = []
+    for special in (EOS, opts.doc_separator):
+        key = fast_words.symbol_keys([special]).view(np.int64)[0]
+        found = [at for at in np.flatnonzero(mine == key).tolist() if _symbols_at(raw, starts, np.array([at])) == [special]]
+        specials.append(found[0] if found else -1)
+    return n_symbols, hit, pos[hit], _symbols_at(raw, starts, hit), *specials
+
+
+def _symbols_at(raw: np.ndarray, starts: np.ndarray, which: np.ndarray) -> list[str]:
+    """Symbols `which` of a chunk file's newline-joined symbol bytes `raw` (`starts`: where each begins)."""
+    if not len(which):
+        return []
+    first = starts[which]
+    size = np.append(starts[1:], len(raw) + 1)[which] - first  # each symbol and the newline after it
+    at = np.cumsum(size) - size
+    padded = np.append(raw, np.uint8(10))  # (the last symbol's newline)
+    text = padded[np.repeat(first - at, size) + np.arange(int(size.sum()))].tobytes().decode("utf-8")
+    return text.split("\n")[:-1]
 
 
 def _find(symbols: list[str], keys: np.ndarray, symbol: str) -> int:
