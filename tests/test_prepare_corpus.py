@@ -393,3 +393,16 @@ def test_paragraph_records_from_blocks_equal_the_line_loop():
                 return io.TextIOWrapper(io.BytesIO(text.encode()), encoding="utf-8", newline=None)
 
             assert list(prepare._Reader._paragraphs(stream(), block_chars)) == list(reader._text_records(stream()))
+
+
+def test_symbols_of_a_chunk_file_are_picked_from_its_joined_bytes():
+    """_chunk_hits decodes only the symbols it needs, from the chunk file's newline-joined bytes."""
+    import random
+
+    rng = random.Random(3)
+    for _ in range(200):
+        symbols = ["".join(rng.choice("ab<>é\x00日x") for _ in range(rng.randint(1, 9))) for _ in range(rng.randint(1, 30))]
+        raw = np.frombuffer("\n".join(symbols).encode("utf-8"), np.uint8)
+        starts = np.concatenate(([0], np.flatnonzero(raw == 10) + 1))
+        which = np.array(sorted(rng.sample(range(len(symbols)), rng.randint(0, len(symbols)))), np.int64)
+        assert prepare._symbols_at(raw, starts, which) == [symbols[i] for i in which]
