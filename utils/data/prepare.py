@@ -708,11 +708,13 @@ def _bpe_ids(records) -> tuple[np.ndarray, list[int]]:
 
 
 def _write_chunk(path: Path, ids, symbols: "list[str] | _Joined", lengths, ends, bad: int, keys=None,
-                 key_order=None) -> None:
+                 key_order=None, symbol_counts=None, symbol_firsts=None) -> None:
     # no symbol holds a newline (lines are split on it first, and doc_separator has no whitespace), so the
     # symbol list is stored newline-joined; `keys` (symbol_keys of the symbols) and their sorting order are
-    # kept so that _resolve need not compute them again
-    extra = {} if keys is None else {"keys": keys, "key_order": key_order}
+    # kept so that _resolve need not compute them again, and each symbol's count and first position so that
+    # _assemble's exact count need not read the ids
+    extra = {} if keys is None else {"keys": keys, "key_order": key_order, "symbol_counts": symbol_counts,
+                                     "symbol_firsts": symbol_firsts}
     joined = symbols.data if isinstance(symbols, _Joined) else "\n".join(symbols).encode("utf-8")
     n = symbols.n if isinstance(symbols, _Joined) else len(symbols)
     with atomic_open(path, "wb", sync_dir=False) as f:  # (the folder is fsynced once, at the end of _count)
@@ -758,7 +760,8 @@ def tokenize_chunk(job: tuple[Chunk | None, Path]) -> tuple[np.ndarray, np.ndarr
         ends = [e for _, e in records]
         keys = symbols.keys if isinstance(symbols, _Joined) else symbol_keys(symbols)
         order = np.argsort(keys)
-        _write_chunk(path, ids, symbols, lengths, ends, bad, keys, order)
+        counts = np.bincount(ids, minlength=len(keys))
+        _write_chunk(path, ids, symbols, lengths, ends, bad, keys, order, counts, _first_positions(ids))
     if chunk is None:  # (keys and order as stored, or made again for a chunk written without them)
         keys = data["keys"] if "keys" in data else symbol_keys(symbols)
         order = data["key_order"] if "key_order" in data else np.argsort(keys)
@@ -767,7 +770,8 @@ def tokenize_chunk(job: tuple[Chunk | None, Path]) -> tuple[np.ndarray, np.ndarr
     else:
         n_symbols = len(symbols)
         special_at = [_find(symbols, keys, special) for special in _WORKER["opts"].specials()]
-    counts = np.bincount(ids, minlength=n_symbols)
+    if chunk is None:
+        counts = np.bincount(ids, minlength=n_symbols)
     keep = np.ones(n_symbols, np.bool_)
     for at in special_at:
         if at >= 0:
@@ -780,6 +784,15 @@ def tokenize_chunk(job: tuple[Chunk | None, Path]) -> tuple[np.ndarray, np.ndarr
         start = np.flatnonzero(np.concatenate(([True], keys[1:] != keys[:-1])))
         keys, counts = keys[start], np.add.reduceat(counts, start)
     return keys, counts.astype(np.int64), int(np.sum(ends)), len(ids), bad
+
+
+def _first_positions(ids: np.ndarray) -> np.ndarray:
+    """Where each local id first occurs (local ids are numbered in first-seen order: a token is the first of its
+    symbol where it exceeds every id before it)."""
+    new = np.ones(len(ids), np.bool_)
+    if len(ids):
+        new[1:] = ids[1:] > np.maximum.accumulate(ids)[:-1]
+    return np.flatnonzero(new)
 
 
 def ordered_map(fn, items: Iterable, workers: int, initializer=None, initargs: tuple = (),
@@ -1259,7 +1272,7 @@ def _assemble(files, opts: Options, pass1: dict, work: Path, out: Path, verbose:
     table.update({EOS: k, opts.doc_separator: k + 1})  # and anything else: k + 2 (<unk>)
     chunk_files = [_chunk_file(work, i) for i in range(pass1["n_chunks"])]
 
-    def chunks(desc):
+    def chunks(desc, counting=False):
         bar = _progress_bar(len(chunk_files), desc, progress)
         for path in chunk_files:
             mapped = path.with_suffix(".candidate.npy")  # chunk-local id -> candidate id, looked up once
@@ -1267,8 +1280,10 @@ def _assemble(files, opts: Options, pass1: dict, work: Path, out: Path, verbose:
                 with np.load(path) as z:
                     data = {key: z[key] for key in ("ids", "lengths", "ends")}
             elif mapped.exists():
-                with np.load(path) as z:
-                    data = {key: z[key] for key in ("ids", "lengths", "ends")}
+                with np.load(path) as z:  # (counting: the symbols' counts and first positions, where kept)
+                    wanted = (("symbol_counts", "symbol_firsts", "lengths") if counting and "symbol_counts" in z.files
+                              else ("ids", "lengths", "ends"))
+                    data = {key: z[key] for key in wanted}
                 data["candidate"] = np.load(mapped)
             else:
                 data = read_chunk(path)
@@ -1290,16 +1305,18 @@ def _assemble(files, opts: Options, pass1: dict, work: Path, out: Path, verbose:
         counts = np.zeros(k + 3, np.int64)
         first = np.full(k + 3, np.iinfo(np.int64).max, np.int64)
         offset = 0
-        for data in chunks("counting"):
-            ids, cand = data["ids"].astype(np.int64), data["candidate"]
-            counts += np.bincount(cand, weights=np.bincount(ids, minlength=len(cand)), minlength=k + 3).astype(np.int64)
-            # local ids are in first-seen order: a token is the first of its symbol where it exceeds all before it
-            new = np.ones(len(ids), np.bool_)
-            new[1:] = ids[1:] > np.maximum.accumulate(ids)[:-1]
-            where = np.flatnonzero(new) + offset  # first position of local id 0, 1, 2, ...
+        for data in chunks("counting", counting=True):
+            cand = data["candidate"]
+            if "symbol_counts" in data:  # kept by the worker
+                per_symbol, firsts, n_ids = data["symbol_counts"], data["symbol_firsts"], int(data["lengths"].sum())
+            else:
+                ids = data["ids"].astype(np.int64)
+                per_symbol, firsts, n_ids = np.bincount(ids, minlength=len(cand)), _first_positions(ids), len(ids)
+            counts += np.bincount(cand, weights=per_symbol, minlength=k + 3).astype(np.int64)
+            where = firsts + offset  # first position of local id 0, 1, 2, ...
             mine = cand < k
             first[cand[mine]] = np.minimum(first[cand[mine]], where[mine])
-            offset += len(ids)
+            offset += n_ids
         order = np.lexsort((first[:k], -counts[:k]))  # by count, ties in first-seen order
         if opts.max_vocab_size is not None:
             order = order[: opts.max_vocab_size]
