@@ -198,6 +198,9 @@ class DataConfig:
     varlen_buckets: list[int] = opt([], "--varlen with --compile: segment lengths to pad to, one compiled graph "
                                     "each (ours; default: multiples of 8 around --tgt_len and one for the short "
                                     "segments; see docs/gpu_step.md)")
+    reset_mems_at_doc: bool = opt(False, "--dataset prepared: a token attends only to its own article; the memory "
+                                  "of an article that ended is not seen by the next one in its batch column (ours)",
+                                  clis=TRAIN_EVAL)
 
 
 @dataclass(frozen=True)

@@ -44,20 +44,26 @@ def check_attn_impl(impl: str) -> None:
 
 
 def fused_relative_attention(impl: str, q: Tensor, k: Tensor, v: Tensor, q_pos: Optional[Tensor],
-                             r_pos: Optional[Tensor], band: Tuple[int, int], scale: float) -> Tensor:
-    """relative_flex_attention or the Triton kernel (attention type 0: q_pos and r_pos given)."""
-    if impl == "triton" and q_pos is not None and r_pos is not None:
+                             r_pos: Optional[Tensor], band: Tuple[int, int], scale: float,
+                             docs: Optional[Tensor] = None) -> Tensor:
+    """relative_flex_attention or the Triton kernel (attention type 0: q_pos and r_pos given; no document
+    mask: the model does not call it for 'triton' with docs)."""
+    if impl == "triton" and q_pos is not None and r_pos is not None and docs is None:
         from utils.model.triton_rel_attention import relative_triton_attention
         return relative_triton_attention(q, k, v, q_pos, r_pos, band, scale)
-    return relative_flex_attention(q, k, v, q_pos, r_pos, band, scale)
+    return relative_flex_attention(q, k, v, q_pos, r_pos, band, scale, docs)
 
 
 def relative_flex_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Optional[Tensor], r_pos: Optional[Tensor],
-                            band: Tuple[int, int], scale: float) -> Tensor:
+                            band: Tuple[int, int], scale: float, docs: Optional[Tensor] = None) -> Tensor:
     """softmax(scale · q·kᵀ + shifted position term, over the keys of the band) · v.
 
     q [bsz, H, qlen, Dh] (not scaled), k, v [bsz, H, klen, Dh]; q_pos [bsz, H, qlen, Dh] (scaled) and
-    r_pos [klen, H, Dh], or None for no position term; band (lo, hi): query i sees key j exactly when lo < j - i <= hi. -> [bsz, H, qlen, Dh]
+    r_pos [klen, H, Dh], or None for no position term; band (lo, hi): query i sees key j exactly when lo < j - i <= hi.
+    docs [klen, bsz] int64 or None (--reset_mems_at_doc): the keys' document numbers; a query (key mlen + i) sees
+    only keys of its own document: the score function makes the others -inf (the block mask stays the band's,
+    shared by the batch). It reads the document numbers, not a [bsz, qlen, klen] mask: less to read, and the CPU
+    kernel fails to compile with a captured mask computed element-wise in the same graph. -> [bsz, H, qlen, Dh]
     """
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -76,6 +82,13 @@ def relative_flex_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Optional[Ten
 
         def score_mod(score, b, h, q_idx, kv_idx):
             return score + bd[b, h, q_idx, torch.clamp(kv_idx + shift - q_idx, max=klen - 1)]
+    if docs is not None:
+        position_mod, mlen = score_mod, klen - qlen
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            if position_mod is not None:
+                score = position_mod(score, b, h, q_idx, kv_idx)
+            return torch.where(docs[kv_idx, b] == docs[q_idx + mlen, b], score, float("-inf"))
 
     return flex_attention(q.contiguous(), k.contiguous(), v.contiguous(), score_mod=score_mod,
                           block_mask=block_mask, scale=scale)

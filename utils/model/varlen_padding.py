@@ -82,11 +82,11 @@ def enable(model: torch.nn.Module, forward_model, args):
     """BucketPadding around forward_model when --varlen with --compile applies (attention types 0 and 1,
     a memory); the model(s) inside are told to read target -1 as padding. Otherwise forward_model."""
     cores = [m for m in model.modules() if hasattr(m, "varlen_padding")]      # the MemTransformerLM(s) inside
-    if not cores or cores[0].attn_type not in (0, 1) or cores[0].mem_len == 0:
+    if not cores or cores[0].attn_type not in (0, 1) or cores[0].mem_len == 0 or cores[0].eod_index >= 0:
         import logging
         logging.getLogger("txl").warning(
-            f"--varlen with --compile: segments are not padded to buckets (attention types 0 and 1 with a memory "
-            f"only); every new length compiles another graph, and past torch._dynamo.config.recompile_limit "
+            f"--varlen with --compile: segments are not padded to buckets (attention types 0 and 1 with a memory, "
+            f"without --reset_mems_at_doc, only); every new length compiles another graph, and past torch._dynamo.config.recompile_limit "
             f"({torch._dynamo.config.recompile_limit}) the run stops with an error (drop --varlen for one graph)")
         import torch._dynamo
         torch._dynamo.config.fail_on_recompile_limit_hit = True
