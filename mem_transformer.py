@@ -30,6 +30,7 @@ from torch.utils.checkpoint import checkpoint
 from utils.io.errors import UserError
 from utils.model.adaptive_softmax import AdaptiveEmbedding, ProjectedAdaptiveLogSoftmax, normalize_tie_projs
 from utils.model.attention import ATTN_IMPLS, relative_flex_attention
+from utils.model.autocast_input import autocast_input
 from utils.model.log_uniform_sampler import LogUniformSampler, sample_logits
 
 
@@ -149,6 +150,8 @@ class MultiHeadAttn(nn.Module):
         klen = cat.size(0)
         if self.pre_lnorm:
             cat = self.layer_norm(cat)
+        if not torch.jit.is_scripting():
+            cat = autocast_input(cat)                                           # one cast for q and k/v
         cat, w = self.qkv_input(cat, self.qkv_net.weight)
         q = F.linear(cat[klen - qlen:], w[:hd]).view(qlen, bsz, n_head, d_head)  # queries: current only
         kv = F.linear(cat, w[hd:]).view(klen, bsz, 2, n_head, d_head)
@@ -410,6 +413,8 @@ class MemTransformerLM(nn.Module):
 
         if self.r_r_bias is not None and self.r_w_bias is not None:             # type 0
             pos_emb = self.drop(self._sinusoid_of_distances(klen, word_emb))   # [klen, d_model]
+            if not torch.jit.is_scripting():
+                pos_emb = autocast_input(pos_emb)                               # cast once, not per layer
             core_out = self.drop(word_emb)
             for i, layer in enumerate(self.layers):
                 hids.append(core_out.detach())
@@ -471,6 +476,8 @@ class MemTransformerLM(nn.Module):
             return hidden, new_mems
         tgt_len = target.size(0)
         pred_hid = hidden[hidden.size(0) - tgt_len:]                            # [tgt_len, bsz, d_model]
+        if not torch.jit.is_scripting():
+            pred_hid = autocast_input(pred_hid)                                 # once, not per softmax cluster
         emb_weights, emb_projs = self.word_emb.weights(), self.word_emb.projs()
         if self.sampler is not None and self.training:
             weights, biases, projs = self.crit.cluster_params(emb_weights, emb_projs)

@@ -356,6 +356,9 @@ def report(r: dict) -> str:
         lines.append(f"report ({r['code']}): eager ATen ops/step {rep['aten_ops']} (casts {rep['casts']}) | graph "
                      f"breaks {rep['graph_breaks']} ({rep['graphs']} graphs) | graphs compiled in the run "
                      f"{rep['compiled_graphs']} | host syncs/step {rep['host_syncs']} {rep['sync_ops'] or ''}")
+        if "ops_by_phase" in rep:
+            lines.append(f"  ops by phase: {rep['ops_by_phase']} (forward / backward / after the last backward: "
+                         f"clipping, optimizer); views among them {rep['views']}")
         lines.append(f"  most frequent ops: {rep['top_ops']}")
         if rep["break_reasons"]:
             lines.append(f"  graph breaks: {rep['break_reasons']}")
