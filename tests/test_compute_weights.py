@@ -147,3 +147,41 @@ def test_a_bf16_step_casts_six_times_per_layer_not_twice_per_weight():
     assert ops_2 < ops_autocast
     # the base preset (16 layers, 4 softmax clusters) is measured by scripts/benchmark_train.py --report
     assert len(compute_parameters(model_4)) - n_cast_weights == 2 * 7      # 7 weight tensors per layer
+
+
+@pytest.mark.slow
+def test_a_compiled_bf16_step_swaps_the_copies_in_without_breaks_or_recompiles():
+    """torch.compile(fullgraph=True) of the model under the swap: two graphs (memory-less first step and the
+    rest), and the eager step's results bit for bit (aot_eager: the same ATen ops)."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    model = model_f32(0, dropout=0.0)
+    twin = copy.deepcopy(model)
+    args = Config.build("train", dict(bf16=True))
+    device = torch.device("cpu")
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    step = TrainStep(model, compiled, Lamb(model.parameters(), lr=0.01), grad_scaler(args, device),
+                     amp_context(args, device), clip=0.25)
+    assert step.compute_weights is not None
+    losses = run_steps(model, step, n_steps=4)
+    assert counters["stats"]["unique_graphs"] == 2
+    assert all(torch.equal(a, b) for a, b in zip(losses, run_steps(twin, bf16_step(twin, True), n_steps=4)))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
+
+
+def test_the_op_counter_counts_dtype_changes_views_and_the_backward():
+    """The report's counter (utils/runtime/step_report.py) against ops written out by hand."""
+    w = torch.randn(4, 3, requires_grad=True)
+    copies = [torch.empty(4, 3, dtype=torch.bfloat16), torch.empty(2, dtype=torch.bfloat16)]
+    same = torch.empty(4, 3)
+    with OpCounter() as counter:
+        y = w.to(torch.bfloat16)                     # cast 1
+        y.float().sum().backward()                   # cast 2; the backward casts back twice: casts 3 and 4
+        torch._foreach_copy_(copies, [w.detach(), torch.randn(2)])     # cast 5: one multi-tensor op
+        same.copy_(w.detach())                       # same dtype: not a cast
+        w.detach().t()                               # views
+    assert counter.casts == 5
+    assert counter.ops["_foreach_copy_"] == 1 and counter.ops["copy_"] == 1
+    assert counter.views >= 3 and counter.ops["t"] == 1
+    phases = counter.by_phase
+    assert phases["backward"] >= 2 and sum(phases.values()) == counter.total
