@@ -153,8 +153,9 @@ class MultiHeadAttn(nn.Module):
         if not torch.jit.is_scripting():
             cat = autocast_input(cat)                                           # one cast for q and k/v
         cat, w = self.qkv_input(cat, self.qkv_net.weight)
-        q = F.linear(cat[klen - qlen:], w[:hd]).view(qlen, bsz, n_head, d_head)  # queries: current only
-        kv = F.linear(cat, w[hd:]).view(klen, bsz, 2, n_head, d_head)
+        w_q, w_kv = w.split([hd, 2 * hd])       # one split: its backward is one cat, not two zero-filled grads
+        q = F.linear(cat[klen - qlen:], w_q).view(qlen, bsz, n_head, d_head)    # queries: current only
+        kv = F.linear(cat, w_kv).view(klen, bsz, 2, n_head, d_head)
         q = q.permute(1, 2, 0, 3)                                               # [bsz, H, qlen, Dh]
         k = kv[:, :, 0].permute(1, 2, 0, 3)                                     # [bsz, H, klen, Dh]
         v = kv[:, :, 1].permute(1, 2, 0, 3)                                     # [bsz, H, klen, Dh]
