@@ -186,3 +186,15 @@ def test_the_op_counter_counts_dtype_changes_views_and_the_backward():
     assert counter.views >= 3 and counter.ops["t"] == 1
     phases = counter.by_phase
     assert phases["backward"] >= 2 and sum(phases.values()) == counter.total
+
+
+def test_a_bf16_step_with_compute_weights_reads_nothing_back():
+    from utils.runtime.host_sync import HostSyncCounter
+    model = model_f32(0)
+    step = bf16_step(model, True, batch_chunk=2)
+    data = tokens(13, 4, N_TOKEN)
+    mems = [None, None]
+    step.run(data[:6], data[1:7], mems)
+    with HostSyncCounter() as syncs:
+        step.run(data[6:12], data[7:13], mems)
+    assert syncs.count == 0, syncs.events
