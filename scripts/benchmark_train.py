@@ -31,6 +31,10 @@ the same benchmark, so that before / after figures come from one script:
 
     python scripts/benchmark_train.py --preset cpu_small --report --repo ../wt-main -- --adaptive ...
 
+--profile FILE (issue 18) runs one more steady-state step under torch.profiler and writes its ops sorted by
+self CPU time (by op, and by op and input shapes) to FILE. The printed "CPU time" is the process's CPU time
+per step (all threads, median): the work, less sensitive than the wall time to other jobs on shared cores.
+
 Tensor parallelism: under torchrun, `-- --tp N` splits the model as train.py does (each process runs the
 whole --batch_size). After the timed steps one more forward and backward run under a communication-counting
 mode (torch.distributed.tensor.debug.CommDebugMode): the bytes all-reduced per step are printed against the
@@ -108,6 +112,9 @@ def parse_cli(argv):
     parser.add_argument("--report", action="store_true",
                         help="also count ATen ops, casts, graph breaks, compilations and host syncs per step")
     parser.add_argument("--repo", default=None, help="run this checkout's code (default: this one)")
+    parser.add_argument("--profile", default=None, metavar="FILE",
+                        help="after the timed steps, profile one more step (torch.profiler) and write its ops "
+                             "sorted by self CPU time to FILE")
     if "--" in argv:
         cut = argv.index("--")
         ours, extra = argv[:cut], argv[cut + 1:]
@@ -231,7 +238,7 @@ def run(bench, extra) -> dict:
     sizes = cluster_sizes(n_token, model_config["cutoffs"])
     counts = [0] * len(sizes)
     bounds = [0] + list(model_config["cutoffs"]) + [n_token]
-    step_times, tokens, losses = [], 0, []
+    step_times, cpu_times, tokens, losses = [], [], 0, []
     saved = None
     start = time.perf_counter()
     warmup_s = None
@@ -243,13 +250,14 @@ def run(bench, extra) -> dict:
                 torch.cuda.synchronize(device)
                 torch.cuda.reset_peak_memory_stats(device)
             warmup_s = time.perf_counter() - start
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         loss, _ = step_fn(data, target, mems)
         scheduler.step(i + 1)
         if device.type == "cuda":
             torch.cuda.synchronize(device)                  # per-step times (the step itself reads nothing back)
         if i >= bench.warmup:
             step_times.append(time.perf_counter() - t0)
+            cpu_times.append(time.process_time() - c0)
             tokens += target.numel()
             losses.append(loss)
             flat = target.reshape(-1)
@@ -269,6 +277,8 @@ def run(bench, extra) -> dict:
         report.update(report_tools.count_ops(lambda: eager_fn(data, target, mems)))
         with autocast():
             report.update(report_tools.graph_breaks(model, data, target, mems[0]))
+    if bench.profile:
+        profile_step(bench.profile, lambda: (step_fn(data, target, mems), scheduler.step(i + 1)))
     if bench.saved_activations:
         saved = saved_activation_bytes(model, data, target, mems[0], autocast)
     traffic = tensor_parallel_traffic(para_model, model, args, data, target, mems[0], autocast) \
@@ -288,6 +298,9 @@ def run(bench, extra) -> dict:
         "steps": bench.steps, "warmup_steps": bench.warmup, "warmup_s": warmup_s,
         "tokens_per_s": tok_s, "ms_per_step": 1000 * elapsed / len(step_times),
         "ms_per_step_median": 1000 * statistics.median(step_times),
+        # CPU time of the process (all its threads) per step: the work, less sensitive than the wall time to
+        # other jobs sharing the cores (it still counts the threads' spin-waits)
+        "cpu_ms_per_step_median": 1000 * statistics.median(cpu_times),
         "flops_per_token": flops, "cluster_fractions": fractions, "peak_flops": peak,
         "mfu": mfu(tok_s, flops, peak), "last_loss": losses[-1] if losses else None,
     }
@@ -304,6 +317,18 @@ def run(bench, extra) -> dict:
     if traffic is not None:
         result["tensor_parallel"] = traffic
     return result
+
+
+def profile_step(path: str, fn) -> None:
+    """One more steady-state step under torch.profiler; its ops by self CPU time, as a table, into `path`."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True) as prof:
+        fn()
+    by_op = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=60)
+    by_shape = prof.key_averages(group_by_input_shape=True).table(
+        sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=40, max_shapes_column_width=80)
+    Path(path).write_text(f"# {' '.join(sys.argv)}\n# code: {CODE}\n# by op\n{by_op}\n# by op and input shapes\n"
+                          f"{by_shape}\n", encoding="utf-8")
 
 
 def tensor_parallel_traffic(para_model, model, args, data, target, mems, autocast) -> dict:
@@ -349,7 +374,7 @@ def report(r: dict) -> str:
     util = (f"MFU {100 * r['mfu']:.1f}% of {r['peak_flops'] / 1e12:.0f} TFLOP/s" if r["mfu"] is not None
             else "MFU n/a (no datasheet peak for this device)")
     lines.append(f"tokens/s {r['tokens_per_s']:.0f} | ms/step {r['ms_per_step']:.1f} (median "
-                 f"{r['ms_per_step_median']:.1f}) | {memory} | FLOPs/token {r['flops_per_token'] / 1e6:.1f} M | "
+                 f"{r['ms_per_step_median']:.1f}, CPU time {r['cpu_ms_per_step_median']:.1f}) | {memory} | FLOPs/token {r['flops_per_token'] / 1e6:.1f} M | "
                  f"{r['tokens_per_s'] * r['flops_per_token'] / 1e12:.2f} TFLOP/s | {util} | loss {r['last_loss']:.3f}")
     if "report" in r:
         rep = r["report"]

@@ -101,10 +101,38 @@ def test_tied_div_val_1_table_gets_one_gradient_buffer_from_the_output_layer():
     table = model.word_emb.emb_layers[0].weight
     with TableSizedOutputs(table.shape) as seen:
         loss.mean().backward()
-    # the embedding's own backward (1), the output layer's one buffer (1), their sum (1); autograd through
-    # row slices gave one zero-filled table-sized tensor per cluster (4) and their sums
-    assert len(seen.ops) <= 3, seen.ops
+    # the output layer's one buffer, into which the embedding adds its rows (utils/model/shared_table_grad.py);
+    # autograd through row slices gave one zero-filled table-sized tensor per cluster (4) and their sums, and
+    # the embedding's backward its own zero-filled table plus one more sum
+    allocated = [op for op in seen.ops if not op.endswith("_")]            # in-place ops return the buffer
+    assert allocated == ["empty"], seen.ops
     assert "slice_backward" not in seen.ops and "zeros" not in seen.ops and "new_zeros" not in seen.ops
+    assert "embedding_dense_backward" not in seen.ops
+    assert table.grad.shape == table.shape
+
+
+def test_the_tied_table_gradient_equals_autograd_sum_of_embedding_and_output_layer_bit_for_bit(monkeypatch):
+    """Second code path: the embedding's own backward (F.embedding) plus autograd's sum of the two tables."""
+    from utils.model import shared_table_grad
+    torch.manual_seed(0)
+    model = MemTransformerLM(N_TOKEN, 2, 2, 8, 4, 16, 0.0, 0.0, tie_weight=True, cutoffs=CUTOFFS,
+                             tgt_len=12, mem_len=0)
+    data = torch.randint(0, 8, (12, 4))                  # many repeated tokens: sums of several rows
+    data[::3] = torch.randint(0, N_TOKEN, (4, 4))
+    target = torch.randint(0, N_TOKEN, (12, 4))
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        loss, _ = model(data, target, None)
+        loss.mean().backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    ours = grads()
+    monkeypatch.setattr(shared_table_grad, "_usable", lambda weight: False)   # plain F.embedding
+    plain = grads()
+    assert ours.keys() == plain.keys()
+    for name in plain:
+        assert torch.equal(ours[name], plain[name]), name
 
 
 # (attn_type, div_val, tie_weight): every attention type, div_val 1 and 4, tied and untied

@@ -250,3 +250,47 @@ def test_the_clip_factor_inside_the_update_equals_clip_grad_norm_then_step():
     for a, b in zip(params, ref):
         assert torch.equal(a, b)
     assert opt.clip_coef is None                     # for one step only
+
+
+@pytest.mark.parametrize("adam, clip", [(False, None), (False, 0.3), (True, 0.3)])
+def test_the_blocked_cpu_step_equals_the_multi_tensor_update_bit_for_bit(monkeypatch, adam, clip):
+    """The eager CPU step runs the update block by block (lamb._lamb_blocked); the multi-tensor update
+    (lamb._lamb_multi_tensor, what runs on a GPU and compiled) is the second code path. Blocks of 64 elements
+    so that the tensors here span several blocks, one of them partial."""
+    from utils.training import lamb as lamb_module
+    monkeypatch.setattr(lamb_module, "_BLOCK", 64)
+    torch.manual_seed(1)
+    shapes = [(37, 11), (300,), (5,), (64,), (3, 3)]
+    tensors = [[torch.randn(s) for s in shapes] for _ in range(4)]
+    tensors[3] = [t.abs() * 1e-3 for t in tensors[3]]                     # second moments are >= 0
+    ours, theirs = ([[t.clone() for t in ts] for ts in tensors] for _ in range(2))
+    kwargs = dict(lr=0.05, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.01, adam=adam,
+                  clip_coef=None if clip is None else torch.tensor(clip))
+    buffers = [torch.empty(s) for s in shapes]
+    for _ in range(2):                                                     # the buffers are reused
+        ours[1], theirs[1] = [g.clone() for g in tensors[1]], [g.clone() for g in tensors[1]]   # fresh gradients
+        got = lamb_module._lamb_blocked(*ours, buffers=buffers, **kwargs)
+        want = lamb_module._lamb_multi_tensor(*theirs, **kwargs)
+    assert (got is None) == (want is None) and (got is None or torch.equal(got, want))
+    for which in (0, 2, 3):                                                # parameters and both moments
+        for x, y in zip(ours[which], theirs[which]):
+            assert torch.equal(x, y)
+    for x, y in zip(ours[1], tensors[1]):                                  # the gradients are left as they were
+        assert torch.equal(x, y)
+
+
+def test_the_eager_cpu_step_keeps_one_update_buffer_per_parameter_between_steps():
+    params, opt = run_torch(True, steps=2)
+    buffers = dict(opt._update_buffers)
+    assert set(buffers) == set(params)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        opt.step()                                                     # runs on one thread ...
+        assert torch.get_num_threads() == 2                            # ... and gives the other back
+    finally:
+        torch.set_num_threads(threads)
+    assert all(opt._update_buffers[p] is buffers[p] for p in params)   # reused, not reallocated
+    assert "update" not in str(opt.state_dict())                       # not part of the saved state

@@ -21,11 +21,13 @@ def grads(loss, tensors):
     return torch.autograd.grad(loss, [t for t in tensors if t is not None])
 
 
+@pytest.mark.parametrize("few_rows", [False, True])                # also the [V, d]·[d, N] matmul (few rows)
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("block_elements", [None, 11 * 2])          # default blocks, and blocks of 2 rows
-def test_values_and_gradients_equal_cross_entropy_in_float64(bias, block_elements, monkeypatch):
+def test_values_and_gradients_equal_cross_entropy_in_float64(bias, block_elements, few_rows, monkeypatch):
     if block_elements is not None:
         monkeypatch.setitem(linear_nll_module._BLOCK_ELEMENTS, "cpu", block_elements)
+    monkeypatch.setattr(linear_nll_module, "_FEW_ROWS", 0 if few_rows else 1 << 30)
     hidden, weight, b, target = inputs(bias=bias)
     upstream = torch.linspace(0.5, 2.0, hidden.size(0), dtype=torch.float64)      # a non-uniform grad_output
     nll = linear_nll(hidden, weight, b, target)

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from utils.model.shared_table_grad import TableGradSlot, slot_for
 from utils.model.linear_nll import _compute_dtype, linear_nll, nll_forward, nll_grad_logits_
 
 
@@ -109,7 +110,7 @@ class _SharedTableNLL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, table: Tensor, bias: Tensor, extra_w: Tensor, extra_b: Tensor, bounds: Tuple[int, ...],
-                *inputs: Tensor):
+                slot: Optional[TableGradSlot], *inputs: Tensor):
         hs, ts = inputs[0::2], inputs[1::2]
         dtype = _compute_dtype(hs[0])
         outs, saved, logits_list = [], [], []
@@ -129,6 +130,7 @@ class _SharedTableNLL(torch.autograd.Function):
         ctx.save_for_backward(w_all, *saved)
         ctx.logits = logits_list
         ctx.bounds = bounds
+        ctx.slot = slot                         # the tied embedding adds its rows into our table gradient
         ctx.dtypes = (table.dtype, bias.dtype, extra_w.dtype, extra_b.dtype, [h.dtype for h in hs])
         return tuple(outs)
 
@@ -167,8 +169,11 @@ class _SharedTableNLL(torch.autograd.Function):
         grads_inputs = []
         for g in grad_hs:
             grads_inputs += [g, None]
-        return (grad_table.to(table_dtype), grad_bias.to(bias_dtype), grad_extra_w, grad_extra_b, None,
-                *grads_inputs)
+        grad_table = grad_table.to(table_dtype)
+        slot, ctx.slot = ctx.slot, None
+        if slot is not None:
+            slot.buffer = grad_table
+        return (grad_table, grad_bias.to(bias_dtype), grad_extra_w, grad_extra_b, None, None, *grads_inputs)
 
 
 def shared_table_adaptive_nll(hidden: Tensor, target: Tensor, table: Tensor, bias: Tensor, extra_w: Tensor,
@@ -184,7 +189,7 @@ def shared_table_adaptive_nll(hidden: Tensor, target: Tensor, table: Tensor, bia
     for i, (idx, valid) in enumerate(gathers, start=1):
         inputs += [_project(hidden.index_select(0, idx), projs[i]),
                    torch.where(valid, target.index_select(0, idx) - bounds[i], 0)]
-    outs = _SharedTableNLL.apply(table, bias, extra_w, extra_b, bounds, *inputs)
+    outs = _SharedTableNLL.apply(table, bias, extra_w, extra_b, bounds, slot_for(table), *inputs)
     nll = outs[0]
     for (idx, valid), tail in zip(gathers, outs[1:]):
         nll = nll.index_add(0, idx, torch.where(valid, tail, 0.0))

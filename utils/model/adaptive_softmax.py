@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from utils.model import shared_table_grad
 from utils.model.adaptive_nll import adaptive_nll, cluster_ids as _cluster_ids, shared_table_adaptive_nll
 
 
@@ -91,11 +92,23 @@ class AdaptiveEmbedding(nn.Module):
             out.append(p)
         return out
 
+    @torch.jit.unused
+    def _lookup(self, tokens: Tensor) -> Tensor:
+        """The table lookup; with a tied output layer its gradient goes into that layer's table-sized buffer
+        (utils/model/shared_table_grad.py)."""
+        layer = self.emb_layers[0]
+        if layer.padding_idx is not None or layer.max_norm is not None or layer.scale_grad_by_freq or layer.sparse:
+            return layer(tokens)
+        return shared_table_grad.lookup(layer.weight, tokens)
+
     def forward(self, tokens: Tensor) -> Tensor:
         shape = list(tokens.size()) + [self.d_proj]
         projs = self.projs()
         if self.div_val == 1:
-            embed = self.emb_layers[0](tokens)                                   # [*, d_embed]
+            if torch.jit.is_scripting():
+                embed = self.emb_layers[0](tokens)                               # [*, d_embed]
+            else:
+                embed = self._lookup(tokens)
             if len(projs) > 0:
                 embed = F.linear(embed, projs[0])                                # [*, d_proj]
             return embed * self.emb_scale

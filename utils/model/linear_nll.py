@@ -25,6 +25,10 @@ from torch import Tensor
 _BLOCK_ELEMENTS = {"cpu": 1 << 22, "default": 1 << 24}
 
 
+# nll_forward: fewer than V / _FEW_ROWS rows go through the [V, d]·[d, N] matmul on the CPU
+_FEW_ROWS = 64
+
+
 def _row_blocks(n_rows: int, n_cols: int, device: torch.device) -> int:
     budget = _BLOCK_ELEMENTS.get(device.type, _BLOCK_ELEMENTS["default"])
     return max(1, min(n_rows, budget // max(1, n_cols)))
@@ -40,7 +44,14 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 
 def nll_forward(h: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor):
     """(nll, logits, lse) of h [N, d], w [V, d], b [V] already in the compute dtype (autocast off)."""
-    logits = F.linear(h, w, b)                                                    # [N, V]
+    if h.device.type == "cpu" and h.size(0) * _FEW_ROWS < w.size(0):
+        # a few rows against many (an adaptive-softmax tail cluster: a handful of tokens against up to 160k
+        # vocabulary rows): [V, d]·[d, N] is several times faster on the CPU than [N, d]·[d, V] (the BLAS's small-M
+        # path); the logits are the transposed view of that [V, N] buffer, which the backward's table-gradient
+        # matmul then reads contiguously. Another summation order than F.linear's: last-bit differences.
+        logits = (torch.mm(w, h.t()) if b is None else torch.addmm(b.unsqueeze(1), w, h.t())).t()
+    else:
+        logits = F.linear(h, w, b)                                                # [N, V]
     acc = torch.float64 if h.dtype == torch.float64 else torch.float32
     lse = torch.empty(logits.size(0), dtype=acc, device=logits.device)
     step = _row_blocks(logits.size(0), logits.size(1), logits.device)

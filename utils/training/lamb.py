@@ -21,11 +21,21 @@ plain loop, one tensor at a time. Both give the same results. `compile=True` (wi
 gives) runs the multi-tensor step through torch.compile, which fuses its passes over the parameters into a few
 kernels; the learning rate then enters as a device tensor, so a new value each step compiles nothing.
 
+Eager on the CPU (issue 18): the fused step runs the same ops, op for op, block by block (`_BLOCK` elements of
+every tensor at a time), so that a block's gradient, moments, parameter and update stay in the cache between
+ops instead of each op streaming the whole 68M-element WikiText-103 table through memory again; the update
+goes into a buffer kept between steps (one table-sized tensor, not two fresh ones per step). Every element
+meets the same operations as in the multi-tensor version and the norms are still taken over whole tensors, so
+the results are bit for bit those of the unblocked update (tests/test_lamb.py). It runs on one intra-op thread
+(`_one_thread`: on a shared machine a thousand fork/joins cost more than the second core gives). On a GPU
+(and compiled) the multi-tensor kernels run as before.
+
 Gradient clipping in the same pass (issue 18): the caller (TrainStep) computes the total gradient norm (one
 reduction over all gradients, which must precede any update) and sets `optimizer.clip_coef` =
 min(1, max_norm / (norm + 1e-6)) (a device tensor) before `step()`, as GradScaler sets `found_inf`; the step
 multiplies the gradients by it inside the multi-tensor update (under torch.compile fused into the update's
-passes) instead of a separate pass of `clip_grad_norm_`. Same math as `torch.nn.utils.clip_grad_norm_`.
+passes) instead of a separate pass of `clip_grad_norm_`. Same math as `torch.nn.utils.clip_grad_norm_` (the
+eager CPU step uses the clipped values without writing them back into `.grad`).
 
 Mixed precision: the fused step handles the fp16 GradScaler's skip decision on the device
 (`_step_supports_amp_scaling`): the scaler hands over `found_inf` instead of reading it back to the host,
@@ -34,6 +44,7 @@ and a step with non-finite gradients leaves the parameters and the running avera
 State per parameter: `exp_avg` (m), `exp_avg_sq` (v) tensors and `step` (an int, counted but unused by the
 math), so `optimizer.state_dict()` holds tensors and plain types only and loads with `weights_only=True`.
 """
+import contextlib
 from collections import defaultdict
 from typing import Callable, Iterable
 
@@ -86,12 +97,20 @@ class Lamb(Optimizer):
         self._step_supports_amp_scaling = bool(fused) and not any(
             hasattr(p, "device_mesh") for group in self.param_groups for p in group["params"])
         self.clip_coef: torch.Tensor | None = None           # set by the caller for one step (see the docstring)
+        # eager CPU step: one update buffer per parameter, kept between steps (not state: never saved)
+        self._update_buffers: dict[torch.Tensor, torch.Tensor] = {}
 
     def _lr_tensor(self, lr: float, device: torch.device) -> torch.Tensor:
         """lr as a float32 scalar tensor on `device` (the compiled step reads it; no recompilation)."""
         if device not in self._lr_tensors:
             self._lr_tensors[device] = torch.zeros((), dtype=torch.float32, device=device)
         return self._lr_tensors[device].fill_(lr)
+
+    def _update_buffer(self, p: torch.Tensor) -> torch.Tensor:
+        buffer = self._update_buffers.get(p)
+        if buffer is None or buffer.shape != p.shape or buffer.dtype != p.dtype or buffer.device != p.device:
+            buffer = self._update_buffers[p] = torch.empty_like(p, memory_format=torch.contiguous_format)
+        return buffer
 
     def keep_trust_ratios(self) -> None:
         """From now on each step leaves its trust ratios (one per parameter, lr excluded) in `trust_ratios`, a
@@ -155,11 +174,15 @@ class Lamb(Optimizer):
                     if not group["fused"]:
                         raise RuntimeError("Lamb(fused=False) does not take the GradScaler's found_inf")
                     extra["found_inf"] = found_inf.to(device)
-                trust = update(
-                    params, grads, exp_avgs, exp_avg_sqs,
-                    lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
-                    weight_decay=group["weight_decay"], adam=group["adam"], **extra,
-                )
+                elif group["fused"] and not compiled and device.type == "cpu" and not hasattr(params[0], "device_mesh"):
+                    update = _lamb_blocked
+                    extra["buffers"] = [self._update_buffer(p) for p in params]
+                with _one_thread() if update is _lamb_blocked else contextlib.nullcontext():
+                    trust = update(
+                        params, grads, exp_avgs, exp_avg_sqs,
+                        lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
+                        weight_decay=group["weight_decay"], adam=group["adam"], **extra,
+                    )
                 if trust is not None and getattr(self, "_keep_trust", False):
                     trust = torch.stack(trust) if isinstance(trust, list) else trust
                     ratios.append(trust.detach().float().reshape(-1).to(ratios[0].device if ratios else device))
@@ -214,6 +237,88 @@ def _lamb_multi_tensor(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2
         torch._foreach_sub_(params, updates)
     else:
         torch._foreach_add_(params, updates, alpha=-lr)
+    return ratios
+
+
+# Elements per block of the eager CPU update: 1 MiB of float32 per tensor; the five tensors a block touches
+# (gradient, two moments, parameter, update) fit in a core's L2 / the L3 slice.
+_BLOCK = 1 << 18
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """The blocked update on one thread: its ~1,000 small ops would each be a fork/join of the intra-op threads,
+    and on a shared machine every join waits for a descheduled partner (two threads per block op made the
+    step slower than before in an alternated round at load 6); one thread streaming cache-sized blocks is
+    faster than two streaming the table (benchmarks/results/README.md, "Issue 18")."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _blocks(*tensors: torch.Tensor):
+    """Matching flat views of [_BLOCK] elements of same-shaped contiguous tensors (one block when not contiguous)."""
+    if not all(t.is_contiguous() for t in tensors) or tensors[0].numel() <= _BLOCK:
+        yield tensors
+        return
+    flat = [t.view(-1) for t in tensors]
+    for start in range(0, flat[0].numel(), _BLOCK):
+        yield tuple(f[start:start + _BLOCK] for f in flat)
+
+
+def _scratch(scratch: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """A flat buffer of at least like.numel() elements of like's dtype and device (grown when needed)."""
+    if scratch is None or scratch.numel() < like.numel() or scratch.dtype != like.dtype or scratch.device != like.device:
+        scratch = torch.empty(like.numel(), dtype=like.dtype, device=like.device)
+    return scratch
+
+
+def _lamb_blocked(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, eps, weight_decay, adam, buffers,
+                  clip_coef=None):
+    """`_lamb_multi_tensor`'s update (no found_inf), op for op, block by block (module docstring): the
+    moments and the direction of each block while it is in the cache, into `buffers` (one per parameter);
+    then the norms over whole tensors (the same reductions as the multi-tensor version: same bits), then the
+    parameters block by block. Returns the trust ratios (None with adam). Unlike the multi-tensor version it
+    writes neither the clipped gradient back to `grads` nor the scaled update back to `buffers` (two passes
+    over the table less); parameters and moments are bit for bit the same."""
+    scratch = None                               # a block's clipped gradient / scaled update (values only)
+    for p, g, m, v, u in zip(params, grads, exp_avgs, exp_avg_sqs, buffers):
+        for pb, gb, mb, vb, ub in _blocks(p, g, m, v, u):
+            if clip_coef is not None:
+                # the clipped values, not written back to the gradient (one stream over the table less)
+                scratch = _scratch(scratch, gb)
+                gb = torch.mul(gb, clip_coef, out=scratch[:gb.numel()].view_as(gb))
+            mb.mul_(beta1)
+            mb.add_(gb, alpha=1 - beta1)
+            vb.mul_(beta2)
+            vb.addcmul_(gb, gb, value=1 - beta2)
+            torch.sqrt(vb, out=ub)
+            ub.add_(eps)
+            torch.div(mb, ub, out=ub)
+            if weight_decay != 0:
+                ub.add_(pb, alpha=weight_decay)
+    ratios = factors = None
+    if not adam:
+        factors = ratios = _trust_ratios(params, buffers, eps)
+        if isinstance(lr, torch.Tensor):
+            factors = factors * lr
+        factors = factors.unbind(0)
+    for i, (p, u) in enumerate(zip(params, buffers)):
+        for pb, ub in _blocks(p, u):
+            factor = factors[i] if factors is not None else lr if isinstance(lr, torch.Tensor) else None
+            if factor is not None:                          # the scaled update is not written back either
+                scratch = _scratch(scratch, ub)
+                ub = torch.mul(ub, factor, out=scratch[:ub.numel()].view_as(ub))
+            if isinstance(lr, torch.Tensor):
+                pb.sub_(ub)
+            else:
+                pb.add_(ub, alpha=-lr)
     return ratios
 
 
