@@ -198,3 +198,27 @@ def test_a_bf16_step_with_compute_weights_reads_nothing_back():
     with HostSyncCounter() as syncs:
         step.run(data[6:12], data[7:13], mems)
     assert syncs.count == 0, syncs.events
+
+
+def test_the_reports_unblocked_lamb_update_gives_the_same_bits():
+    """benchmark_train.py --report counts LAMB with CPU_BLOCKED_UPDATE off (the GPU's multi-tensor update):
+    the same step as the eager CPU's blocked update, bit for bit, so counting changes no training result."""
+    import utils.training.lamb as lamb_module
+    results = []
+    for blocked in (True, False):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(700, 1000)), torch.nn.Parameter(torch.randn(33))]
+        for p in params:
+            p.grad = torch.randn_like(p)
+        optimizer = Lamb(params, lr=0.01, weight_decay=0.01, fused=True)
+        lamb_module.CPU_BLOCKED_UPDATE = blocked
+        try:
+            optimizer.step()
+            with OpCounter() as counter:
+                optimizer.step()
+        finally:
+            lamb_module.CPU_BLOCKED_UPDATE = True
+        results.append(([p.detach().clone() for p in params], counter.total))
+    (blocked_params, blocked_ops), (plain_params, plain_ops) = results
+    assert blocked_ops > 2 * plain_ops                  # both paths ran: 3 blocks of the large tensor
+    assert all(torch.equal(a, b) for a, b in zip(blocked_params, plain_params))

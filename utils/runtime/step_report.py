@@ -10,7 +10,8 @@
                        CUDA (dropout: empty_like + bernoulli_ + div_ + mul, one native_dropout on CUDA).
                        Casts: ops that only convert the dtype: `_to_copy`, `copy_` and `_foreach_copy_`
                        whose source and destination dtypes differ (arithmetic that promotes mixed dtypes
-                       inside the op is not a cast op).
+                       inside the op is not a cast op). benchmark_train.py counts LAMB's multi-tensor
+                       update (the GPU's), not the eager CPU's block-by-block run of the same ops.
     graph breaks       torch._dynamo.explain of the training forward (model + loss)
     compilations       graphs dynamo compiled over the whole run (torch._dynamo counters)
     host syncs         HostSyncCounter over one steady-state step (utils/runtime/host_sync.py)
