@@ -258,13 +258,16 @@ class _NpyWriter:
 
     def __init__(self, f, dtype, high: int | None = None):
         self.f, self.dtype, self.high, self.n = f, np.dtype(dtype), high, 0
+        self.max_id = -1  # the largest id written (with `high`), for the cache's manifest
         self.f.write(b"\0" * self.HEADER)
 
     def append(self, ids: np.ndarray) -> None:
-        ids = np.asarray(ids)
+        ids = np.ascontiguousarray(ids)
         if len(ids) and self.high is not None:
-            assert ids.min() >= 0 and ids.max() < self.high, "ids out of range"
-        self.f.write(ids.astype(self.dtype, copy=False).tobytes())
+            top = int(ids.max())
+            assert (ids.dtype.kind == "u" or ids.min() >= 0) and top < self.high, "ids out of range"
+            self.max_id = max(self.max_id, top)
+        self.f.write(ids.astype(self.dtype, copy=False).data)
         self.n += len(ids)
 
     def finish(self) -> int:
@@ -415,8 +418,8 @@ def get_lm_corpus(
         corpus = _load_checked(datadir, root / key, opts, sources, verbose, quiet=True)  # another process's build
         if corpus is None:
             _say(verbose, f"Producing dataset {dataset}...")
-            _build(datadir, root, key, opts, files, sources, verbose, progress)
-            corpus = _load(datadir, root / key, _read_meta(root / key))
+            vocab, meta = _build(datadir, root, key, opts, files, sources, verbose, progress)
+            corpus = _load(datadir, root / key, meta, built=vocab if isinstance(vocab, Vocab) else None)
     return corpus
 
 
@@ -511,13 +514,12 @@ def _load_checked(datadir: Path, path: Path, opts: dict, sources: list[dict], ve
 # ~1 GB/s); their maximum is a numpy reduction over the memory map at memory speed, and every id that could
 # break training (one past the vocabulary) is found by it. A changed id within the vocabulary's range is not
 # detected: that would need the hash.
-def _manifest(path: Path, splits: dict) -> dict:
-    manifest = {"vocab.json": {"bytes": (path / "vocab.json").stat().st_size,
-                               "sha256": hashlib.sha256((path / "vocab.json").read_bytes()).hexdigest()}}
+def _manifest(path: Path, splits: dict, vocab_json: bytes, max_ids: dict) -> dict:
+    """The manifest of the files just written in `path`: vocab.json's bytes are `vocab_json`, and `max_ids` the
+    largest id of each token file as its writer saw it."""
+    manifest = {"vocab.json": {"bytes": len(vocab_json), "sha256": hashlib.sha256(vocab_json).hexdigest()}}
     for info in splits.values():
-        ids = np.load(path / info["file"], mmap_mode="r")
-        manifest[info["file"]] = {"bytes": (path / info["file"]).stat().st_size,
-                                  "max_id": int(ids.max()) if len(ids) else -1}
+        manifest[info["file"]] = {"bytes": (path / info["file"]).stat().st_size, "max_id": max_ids[info["file"]]}
         if "starts" in info:
             manifest[info["starts"]] = {"bytes": (path / info["starts"]).stat().st_size}
     return manifest
@@ -539,23 +541,30 @@ def _check_manifest(path: Path, meta: dict) -> None:
         raise _Damaged("vocab.json does not match its sha256 in the manifest")
 
 
-def _load(datadir: Path, path: Path, meta: dict) -> Corpus:
+def _load(datadir: Path, path: Path, meta: dict, built=None) -> Corpus:
+    """The corpus cached at `path`, its files checked against the manifest; `built`: the vocabulary that this
+    process has just written there with `meta` (the files it wrote are opened, and not checked again: the
+    checks are for a cache that changed since it was written)."""
+    check = built is None
     try:
-        _check_manifest(path, meta)
-        vocab = Vocab.from_dict(json.loads((path / "vocab.json").read_text(encoding="utf-8")))
-        stored = meta.get("vocab_fingerprint")      # the vocabulary the ids were written with
-        if stored is not None and vocab.fingerprint() != stored:
-            raise _Damaged("vocab.json is not the vocabulary the ids were written with")
+        if check:
+            _check_manifest(path, meta)
+            vocab = Vocab.from_dict(json.loads((path / "vocab.json").read_text(encoding="utf-8")))
+            stored = meta.get("vocab_fingerprint")      # the vocabulary the ids were written with
+            if stored is not None and vocab.fingerprint() != stored:
+                raise _Damaged("vocab.json is not the vocabulary the ids were written with")
+        else:
+            vocab = built
         splits = {}
         for split, info in meta["splits"].items():
             tokens = _load_ids(path / info["file"], info["n_tokens"])
-            high = int(tokens.max()) if len(tokens) else -1
+            high = (int(tokens.max()) if len(tokens) else -1) if check else meta["manifest"][info["file"]]["max_id"]
             if high >= len(vocab) or high != meta["manifest"][info["file"]].get("max_id"):
                 raise _Damaged(f"{info['file']} holds id {high}, the manifest says "
                                f"{meta['manifest'][info['file']].get('max_id')} and the vocabulary has {len(vocab)}")
             if "starts" in info:
                 starts = _load_ids(path / info["starts"], info["n_sentences"] + 1)
-                if starts[0] != 0 or starts[-1] != len(tokens) or np.any(np.diff(starts) < 0):
+                if check and (starts[0] != 0 or starts[-1] != len(tokens) or np.any(np.diff(starts) < 0)):
                     raise _Damaged(f"{info['starts']} holds sentence offsets out of order or range")
                 splits[split] = SentenceData(tokens, starts, info["shards"])
             else:
@@ -578,8 +587,9 @@ def _load_ids(file: Path, length: int) -> np.ndarray:
     return ids
 
 
-def _build(datadir, root, key, opts, files, sources, verbose, progress) -> None:
-    """Build the cache in a temporary folder and rename it into place; nothing is left behind on failure."""
+def _build(datadir, root, key, opts, files, sources, verbose, progress) -> tuple[Any, dict]:
+    """Build the cache in a temporary folder and rename it into place; nothing is left behind on failure.
+    Returns the vocabulary (without its counts, as vocab.json has it) and meta.json's content."""
     started = time.perf_counter()
     for stale in root.glob(f".{key}.tmp-*"):  # left by a build that was killed (we hold the build lock)
         shutil.rmtree(stale, ignore_errors=True)
@@ -595,7 +605,10 @@ def _build(datadir, root, key, opts, files, sources, verbose, progress) -> None:
         for split, info in splits.items():
             if info["n_tokens"] == 0:
                 raise UserError(f"{_first(files[split])}: {split} split has no tokens")
-        write_text_atomic(tmp / "vocab.json", json.dumps(vocab.to_dict(), ensure_ascii=False), sync_dir=False)
+        max_ids = {info["file"]: info.pop("max_id") for info in splits.values()}
+        vocab_json = json.dumps(vocab.to_dict(), ensure_ascii=False).encode("utf-8")
+        with atomic_open(tmp / "vocab.json", "wb", sync_dir=False) as f:
+            f.write(vocab_json)
         meta = {
             "format": CACHE_FORMAT,
             "version": CACHE_VERSION,
@@ -605,9 +618,10 @@ def _build(datadir, root, key, opts, files, sources, verbose, progress) -> None:
             "vocab_size": len(vocab),
             "vocab_fingerprint": vocab.fingerprint(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "manifest": _manifest(tmp, splits),
+            "manifest": _manifest(tmp, splits, vocab_json, max_ids),
         }
-        write_text_atomic(tmp / "meta.json", json.dumps(meta, indent=1), sync_dir=False)
+        meta_json = json.dumps(meta, indent=1)
+        write_text_atomic(tmp / "meta.json", meta_json, sync_dir=False)
         fsync_dir(tmp)  # the folder's entries, once (each file was fsynced as it was written, sync_dir=False)
         final = root / key
         if final.exists():  # stale: move it away first, so that the rename below is atomic
@@ -622,6 +636,9 @@ def _build(datadir, root, key, opts, files, sources, verbose, progress) -> None:
         raise
     fsync_dir(root)  # the rename is on disk (the files in the folder were fsynced as they were written)
     _say(verbose, f"Dataset cache written to {root / key} in {time.perf_counter() - started:.1f}s")
+    if isinstance(vocab, Vocab):
+        vocab.drop_counts()
+    return vocab, json.loads(meta_json)  # (meta as a later load reads it: JSON types)
 
 
 def _raise_build_fault(exc: OSError, root: Path) -> None:
@@ -652,7 +669,8 @@ def _build_words(tmp: Path, files: dict, rule: _WordRule, verbose: bool, progres
     for split in SPLITS:
         if split in rule.counted:
             prov = tmp / f"{split}.prov"
-            blocks = vocab.finish_provisional(_raw_blocks(prov, np.int32), files[split], add_eos=rule.add_eos)
+            blocks = vocab.finish_provisional(_raw_blocks(prov, np.int32), files[split], add_eos=rule.add_eos,
+                                              starts=False, dtype=dtype)
         else:
             blocks = vocab.encode_chunks(files[split], add_eos=rule.add_eos, progress=progress)
         splits[split] = _write_split(tmp, split, blocks, dtype, len(vocab))
@@ -667,7 +685,7 @@ def _write_split(tmp: Path, split: str, blocks, dtype, n_vocab: int) -> dict:
         for ids, _ in blocks:
             writer.append(ids)
         n = writer.finish()
-    return {"file": f"{split}.npy", "dtype": np.dtype(dtype).name, "n_tokens": n}
+    return {"file": f"{split}.npy", "dtype": np.dtype(dtype).name, "n_tokens": n, "max_id": writer.max_id}
 
 
 def _build_bpe(tmp: Path, files: dict, opts: dict, verbose: bool, progress: bool):
@@ -711,6 +729,7 @@ def _build_lm1b(tmp: Path, files: dict, verbose: bool, progress: bool):
             "starts": f"{split}.starts.npy",
             "n_sentences": n_starts - 1,
             "shards": shards,
+            "max_id": tokens.max_id,
         }
     return vocab, splits
 

@@ -28,6 +28,7 @@ from inference.mem_sweep import format_table, result_row, sweep_lengths, write_j
 from inference.runtime import (LoadedModel, apply_lengths, is_export, length_overrides, load_for_inference,
                                precision_of, prepare_runtime, save_torchscript, torchscript_file, warm_up)
 from utils.config.cli import eval_parser, eval_splits, parse_args
+from utils.data.prepared import end_of_document
 from utils.distributed import group as distributed
 from utils.io.atomic import write_text_atomic
 from utils.io.checkpoint import load_checkpoint
@@ -247,6 +248,11 @@ def build_runtime(args, loaded: LoadedModel, device, log):
     """The model in the runtime and precision this run asks for, warmed up; (model, precision, runtime)."""
     if not isinstance(loaded.model, torch.jit.ScriptModule):
         loaded.model.set_attn_impl(args.attn_impl)
+    if args.reset_mems_at_doc:
+        if isinstance(loaded.model, torch.jit.ScriptModule) or loaded.vocab is None:
+            raise UserError("--reset_mems_at_doc needs a model loaded from a checkpoint with its vocabulary; evaluate "
+                            "with --model CHECKPOINT or drop --reset_mems_at_doc")
+        loaded.model.set_reset_mems_at_doc(end_of_document(args.dataset, args.data, loaded.vocab))
     precision = precision_of(args)
     runtime = "torchscript" if args.load_torchscript and args.type != "compile" else args.type
     if args.load_torchscript and args.type == "pytorch":

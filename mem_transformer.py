@@ -31,6 +31,7 @@ from utils.io.errors import UserError
 from utils.model.adaptive_softmax import AdaptiveEmbedding, ProjectedAdaptiveLogSoftmax, normalize_tie_projs
 from utils.model.attention import ATTN_IMPLS, relative_flex_attention
 from utils.model.autocast_input import autocast_input
+from utils.model.documents import document_mask, document_numbers, memory_flags, with_memory_flags
 from utils.model.log_uniform_sampler import LogUniformSampler, sample_logits
 
 
@@ -74,7 +75,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, pos_scores: Optional[Tensor], mas
     """softmax(q·kᵀ + pos_scores, hidden where mask) · v.
 
     q [bsz, H, qlen, Dh] (already scaled by 1/sqrt(Dh)); k, v [bsz, H, klen, Dh]; pos_scores
-    [bsz, H, qlen, klen] (scaled) or None; mask [qlen, klen] bool, True = not visible. -> [bsz, H, qlen, Dh]
+    [bsz, H, qlen, klen] (scaled) or None; mask [qlen, klen] (or per column
+    [bsz, 1, qlen, klen], --reset_mems_at_doc) bool, True = not visible. -> [bsz, H, qlen, Dh]
     """
     scores = torch.matmul(q, k.transpose(-1, -2))                               # [bsz, H, qlen, klen]
     if pos_scores is not None:
@@ -119,7 +121,9 @@ class MultiHeadAttn(nn.Module):
       1: r = learned distance table [T, H, Dh], r_w_bias [H, Dh], r_bias = table [T, H]
       2, 3: positions are already in h and mem; r, r_w_bias, r_bias are unused.
     band = (lo, hi) describes the mask as offsets (key j visible to query i iff lo < j - i <= hi, see
-    MemTransformerLM._mask_band); attn_impl 'flex' needs it, the other implementations read the mask.
+    MemTransformerLM._mask_band); attn_impl 'flex' needs it, the other implementations read the mask. docs
+    [klen, bsz]: the keys' document numbers with --reset_mems_at_doc (then the mask is per column,
+    [bsz, 1, qlen, klen]); 'flex' reads them instead of that mask.
     """
 
     attn_impl: str
@@ -142,7 +146,7 @@ class MultiHeadAttn(nn.Module):
         self.dropatt = nn.Dropout(dropatt)
 
     def forward(self, h: Tensor, mem: Optional[Tensor], mask: Tensor, r: Tensor, r_w_bias: Tensor,
-                r_bias: Tensor, band: Optional[Tuple[int, int]] = None) -> Tensor:
+                r_bias: Tensor, band: Optional[Tuple[int, int]] = None, docs: Optional[Tensor] = None) -> Tensor:
         qlen, bsz = h.size(0), h.size(1)
         n_head, d_head = self.n_head, self.d_head
         hd = n_head * d_head
@@ -175,7 +179,7 @@ class MultiHeadAttn(nn.Module):
 
         dropatt = self.dropatt.p
         if not torch.jit.is_scripting() and band is not None and self._flex_applies():
-            vec = relative_flex_attention(q, k, v, q_pos, r_pos, band, self.scale)
+            vec = relative_flex_attention(q, k, v, q_pos, r_pos, band, self.scale, docs)
         else:
             pos_scores: Optional[Tensor] = None
             if q_pos is not None and r_pos is not None:
@@ -229,15 +233,15 @@ class DecoderLayer(nn.Module):
         self.checkpoint_activations = False
 
     def forward(self, h: Tensor, mem: Optional[Tensor], mask: Tensor, r: Tensor, r_w_bias: Tensor,
-                r_bias: Tensor, band: Optional[Tuple[int, int]] = None) -> Tensor:
+                r_bias: Tensor, band: Optional[Tuple[int, int]] = None, docs: Optional[Tensor] = None) -> Tensor:
         if not torch.jit.is_scripting() and self.checkpoint_activations and self.training \
                 and torch.is_grad_enabled():
-            return checkpoint(self.layer, h, mem, mask, r, r_w_bias, r_bias, band, use_reentrant=False)
-        return self.layer(h, mem, mask, r, r_w_bias, r_bias, band)
+            return checkpoint(self.layer, h, mem, mask, r, r_w_bias, r_bias, band, docs, use_reentrant=False)
+        return self.layer(h, mem, mask, r, r_w_bias, r_bias, band, docs)
 
     def layer(self, h: Tensor, mem: Optional[Tensor], mask: Tensor, r: Tensor, r_w_bias: Tensor,
-              r_bias: Tensor, band: Optional[Tuple[int, int]] = None) -> Tensor:
-        return self.ff(self.attn(h, mem, mask, r, r_w_bias, r_bias, band))
+              r_bias: Tensor, band: Optional[Tuple[int, int]] = None, docs: Optional[Tensor] = None) -> Tensor:
+        return self.ff(self.attn(h, mem, mask, r, r_w_bias, r_bias, band, docs))
 
 
 # ---- the model ------------------------------------------------------------------------------------------
@@ -247,6 +251,7 @@ class MemTransformerLM(nn.Module):
 
     cutoffs: List[int]
     tie_projs: List[bool]
+    eod_index: int
 
     def __init__(self, n_token: int, n_layer: int, n_head: int, d_model: int, d_head: int, d_inner: int,
                  dropout: float, dropatt: float, dtype=None, tie_weight: bool = True, d_embed: Optional[int] = None,
@@ -318,6 +323,7 @@ class MemTransformerLM(nn.Module):
         self.crit = ProjectedAdaptiveLogSoftmax(n_token, d_embed, d_model, cutoffs, div_val=div_val,
                                                 tie_projs=self.tie_projs, tie_weight=tie_weight)
         self.sampler = LogUniformSampler(n_token, sample_softmax) if sample_softmax > 0 else None
+        self.eod_index = -1                                   # set_reset_mems_at_doc: -1 = off
 
     # ---- settings -------------------------------------------------------------------------------------
     @torch.jit.export
@@ -359,6 +365,13 @@ class MemTransformerLM(nn.Module):
                                 f"{torch.__version__}); use --attn_impl sdpa") from None
         for layer in self.layers:
             layer.attn.attn_impl = impl
+
+    def set_reset_mems_at_doc(self, eod_index: Optional[int]):
+        """--reset_mems_at_doc: tokens attend only within their article, articles closed by the symbol
+        `eod_index` (None: off). The memory then carries an extra row of flags (utils/model/documents.py)."""
+        if eod_index is not None and not 0 <= eod_index < self.n_token:
+            raise UserError(f"the end-of-document id {eod_index} is outside the vocabulary (n_token {self.n_token})")
+        self.eod_index = -1 if eod_index is None else int(eod_index)
 
     def set_checkpoint_activations(self, enabled: bool):
         """Recompute each layer's activations in the backward pass instead of keeping them (training only)."""
@@ -405,6 +418,12 @@ class MemTransformerLM(nn.Module):
         klen = mlen + qlen
         word_emb = self.word_emb(data)                                          # [qlen, bsz, d_model]
         mask = self._attn_mask(qlen, mlen, data.device)                         # [qlen, klen]
+        docs: Optional[Tensor] = None
+        if self.eod_index >= 0:                  # --reset_mems_at_doc: also hide the keys of other articles
+            docs = document_numbers(data, self.eod_index, mlen, memory_flags(mems, self.n_layer))
+            mask = mask | document_mask(docs, qlen)                             # [bsz, 1, qlen, klen]
+        if mems is not None and mems.size(0) > self.n_layer:                    # without its row of flags
+            mems = mems[:self.n_layer]
         band = self._mask_band(qlen, mlen)
         unused = word_emb.new_empty(0)
         mem_list: List[Optional[Tensor]] = []
@@ -419,7 +438,7 @@ class MemTransformerLM(nn.Module):
             core_out = self.drop(word_emb)
             for i, layer in enumerate(self.layers):
                 hids.append(core_out.detach())
-                core_out = layer(core_out, mem_list[i], mask, pos_emb, self.r_w_bias, self.r_r_bias, band)
+                core_out = layer(core_out, mem_list[i], mask, pos_emb, self.r_w_bias, self.r_r_bias, band, docs)
         elif self.r_bias is not None and self.r_emb is not None and self.r_w_bias is not None:   # type 1
             core_out = self.drop(word_emb)
             for i, layer in enumerate(self.layers):
@@ -451,7 +470,10 @@ class MemTransformerLM(nn.Module):
                 core_out = layer(core_out, mem_i, mask, unused, unused, unused, band)
 
         core_out = self.drop(core_out)
-        return core_out, self._update_mems(hids, mems, qlen, mlen)
+        new_mems = self._update_mems(hids, mems, qlen, mlen)
+        if docs is not None and new_mems is not None:
+            new_mems = with_memory_flags(new_mems, docs, data, self.eod_index, max(0, qlen - self.ext_len))
+        return core_out, new_mems
 
     def _update_mems(self, hids: List[Tensor], mems: Optional[Tensor], qlen: int, mlen: int) -> Optional[Tensor]:
         """Keep the last mem_len of the mlen + qlen positions, leaving out the last ext_len (re-fed next time)."""

@@ -19,6 +19,7 @@ import torch
 import data_utils
 from mem_transformer import MemTransformerLM
 from utils.config.cli import parse_args, train_parser
+from utils.data.prepared import end_of_document
 from utils.distributed import group as distributed
 from utils.io.checkpoint import checkpoint_file
 from utils.io.errors import UserError, run_cli
@@ -101,6 +102,8 @@ def check(args) -> int:
 def check_inputs(args) -> None:
     """The data folder and the checkpoint to resume, before the work dir is touched."""
     data_utils.check_corpus(args.data, args.dataset, args.vocab, **corpus_options(args))
+    if args.reset_mems_at_doc:                          # the corpus's articles must end with a symbol
+        end_of_document(args.dataset, args.data)
     restart = Path(args.restart)
     # a folder without a checkpoint yet is a fresh start, and so is the work dir this run will create
     if args.restart and args.restart != "auto" and not restart.is_dir() and \
@@ -142,6 +145,8 @@ def train(args, preemption: PreemptionHandler) -> int:
     model_config = build_model_config(args, len(corpus.vocab))
     check_memory(parameters_per_process(args, model_config, world_size), args, model_config, device, world_size)
     model = build_model(args, model_config)
+    if args.reset_mems_at_doc:
+        model.set_reset_mems_at_doc(end_of_document(args.dataset, args.data, corpus.vocab))
     if rank == 0 and not args.debug:
         start_run(requested, work_dir, log)               # the run really starts: its configuration, --overwrite
     # main() installed the signal handler before the setup, so that a signal during the setup is not lost

@@ -8,6 +8,8 @@ line or in a preset), eval.py takes from it
                                          the context of training (utils/training/evaluation.eval_lengths)
     --clamp_len, --same_length           as trained
     --batch_size                         training's --eval_batch_size
+    --reset_mems_at_doc                  as trained, when the corpus scored is a prepared one (the flag needs
+                                         its end-of-document symbol; another corpus is scored without it)
 
 so that `eval.py --model WORK/checkpoint_best.pt` scores the split as training did and prints the same
 perplexity. The vocabulary is always the checkpoint's (checked by its fingerprint when loaded): the text is
@@ -54,6 +56,10 @@ def fill_from_stored(cfg, stored: Optional[dict], keys=DATA_KEYS + LENGTH_KEYS):
     changes = {k: derived[k] for k in keys if k in derived and k not in cfg.given}
     if cfg.cli == "eval" and cfg.manual:          # --manual scores one stream: batch size 1
         changes.pop("batch_size", None)
+    if (isinstance(stored, dict) and stored.get("reset_mems_at_doc") is True and hasattr(cfg, "reset_mems_at_doc")
+            and "reset_mems_at_doc" not in cfg.given and not (cfg.cli == "eval" and cfg.manual)
+            and changes.get("dataset", cfg.dataset) == "prepared"):
+        changes["reset_mems_at_doc"] = True
     return (cfg.replace(**changes) if changes else cfg), list(changes)
 
 

@@ -6,8 +6,11 @@
 Figures (best of --repeat runs for the small ones):
 1. WikiText-2 train.txt: the reference's algorithm as reference-inventory.md §5.1 describes it (per line:
    tokenize, Counter.update; most_common; one LongTensor per line through get_idx per symbol, then
-   torch.cat), written out here as the baseline; ours through the Vocab API (build, then encode_file); ours as the cache build does it (one
-   read, provisional ids remapped); the whole wt2 cache (three splits, files written); a cached load.
+   torch.cat), written out here as the baseline; ours through the Vocab API (build, then encode_file); ours
+   as the cache build does it (one read, provisional ids remapped). Then the whole cache (three splits, files
+   written) of --data and of WikiText-103's valid.txt as all three splits (--wt103_valid), each alternated
+   with the reference's algorithm on the same files in this process: best of each, the median of the pairs'
+   ratios, whether the ids are identical, and a cached load.
 2. A corpus of at least --big_mb MB (WikiText-2 train repeated, in a temporary folder deleted afterwards):
    the cache build (in a child process, with its peak memory), then a cached load in a new process (the time
    of get_lm_corpus itself) and the first training batch from the memory-mapped file.
@@ -36,6 +39,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from data_utils import get_lm_corpus  # noqa: E402
@@ -107,13 +111,45 @@ def baseline_build_and_encode(path: Path) -> int:
     return len(vocab.encode_file(path))
 
 
-def baseline_wt2_corpus(data: Path) -> int:
-    """The baseline for the whole wt2 corpus: three files counted, three encoded (no cache written)."""
+def baseline_wt2_corpus(data: Path, keep: bool = False):
+    """The baseline for the whole wt2 corpus: three files counted, three encoded (no cache written). Returns
+    the number of ids, or with `keep` the ids of each split (for the check that ours are the same)."""
     vocab = BaselineVocab()
     for split in ("train", "valid", "test"):
         vocab.count_file(data / f"{split}.txt")
     vocab.build_vocab()
+    if keep:
+        return {split: vocab.encode_file(data / f"{split}.txt").numpy() for split in ("train", "valid", "test")}
     return sum(len(vocab.encode_file(data / f"{split}.txt")) for split in ("train", "valid", "test"))
+
+
+def cache_comparison(name: str, data: Path, repeat: int, tmp: Path) -> dict:
+    """The reference's algorithm on the three splits of `data` and our whole wt2-rule cache build, alternated
+    `repeat` times in this process (both see the same load); then whether the ids are the same."""
+    builds, loads, corpora = [], [], []
+    for i in range(repeat):
+        start = time.perf_counter()
+        baseline_wt2_corpus(data)
+        corpora.append(time.perf_counter() - start)
+        cache = tmp / f"cache-{name}-{i}"
+        start = time.perf_counter()
+        get_lm_corpus(data, "wt2", cache_dir=cache, verbose=False)
+        builds.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        corpus = get_lm_corpus(data, "wt2", cache_dir=cache, verbose=False)
+        loads.append(time.perf_counter() - start)
+    want = baseline_wt2_corpus(data, keep=True)
+    same = all(np.array_equal(np.asarray(getattr(corpus, split)), ids) for split, ids in want.items())
+    t_corpus, ratios = min(corpora), [c / b for c, b in zip(corpora, builds)]
+    print(f"  {name}: reference algorithm, whole corpus (3 splits) {t_corpus:6.3f} s   (runs: "
+          + ", ".join(f"{t:.3f}" for t in corpora) + ")")
+    print(f"  {name}: ours, whole cache (3 splits, files written)  {min(builds):6.3f} s   "
+          f"{t_corpus / min(builds):4.1f}x faster (best of each; median of the pairs' ratios "
+          f"{statistics.median(ratios):.1f}x; runs: " + ", ".join(f"{t:.3f}" for t in builds) + ")")
+    print(f"  {name}: ids identical to the reference algorithm's (train, valid, test): {same}; cached load "
+          f"{min(loads) * 1000:.1f} ms", flush=True)
+    return {"baseline_s": t_corpus, "build_s": min(builds), "load_s": min(loads), "baseline_runs": corpora,
+            "build_runs": builds, "median_ratio": statistics.median(ratios), "ids_identical": same}
 
 
 def ours_api(path: Path) -> int:
@@ -233,6 +269,9 @@ def flatten_jsonl(src: Path, dst: Path) -> None:
 
 
 PEAK_RSS = """
+def cpu_seconds():  # user + system time of this process and of its finished children (the workers)
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 def peak_rss_mb():
     # VmHWM: this process's own peak (ru_maxrss would include the parent's memory at the fork before exec)
     try:
@@ -246,10 +285,10 @@ PREPARE_CHILD = """
 import json, resource, time
 """ + PEAK_RSS + """
 from utils.data.prepare import Options, prepare_corpus
-t = time.perf_counter()
+t, cpu0 = time.perf_counter(), cpu_seconds()
 m = prepare_corpus({inputs!r}, {out!r}, Options(**{opts!r}), workers={workers}, progress=False)
 seconds = time.perf_counter() - t
-print(json.dumps({{"seconds": seconds, "main_rss_mb": peak_rss_mb(),
+print(json.dumps({{"seconds": seconds, "cpu_s": cpu_seconds() - cpu0, "main_rss_mb": peak_rss_mb(),
                   "worker_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
                   "tokens": m["n_tokens"], "docs": m["n_docs"], "vocab": m["vocab"]["size"],
                   "unk_fraction": m["unk_fraction"], "exact": m["counting"]["exact"],
@@ -270,12 +309,12 @@ class Vocab(BaselineVocab):  # the reference's Vocab with max_size and <unk> (re
         self.unk_idx = self.sym2idx["<unk>"]
     def get_idx(self, sym):
         return self.sym2idx.get(sym, self.unk_idx)
-t = time.perf_counter()
+t, cpu0 = time.perf_counter(), cpu_seconds()
 v = Vocab(special=["<eos>", "<unk>"])
 v.count_file({path!r})
 v.build_vocab()
 n = len(v.encode_file({path!r}))
-print(json.dumps({{"seconds": time.perf_counter() - t, "tokens": n, "vocab": len(v.idx2sym),
+print(json.dumps({{"seconds": time.perf_counter() - t, "cpu_s": cpu_seconds() - cpu0, "tokens": n, "vocab": len(v.idx2sym),
                   "distinct": len(v.counter), "rss_mb": peak_rss_mb()}}))
 """
 
@@ -357,7 +396,9 @@ def wiki_benchmark(args, tmp: Path, results: dict) -> None:
             shutil.rmtree(tmp / "flat", ignore_errors=True)
             ourss.append(run_child(PREPARE_CHILD.format(inputs=[str(flat)], out=str(tmp / "flat"), opts={
                 **opts, "text_docs": "paragraph"}, workers=max(args.workers))))
-            print(f"  run {i + 1}: reference {refs[-1]['seconds']:.1f} s, ours {ourss[-1]['seconds']:.1f} s", flush=True)
+            print(f"  run {i + 1}: reference {refs[-1]['seconds']:.1f} s, ours {ourss[-1]['seconds']:.1f} s "
+                  f"({refs[-1]['seconds'] / ourss[-1]['seconds']:.1f}x; CPU time {refs[-1]['cpu_s']:.1f} s against "
+                  f"{ourss[-1]['cpu_s']:.1f} s in all processes; load average {os.getloadavg()[0]:.1f})", flush=True)
         ref = {**min(refs, key=lambda r: r["seconds"]), "rss_mb": max(r["rss_mb"] for r in refs)}
         ours = {**min(ourss, key=lambda r: r["seconds"]), "main_rss_mb": max(r["main_rss_mb"] for r in ourss),
                 "worker_rss_mb": max(r["worker_rss_mb"] for r in ourss)}
@@ -369,6 +410,11 @@ def wiki_benchmark(args, tmp: Path, results: dict) -> None:
         print(f"  prepare_corpus, {max(args.workers)} workers (text)      {ours['seconds']:7.1f} s  peak RSS main "
               f"{ours['main_rss_mb']:.0f} MB + {max(args.workers)} x {ours['worker_rss_mb']:.0f} MB = {ours_rss:.0f} MB;"
               f"  {ref['seconds'] / ours['seconds']:.1f}x faster, {ref['rss_mb'] / ours_rss:.1f}x less memory", flush=True)
+        pair_ratios = [r["seconds"] / o["seconds"] for r, o in zip(refs, ourss)]
+        print(f"  speed-up: best of each {ref['seconds'] / ours['seconds']:.1f}x, median of the pairs "
+              f"{statistics.median(pair_ratios):.1f}x (pairs: " + ", ".join(f"{x:.1f}" for x in pair_ratios) + ")",
+              flush=True)
+        rows["flat_pair_ratios"] = pair_ratios
         rows["flat_reference"], rows["flat_ours"] = ref, ours
     results["wiki"] = {"mb": mb, "articles": made["articles"], "identical": same, **rows}
 
@@ -377,6 +423,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "wikitext-2"),
                         help="a WikiText-2 folder (train.txt, valid.txt, test.txt)")
+    parser.add_argument("--wt103_valid", default=str(REPO.parent / "shared" / "data" / "wikitext-103" / "valid.txt"),
+                        help="WikiText-103's valid.txt: its cache, with the file as all three splits, is also compared "
+                             "with the reference's algorithm ('' or a missing file: skipped)")
     parser.add_argument("--big_mb", type=int, default=500, help="size of the large corpus (0: skip it)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per small measurement (best is shown)")
     parser.add_argument("--tmp", default=None, help="folder for the temporary corpora (default: system temp)")
@@ -401,7 +450,7 @@ def main() -> int:
     train = data / "train.txt"
     if not train.is_file():
         raise UserError(f"{train}: not found; pass --data with a WikiText-2 folder (getdata.sh wt2)")
-    results: dict = {"torch_threads": torch.get_num_threads(), "cpus": os.cpu_count()}
+    results: dict = {"torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(), "load_average": os.getloadavg()}
     size_mb = train.stat().st_size / 1e6
 
     print(f"WikiText-2 train.txt ({size_mb:.1f} MB), best of {args.repeat}:", flush=True)
@@ -415,28 +464,16 @@ def main() -> int:
     results["wt2_train"] = {"mb": size_mb, "tokens": n, "baseline_s": t_base, "vocab_api_s": t_api, "one_read_s": t_one}
 
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
-        builds, loads, corpora = [], [], []
-        for i in range(args.repeat):  # alternated, so that both see the same load of a shared machine
-            start = time.perf_counter()
-            baseline_wt2_corpus(data)
-            corpora.append(time.perf_counter() - start)
-            cache = Path(tmp) / f"cache{i}"
-            start = time.perf_counter()
-            get_lm_corpus(data, "wt2", cache_dir=cache, verbose=False)
-            builds.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            get_lm_corpus(data, "wt2", cache_dir=cache, verbose=False)
-            loads.append(time.perf_counter() - start)
-        t_corpus = min(corpora)
-        print(f"  reference algorithm, whole wt2 corpus (3 splits) {t_corpus:6.2f} s   (runs: "
-              + ", ".join(f"{t:.2f}" for t in corpora) + ")")
-        print(f"  ours: whole wt2 cache (3 splits, files written)  {min(builds):6.2f} s   "
-              f"{t_corpus / min(builds):4.1f}x faster (best of each; median ratio "
-              f"{statistics.median(c / b for c, b in zip(corpora, builds)):.1f}x; runs: "
-              + ", ".join(f"{t:.2f}" for t in builds) + ")")
-        print(f"  cached load of wt2                               {min(loads) * 1000:6.1f} ms")
-        results["wt2_cache"] = {"baseline_s": t_corpus, "build_s": min(builds), "load_s": min(loads),
-                                "baseline_runs": corpora, "build_runs": builds}
+        print(f"Whole cache builds against the reference's algorithm, alternated {args.repeat} times "
+              f"(load average {os.getloadavg()[0]:.1f}):", flush=True)
+        results["wt2_cache"] = cache_comparison(data.name, data, args.repeat, Path(tmp))
+        if args.wt103_valid and Path(args.wt103_valid).is_file():  # WikiText-103's valid.txt as all three splits
+            wt103 = Path(tmp) / "wt103-valid-x3"
+            wt103.mkdir()
+            for split in ("train", "valid", "test"):
+                (wt103 / f"{split}.txt").symlink_to(Path(args.wt103_valid).resolve())
+            results["wt103_valid_cache"] = cache_comparison("wt103-valid-x3", wt103, args.repeat, Path(tmp))
+        results["load_average_after"] = os.getloadavg()
 
         if args.big_mb > 0:
             big = Path(tmp) / "big"

@@ -116,6 +116,30 @@ def test_cache_is_built_once_then_memory_mapped(wt_dir, tmp_path, capsys):
         "train.txt", "valid.txt", "test.txt"}
 
 
+@pytest.mark.parametrize("dataset, options", [("wt2", {}), ("custom", {"min_freq": 3}), ("custom", {"max_size": 5})])
+def test_the_corpus_a_build_returns_is_the_cache_loaded_again(wt_dir, tmp_path, dataset, options):
+    """The build opens what it wrote without reading it back (the manifest comes from the writers): the same
+    corpus as a later load, which checks every file against that manifest; <unk> stands for dropped words."""
+    built = get_lm_corpus(wt_dir, dataset, cache_dir=tmp_path / "cache", verbose=False, **options)
+    loaded = get_lm_corpus(wt_dir, dataset, cache_dir=tmp_path / "cache", verbose=False, **options)
+    assert built.vocab.to_dict() == loaded.vocab.to_dict() and built.vocab.fingerprint() == loaded.vocab.fingerprint()
+    assert built.vocab.counter == loaded.vocab.counter == {}  # (the counts are not part of the cache)
+    assert built.meta == loaded.meta == json.loads((built.cache_path / "meta.json").read_text())
+    special = ["<eos>", "<unk>"] if options else ["<eos>"]
+    paths = [wt_dir / f"{split}.txt" for split in ("train", "valid", "test")]
+    assert built.vocab.idx2sym == ref.build_vocab(paths, special, False, options.get("min_freq", 0),
+                                                  options.get("max_size"))[0]
+    for split in ("train", "valid", "test"):
+        got, want = getattr(built, split), getattr(loaded, split)
+        assert isinstance(got, np.memmap) and got.dtype == want.dtype and np.array_equal(got, want)
+        assert built.meta["manifest"][f"{split}.npy"]["max_id"] == int(want.max())
+        expected = ref.encode(wt_dir / f"{split}.txt", loaded.vocab.idx2sym, False, add_eos=True)
+        assert got.tolist() == expected
+    vocab_bytes = (built.cache_path / "vocab.json").read_bytes()
+    assert built.meta["manifest"]["vocab.json"] == {"bytes": len(vocab_bytes),
+                                                    "sha256": __import__("hashlib").sha256(vocab_bytes).hexdigest()}
+
+
 def test_cache_in_the_data_folder_by_default(wt_dir, capsys):
     get_lm_corpus(wt_dir, "wt2", verbose=False)
     assert len(list((wt_dir / ".txl_cache").glob("wt2-word-*/train.npy"))) == 1

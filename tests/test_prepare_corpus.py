@@ -315,7 +315,7 @@ def test_the_numpy_word_path_gives_what_the_python_path_gives(lower_case):
               "\t", "\r", "\x0b", "\x0c", "\x1c", "\x1f", " ", "  ", "\n", "\n\n", "\n \n"]
     rng = random.Random(1)
     opts = Options(lower_case=lower_case)
-    fast_runs = 0
+    fast_runs = plain_runs = 0
     for _ in range(600):
         records = [("".join(rng.choice(pieces) for _ in range(rng.randint(0, 12))), rng.random() < 0.7)
                    for _ in range(rng.randint(1, 5))]
@@ -325,9 +325,15 @@ def test_the_numpy_word_path_gives_what_the_python_path_gives(lower_case):
             assert lower_case
             continue
         fast_runs += 1
+        plain_runs += not any("<eos>" in text or "<eod>" in text for text, _ in records)  # (_insert_specials)
         ids, symbols, lengths = _python_path_symbols(records, opts)
-        assert fast[0].tolist() == ids and fast[1] == symbols and fast[2].tolist() == lengths, records
-    assert fast_runs > 100
+        got = fast[1]
+        if isinstance(got, prepare._Joined):  # the symbols as bytes, their keys and the specials' places
+            assert got.n == len(symbols) and got.keys.tolist() == prepare.symbol_keys(symbols).tolist(), records
+            assert got.special_at == [symbols.index(s) if s in symbols else -1 for s in opts.specials()], records
+            got = got.strings()
+        assert fast[0].tolist() == ids and got == symbols and fast[2].tolist() == lengths, records
+    assert fast_runs > 100 and 50 < plain_runs < fast_runs - 50  # both ways of numbering <eos> and <eod>
     # non-ASCII whitespace (which str.split() splits on) goes to the Python path
     prepare._set_worker(Options())
     assert prepare._fast_word_ids([("a\u00a0b", True)]) is None
@@ -352,12 +358,21 @@ def test_candidate_maps_equal_the_string_look_up_and_a_hash_collision_is_left_to
                 assert np.load(mapped).tolist() == [table.get(s, k + 2) for s in symbols]
 
     keys = np.sort(prepare.symbol_keys(["cc", "aa", "bb", "ff"]))
-    names = prepare._resolve(work, len(chunks), keys, opts)
+    real = prepare.symbol_keys
+    monkeypatch.setattr(prepare, "symbol_keys", lambda symbols: pytest.fail("hashed again"))
+    names = prepare._resolve(work, len(chunks), keys, opts)  # (the keys kept in the chunk files serve)
     assert names == ["aa", "bb", "cc", "ff"]  # first-seen order
     check(names, [True, True])
-    real = prepare.symbol_keys
-    monkeypatch.setattr(prepare, "symbol_keys", lambda symbols: real(["aa" if s == "zz" else s for s in symbols]))
-    names = prepare._resolve(work, len(chunks), keys, opts)  # "zz" now has the key of "aa"
+    # a collision: "zz" stored with the key of "aa" (as two long symbols with one hash would be)
+    path = prepare._chunk_file(work, 1)
+    with np.load(path) as z:
+        data = dict(z)
+    stored = data["keys"].copy()
+    stored[data["symbols"].tobytes().decode().split("\n").index("zz")] = real(["aa"])[0]
+    data.update(keys=stored, key_order=np.argsort(stored))
+    with open(path, "wb") as f:
+        np.savez(f, **data)
+    names = prepare._resolve(work, len(chunks), keys, opts)
     assert names == ["aa", "bb", "cc", "ff"]
     check(names, [True, False])  # the chunk with "zz" is left to _assemble's string look-up
 
@@ -378,3 +393,16 @@ def test_paragraph_records_from_blocks_equal_the_line_loop():
                 return io.TextIOWrapper(io.BytesIO(text.encode()), encoding="utf-8", newline=None)
 
             assert list(prepare._Reader._paragraphs(stream(), block_chars)) == list(reader._text_records(stream()))
+
+
+def test_symbols_of_a_chunk_file_are_picked_from_its_joined_bytes():
+    """_chunk_hits decodes only the symbols it needs, from the chunk file's newline-joined bytes."""
+    import random
+
+    rng = random.Random(3)
+    for _ in range(200):
+        symbols = ["".join(rng.choice("ab<>é\x00日x") for _ in range(rng.randint(1, 9))) for _ in range(rng.randint(1, 30))]
+        raw = np.frombuffer("\n".join(symbols).encode("utf-8"), np.uint8)
+        starts = np.concatenate(([0], np.flatnonzero(raw == 10) + 1))
+        which = np.array(sorted(rng.sample(range(len(symbols)), rng.randint(0, len(symbols)))), np.int64)
+        assert prepare._symbols_at(raw, starts, which) == [symbols[i] for i in which]

@@ -8,7 +8,7 @@ import pytest
 import reference_rules as ref
 import utils.data.fast_words as fast_words
 import utils.data.vocabulary as vocabulary
-from utils.data.fast_words import first_seen_ids
+from utils.data.fast_words import scan_words
 from utils.io.errors import UserError
 from utils.data.vocabulary import BPEVocab, Vocab
 
@@ -67,7 +67,7 @@ def test_build_and_encode_match_the_reference_rule(tmp_path, seed, chunked, asci
     if chunked:
         request.getfixturevalue("small_chunks")
     fast = []  # blocks the numpy path (utils/data/fast_words.py) numbered; None: left to the Python path
-    monkeypatch.setattr(vocabulary, "first_seen_ids", lambda text: fast.append(first_seen_ids(text)) or fast[-1])
+    monkeypatch.setattr(vocabulary, "scan_words", lambda text: fast.append(scan_words(text)) or fast[-1])
     rng = random.Random(seed)
     corpus = (lambda: random_corpus(rng, 60, LONG_WORDS, ASCII_SPACES)) if ascii_spaces else (lambda: random_corpus(rng, 60))
     paths = [write(tmp_path / f"{s}.txt", corpus()) for s in ("train", "valid", "test")]
@@ -96,6 +96,9 @@ def test_build_and_encode_match_the_reference_rule(tmp_path, seed, chunked, asci
         for path in paths:
             got = np.concatenate([ids for ids, _ in one.finish_provisional(blocks[path], path)])
             assert got.tolist() == ref.encode(path, expected, lower, add_eos=True)
+            # the cache build's single gather (no line starts wanted), into the file's dtype
+            fast = [ids for ids, starts in one.finish_provisional(blocks[path], path, starts=False, dtype=np.uint16)]
+            assert all(ids.dtype == np.uint16 for ids in fast) and np.concatenate(fast).tolist() == got.tolist()
     if ascii_spaces:  # the numpy path numbered every block
         assert fast and all(f is not None for f in fast)
 
@@ -113,6 +116,37 @@ def test_a_hash_collision_falls_back_to_the_python_path(tmp_path, monkeypatch):
     v = Vocab(special=["<eos>"], lower_case=False).build([path])
     assert v.idx2sym == expected
     assert v.encode_file(path).tolist() == ref.encode(path, expected, False, add_eos=True)
+
+
+def test_symbols_known_by_key_across_blocks_are_checked_byte_for_byte(tmp_path, monkeypatch, small_chunks):
+    """A later block's symbols are found by key in the counting table's KeyTable (not decoded); with every long
+    token hashed alike, a key found with other bytes (another length, or other bytes after the first 8) is
+    treated as not found and looked up by its string, and the ids and counts still follow the rule."""
+    monkeypatch.setattr(fast_words, "_mix", lambda x: x & np.uint64(0))
+    lines = ["abcdefghij", "abcdefghik", "abcdefghij b", "abcdefghijk", "abcdefghik a", "abcdefgh", "b abcdefgh"]
+    path = write(tmp_path / "t.txt", "\n".join(lines) + "\n")  # (blocks of 7 characters: about a line each)
+    decoded = []
+    real = fast_words.WordBlock.decode
+    monkeypatch.setattr(fast_words.WordBlock, "decode", lambda self, which: decoded.extend(real(self, which)) or real(self, which))
+    expected, counter = ref.build_vocab([path], ["<eos>"], False)
+    v = Vocab(special=["<eos>"], lower_case=False).build([path])
+    assert v.idx2sym == expected and list(v.counter.items()) == list(counter.items())
+    assert v.encode_file(path).tolist() == ref.encode(path, expected, False, add_eos=True)
+    one = Vocab(special=["<eos>"], lower_case=False)
+    one.count_file(path)
+    assert list(one.counter.items()) == list(counter.items())
+    assert sorted(set(decoded)) == sorted(counter)
+
+
+def test_a_later_block_decodes_only_its_new_symbols(tmp_path, monkeypatch, small_chunks):
+    path = write(tmp_path / "t.txt", "ab abcdefghijk\n" * 5 + "ab x\n")  # (blocks of 7 characters)
+    decoded = []
+    real = fast_words.WordBlock.decode
+    monkeypatch.setattr(fast_words.WordBlock, "decode", lambda self, which: decoded.extend(real(self, which)) or real(self, which))
+    v = Vocab(special=["<eos>"], lower_case=False)
+    v.count_file(path)
+    assert sorted(decoded) == ["ab", "abcdefghijk", "x"]  # each once: found by key in the later blocks
+    assert list(v.counter.items()) == [("ab", 6), ("abcdefghijk", 5), ("x", 1)]
 
 
 def test_char_level_matches_the_rule(tmp_path, small_chunks):

@@ -195,6 +195,9 @@ class DataConfig:
                                    "~/.cache/transformer-xl when --data is read-only)")
     roll: bool = opt(False, "rotate each stream randomly at every epoch")
     varlen: bool = opt(False, "variable-length segments")
+    reset_mems_at_doc: bool = opt(False, "--dataset prepared: a token attends only to its own article; the memory "
+                                  "of an article that ended is not seen by the next one in its batch column (ours)",
+                                  clis=TRAIN_EVAL)
 
 
 @dataclass(frozen=True)

@@ -39,8 +39,9 @@ Memory: the main process holds one chunk being read, at most `2 * workers` chunk
 most 2 * count_capacity keys of 24 bytes in numpy arrays: 48 MB for the default capacity of 1,000,000, and
 as much again while a chunk is merged), then the candidate table (at most that many strings) and one shard
 buffer (`shard_tokens` ids); each worker one chunk (about 100 MB for the default 4 MB). Temporary disk: about
-the size of the input text. A string hash collision between two symbols (64 bits: about 1e-7 for 2 million
-distinct symbols) would merge their counts in the summary.
+the size of the input text. The summary's keys are utils.data.fast_words's 64-bit keys (a symbol of up to 7
+bytes is its own key, a longer one's a hash of its bytes): a hash collision between two long symbols (about
+1e-7 for 2 million distinct symbols) would merge their counts in the summary.
 """
 import bz2
 import collections
@@ -63,8 +64,9 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from utils.data.fast_words import first_seen_ids
-from utils.io.atomic import atomic_open, write_text_atomic
+from utils.data import fast_words
+from utils.data.fast_words import WordBlock, scan_words, settle_allocator
+from utils.io.atomic import atomic_open, fsync_dir, write_text_atomic
 from utils.io.errors import UserError
 
 FORMAT = "txl-prepared-corpus"
@@ -552,12 +554,33 @@ def _tokens(records) -> tuple[list[str], list[int]]:
     return tokens, lengths
 
 
-def _fast_word_ids(records) -> tuple[np.ndarray, list[str], np.ndarray] | None:
+class _Joined:
+    """A chunk's symbols without Python strings: their UTF-8 bytes joined by newlines, their keys (int64, as
+    symbol_keys gives), how many, and where the special symbols are among them (-1: not there)."""
+
+    def __init__(self, data: bytes, keys: np.ndarray, n: int, special_at: list[int]):
+        self.data, self.keys, self.n, self.special_at = data, keys, n, special_at
+
+    def strings(self) -> list[str]:
+        return self.data.decode("utf-8").split("\n") if self.n else []
+
+
+def _find_word(block: WordBlock, symbol: str) -> int:
+    """The index of `symbol` among the block's symbols, or -1: among those of its key, compared by bytes."""
+    key = fast_words.symbol_keys([symbol])[0]
+    for at in np.flatnonzero(block.keys == key).tolist():
+        if key < np.uint64(1 << 63) or block.decode(np.array([at]))[0] == symbol:  # (a short key is exact)
+            return at
+    return -1
+
+
+def _fast_word_ids(records) -> tuple[np.ndarray, "list[str] | _Joined", np.ndarray] | None:
     """What the Python path (`_tokens`, then first-seen numbering) makes of the records at word level, through
-    utils.data.fast_words (numpy on the UTF-8 bytes; only the distinct words become Python strings):
-    (ids in first-seen order over the whole stream, uint32; the symbols; each record's length). None where it
-    does not apply (Moses, characters, lower-casing of non-ASCII text, non-ASCII whitespace, a hash
-    collision): the caller then takes the Python path, so the result never depends on which path ran."""
+    utils.data.fast_words (numpy on the UTF-8 bytes; no Python string per token, and usually none per symbol):
+    (ids in first-seen order over the whole stream, uint32; the symbols, as a list or a _Joined; each record's
+    length). None where it does not apply (Moses, characters, lower-casing of non-ASCII text, non-ASCII
+    whitespace, a hash collision): the caller then takes the Python path, so the result never depends on
+    which path ran."""
     opts: Options = _WORKER["opts"]
     if opts.level != "word" or opts.moses or not records:
         return None
@@ -567,22 +590,22 @@ def _fast_word_ids(records) -> tuple[np.ndarray, list[str], np.ndarray] | None:
         if not joined.isascii():  # (per-line str.lower of non-ASCII text can depend on context: final sigma)
             return None
         joined = joined.lower()
-    got = first_seen_ids(joined)
-    if got is None:
+    block = scan_words(joined)
+    if block is None:
         return None
-    words, raw = got  # raw: word numbers in first-seen order, -2 at the end of each line
-    n_words = len(words)
+    n_words = len(block.keys)
+    raw = block.ids(np.arange(n_words))  # word numbers in first-seen order, -2 at the end of each line
     extra = []  # <eos> and the separator: their word number when the text has them as words, else new ones
     codes = []
     for special in (EOS, opts.doc_separator):
-        try:
-            codes.append(words.index(special))
-        except ValueError:
-            if special in extra:
-                codes.append(n_words + extra.index(special))
-            else:
-                codes.append(n_words + len(extra))
-                extra.append(special)
+        at = _find_word(block, special)
+        if at >= 0:
+            codes.append(at)
+        elif special in extra:
+            codes.append(n_words + extra.index(special))
+        else:
+            codes.append(n_words + len(extra))
+            extra.append(special)
     eos_code, sep_code = codes
     marks = np.flatnonzero(raw < 0)  # the end of each line
     line_words = np.diff(marks, prepend=-1) - 1
@@ -601,6 +624,10 @@ def _fast_word_ids(records) -> tuple[np.ndarray, list[str], np.ndarray] | None:
     line_tokens = line_words + nonempty
     lengths = np.add.reduceat(line_tokens, record_last_line - lines_per_record + 1) + ends
     # renumber in first-seen order over the whole stream (the words are in that order among themselves)
+    if min(eos_code, sep_code) >= n_words:  # (the usual case: neither special is a word of the text)
+        ids, number, placed = _insert_specials(stream, extra, n_words)
+        return ids, _joined_symbols(block, number, placed, extra, opts), lengths
+    words = block.symbols
     n = len(stream)
     first = np.full(n_words + len(extra), n, np.int64)
     is_word = np.flatnonzero(~special)  # the text's own words (not <eos> and separators added)
@@ -620,6 +647,55 @@ def _fast_word_ids(records) -> tuple[np.ndarray, list[str], np.ndarray] | None:
     return number[stream].astype(np.uint32), _pick(every, order), lengths
 
 
+def _insert_specials(stream: np.ndarray, extra: list[str], n_words: int) -> tuple[np.ndarray, np.ndarray, list]:
+    """(ids, number, placed) of `stream` numbered in first-seen order, where words 0 .. n_words - 1 are already
+    in that order and the codes n_words + i (extra[i], not words of the text) are not: each extra symbol takes
+    its place after the words seen before its first occurrence (the words after it move up by one). `number`
+    maps old codes to new ones; `placed`: (first position, words before it, code) of the extras that occur."""
+    placed = []  # (first position, words before it, code)
+    for i in range(len(extra)):
+        at = np.flatnonzero(stream == n_words + i)
+        if len(at):
+            before = stream[: at[0]]
+            before = before[before < n_words]
+            placed.append((int(at[0]), int(before.max()) + 1 if len(before) else 0, n_words + i))
+    placed.sort()
+    number = np.arange(n_words + len(extra), dtype=np.int64)
+    shift = np.zeros(n_words + 1, np.int64)
+    for rank, (_, k, code) in enumerate(placed):
+        shift[k] += 1
+        number[code] = k + rank
+    number[:n_words] += np.cumsum(shift)[:n_words]
+    return number[stream].astype(np.uint32), number, placed
+
+
+def _joined_symbols(block: WordBlock, number: np.ndarray, placed: list, extra: list[str], opts: Options) -> _Joined:
+    """The block's words with the placed extra symbols among them (see _insert_specials), as a _Joined."""
+    n_words = len(block.keys)
+    n = n_words + len(placed)
+    keys = np.empty(n, np.uint64)
+    keys[number[:n_words]] = block.keys
+    data = block.joined() + b"\n" if n_words else b""  # each word followed by a newline
+    word_ends = np.cumsum(block.lengths + 1)  # (bytes: a symbol's UTF-8 is whole)
+    pieces, done = [], 0
+    for _, k, code in placed:  # (in order: k does not decrease)
+        name = extra[code - n_words]
+        keys[number[code]] = fast_words.symbol_keys([name])[0]
+        cut = int(word_ends[k - 1]) if k else 0
+        pieces += [data[done:cut], name.encode("utf-8") + b"\n"]
+        done = cut
+    pieces.append(data[done:])
+    special_at = []
+    for special in opts.specials():
+        if special in extra:
+            code = n_words + extra.index(special)
+            special_at.append(int(number[code]) if any(c == code for _, _, c in placed) else -1)
+        else:
+            at = _find_word(block, special)
+            special_at.append(int(number[at]) if at >= 0 else -1)
+    return _Joined(b"".join(pieces)[:-1], keys.view(np.int64), n, special_at)
+
+
 def _bpe_ids(records) -> tuple[np.ndarray, list[int]]:
     """BPE ids of the records (each record's text whole; <|endoftext|> closes an article), and their lengths."""
     tokenizer = _WORKER["bpe"]
@@ -631,13 +707,19 @@ def _bpe_ids(records) -> tuple[np.ndarray, list[int]]:
     return ids, [len(p) for p in parts]
 
 
-def _write_chunk(path: Path, ids, symbols: list[str], lengths, ends, bad: int) -> None:
+def _write_chunk(path: Path, ids, symbols: "list[str] | _Joined", lengths, ends, bad: int, keys=None,
+                 key_order=None, symbol_counts=None, symbol_firsts=None) -> None:
     # no symbol holds a newline (lines are split on it first, and doc_separator has no whitespace), so the
-    # symbol list is stored newline-joined
-    with atomic_open(path, "wb") as f:
-        np.savez(f, ids=ids, symbols=np.frombuffer("\n".join(symbols).encode("utf-8"), np.uint8),
-                 n_symbols=np.int64(len(symbols)), lengths=np.asarray(lengths, np.int64),
-                 ends=np.asarray(ends, np.bool_), bad=np.int64(bad))
+    # symbol list is stored newline-joined; `keys` (symbol_keys of the symbols) and their sorting order are
+    # kept so that _resolve need not compute them again, and each symbol's count and first position so that
+    # _assemble's exact count need not read the ids
+    extra = {} if keys is None else {"keys": keys, "key_order": key_order, "symbol_counts": symbol_counts,
+                                     "symbol_firsts": symbol_firsts}
+    joined = symbols.data if isinstance(symbols, _Joined) else "\n".join(symbols).encode("utf-8")
+    n = symbols.n if isinstance(symbols, _Joined) else len(symbols)
+    with atomic_open(path, "wb", sync_dir=False) as f:  # (the folder is fsynced once, at the end of _count)
+        np.savez(f, ids=ids, symbols=np.frombuffer(joined, np.uint8), n_symbols=np.int64(n),
+                 lengths=np.asarray(lengths, np.int64), ends=np.asarray(ends, np.bool_), bad=np.int64(bad), **extra)
 
 
 def read_chunk(path: Path, only: tuple[str, ...] | None = None) -> dict:
@@ -676,20 +758,41 @@ def tokenize_chunk(job: tuple[Chunk | None, Path]) -> tuple[np.ndarray, np.ndarr
             ids = np.fromiter(map(table.__getitem__, tokens), np.uint32, len(tokens))
             symbols = list(table)
         ends = [e for _, e in records]
-        _write_chunk(path, ids, symbols, lengths, ends, bad)
-    counts = np.bincount(ids, minlength=len(symbols))
-    keys = symbol_keys(symbols)
-    keep = np.ones(len(symbols), np.bool_)
-    for special in _WORKER["opts"].specials():
-        try:
-            keep[symbols.index(special)] = False
-        except ValueError:
-            pass
-    # sorted and distinct (two symbols with one hash count as one), so that the main process's merge need not
-    # sort: that work is spread over the workers
-    keys, inverse = np.unique(keys[keep], return_inverse=True)
-    counts = np.bincount(inverse.reshape(-1), weights=counts[keep], minlength=len(keys)).astype(np.int64)
-    return keys, counts, int(np.sum(ends)), len(ids), bad
+        keys = symbols.keys if isinstance(symbols, _Joined) else symbol_keys(symbols)
+        order = np.argsort(keys)
+        counts = np.bincount(ids, minlength=len(keys))
+        _write_chunk(path, ids, symbols, lengths, ends, bad, keys, order, counts, _first_positions(ids))
+    if chunk is None:  # (keys and order as stored, or made again for a chunk written without them)
+        keys = data["keys"] if "keys" in data else symbol_keys(symbols)
+        order = data["key_order"] if "key_order" in data else np.argsort(keys)
+    if isinstance(symbols, _Joined):
+        n_symbols, special_at = symbols.n, symbols.special_at
+    else:
+        n_symbols = len(symbols)
+        special_at = [_find(symbols, keys, special) for special in _WORKER["opts"].specials()]
+    if chunk is None:
+        counts = np.bincount(ids, minlength=n_symbols)
+    keep = np.ones(n_symbols, np.bool_)
+    for at in special_at:
+        if at >= 0:
+            keep[at] = False
+    # sorted and distinct (two symbols with one hash count as one: their counts summed), so that the main
+    # process's merge need not sort: that work is spread over the workers
+    order = order[keep[order]]
+    keys, counts = keys[order], counts[order]
+    if len(keys):
+        start = np.flatnonzero(np.concatenate(([True], keys[1:] != keys[:-1])))
+        keys, counts = keys[start], np.add.reduceat(counts, start)
+    return keys, counts.astype(np.int64), int(np.sum(ends)), len(ids), bad
+
+
+def _first_positions(ids: np.ndarray) -> np.ndarray:
+    """Where each local id first occurs (local ids are numbered in first-seen order: a token is the first of its
+    symbol where it exceeds every id before it)."""
+    new = np.ones(len(ids), np.bool_)
+    if len(ids):
+        new[1:] = ids[1:] > np.maximum.accumulate(ids)[:-1]
+    return np.flatnonzero(new)
 
 
 def ordered_map(fn, items: Iterable, workers: int, initializer=None, initargs: tuple = (),
@@ -799,9 +902,10 @@ class BoundedCounter:
 
 
 def symbol_keys(symbols: list[str]) -> np.ndarray:
-    """The summary's keys of symbols: Python's string hash (cached on the string; the same in this process
-    and the workers it forks, and different in another run, which never reuses keys)."""
-    return np.fromiter(map(hash, symbols), np.int64, len(symbols))
+    """The summary's keys of symbols (int64): utils.data.fast_words's 64-bit keys, which the numpy word path
+    gives every symbol without making it a string (a symbol of up to 7 bytes is its own key; a longer one's
+    is a hash of its bytes, the same in every process and run)."""
+    return fast_words.symbol_keys(symbols).view(np.int64)
 
 
 _RESOLVING: dict = {}  # the candidate keys, in the worker processes of _resolve
@@ -813,19 +917,48 @@ def _set_resolving(keys: np.ndarray, opts: Options) -> None:
 
 def _chunk_hits(path: Path) -> tuple[int, np.ndarray, np.ndarray, list[str], int, int]:
     """A chunk's symbols whose key is a candidate key (in a worker): (number of symbols, their local ids, the
-    keys' positions, their strings, the local id of <eos> and of the separator or -1)."""
+    keys' positions, their strings, the local id of <eos> and of the separator or -1). Only those symbols are
+    decoded."""
     keys, opts = _RESOLVING["keys"], _RESOLVING["opts"]
-    symbols = read_chunk(path, only=())["symbols"]
-    mine = symbol_keys(symbols)
-    pos = np.minimum(np.searchsorted(keys, mine), max(len(keys) - 1, 0))
+    with np.load(path) as z:
+        raw, n_symbols = z["symbols"], int(z["n_symbols"])
+        stored = "keys" in z.files  # (a chunk written without them: made again)
+        mine = z["keys"] if stored else None
+        order = z["key_order"] if stored else None
+    if not stored:
+        mine = symbol_keys(raw.tobytes().decode("utf-8").split("\n") if n_symbols else [])
+        order = np.argsort(mine)
+    pos = np.empty(len(mine), np.int64)
+    pos[order] = np.searchsorted(keys, mine[order])  # (sorted needles: each search starts where the last ended)
+    pos = np.minimum(pos, max(len(keys) - 1, 0))
     hit = np.flatnonzero((keys[pos] == mine) if len(keys) else np.zeros(len(mine), np.bool_))
+    starts = np.concatenate(([0], np.flatnonzero(raw == 10) + 1)) if n_symbols else np.zeros(0, np.int64)
     specials = []
     for special in (EOS, opts.doc_separator):
-        try:
-            specials.append(symbols.index(special))
-        except ValueError:
-            specials.append(-1)
-    return len(symbols), hit, pos[hit], _pick(symbols, hit), *specials
+        key = fast_words.symbol_keys([special]).view(np.int64)[0]
+        found = [at for at in np.flatnonzero(mine == key).tolist() if _symbols_at(raw, starts, np.array([at])) == [special]]
+        specials.append(found[0] if found else -1)
+    return n_symbols, hit, pos[hit], _symbols_at(raw, starts, hit), *specials
+
+
+def _symbols_at(raw: np.ndarray, starts: np.ndarray, which: np.ndarray) -> list[str]:
+    """Symbols `which` of a chunk file's newline-joined symbol bytes `raw` (`starts`: where each begins)."""
+    if not len(which):
+        return []
+    first = starts[which]
+    size = np.append(starts[1:], len(raw) + 1)[which] - first  # each symbol and the newline after it
+    at = np.cumsum(size) - size
+    padded = np.append(raw, np.uint8(10))  # (the last symbol's newline)
+    text = padded[np.repeat(first - at, size) + np.arange(int(size.sum()))].tobytes().decode("utf-8")
+    return text.split("\n")[:-1]
+
+
+def _find(symbols: list[str], keys: np.ndarray, symbol: str) -> int:
+    """symbols.index(symbol) (the symbols are distinct), or -1: among the symbols of its key (symbol_keys)."""
+    for at in np.flatnonzero(keys == fast_words.symbol_keys([symbol]).view(np.int64)[0]).tolist():
+        if symbols[at] == symbol:
+            return at
+    return -1
 
 
 def _pick(items: list, at: np.ndarray) -> list:
@@ -843,8 +976,8 @@ def _resolve(work: Path, n_chunks: int, keys: np.ndarray, opts: Options, workers
     <eos> k, the separator k + 1, anything else k + 2 (<unk>), k = len(keys). A symbol whose key is not a
     candidate's is not one (equal strings have equal hashes); one whose key is, is compared with the
     candidate's string, and a chunk where a hash matched another string (a collision) gets no map: _assemble
-    then maps it by strings. The chunks are read, hashed and searched by `workers` processes (forked: the
-    same string hashes), numbered here in chunk order."""
+    then maps it by strings. The chunks are read and searched (with the keys kept in their files) by
+    `workers` processes, numbered here in chunk order."""
     names: list[str] = []
     number = np.full(len(keys), -1, np.int64)  # key -> candidate number, once seen
     k = len(keys)
@@ -865,7 +998,7 @@ def _resolve(work: Path, n_chunks: int, keys: np.ndarray, opts: Options, workers
         for code, at in ((k, eos), (k + 1, separator)):
             if at >= 0:
                 candidate[at] = code
-        with atomic_open(path.with_suffix(".candidate.npy"), "wb") as f:
+        with atomic_open(path.with_suffix(".candidate.npy"), "wb", sync_dir=False) as f:  # (as the chunks)
             np.save(f, candidate.astype(np.int32 if k + 3 < 2**31 else np.int64))
     if len(names) != k:  # (cannot happen: every key came from a chunk) the maps would be wrong: drop them
         for made in (work / "chunks").glob("*.candidate.npy"):
@@ -888,6 +1021,27 @@ def _progress_bar(total: int, desc: str, enabled: bool):
 def _say(verbose: bool, message: str) -> None:
     if verbose:
         print(message, flush=True)
+
+
+class _Hashing:
+    """A binary file that hashes what is written to it: a written file's sha256 without reading it back."""
+
+    def __init__(self, f):
+        self.f, self.sha256, self.bytes = f, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        self.bytes += memoryview(data).nbytes
+        return self.f.write(data)
+
+
+def _save_npy(path: Path, array: np.ndarray) -> dict:
+    """np.save's bytes of `array` into `path`, atomically (fsynced; the caller fsyncs the folder once the
+    files are all there): {"bytes", "sha256"} of what was written."""
+    with atomic_open(path, "wb", sync_dir=False) as f:
+        hashing = _Hashing(f)
+        np.lib.format.write_array(hashing, array, allow_pickle=False)
+    return {"bytes": hashing.bytes, "sha256": hashing.sha256.hexdigest()}
 
 
 def _sha256(path: Path) -> str:
@@ -949,9 +1103,8 @@ class _ShardWriter:
     def _flush(self, n: int) -> None:
         ids = np.concatenate(self.buffer) if len(self.buffer) != 1 else self.buffer[0]
         name = f"{self.split}.{len(self.shards):05d}.npy"
-        with atomic_open(self.out / name, "wb") as f:
-            np.lib.format.write_array(f, np.ascontiguousarray(ids[:n]), allow_pickle=False)
-        self.shards.append({"file": name, "n_tokens": int(n)})
+        written = _save_npy(self.out / name, np.ascontiguousarray(ids[:n]))
+        self.shards.append({"file": name, "n_tokens": int(n), **written})
         rest = ids[n:]
         self.buffer, self.buffered = ([rest] if len(rest) else []), len(rest)
 
@@ -973,8 +1126,9 @@ def prepare_corpus(inputs: Sequence[str | os.PathLike], output: str | os.PathLik
     if (out / "manifest.json").exists() and not overwrite:
         raise UserError(f"{out}: already holds a prepared corpus; pass --overwrite or another --output")
     workers = max(1, workers or os.cpu_count() or 1)
+    settle_allocator()  # (before the workers fork: they keep the setting) block-sized arrays without page-fault churn
     if "fork" not in multiprocessing.get_all_start_methods():
-        workers = 1  # the workers' symbol keys (string hashes) must be this process's: forked workers only
+        workers = 1  # (the workers get their options by fork)
     total_bytes = sum(f.stat().st_size for f in files)
     work = out / ".work"
     config = {"options": opts.counting_key(), "inputs": [{"path": str(f.resolve()), "bytes": f.stat().st_size,
@@ -1093,6 +1247,10 @@ def _count(files, opts: Options, work: Path, workers: int, total_bytes: int, pro
                         "(or a larger --count_capacity) to bound the vocabulary")
     keys, threshold, exact = summary.candidates(opts.max_vocab_size, opts.min_freq) if len(summary) else ([], 0, True)
     candidates = _resolve(work, n_chunks, np.asarray(keys, np.int64), opts, workers) if len(keys) else []
+    # Each chunk file and map was fsynced before its rename; their names are made durable here, once, before
+    # pass1.json says that they exist (a chunk whose rename was lost in a crash before this would simply be
+    # tokenized again).
+    fsync_dir(work / "chunks")
     return {"n_docs": n_docs, "n_tokens": n_tokens, "bad_lines": bad, "candidates": candidates, "n_chunks": n_chunks,
             "threshold": threshold, "decrement": summary.decrement, "exact": exact, "prunes": summary.prunes,
             "summary_peak": summary.peak}
@@ -1114,7 +1272,7 @@ def _assemble(files, opts: Options, pass1: dict, work: Path, out: Path, verbose:
     table.update({EOS: k, opts.doc_separator: k + 1})  # and anything else: k + 2 (<unk>)
     chunk_files = [_chunk_file(work, i) for i in range(pass1["n_chunks"])]
 
-    def chunks(desc):
+    def chunks(desc, counting=False):
         bar = _progress_bar(len(chunk_files), desc, progress)
         for path in chunk_files:
             mapped = path.with_suffix(".candidate.npy")  # chunk-local id -> candidate id, looked up once
@@ -1122,8 +1280,10 @@ def _assemble(files, opts: Options, pass1: dict, work: Path, out: Path, verbose:
                 with np.load(path) as z:
                     data = {key: z[key] for key in ("ids", "lengths", "ends")}
             elif mapped.exists():
-                with np.load(path) as z:
-                    data = {key: z[key] for key in ("ids", "lengths", "ends")}
+                with np.load(path) as z:  # (counting: the symbols' counts and first positions, where kept)
+                    wanted = (("symbol_counts", "symbol_firsts", "lengths") if counting and "symbol_counts" in z.files
+                              else ("ids", "lengths", "ends"))
+                    data = {key: z[key] for key in wanted}
                 data["candidate"] = np.load(mapped)
             else:
                 data = read_chunk(path)
@@ -1145,16 +1305,18 @@ def _assemble(files, opts: Options, pass1: dict, work: Path, out: Path, verbose:
         counts = np.zeros(k + 3, np.int64)
         first = np.full(k + 3, np.iinfo(np.int64).max, np.int64)
         offset = 0
-        for data in chunks("counting"):
-            ids, cand = data["ids"].astype(np.int64), data["candidate"]
-            counts += np.bincount(cand, weights=np.bincount(ids, minlength=len(cand)), minlength=k + 3).astype(np.int64)
-            # local ids are in first-seen order: a token is the first of its symbol where it exceeds all before it
-            new = np.ones(len(ids), np.bool_)
-            new[1:] = ids[1:] > np.maximum.accumulate(ids)[:-1]
-            where = np.flatnonzero(new) + offset  # first position of local id 0, 1, 2, ...
+        for data in chunks("counting", counting=True):
+            cand = data["candidate"]
+            if "symbol_counts" in data:  # kept by the worker
+                per_symbol, firsts, n_ids = data["symbol_counts"], data["symbol_firsts"], int(data["lengths"].sum())
+            else:
+                ids = data["ids"].astype(np.int64)
+                per_symbol, firsts, n_ids = np.bincount(ids, minlength=len(cand)), _first_positions(ids), len(ids)
+            counts += np.bincount(cand, weights=per_symbol, minlength=k + 3).astype(np.int64)
+            where = firsts + offset  # first position of local id 0, 1, 2, ...
             mine = cand < k
             first[cand[mine]] = np.minimum(first[cand[mine]], where[mine])
-            offset += len(ids)
+            offset += n_ids
         order = np.lexsort((first[:k], -counts[:k]))  # by count, ties in first-seen order
         if opts.max_vocab_size is not None:
             order = order[: opts.max_vocab_size]
@@ -1202,20 +1364,19 @@ def _assemble(files, opts: Options, pass1: dict, work: Path, out: Path, verbose:
     if doc != pass1["n_docs"]:
         raise RuntimeError(f"pass 2 wrote {doc} articles, pass 1 counted {pass1['n_docs']}")
 
-    write_text_atomic(out / "vocab.json", json.dumps(vocab, ensure_ascii=False))
+    write_text_atomic(out / "vocab.json", json.dumps(vocab, ensure_ascii=False), sync_dir=False)
     splits = {}
     for name in SPLITS:
         shards = writers[name].finish()
         starts = np.concatenate(doc_starts[name])
-        with atomic_open(out / f"{name}.docs.npy", "wb") as f:
-            np.lib.format.write_array(f, starts, allow_pickle=False)
-        for shard in shards:
-            shard.update(bytes=(out / shard["file"]).stat().st_size, sha256=_sha256(out / shard["file"]))
+        docs = _save_npy(out / f"{name}.docs.npy", starts)
         n = writers[name].n
         splits[name] = {"n_tokens": n, "n_docs": len(starts) - 1, "n_unk": n_unk[name],
                         "unk_fraction": n_unk[name] / n if n else 0.0, "dtype": dtype.name, "shards": shards,
-                        "docs": {"file": f"{name}.docs.npy", "bytes": (out / f"{name}.docs.npy").stat().st_size,
-                                 "sha256": _sha256(out / f"{name}.docs.npy")}}
+                        "docs": {"file": f"{name}.docs.npy", **docs}}
+    # Every file above was fsynced before its rename: their names are made durable here, once, before the
+    # manifest (written last, its own rename fsynced) says that the corpus is complete.
+    fsync_dir(out)
     total = sum(s["n_tokens"] for s in splits.values())
     unk_all = sum(n_unk.values())
     manifest = {

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.data.prepare import SPLITS, read_manifest
+from utils.data.prepare import EOT, SPLITS, read_manifest
 from utils.io.errors import UserError
 
 
@@ -132,3 +132,25 @@ def prepared_split(datadir: Path, split: str, vocab) -> ShardedIds:
     check_fingerprint(vocab, manifest["vocab"]["fingerprint"], str(datadir),
                       "evaluate with the vocabulary the corpus was prepared with")
     return load_split(datadir, manifest, split)
+
+
+def end_of_document(dataset: str, datadir, vocab=None) -> int | None:
+    """--reset_mems_at_doc: the id in `vocab` of the symbol that closes each article of the corpus (`<eod>`,
+    --doc_separator, or `<|endoftext|>` for --level bpe); without `vocab` only checks that there is one. One
+    line when the corpus has no such symbol."""
+    if dataset != "prepared":
+        raise UserError(f"--reset_mems_at_doc needs articles closed by an end-of-document symbol, which --dataset "
+                        f"{dataset} has not; prepare the corpus with scripts/prepare_corpus.py and train with "
+                        "--dataset prepared, or drop --reset_mems_at_doc")
+    options = read_manifest(Path(datadir)).get("options") or {}
+    symbol = EOT if options.get("level") == "bpe" else options.get("doc_separator")
+    if not symbol:
+        raise UserError(f"{datadir}/manifest.json names no end-of-document symbol; prepare the corpus again or "
+                        "drop --reset_mems_at_doc")
+    if vocab is None:
+        return None
+    index = vocab.sym2idx.get(symbol) if hasattr(vocab, "sym2idx") else vocab.get_idx(symbol)
+    if index is None:
+        raise UserError(f"the end-of-document symbol {symbol!r} of {datadir} is not in the vocabulary; prepare the "
+                        "corpus again or drop --reset_mems_at_doc")
+    return index

@@ -36,7 +36,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from utils.data.fast_words import first_seen_ids
+from utils.data.fast_words import KeyTable, WordBlock, scan_words, settle_allocator
 from utils.io.errors import UserError
 
 VOCAB_FORMAT = 1
@@ -115,6 +115,7 @@ def iter_text_chunks(
 
         bar = tqdm(total=size, unit="B", unit_scale=True, desc=desc or f"reading {path.name}", leave=False)
     line = 1
+    last = ""  # the block yielded last: its lines are counted (a pass over it) only once another block is read
     pending: list[str] = []
     pending_len = 0
     open_line = False
@@ -122,6 +123,9 @@ def iter_text_chunks(
         with open(path, encoding="utf-8") as f:
             done = 0
             while block := f.read(_CHUNK_CHARS):
+                if last:  # (a block follows it: the next yield starts on a later line)
+                    line += last.count("\n")
+                    last = ""
                 if bar is not None:
                     now = f.buffer.tell()
                     bar.update(now - done)
@@ -137,7 +141,7 @@ def iter_text_chunks(
                 pending = [block[cut:]] if cut < len(block) else []
                 pending_len = len(block) - cut
                 yield text, line
-                line += text.count("\n")
+                last = text
                 open_line = not text.endswith("\n")
     except UnicodeDecodeError:
         raise UserError(_decode_error_message(path)) from None
@@ -146,6 +150,7 @@ def iter_text_chunks(
             bar.close()
     tail = "".join(pending)
     if tail or open_line:  # the last line had no newline (or was cut at a space and ends here)
+        line += last.count("\n")
         yield (tail + "\n" if add_final_newline else tail), line
 
 
@@ -186,6 +191,7 @@ class _FirstSeenIds(dict):
     def __init__(self):
         super().__init__()
         self.n = 0
+        self.known = KeyTable()  # the numpy path's symbols by key: a later block's need not become strings
 
     def __missing__(self, sym: str) -> int:
         self[sym] = idx = self.n
@@ -201,6 +207,16 @@ class _FirstSeenIds(dict):
             ids[new] = np.arange(self.n, self.n + len(new))
             self.update(zip(map(symbols.__getitem__, new.tolist()), range(self.n, self.n + len(new))))
             self.n += len(new)
+        return ids
+
+    def ids_of_block(self, block: WordBlock) -> np.ndarray:
+        """ids_of_distinct(block.symbols), where only the symbols not found by key in `known` are decoded and
+        looked up by their string (found ones are the same bytes, so the same string)."""
+        ids, found = self.known.find(block)
+        missing = np.flatnonzero(~found)
+        if len(missing):
+            ids[missing] = self.ids_of_distinct(block.decode(missing))
+            self.known.add(block, missing, ids[missing])
         return ids
 
 
@@ -244,32 +260,35 @@ class Vocab:
         return symbols
 
     def _id_blocks(
-        self, path: str | os.PathLike, table: dict[str, int], progress: bool = False, desc: str = "reading"
-    ) -> Iterator[tuple[np.ndarray, Callable[[int], str], int]]:
-        """Yield (ids, word_of, first_line) per block of `path`, lower-cased when asked: the ids of the
-        block's symbols in `table` (see `_map`) with LINE_END after each line, and `word_of(pos)` the symbol
-        at position `pos` of the ids (for error messages).
+        self, path: str | os.PathLike, table: dict[str, int], progress: bool = False, desc: str = "reading",
+        count: bool = False,
+    ) -> Iterator[tuple[np.ndarray, Callable[[int], str], int, tuple | None]]:
+        """Yield (ids, word_of, first_line, counted) per block of `path`, lower-cased when asked: the ids of
+        the block's symbols in `table` (see `_map`) with LINE_END after each line, `word_of(pos)` the symbol
+        at position `pos` of the ids (for error messages), and with `count` on the numpy path
+        `counted = (ids of the block's distinct symbols, their counts)` (else None: count `ids` yourself).
 
-        Word-level blocks are tokenized and numbered in numpy (utils/data/fast_words.py); only the block's
+        Word-level blocks are tokenized and grouped in numpy (utils/data/fast_words.py); only the block's
         distinct symbols are then looked up in `table`, in first-seen order, so a _FirstSeenIds table numbers
         them as a per-token pass would. Other blocks take the Python path (one split of the whole block).
         """
         chunks = iter_text_chunks(
             path, split_long_lines=self.delimiter is None, progress=progress, desc=f"{desc} {Path(path).name}"
         )
+        if self.delimiter is None:
+            settle_allocator()
         for text, first_line in chunks:
             if self.lower_case:
                 text = text.lower()
-            fast = first_seen_ids(text) if self.delimiter is None else None
-            if fast is not None:
-                symbols, local = fast
-                lookup = np.empty(len(symbols) + 2, np.int64)
+            block = scan_words(text) if self.delimiter is None else None
+            if block is not None:
                 if isinstance(table, _FirstSeenIds):
-                    lookup[: len(symbols)] = table.ids_of_distinct(symbols)
+                    distinct = table.ids_of_block(block)
                 else:
-                    lookup[: len(symbols)] = self._map(table, symbols, "\n")  # no symbol holds a newline
-                lookup[-2] = LINE_END  # local ids are LINE_END (-2) at line ends: lookup[-2] keeps them so
-                yield lookup[local], lambda pos, symbols=symbols, local=local: symbols[local[pos]], first_line
+                    distinct = self._map(table, block.symbols, "\n")  # no symbol holds a newline
+                counted = (distinct, block.counts()) if count else None
+                word_of = lambda pos, block=block: block.symbols[block.ids(np.arange(len(block.symbols)))[pos]]
+                yield block.ids(distinct, LINE_END), word_of, first_line, counted
                 continue
             marker = _pick_marker(text)
             if self.delimiter is None:  # one split of the whole block equals per-line strip().split()
@@ -280,12 +299,18 @@ class Vocab:
                     line = line.strip()
                     tokens.extend(list(line) if self.delimiter == "" else line.split(self.delimiter))
                     tokens.append(marker)
-            yield self._map(table, tokens, marker), tokens.__getitem__, first_line
+            yield self._map(table, tokens, marker), tokens.__getitem__, first_line, None
 
     def _add_counts(self, ids: np.ndarray, counts: np.ndarray | None = None) -> None:
         total = np.bincount(ids, weights=counts, minlength=self._prov.n).astype(np.int64)
         total[: len(self._counts)] += self._counts
         self._counts = total
+
+    def _add_distinct_counts(self, ids: np.ndarray, counts: np.ndarray) -> None:
+        """Add `counts` to the provisional ids `ids` (distinct, so one fancy += adds each once)."""
+        if len(self._counts) < self._prov.n:
+            self._counts = np.concatenate((self._counts, np.zeros(self._prov.n - len(self._counts), np.int64)))
+        self._counts[ids] += counts
 
     @staticmethod
     def _map(table: dict[str, int], tokens: list[str], marker: str) -> np.ndarray:
@@ -315,10 +340,20 @@ class Vocab:
         """
         if verbose:
             print(f"counting file {path} ...", flush=True)
-        for ids, _, _ in self._id_blocks(path, self._prov, progress=progress, desc="counting"):
-            self._add_counts(ids[ids >= 0])
+        for ids, _, _, counted in self._id_blocks(path, self._prov, progress=progress, desc="counting", count=True):
+            if counted is None:
+                self._add_counts(ids[ids >= 0])
+            else:
+                self._add_distinct_counts(*counted)
             if sink is not None:
                 sink(ids)
+
+    def drop_counts(self) -> None:
+        """Forget the counting state (provisional ids and counts): what is left is the vocabulary as its JSON
+        (`to_dict`) holds it."""
+        self._prov = _FirstSeenIds()
+        self._counts = np.zeros(0, np.int64)
+        self._remap = None
 
     @property
     def counter(self) -> collections.Counter:
@@ -345,8 +380,10 @@ class Vocab:
             if len(below):
                 order = order[: below[0]]
         idx2sym = list(dict.fromkeys(self.special))
-        specials = set(idx2sym)
-        idx2sym += [syms[i] for i in order.tolist() if syms[i] not in specials]
+        special_ids = [i for i in map(self._prov.get, idx2sym) if i is not None]  # counted specials keep their place
+        if special_ids:
+            order = order[~np.isin(order, special_ids)]
+        idx2sym += map(syms.__getitem__, order.tolist())
         self._set_symbols(idx2sym)
         if verbose:
             print(f"final vocab size {len(self)} from {len(syms)} unique tokens", flush=True)
@@ -371,7 +408,7 @@ class Vocab:
     def _set_symbols(self, idx2sym: list[str]) -> None:
         self._remap = None
         self.idx2sym = idx2sym
-        self.sym2idx = {sym: i for i, sym in enumerate(idx2sym)}
+        self.sym2idx = dict(zip(idx2sym, range(len(idx2sym))))
         self.eos_idx = self.sym2idx.get(EOS)
         self.unk_idx = self.sym2idx.get("<unk>", self.sym2idx.get("<UNK>"))
 
@@ -409,7 +446,7 @@ class Vocab:
         """Encode a file block by block: yields (ids int64, line starts within the block)."""
         eos_idx, s_idx = self._line_ends_ids(path, add_eos, add_double_eos)
         table = dict(self.sym2idx)
-        for ids, word_of, first_line in self._id_blocks(path, table, progress=progress, desc="encoding"):
+        for ids, word_of, first_line, _ in self._id_blocks(path, table, progress=progress, desc="encoding"):
             self._fill_unknown(ids, path, first_line, word_of)
             yield finish_line_ends(ids, add_eos, add_double_eos, eos_idx, s_idx)
 
@@ -452,11 +489,26 @@ class Vocab:
         path: str | os.PathLike,
         add_eos: bool = True,
         add_double_eos: bool = False,
-    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Turn the provisional id blocks that count_file gave its sink into final (ids, line starts)."""
+        starts: bool = True,
+        dtype=np.int64,
+    ) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+        """Turn the provisional id blocks that count_file gave its sink into final (ids, line starts).
+
+        `starts=False`: the line starts are not wanted (None is yielded instead); then, where lines end with
+        <eos> and every provisional id has a final one (or <unk> stands for those that have not), each block
+        is a single gather from a table that maps line ends to <eos> too, into `dtype` (which must hold every
+        id; other cases give int64)."""
         eos_idx, s_idx = self._line_ends_ids(path, add_eos, add_double_eos)
         # one gather per block: the provisional LINE_END (-2) indexes lookup[-2], which keeps it
         lookup = np.concatenate((self.remap_provisional(), [LINE_END, _MISSING]))
+        if not starts and add_eos and not add_double_eos and (self.unk_idx is not None or (lookup[:-2] >= 0).all()):
+            table = lookup.copy()
+            table[table == _MISSING] = self.unk_idx if self.unk_idx is not None else 0  # (only table[-1]: unused)
+            table[-2] = eos_idx
+            table = table.astype(dtype)
+            for prov in blocks:
+                yield table[prov], None
+            return
         line = 1
         for prov in blocks:
             prov = np.asarray(prov)

@@ -22,11 +22,15 @@ ATTN_IMPLS = ("math", "sdpa", "flex")
 
 
 def relative_flex_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Optional[Tensor], r_pos: Optional[Tensor],
-                            band: Tuple[int, int], scale: float) -> Tensor:
+                            band: Tuple[int, int], scale: float, docs: Optional[Tensor] = None) -> Tensor:
     """softmax(scale · q·kᵀ + shifted position term, over the keys of the band) · v.
 
     q [bsz, H, qlen, Dh] (not scaled), k, v [bsz, H, klen, Dh]; q_pos [bsz, H, qlen, Dh] (scaled) and
-    r_pos [klen, H, Dh], or None for no position term; band (lo, hi): query i sees key j exactly when lo < j - i <= hi. -> [bsz, H, qlen, Dh]
+    r_pos [klen, H, Dh], or None for no position term; band (lo, hi): query i sees key j exactly when lo < j - i <= hi.
+    docs [klen, bsz] int64 or None (--reset_mems_at_doc): the keys' document numbers; a query (key mlen + i) sees
+    only keys of its own document: the score function makes the others -inf (the block mask stays the band's,
+    shared by the batch). It reads the document numbers, not a [bsz, qlen, klen] mask: less to read, and the CPU
+    kernel fails to compile with a captured mask computed element-wise in the same graph. -> [bsz, H, qlen, Dh]
     """
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -45,6 +49,13 @@ def relative_flex_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Optional[Ten
 
         def score_mod(score, b, h, q_idx, kv_idx):
             return score + bd[b, h, q_idx, torch.clamp(kv_idx + shift - q_idx, max=klen - 1)]
+    if docs is not None:
+        position_mod, mlen = score_mod, klen - qlen
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            if position_mod is not None:
+                score = position_mod(score, b, h, q_idx, kv_idx)
+            return torch.where(docs[kv_idx, b] == docs[q_idx + mlen, b], score, float("-inf"))
 
     return flex_attention(q.contiguous(), k.contiguous(), v.contiguous(), score_mod=score_mod,
                           block_mask=block_mask, scale=scale)
