@@ -30,6 +30,7 @@ from torch.utils.checkpoint import checkpoint
 from utils.io.errors import UserError
 from utils.model.adaptive_softmax import AdaptiveEmbedding, ProjectedAdaptiveLogSoftmax, normalize_tie_projs
 from utils.model.attention import ATTN_IMPLS, check_attn_impl, fused_relative_attention
+from utils.model.autocast_input import autocast_input
 from utils.model.documents import document_mask, document_numbers, memory_flags, with_memory_flags
 from utils.model.log_uniform_sampler import LogUniformSampler, sample_logits
 from utils.model.varlen_padding import padded_memory
@@ -154,9 +155,12 @@ class MultiHeadAttn(nn.Module):
         klen = cat.size(0)
         if self.pre_lnorm:
             cat = self.layer_norm(cat)
+        if not torch.jit.is_scripting():
+            cat = autocast_input(cat)                                           # one cast for q and k/v
         cat, w = self.qkv_input(cat, self.qkv_net.weight)
-        q = F.linear(cat[klen - qlen:], w[:hd]).view(qlen, bsz, n_head, d_head)  # queries: current only
-        kv = F.linear(cat, w[hd:]).view(klen, bsz, 2, n_head, d_head)
+        w_q, w_kv = w.split([hd, 2 * hd])       # one split: its backward is one cat, not two zero-filled grads
+        q = F.linear(cat[klen - qlen:], w_q).view(qlen, bsz, n_head, d_head)    # queries: current only
+        kv = F.linear(cat, w_kv).view(klen, bsz, 2, n_head, d_head)
         q = q.permute(1, 2, 0, 3)                                               # [bsz, H, qlen, Dh]
         k = kv[:, :, 0].permute(1, 2, 0, 3)                                     # [bsz, H, klen, Dh]
         v = kv[:, :, 1].permute(1, 2, 0, 3)                                     # [bsz, H, klen, Dh]
@@ -431,6 +435,8 @@ class MemTransformerLM(nn.Module):
 
         if self.r_r_bias is not None and self.r_w_bias is not None:             # type 0
             pos_emb = self.drop(self._sinusoid_of_distances(klen, word_emb))   # [klen, d_model]
+            if not torch.jit.is_scripting():
+                pos_emb = autocast_input(pos_emb)                               # cast once, not per layer
             core_out = self.drop(word_emb)
             for i, layer in enumerate(self.layers):
                 hids.append(core_out.detach())
@@ -502,6 +508,8 @@ class MemTransformerLM(nn.Module):
             return hidden, new_mems
         tgt_len = target.size(0)
         pred_hid = hidden[hidden.size(0) - tgt_len:]                            # [tgt_len, bsz, d_model]
+        if not torch.jit.is_scripting():
+            pred_hid = autocast_input(pred_hid)                                 # once, not per softmax cluster
         emb_weights, emb_projs = self.word_emb.weights(), self.word_emb.projs()
         if self.sampler is not None and self.training:
             weights, biases, projs = self.crit.cluster_params(emb_weights, emb_projs)

@@ -37,7 +37,7 @@ def cluster_ids(target: Tensor, cutoffs: List[int]) -> Tensor:
     """0 for shortlist tokens, i for tokens of tail cluster i."""
     cluster = torch.zeros_like(target)
     for c in cutoffs:
-        cluster = cluster + (target >= c).long()
+        cluster = cluster + (target >= c)                                # int64 + bool: no cast op
     return cluster
 
 

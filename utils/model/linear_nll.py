@@ -57,7 +57,7 @@ def nll_forward(h: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor):
     step = _row_blocks(logits.size(0), logits.size(1), logits.device)
     for start in range(0, logits.size(0), step):
         lse[start:start + step] = torch.logsumexp(logits[start:start + step].to(acc), dim=1)
-    nll = lse - logits.gather(1, target.unsqueeze(1)).squeeze(1).to(acc)
+    nll = lse - logits.gather(1, target.unsqueeze(1)).squeeze(1)                   # the sub promotes to acc
     return nll, logits, lse
 
 
@@ -66,13 +66,15 @@ def nll_grad_logits_(logits: Tensor, lse: Tensor, target: Tensor, grad_nll: Tens
     grad = logits
     g = grad_nll.to(lse.dtype)
     step = _row_blocks(grad.size(0), grad.size(1), grad.device)
+    rows = torch.arange(min(step, grad.size(0)), device=grad.device)
     for start in range(0, grad.size(0), step):
         block = grad[start:start + step]
+        n = block.size(0)
         p = block.to(lse.dtype).sub_(lse[start:start + step, None]).exp_()       # softmax, float32
         p.mul_(g[start:start + step, None])
-        block.copy_(p)                                                           # no copy when float32
-    rows = torch.arange(grad.size(0), device=grad.device)
-    grad.index_put_((rows, target), -g.to(grad.dtype), accumulate=True)          # - g at the target
+        p.index_put_((rows[:n], target[start:start + step]), -g[start:start + step], accumulate=True)  # - g
+        if p is not block:
+            block.copy_(p)                                                       # one rounding to bf16 / fp16
     return grad
 
 

@@ -174,7 +174,8 @@ class Lamb(Optimizer):
                     if not group["fused"]:
                         raise RuntimeError("Lamb(fused=False) does not take the GradScaler's found_inf")
                     extra["found_inf"] = found_inf.to(device)
-                elif group["fused"] and not compiled and device.type == "cpu" and not hasattr(params[0], "device_mesh"):
+                elif group["fused"] and not compiled and device.type == "cpu" and CPU_BLOCKED_UPDATE \
+                        and not hasattr(params[0], "device_mesh"):
                     update = _lamb_blocked
                     extra["buffers"] = [self._update_buffer(p) for p in params]
                 with _one_thread() if update is _lamb_blocked else contextlib.nullcontext():
@@ -243,6 +244,9 @@ def _lamb_multi_tensor(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2
 # Elements per block of the eager CPU update: 1 MiB of float32 per tensor; the five tensors a block touches
 # (gradient, two moments, parameter, update) fit in a core's L2 / the L3 slice.
 _BLOCK = 1 << 18
+# False: the eager CPU update runs unblocked (the multi-tensor ops a GPU runs; same bits). The op count of
+# `scripts/benchmark_train.py --report` switches it off: it counts the launches of a GPU's step.
+CPU_BLOCKED_UPDATE = True
 
 
 @contextlib.contextmanager

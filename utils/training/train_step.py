@@ -17,6 +17,7 @@ from torch import Tensor
 from utils.distributed import group as distributed
 from utils.distributed.fsdp import is_sharded, scalar
 from utils.distributed.tensor_parallel import clip_grad_norm_
+from utils.training.compute_weights import ComputeWeights
 from utils.training.lamb import Lamb
 
 
@@ -43,6 +44,8 @@ class TrainStep:
         # parameters keep clip_grad_norm_ (utils/distributed/tensor_parallel.py)
         self.clip_in_optimizer = isinstance(optimizer, Lamb) and optimizer.defaults["fused"] \
             and not is_sharded(model) and not any(hasattr(p, "full_tensor") for p in model.parameters())
+        # bf16: weights kept in bf16 for the step instead of autocast's per-weight casts (compute_weights.py)
+        self.compute_weights = ComputeWeights.for_step(model, forward_model, autocast)
 
     @property
     def skipped_steps(self) -> int:
@@ -67,7 +70,9 @@ class TrainStep:
         for i, (data_i, target_i) in enumerate(zip(torch.chunk(data, chunks, 1), torch.chunk(target, chunks, 1))):
             # gradients are synchronized across ranks once per step, in the backward of the last chunk
             sync = distributed.no_grad_sync(model) if i < chunks - 1 else contextlib.nullcontext()
-            with sync:
+            weights = self.compute_weights.swapped(refresh=i == 0) if self.compute_weights is not None \
+                else contextlib.nullcontext()
+            with sync, weights:
                 mem = mems[i]
                 if self.swap_mem and mem is not None:
                     mem = mem.to(device, non_blocking=True)
@@ -75,6 +80,8 @@ class TrainStep:
                     loss, mem = model(data_i, target_i, mem)
                 loss = loss.float().mean() / chunks
                 self.scaler.scale(loss).backward()
+                if self.compute_weights is not None:
+                    self.compute_weights.collect_grads()
                 if self.observer is not None:
                     self.observer.after_backward(i)
                 if mem is not None and self.cuda_graphs:
