@@ -29,10 +29,11 @@ from torch.utils.checkpoint import checkpoint
 
 from utils.io.errors import UserError
 from utils.model.adaptive_softmax import AdaptiveEmbedding, ProjectedAdaptiveLogSoftmax, normalize_tie_projs
-from utils.model.attention import ATTN_IMPLS, relative_flex_attention
+from utils.model.attention import ATTN_IMPLS, check_attn_impl, fused_relative_attention
 from utils.model.autocast_input import autocast_input
 from utils.model.documents import document_mask, document_numbers, memory_flags, with_memory_flags
 from utils.model.log_uniform_sampler import LogUniformSampler, sample_logits
+from utils.model.varlen_padding import padded_memory
 
 
 # ---- positions ------------------------------------------------------------------------------------------
@@ -178,8 +179,8 @@ class MultiHeadAttn(nn.Module):
             q = q + r_w_bias.unsqueeze(1)
 
         dropatt = self.dropatt.p
-        if not torch.jit.is_scripting() and band is not None and self._flex_applies():
-            vec = relative_flex_attention(q, k, v, q_pos, r_pos, band, self.scale, docs)
+        if not torch.jit.is_scripting() and band is not None and self._fused_applies(docs):
+            vec = fused_relative_attention(self.attn_impl, q, k, v, q_pos, r_pos, band, self.scale, docs)
         else:
             pos_scores: Optional[Tensor] = None
             if q_pos is not None and r_pos is not None:
@@ -195,11 +196,14 @@ class MultiHeadAttn(nn.Module):
         return self.layer_norm(h + out)
 
     @torch.jit.unused
-    def _flex_applies(self) -> bool:
-        """FlexAttention runs inside torch.compile only (eagerly it is a slow reference implementation), for
-        attention type 0, without attention dropout; elsewhere attn_impl 'flex' falls back to 'sdpa'."""
-        return (self.attn_impl == "flex" and self.attn_type == 0 and torch.compiler.is_compiling()
-                and not (self.training and self.dropatt.p > 0))
+    def _fused_applies(self, docs: Optional[Tensor] = None) -> bool:
+        """The fused relative kernels (utils/model/attention.py) serve attention type 0 without attention
+        dropout: 'flex' inside torch.compile only (eagerly it is a slow reference implementation), 'triton'
+        always but without document masks (--reset_mems_at_doc); elsewhere they fall back to 'sdpa'."""
+        if self.attn_type != 0 or (self.training and self.dropatt.p > 0):
+            return False
+        return (self.attn_impl == "triton" and docs is None) or (self.attn_impl == "flex"
+                                                                 and torch.compiler.is_compiling())
 
 
 class PositionwiseFF(nn.Module):
@@ -251,6 +255,7 @@ class MemTransformerLM(nn.Module):
 
     cutoffs: List[int]
     tie_projs: List[bool]
+    varlen_padding: bool
     eod_index: int
 
     def __init__(self, n_token: int, n_layer: int, n_head: int, d_model: int, d_head: int, d_inner: int,
@@ -296,6 +301,7 @@ class MemTransformerLM(nn.Module):
         self.same_length = same_length
         self.clamp_len = clamp_len
         self.sample_softmax = sample_softmax
+        self.varlen_padding = False          # target -1 marks padding (--varlen --compile, utils/model/varlen_padding.py)
         self.dropout = dropout
         self.dropatt = dropatt
 
@@ -353,16 +359,10 @@ class MemTransformerLM(nn.Module):
 
     def set_attn_impl(self, impl: str):
         """How attention is computed (same results, different kernels): 'math' (explicit matmuls and
-        softmax), 'sdpa' (F.scaled_dot_product_attention with the position term as an additive bias) or
-        'flex' (FlexAttention under torch.compile, the shift done inside the kernel; 'sdpa' elsewhere)."""
-        if impl not in ATTN_IMPLS:
-            raise UserError(f"attention implementation must be one of {', '.join(ATTN_IMPLS)}, got {impl!r}")
-        if impl == "flex":
-            try:
-                import torch.nn.attention.flex_attention  # noqa: F401
-            except ImportError:
-                raise UserError(f"--attn_impl flex needs FlexAttention (PyTorch >= 2.5, this is "
-                                f"{torch.__version__}); use --attn_impl sdpa") from None
+        softmax), 'sdpa' (F.scaled_dot_product_attention with the position term as an additive bias),
+        'flex' (FlexAttention under torch.compile, the shift done inside the kernel; 'sdpa' elsewhere) or
+        'triton' (one fused Triton kernel forward and backward, utils/model/triton_rel_attention.py)."""
+        check_attn_impl(impl)
         for layer in self.layers:
             layer.attn.attn_impl = impl
 
@@ -411,8 +411,10 @@ class MemTransformerLM(nn.Module):
             pos_seq = pos_seq.clamp(max=self.clamp_len)
         return sinusoid_embedding(pos_seq, self.d_model).to(like.dtype)
 
-    def _forward(self, data: Tensor, mems: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
-        """data [qlen, bsz] -> final hidden states [qlen, bsz, d_model] (after dropout), new memory."""
+    def _forward(self, data: Tensor, mems: Optional[Tensor], n_pad: Optional[Tensor] = None
+                 ) -> Tuple[Tensor, Optional[Tensor]]:
+        """data [qlen, bsz] -> final hidden states [qlen, bsz, d_model] (after dropout), new memory; with n_pad
+        (a tensor) the last n_pad positions are padding and the memory is taken before them."""
         qlen = data.size(0)
         mlen = 0 if mems is None else mems.size(1)
         klen = mlen + qlen
@@ -470,6 +472,8 @@ class MemTransformerLM(nn.Module):
                 core_out = layer(core_out, mem_i, mask, unused, unused, unused, band)
 
         core_out = self.drop(core_out)
+        if n_pad is not None and mems is not None:                             # (never with document flags)
+            return core_out, padded_memory(hids, mems, n_pad, self.ext_len, self.mem_len)
         new_mems = self._update_mems(hids, mems, qlen, mlen)
         if docs is not None and new_mems is not None:
             new_mems = with_memory_flags(new_mems, docs, data, self.eod_index, max(0, qlen - self.ext_len))
@@ -494,7 +498,12 @@ class MemTransformerLM(nn.Module):
         NLL is float32 (float64 for a float64 model). In training mode with sample_softmax > 0 it is the
         sampled-softmax loss; otherwise the exact (adaptive) softmax.
         """
-        hidden, new_mems = self._forward(data, mems)
+        n_pad: Optional[Tensor] = None
+        if self.varlen_padding and self.eod_index < 0 and target is not None and mems is not None \
+                and mems.size(1) == self.mem_len:
+            n_pad = (target[:, 0] < 0).sum()                                   # padded positions at the end
+            target = target.clamp(min=0)
+        hidden, new_mems = self._forward(data, mems, n_pad)
         if target is None:
             return hidden, new_mems
         tgt_len = target.size(0)

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU training benchmarks of README.md ("Performance"), one GPU, synthetic Zipf data (no corpus needed).
+# The GPU training benchmarks of README.md ("Performance"), one GPU, synthetic data with WikiText-103's
+# token frequencies (no corpus needed).
 #
 #   bash scripts/benchmark_gpu.sh [STEPS]
 #

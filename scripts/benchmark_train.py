@@ -12,9 +12,11 @@ are parsed by train.py's parser (anything after `--` is passed to it), the model
 loss scaler and step are train.py's (utils/training/train_step.py), batches come from the same iterator.
 
 Data: `--data DIR` reads the preset's corpus from DIR (as train.py does). Without it the batches are a
-synthetic token stream of the preset's vocabulary size (wt103: 267,735; wt2: 33,278) whose ids follow Zipf's
-law with exponent --zipf (ids are frequency ranks, as in the reference's vocabularies), so the adaptive
-softmax sees realistic cluster sizes; the shares of tokens per cluster are printed and enter the FLOPs.
+synthetic token stream of the preset's vocabulary size (wt103: 267,735; wt2: 33,278) whose ids (frequency
+ranks, as in the reference's vocabularies) follow WikiText-103's rank-frequency curve, fitted from its
+validation and test splits (utils/data/token_frequencies.py: 95.2% of tokens in the base shortlist; Zipf
+with exponent 1.3, the earlier synthetic data, put 97.6% there), or Zipf's law with exponent --zipf S; so the
+adaptive softmax sees realistic cluster sizes. The shares of tokens per cluster are printed and enter the FLOPs.
 
 Timing: --warmup steps (compilation happens there; its time is printed), then --steps timed steps, each
 ending with the loss read back to the host (as in train.py). tokens/s = target tokens of the timed steps /
@@ -98,13 +100,14 @@ def parse_cli(argv):
                         help="fp32 (no TF32), tf32, bf16 or fp16 (mixed precision, float32 weights)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile (default: train.py's: on with CUDA, off on the CPU)")
-    parser.add_argument("--attn_impl", default=None, help="math, sdpa, flex (default: train.py's auto)")
+    parser.add_argument("--attn_impl", default=None, help="math, sdpa, flex, triton (default: train.py's auto)")
     parser.add_argument("--checkpoint_activations", action="store_true")
     parser.add_argument("--cuda_graphs", action="store_true")
     parser.add_argument("--steps", type=int, default=20, help="timed steps")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation)")
     parser.add_argument("--data", default=None, help="read the preset's corpus from here instead of synthetic data")
-    parser.add_argument("--zipf", type=float, default=1.3, help="exponent of the synthetic token distribution")
+    parser.add_argument("--zipf", type=float, default=None,
+                        help="synthetic tokens from Zipf's law with this exponent (default: WikiText-103's curve)")
     parser.add_argument("--saved_activations", action="store_true",
                         help="also measure the bytes saved for backward by one eager step")
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
@@ -146,11 +149,23 @@ def train_args(bench, extra):
     return parse_args(train_parser(), argv + extra, section="train")
 
 
-def zipf_stream(n_token: int, length: int, exponent: float, seed: int) -> torch.Tensor:
-    ranks = torch.arange(1, n_token + 1, dtype=torch.float64)
-    probs = ranks.pow(-exponent)
+def rank_probabilities(n_token: int, zipf) -> torch.Tensor:
+    """Probability of each id (= frequency rank): Zipf's law with exponent `zipf`, or WikiText-103's curve
+    (loaded from this checkout's file even with --repo, so that before / after runs see the same stream)."""
+    if zipf is not None:
+        probs = torch.arange(1, n_token + 1, dtype=torch.float64).pow(-zipf)
+        return probs / probs.sum()
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("txl_token_frequencies",
+                                                  REPO / "utils" / "data" / "token_frequencies.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return torch.from_numpy(module.rank_probabilities(n_token))
+
+
+def synthetic_stream(n_token: int, length: int, zipf, seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
-    return torch.multinomial(probs / probs.sum(), length, replacement=True, generator=gen)
+    return torch.multinomial(rank_probabilities(n_token, zipf), length, replacement=True, generator=gen)
 
 
 def batches(bench, args, device):
@@ -168,9 +183,10 @@ def batches(bench, args, device):
     if args.dataset not in VOCAB_SIZES:
         raise UserError(f"no synthetic vocabulary size for --dataset {args.dataset}; pass --data DIR")
     n_token = VOCAB_SIZES[args.dataset]
-    stream = zipf_stream(n_token, tokens_needed, bench.zipf, args.seed)
+    stream = synthetic_stream(n_token, tokens_needed, bench.zipf, args.seed)
     it = data_utils.LMOrderedIterator(stream, args.batch_size, args.tgt_len, device=device, ext_len=args.ext_len)
-    return it, n_token, f"synthetic Zipf(s={bench.zipf}) over {n_token} ids"
+    law = f"Zipf(s={bench.zipf})" if bench.zipf is not None else "WikiText-103 rank-frequency curve"
+    return it, n_token, f"synthetic {law} over {n_token} ids"
 
 
 def saved_activation_bytes(model, data, target, mems, autocast) -> int:

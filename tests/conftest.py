@@ -13,6 +13,13 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+# Without a GPU, Triton kernels (utils/model/triton_rel_attention.py) run in Triton's interpreter, which Triton
+# reads when it is imported: set before any test imports it.
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
 # ../shared holds real corpora and a reference checkpoint on development and CI machines only.
 SHARED = Path(os.environ.get("TXL_SHARED_DIR", REPO.parent / "shared"))
 

@@ -195,6 +195,9 @@ class DataConfig:
                                    "~/.cache/transformer-xl when --data is read-only)")
     roll: bool = opt(False, "rotate each stream randomly at every epoch")
     varlen: bool = opt(False, "variable-length segments")
+    varlen_buckets: list[int] = opt([], "--varlen with --compile: segment lengths to pad to, one compiled graph "
+                                    "each (ours; default: multiples of 8 around --tgt_len and one for the short "
+                                    "segments; see docs/gpu_step.md)")
     reset_mems_at_doc: bool = opt(False, "--dataset prepared: a token attends only to its own article; the memory "
                                   "of an article that ended is not seen by the next one in its batch column (ours)",
                                   clis=TRAIN_EVAL)
@@ -337,8 +340,10 @@ class SpeedConfig:
                                  "doubled after 2000 steps without one", low=0, low_open=True)
     attn_impl: str = opt("auto", "attention kernel, same results (ours): math (matmuls + softmax), sdpa "
                          "(scaled_dot_product_attention, position term as a bias), flex (FlexAttention for attn_type 0 "
-                         "with --compile and --dropatt 0; sdpa otherwise); auto: sdpa on CUDA, math on the CPU",
-                         clis=TRAIN_EVAL, choices=("auto", "math", "sdpa", "flex"))
+                         "with --compile and --dropatt 0; sdpa otherwise), triton (one fused Triton kernel forward "
+                         "and backward for attn_type 0 and --dropatt 0, needs triton and a GPU; sdpa otherwise); "
+                         "auto: sdpa on CUDA, math on the CPU",
+                         clis=TRAIN_EVAL, choices=("auto", "math", "sdpa", "flex", "triton"))
     compile: Optional[bool] = opt(None, "torch.compile the model and the jitlamb step (default: on with CUDA, off on "
                                   "the CPU; --no_compile to switch off)")
     cuda_graphs: bool = opt(False, "replay the compiled step as CUDA graphs (torch.compile mode reduce-overhead; needs "

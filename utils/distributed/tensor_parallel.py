@@ -124,6 +124,8 @@ def check_model(model: nn.Module, tp: int) -> None:
     if getattr(model.layers[0].attn, "attn_impl", "math") == "flex":
         raise UserError("--attn_impl flex does not run under --tensor_parallel (FlexAttention is compiled for the "
                         "full set of heads); use --attn_impl math or sdpa")
+    if getattr(model.layers[0].attn, "attn_impl", "math") == "triton":
+        raise UserError("--attn_impl triton is not checked under --tensor_parallel; use --attn_impl math or sdpa")
 
 
 def split_layers(model: nn.Module, tp_mesh) -> nn.Module:

@@ -1,5 +1,6 @@
-"""The attention implementations the model offers (ATTN_IMPLS), and relative attention with FlexAttention
-(attn_impl 'flex'): the Transformer-XL shift is done inside the kernel.
+"""The attention implementations the model offers (ATTN_IMPLS), and the fused relative attention kernels:
+FlexAttention (attn_impl 'flex') and a Triton kernel (attn_impl 'triton', utils/model/triton_rel_attention.py,
+forward and backward); in both the Transformer-XL shift is done inside the kernel.
 
 The position term is computed unshifted, bd[b, h, i, m] = q_pos[b, h, i] · r_pos[m] with
 row m of r_pos holding distance klen-1-m, and the kernel reads bd[b, h, i, j + qlen-1-i] for query i and
@@ -10,15 +11,47 @@ and the index is clamped so they never read outside it.
 FlexAttention generates its kernels with torch.compile: the model uses this path only while being compiled
 (`--compile`), for attention type 0 (Transformer-XL; the presets' type) and without attention dropout
 (`--dropatt 0`); otherwise 'flex' falls back to 'sdpa'. Its backward pass runs on GPUs only (PyTorch has no
-CPU backward for FlexAttention), so on the CPU only its forward pass is tested.
+CPU backward for FlexAttention), so on the CPU only its forward pass is tested; in its backward the gradient
+of the captured bd is the kernel's score gradient scattered to the shifted positions, which is what the
+Triton kernel computes explicitly (tested on the CPU, forward and backward, under TRITON_INTERPRET=1).
 """
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
+from utils.io.errors import UserError
+
 # MemTransformerLM.set_attn_impl: matmuls + softmax, scaled_dot_product_attention, FlexAttention
-ATTN_IMPLS = ("math", "sdpa", "flex")
+ATTN_IMPLS = ("math", "sdpa", "flex", "triton")
+
+
+def check_attn_impl(impl: str) -> None:
+    """UserError when `impl` is unknown or its library is missing."""
+    if impl not in ATTN_IMPLS:
+        raise UserError(f"attention implementation must be one of {', '.join(ATTN_IMPLS)}, got {impl!r}")
+    if impl == "flex":
+        try:
+            import torch.nn.attention.flex_attention  # noqa: F401
+        except ImportError:
+            raise UserError(f"--attn_impl flex needs FlexAttention (PyTorch >= 2.5, this is "
+                            f"{torch.__version__}); use --attn_impl sdpa") from None
+    if impl == "triton":
+        from utils.model import triton_rel_attention
+        if not triton_rel_attention.available():
+            raise UserError("--attn_impl triton needs the triton package (pip install triton; CUDA builds of "
+                            "PyTorch include it); use --attn_impl sdpa")
+
+
+def fused_relative_attention(impl: str, q: Tensor, k: Tensor, v: Tensor, q_pos: Optional[Tensor],
+                             r_pos: Optional[Tensor], band: Tuple[int, int], scale: float,
+                             docs: Optional[Tensor] = None) -> Tensor:
+    """relative_flex_attention or the Triton kernel (attention type 0: q_pos and r_pos given; no document
+    mask: the model does not call it for 'triton' with docs)."""
+    if impl == "triton" and q_pos is not None and r_pos is not None and docs is None:
+        from utils.model.triton_rel_attention import relative_triton_attention
+        return relative_triton_attention(q, k, v, q_pos, r_pos, band, scale)
+    return relative_flex_attention(q, k, v, q_pos, r_pos, band, scale, docs)
 
 
 def relative_flex_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Optional[Tensor], r_pos: Optional[Tensor],

@@ -89,6 +89,11 @@ def resolve_speed_flags(args, device: torch.device):
     """
     if args.cuda_graphs and device.type != "cuda":
         raise UserError("--cuda_graphs needs a GPU (this run is on the CPU); drop --cuda_graphs")
+    if args.attn_impl == "triton":
+        from utils.model import triton_rel_attention
+        if not triton_rel_attention.runs_on(device):
+            raise UserError("--attn_impl triton needs the triton package and a GPU (on the CPU only Triton's slow "
+                            "interpreter runs it, with TRITON_INTERPRET=1); use --attn_impl sdpa or math")
     changes = {}
     if args.compile is None:                  # train.py reads it
         changes["compile"] = device.type == "cuda"
@@ -144,15 +149,15 @@ def compile_model(model: torch.nn.Module, args) -> torch.nn.Module:
     With --softmax_tail_capacity the whole training forward (output layer included: static adaptive-softmax
     shapes, utils/model/adaptive_nll.py) and its backward compile as one graph without breaks; without it the
     adaptive softmax's exact-size part runs eagerly (one graph break, one read-back per step). A segment with an
-    empty memory (the first) and one with a full memory are two shapes, so two graphs.
+    empty memory (the first) and one with a full memory are two shapes, so two graphs. With --varlen the
+    segments are padded to a few bucket lengths (--varlen_buckets): one graph per bucket.
     """
     if not args.compile:
         return model
-    if getattr(args, "varlen", False):
-        # issue 18: not silent. Each segment length is a shape of its own (one graph each); past dynamo's
-        # recompile limit the model would run eagerly without a word.
-        logging.getLogger("txl").warning(
-            f"--varlen with --compile: every new segment length compiles another graph; after "
-            f"{torch._dynamo.config.recompile_limit} lengths the model runs eagerly (drop --varlen for one graph)")
     mode = "reduce-overhead" if args.cuda_graphs else None
-    return torch.compile(model, dynamic=False, mode=mode)
+    compiled = torch.compile(model, dynamic=False, mode=mode)
+    if getattr(args, "varlen", False):
+        # segments padded to a few bucket lengths: one graph per bucket (utils/model/varlen_padding.py)
+        from utils.model import varlen_padding
+        return varlen_padding.enable(model, compiled, args)
+    return compiled
