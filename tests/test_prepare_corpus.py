@@ -297,6 +297,33 @@ def test_train_on_a_prepared_folder_resumes_exactly_mid_shard(tmp_path):
     assert any(line.startswith("| valid") and " loss " in line for line in scored.lines)
 
 
+
+@pytest.mark.slow
+def test_two_ranks_on_a_prepared_folder_resume_exactly_mid_shard(tmp_path):
+    """DDP over 2 gloo ranks, each reading only its columns from 300-token shards: 8 steps in one go == 4
+    steps, stop, --restart, 4 more (the stop falls inside a shard), losses and weights bit for bit."""
+    import dist_testlib
+    import torch
+
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed not available")
+    src = write_jsonl(tmp_path / "c.jsonl", zipf_articles(n_docs=200, vocab=400, seed=4))
+    data = tmp_path / "prepared"
+    prepare_corpus([src], data, Options(max_vocab_size=300, valid_docs=10, test_docs=10, shard_tokens=300), workers=1)
+    flags = ["--dataset", "prepared", "--multi_gpu", "ddp", "--max_step_scheduler", "8", "--no_test"]
+    whole = dist_testlib.torchrun(2, data, tmp_path / "whole", *flags, "--max_step", "8")
+    assert whole.returncode == 0, (whole.stdout + whole.stderr)[-3000:]
+    first = dist_testlib.torchrun(2, data, tmp_path / "split", *flags, "--max_step", "4")
+    assert first.returncode == 0, (first.stdout + first.stderr)[-3000:]
+    second = dist_testlib.torchrun(2, data, tmp_path / "split", *flags, "--max_step", "8",
+                                   "--restart", str(tmp_path / "split"))
+    assert second.returncode == 0, (second.stdout + second.stderr)[-3000:]
+    ours, theirs = dist_testlib.step_losses(tmp_path / "split"), dist_testlib.step_losses(tmp_path / "whole")
+    assert sorted(ours) == sorted(theirs) == list(range(1, 9))
+    assert ours == theirs
+    a, b = (dist_testlib.last_checkpoint(tmp_path / w)["model_state"] for w in ("split", "whole"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
 def _python_path_symbols(records, opts):
     """tokenize_chunk's Python path: every symbol in a list, numbered in first-seen order with a dict."""
     prepare._set_worker(opts)
