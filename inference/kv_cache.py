@@ -31,7 +31,8 @@ from mem_transformer import MemTransformerLM, attention, last_rows, rel_position
 
 def supports(model) -> bool:
     """Whether `model` can generate with the cache (an eager MemTransformerLM with relative attention)."""
-    return isinstance(model, MemTransformerLM) and model.attn_type in (0, 1) and model.ext_len == 0
+    return (isinstance(model, MemTransformerLM) and model.attn_type in (0, 1) and model.ext_len == 0
+            and model.eod_index < 0)                  # no document masks (--reset_mems_at_doc) in the cache
 
 
 class MemoryKVCache:

@@ -1,6 +1,7 @@
 """--varlen with --compile pads segments to bucket lengths (utils/model/varlen_padding.py): the padded run gives
 the unpadded run's losses, memories and gradients (truth: the same model without padding), and a compiled
-varlen run compiles one graph per bucket plus the memory-less first segment."""
+varlen run compiles one graph per bucket (segments before the memory is full and longer than every bucket run
+uncompiled)."""
 import pytest
 import torch
 
@@ -75,7 +76,7 @@ def test_a_compiled_varlen_run_compiles_once_per_bucket_and_matches_the_eager_ru
     class Args:
         tgt_len, varlen_buckets = 6, [4, 8]
 
-    lengths = [7, 5, 6, 3, 8, 6, 2, 7, 4, 6]
+    lengths = [7, 5, 6, 3, 8, 6, 2, 11, 7, 4, 6]                # 11: longer than every bucket
     model = tiny_model(0, tgt_len=6, mem_len=4, same_length=True).train()
     expected = run(model, model, lengths)
     torch._dynamo.reset()
@@ -91,5 +92,21 @@ def test_a_compiled_varlen_run_compiles_once_per_bucket_and_matches_the_eager_ru
     for (loss, mems, _), (loss_e, mems_e, _) in zip(got, expected):
         assert_rounding_close(loss, loss_e, "loss")
         assert_rounding_close(mems, mems_e, "memory")
-    # memory-less first segment (7 >= mem_len: full memory from the second) + the two buckets
-    assert graphs == 1 + 2, graphs
+    # the memory-less first segment and the 11 run uncompiled (7 >= mem_len: full memory from the second): one
+    # graph per bucket
+    assert graphs == 2, graphs
+
+
+def test_attention_types_that_are_not_padded_run_uncompiled_with_a_warning(caplog):
+    """Types 2 and 3 (absolute positions would move): every length would be a graph of its own, so enable
+    returns the uncompiled model and says so (no run that stops at dynamo's recompile limit)."""
+    from utils.model import varlen_padding
+
+    class Args:
+        tgt_len, varlen_buckets = 6, [4, 8]
+
+    model = tiny_model(2, tgt_len=6, mem_len=4)
+    compiled = object()                                         # never called
+    with caplog.at_level("WARNING", logger="txl"):
+        assert varlen_padding.enable(model, compiled, Args) is model
+    assert "runs uncompiled" in caplog.text and not model.varlen_padding

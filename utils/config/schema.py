@@ -197,7 +197,7 @@ class DataConfig:
     varlen: bool = opt(False, "variable-length segments")
     varlen_buckets: list[int] = opt([], "--varlen with --compile: segment lengths to pad to, one compiled graph "
                                     "each (ours; default: multiples of 8 around --tgt_len and one for the short "
-                                    "segments; see docs/gpu_step.md)")
+                                    "segments; see docs/gpu_step.md)", nargs="*", low=1)
     reset_mems_at_doc: bool = opt(False, "--dataset prepared: a token attends only to its own article; the memory "
                                   "of an article that ended is not seen by the next one in its batch column (ours)",
                                   clis=TRAIN_EVAL)

@@ -41,8 +41,11 @@ _SLOTS: Dict[int, TableGradSlot] = {}
 
 
 def _usable(weight: Tensor) -> bool:
+    # CPU only: on CUDA index_add_ adds with atomics in a varying order (not bit-reproducible), and a GPU's
+    # zero fill is a cheap memset; there the embedding keeps its own gradient
     return (torch.is_grad_enabled() and weight.requires_grad and not torch.compiler.is_compiling()
-            and not hasattr(weight, "device_mesh") and weight.layout == torch.strided)
+            and weight.device.type == "cpu" and not hasattr(weight, "device_mesh")
+            and weight.layout == torch.strided)
 
 
 def lookup(weight: Tensor, tokens: Tensor) -> Tensor:

@@ -49,19 +49,20 @@ def runs_on(device: torch.device) -> bool:
 if triton is not None:
     @triton.jit
     def _tile_scores(q, k_ptrs, bd_base, offs_m, offs_n, d_mask, qlen, klen, lo, hi, scale,
-                     stride_bd, ACC: tl.constexpr):
+                     stride_bd, ACC: tl.constexpr, PREC: tl.constexpr):
         """Scores of a [BLOCK_M queries, BLOCK_N keys] tile (-inf where not visible) and the visibility."""
         k = tl.load(k_ptrs, mask=(offs_n[:, None] < klen) & d_mask[None, :], other=0.0).to(ACC)
         rel = offs_n[None, :] - offs_m[:, None]                                # j - i
         visible = (rel > lo) & (rel <= hi) & (offs_m[:, None] < qlen) & (offs_n[None, :] < klen)
         shifted = tl.where(visible, rel + qlen - 1, 0)                          # column of bd, in range when visible
         bd = tl.load(bd_base + offs_m[:, None] * stride_bd + shifted, mask=visible, other=0.0).to(ACC)
-        s = tl.dot(q, tl.trans(k)) * scale + bd
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale + bd
         return tl.where(visible, s, float("-inf")), visible
 
     @triton.jit
     def _fwd_kernel(Q, K, V, BD, O, LSE, qlen, klen, d_head, lo, hi, scale,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+                    PREC: tl.constexpr):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -81,12 +82,12 @@ if triton is not None:
             offs_n = n0 + tl.arange(0, BLOCK_N)
             kv_off = bh * klen * d_head + offs_n[:, None] * d_head + offs_d[None, :]
             s, visible = _tile_scores(q, K + kv_off, bd_base, offs_m, offs_n, d_mask, qlen, klen, lo, hi,
-                                      scale, klen, ACC)
+                                      scale, klen, ACC, PREC)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             p = tl.exp(s - m_new[:, None])
             alpha = tl.exp(m_i - m_new)
             v = tl.load(V + kv_off, mask=(offs_n[:, None] < klen) & d_mask[None, :], other=0.0).to(ACC)
-            acc = acc * alpha[:, None] + tl.dot(p, v)
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PREC)
             l_i = l_i * alpha + tl.sum(p, 1)
             m_i = m_new
         l_i = tl.where(l_i > 0, l_i, 1.0)                                       # rows past qlen (not stored)
@@ -98,7 +99,7 @@ if triton is not None:
     @triton.jit
     def _bwd_dkdv_kernel(Q, K, V, BD, DO, LSE, DELTA, DK, DV, qlen, klen, d_head, lo, hi, scale,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                         ACC: tl.constexpr):
+                         ACC: tl.constexpr, PREC: tl.constexpr):
         """One key tile: dv = Σ_i pᵀ·do, dk = scale Σ_i dsᵀ·q over the query tiles that see it."""
         pid_n = tl.program_id(0)
         bh = tl.program_id(1)
@@ -123,18 +124,19 @@ if triton is not None:
             lse = tl.load(LSE + bh * qlen + offs_m, mask=offs_m < qlen, other=0.0)
             delta = tl.load(DELTA + bh * qlen + offs_m, mask=offs_m < qlen, other=0.0)
             s, visible = _tile_scores(q, K + kv_off, bd_base, offs_m, offs_n, d_mask, qlen, klen, lo, hi,
-                                      scale, klen, ACC)
+                                      scale, klen, ACC, PREC)
             p = tl.where(visible, tl.exp(s - lse[:, None]), 0.0)
-            dv += tl.dot(tl.trans(p), do)
-            dp = tl.dot(do, tl.trans(v))
+            dv += tl.dot(tl.trans(p), do, input_precision=PREC)
+            dp = tl.dot(do, tl.trans(v), input_precision=PREC)
             ds = p * (dp - delta[:, None])
-            dk += tl.dot(tl.trans(ds), q) * scale
+            dk += tl.dot(tl.trans(ds), q, input_precision=PREC) * scale
         tl.store(DK + kv_off, dk.to(DK.dtype.element_ty), mask=kv_mask)
         tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
     @triton.jit
     def _bwd_dq_kernel(Q, K, V, BD, DO, LSE, DELTA, DQ, DBD, qlen, klen, d_head, lo, hi, scale,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+                    PREC: tl.constexpr):
         """One query tile: dq = scale Σ_j ds·k, and dbd[i, j + qlen-1-i] = ds[i, j] (each entry written by one
         key at most: dbd starts zeroed)."""
         pid_m = tl.program_id(0)
@@ -158,15 +160,27 @@ if triton is not None:
             kv_mask = (offs_n[:, None] < klen) & d_mask[None, :]
             kv_off = bh * klen * d_head + offs_n[:, None] * d_head + offs_d[None, :]
             s, visible = _tile_scores(q, K + kv_off, bd_base, offs_m, offs_n, d_mask, qlen, klen, lo, hi,
-                                      scale, klen, ACC)
+                                      scale, klen, ACC, PREC)
             p = tl.where(visible, tl.exp(s - lse[:, None]), 0.0)
             v = tl.load(V + kv_off, mask=kv_mask, other=0.0).to(ACC)
             k = tl.load(K + kv_off, mask=kv_mask, other=0.0).to(ACC)
-            ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
-            dq += tl.dot(ds, k) * scale
+            ds = p * (tl.dot(do, tl.trans(v), input_precision=PREC) - delta[:, None])
+            dq += tl.dot(ds, k, input_precision=PREC) * scale
             shifted = tl.where(visible, offs_n[None, :] - offs_m[:, None] + qlen - 1, 0)
             tl.store(dbd_base + offs_m[:, None] * klen + shifted, ds.to(DBD.dtype.element_ty), mask=visible)
         tl.store(DQ + q_off, dq.to(DQ.dtype.element_ty), mask=q_mask)
+
+
+def _input_precision(q: Tensor) -> str:
+    """tl.dot's input precision: Triton's default for float32 on NVIDIA GPUs is TF32, which would make
+    `--attn_impl triton` less exact than the other implementations under --no_tf32 (full float32); 'tf32'
+    only where PyTorch's float32 matmuls may use it (--tf32) and for 16-bit inputs (their values are exact in
+    TF32; the probabilities are rounded as a 16-bit kernel would round them)."""
+    if q.dtype == torch.float64:
+        return "ieee"
+    if q.dtype == torch.float32:
+        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return "tf32"
 
 
 def _launch_shape(q: Tensor, k: Tensor):
@@ -188,7 +202,7 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, bd: Tensor, lo: int, hi: int
     lse = torch.empty(q.shape[:3], dtype=_lse_dtype(q), device=q.device)
     _fwd_kernel[(triton.cdiv(qlen, BLOCK_M), bh)](
         q, k, v, bd, out, lse, qlen, klen, d_head, lo, hi, scale,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=block_d, ACC=acc)
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=block_d, ACC=acc, PREC=_input_precision(q))
     return out, lse
 
 
@@ -207,10 +221,10 @@ def _attention_bwd(q: Tensor, k: Tensor, v: Tensor, bd: Tensor, out: Tensor, lse
     dbd = torch.zeros_like(bd)                                                  # entries no key reaches stay 0
     _bwd_dkdv_kernel[(triton.cdiv(klen, BLOCK_N), bh)](
         q, k, v, bd, dout, lse, delta, dk, dv, qlen, klen, d_head, lo, hi, scale,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=block_d, ACC=acc)
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=block_d, ACC=acc, PREC=_input_precision(q))
     _bwd_dq_kernel[(triton.cdiv(qlen, BLOCK_M), bh)](
         q, k, v, bd, dout, lse, delta, dq, dbd, qlen, klen, d_head, lo, hi, scale,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=block_d, ACC=acc)
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=block_d, ACC=acc, PREC=_input_precision(q))
     return dq, dk, dv, dbd
 
 

@@ -11,9 +11,10 @@ Padding goes at the END of a segment and its targets are -1. That changes nothin
   and train.py's token counts are those of the real tokens.
 Types 2 and 3 count absolute positions from the end of the window, so padding would move them: they are not
 padded (every length compiles its own graph, as without buckets). A segment is padded only when its memory
-is full (mlen = mem_len), so that the new memory has a fixed size; the run's first segments (until the
-memory is full) run at their own length: one graph for the memory-less first segment and, when the first
-segment is shorter than mem_len, one for the second. Dropout masks are drawn for the padded shape, so with
+is full (mlen = mem_len), so that the new memory has a fixed size; the segments before the memory is full
+(the first one or few of a run, and those after a memory reset such as a --batch_schedule change) and any
+segment longer than the largest bucket run through the uncompiled model, so the compiled graphs are one per
+bucket and per batch size, whatever the lengths. Dropout masks are drawn for the padded shape, so with
 dropout > 0 the random numbers differ from an unpadded run (same distribution).
 """
 from typing import List, Optional, Sequence
@@ -58,15 +59,19 @@ class BucketPadding:
     """Wraps the (compiled) model for TrainStep: pads data and target of a segment with a full memory to its
     bucket, returns the loss of the real positions only. Anything else is the wrapped model's."""
 
-    def __init__(self, model, buckets: Sequence[int], mem_len: int):
+    def __init__(self, model, buckets: Sequence[int], mem_len: int, eager=None):
         self.model = model
+        self.eager = model if eager is None else eager          # the uncompiled model
         self.buckets = sorted(buckets)
         self.mem_len = mem_len
 
     def __call__(self, data: Tensor, target: Tensor, mems: Optional[Tensor]):
         length = target.size(0)
+        if mems is None or mems.size(1) != self.mem_len or length > self.buckets[-1]:
+            # memory not yet full (its length would be one more shape) or longer than every bucket: uncompiled
+            return self.eager(data, target, mems)
         bucket = bucket_for(length, self.buckets)
-        if mems is None or mems.size(1) != self.mem_len or bucket == length:
+        if bucket == length:
             return self.model(data, target, mems)
         pad = bucket - length
         data = F.pad(data, [0, 0, 0, pad])                                      # token 0: never seen by a real one
@@ -80,24 +85,33 @@ class BucketPadding:
 
 def enable(model: torch.nn.Module, forward_model, args):
     """BucketPadding around forward_model when --varlen with --compile applies (attention types 0 and 1,
-    a memory); the model(s) inside are told to read target -1 as padding. Otherwise forward_model."""
+    a memory); the model(s) inside are told to read target -1 as padding. Otherwise the uncompiled model: every
+    length would be a graph of its own, past dynamo's recompile limit an eager run anyway."""
+    import logging
+
+    import torch._dynamo
+    log = logging.getLogger("txl")
     cores = [m for m in model.modules() if hasattr(m, "varlen_padding")]      # the MemTransformerLM(s) inside
     if not cores or cores[0].attn_type not in (0, 1) or cores[0].mem_len == 0 or cores[0].eod_index >= 0:
-        import logging
-        logging.getLogger("txl").warning(
-            f"--varlen with --compile: segments are not padded to buckets (attention types 0 and 1 with a memory, "
-            f"without --reset_mems_at_doc, only); every new length compiles another graph, and past torch._dynamo.config.recompile_limit "
-            f"({torch._dynamo.config.recompile_limit}) the run stops with an error (drop --varlen for one graph)")
-        import torch._dynamo
-        torch._dynamo.config.fail_on_recompile_limit_hit = True
-        return forward_model
-    buckets = list(args.varlen_buckets) if getattr(args, "varlen_buckets", None) else default_buckets(args.tgt_len)
+        log.warning("--varlen with --compile: segments are padded to bucket lengths only for attention types 0 and 1 "
+                    "with a memory, without --reset_mems_at_doc; here every length would compile a graph of its own, "
+                    "so the model runs uncompiled (drop --varlen to compile it)")
+        return model
+    buckets = sorted(args.varlen_buckets) if getattr(args, "varlen_buckets", None) else default_buckets(args.tgt_len)
     if min(buckets) < 1:
         raise UserError(f"--varlen_buckets must be positive lengths, got {buckets}")
+    longest = args.tgt_len + 3 * 5                              # LMOrderedIterator.varlen_bptt's longest segment
+    if buckets[-1] < longest:
+        log.warning(f"--varlen_buckets: the largest bucket ({buckets[-1]}) is shorter than the longest segment "
+                    f"--varlen draws ({longest}); longer segments run uncompiled")
     for core in cores:
         core.varlen_padding = True
-    limit = len(buckets) + 2                                   # + the first segment(s) before the memory is full
-    import torch._dynamo
+    schedule = getattr(args, "batch_schedule", None)
+    batch_sizes = 1
+    if schedule:
+        from utils.training.batch_schedule import parse_schedule
+        batch_sizes = len({batch for _, batch in parse_schedule(schedule)})
+    limit = len(buckets) * batch_sizes + 2                     # one graph per bucket and batch size (+ margin)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
     torch._dynamo.config.fail_on_recompile_limit_hit = True    # past it: an error, never a silent eager run
-    return BucketPadding(forward_model, buckets, cores[0].mem_len)
+    return BucketPadding(forward_model, buckets, cores[0].mem_len, eager=model)
