@@ -56,7 +56,7 @@ def nll_forward(h: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor):
     lse = torch.empty(logits.size(0), dtype=acc, device=logits.device)
     step = _row_blocks(logits.size(0), logits.size(1), logits.device)
     for start in range(0, logits.size(0), step):
-        lse[start:start + step] = torch.logsumexp(logits[start:start + step].to(acc), dim=1)
+        torch.logsumexp(logits[start:start + step].to(acc), dim=1, out=lse[start:start + step])
     nll = lse - logits.gather(1, target.unsqueeze(1)).squeeze(1)                   # the sub promotes to acc
     return nll, logits, lse
 
@@ -81,10 +81,12 @@ def nll_grad_logits_(logits: Tensor, lse: Tensor, target: Tensor, grad_nll: Tens
 class _LinearNLL(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor) -> Tensor:
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+                weight_c: Optional[Tensor], bias_c: Optional[Tensor]) -> Tensor:
         dtype = _compute_dtype(hidden)
-        h, w = hidden.to(dtype), weight.to(dtype)
-        b = None if bias is None else bias.to(dtype)
+        h = hidden.to(dtype)
+        w = weight_c if weight_c is not None and weight_c.dtype == dtype else weight.to(dtype)
+        b = None if bias is None else bias_c if bias_c is not None and bias_c.dtype == dtype else bias.to(dtype)
         with torch.autocast(hidden.device.type, enabled=False):
             nll, logits, lse = nll_forward(h, w, b, target)
         ctx.save_for_backward(h, w, lse, target)
@@ -110,11 +112,14 @@ class _LinearNLL(torch.autograd.Function):
                 grad_weight = torch.mm(grad.t(), h).to(weight_dtype)
             if bias_dtype is not None and ctx.needs_input_grad[2]:
                 grad_bias = grad.sum(0, dtype=lse.dtype).to(bias_dtype)
-        return grad_hidden, grad_weight, grad_bias, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None
 
 
-def linear_nll(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor) -> Tensor:
+def linear_nll(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+               weight_c: Optional[Tensor] = None, bias_c: Optional[Tensor] = None) -> Tensor:
     """hidden [N, d], weight [V, d], bias [V] or None, target [N] (ids in [0, V)) -> NLL [N], float32
     (float64 for float64 inputs). Equal to F.cross_entropy(F.linear(hidden, weight, bias).float(), target,
-    reduction="none") with less memory."""
-    return _LinearNLL.apply(hidden, weight, bias, target)
+    reduction="none") with less memory. weight_c / bias_c: the same parameters already in the matmul dtype (a
+    bf16 step's compute copies, utils/training/compute_weights.py), used instead of casting them here; the
+    gradients still go to weight / bias."""
+    return _LinearNLL.apply(hidden, weight, bias, target, weight_c, bias_c)
