@@ -222,3 +222,40 @@ def test_the_reports_unblocked_lamb_update_gives_the_same_bits():
     (blocked_params, blocked_ops), (plain_params, plain_ops) = results
     assert blocked_ops > 2 * plain_ops                  # both paths ran: 3 blocks of the large tensor
     assert all(torch.equal(a, b) for a, b in zip(blocked_params, plain_params))
+
+
+class ParameterCasts(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the `_to_copy` ops whose source is one of the given tensors (by storage and shape)."""
+
+    def __init__(self, tensors):
+        super().__init__()
+        self.keys = {(t.data_ptr(), tuple(t.shape)) for t in tensors}
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ == "_to_copy" and (args[0].data_ptr(), tuple(args[0].shape)) in self.keys:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("cutoffs", [[], [10, 20, 30]])
+def test_the_output_layers_parameters_are_copied_with_the_weights_not_cast_by_the_loss(cutoffs):
+    """The output layer's table (tied: the embedding), bias and cluster rows get their bf16 copies in the one
+    refresh (ProjectedAdaptiveLogSoftmax.compute_copies) instead of a cast each in the loss; the embedding
+    keeps the float32 table. The step stays autocast's bit for bit (the same rounding)."""
+    runs = []
+    for compute_weights in (True, False):
+        model = model_f32(2, cutoffs=cutoffs, tie_weight=True, div_val=1)
+        step = bf16_step(model, compute_weights, batch_chunk=2)
+        outputs = model.crit.output_parameters(model.word_emb.weights())
+        assert len(outputs) == (4 if cutoffs else 2)
+        run_steps(model, step, n_steps=1)                               # lazy state
+        with ParameterCasts(outputs) as casts:
+            losses = run_steps(model, step, n_steps=2)
+        assert model.crit.compute_copies is None                        # only inside the step
+        runs.append((casts.count, losses, [p.detach().clone() for p in model.parameters()]))
+    (casts_new, losses_new, params_new), (casts_old, losses_old, params_old) = runs
+    assert casts_new == 0
+    assert casts_old == 2 * 2 * len(outputs)                # autocast: each parameter per batch chunk (2), 2 steps
+    assert all(torch.equal(a, b) for a, b in zip(losses_new, losses_old))
+    assert all(torch.equal(a, b) for a, b in zip(params_new, params_old))

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from utils.model.shared_table_grad import TableGradSlot, slot_for
-from utils.model.linear_nll import _compute_dtype, linear_nll, nll_forward, nll_grad_logits_
+from utils.model.linear_nll import (_compute_dtype, grouped_grad_logits_, grouped_lse, linear_logits_into,
+                                    linear_nll)
 
 
 # ---- token layout -----------------------------------------------------------------------------------------
@@ -117,12 +118,20 @@ class _SharedTableNLL(torch.autograd.Function):
                 slot: Optional[TableGradSlot], compute: Optional[List[Tensor]], *inputs: Tensor):
         hs, ts = inputs[0::2], inputs[1::2]
         dtype = _compute_dtype(hs[0])
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
         outs, saved, logits_list = [], [], []
         with torch.autocast(table.device.type, enabled=False):
             if compute is not None and compute[0].dtype == dtype:
                 w_all, b_all, extra_w_c, extra_b_c = compute
             else:
                 w_all, b_all, extra_w_c, extra_b_c = table.to(dtype), bias.to(dtype), extra_w.to(dtype), extra_b.to(dtype)
+            # every cluster's logits in one buffer, one after the other: their float32 log-sum-exp (and the
+            # backward's float32 softmax) convert them group by group, not cluster by cluster
+            sizes = [h.size(0) * (bounds[i + 1] - bounds[i] + (extra_w.size(0) if i == 0 else 0))
+                     for i, h in enumerate(hs)]
+            buffer = torch.empty(sum(sizes), dtype=dtype, device=table.device)
+            start = 0
+            hs_c, ws = [], []
             for i, (h, t) in enumerate(zip(hs, ts)):
                 lo, hi = bounds[i], bounds[i + 1]
                 w, b = w_all[lo:hi], b_all[lo:hi]
@@ -130,12 +139,18 @@ class _SharedTableNLL(torch.autograd.Function):
                     w = torch.cat([w, extra_w_c], 0)
                     b = torch.cat([b, extra_b_c], 0)
                 h = h.to(dtype)
-                nll, logits, lse = nll_forward(h, w, b, t)
-                outs.append(nll)
-                saved += [h, w if i == 0 else w_all.new_empty(0), lse, t]
-                logits_list.append(logits)
+                logits_list.append(linear_logits_into(buffer[start:start + sizes[i]], h, w, b))
+                start += sizes[i]
+                hs_c.append(h)
+                ws.append(w)
+            lses = grouped_lse(buffer, logits_list, acc)
+            for i, (h, t) in enumerate(zip(hs_c, ts)):
+                # the sub promotes to acc
+                outs.append(lses[i] - logits_list[i].gather(1, t.unsqueeze(1)).squeeze(1))
+                saved += [h, ws[i] if i == 0 else ws[0].new_empty(0), lses[i], t]
         ctx.save_for_backward(w_all, *saved)
         ctx.logits = logits_list
+        ctx.buffer = buffer
         ctx.bounds = bounds
         ctx.slot = slot                         # the tied embedding adds its rows into our table gradient
         ctx.dtypes = (table.dtype, bias.dtype, extra_w.dtype, extra_b.dtype, [h.dtype for h in hs])
@@ -148,6 +163,7 @@ class _SharedTableNLL(torch.autograd.Function):
         if logits_list is None:
             raise RuntimeError("the adaptive-softmax loss can be differentiated once per forward")
         ctx.logits = None
+        buffer, ctx.buffer = ctx.buffer, None
         bounds = ctx.bounds
         table_dtype, bias_dtype, extra_w_dtype, extra_b_dtype, h_dtypes = ctx.dtypes
         k1 = len(grad_nlls)
@@ -159,11 +175,12 @@ class _SharedTableNLL(torch.autograd.Function):
             grad_bias = torch.empty(w_all.size(0), dtype=acc, device=w_all.device)
             grad_extra_w = grad_extra_b = None
             grad_hs = []
+            grouped_grad_logits_(buffer, logits_list, list(saved[2::4]), list(saved[3::4]), list(grad_nlls))
             for i in range(k1):
                 h, w_head, lse, t = saved[4 * i: 4 * i + 4]
                 lo, hi = bounds[i], bounds[i + 1]
                 w = w_head if i == 0 else w_all[lo:hi]
-                grad = nll_grad_logits_(logits_list[i], lse, t, grad_nlls[i])  # [n_i, V_i] in place
+                grad = logits_list[i]                                          # [n_i, V_i], in place of the logits
                 grad_hs.append(torch.mm(grad, w).to(h_dtypes[i]))
                 if i == 0:
                     torch.mm(grad[:, :n_short].t(), h, out=grad_table[:n_short])
