@@ -289,6 +289,8 @@ def run(bench, extra) -> dict:
         report.update(report_tools.count_syncs(lambda: step_fn(data, target, mems)))
         eager_step = TrainStep(model, model, optimizer, scaler, autocast, args.clip, args.batch_chunk,
                                args.swap_mem, False)
+        if getattr(step, "compute_weights", None) is not None:
+            eager_step.compute_weights = step.compute_weights   # one set of bf16 copies, as in a training run
         eager_fn = getattr(eager_step, "run", eager_step)
         # LAMB's eager CPU update runs its multi-tensor ops block by block (a CPU cache optimization, ~17k ops
         # for the base table); the count is of the step a GPU runs: the unblocked multi-tensor update

@@ -134,7 +134,10 @@ def test_a_bf16_step_casts_six_times_per_layer_not_twice_per_weight():
     """Autocast casts each weight in the forward and its gradient back: at least 2 casts per weight tensor.
     With compute weights the casts no longer depend on the weights: per layer, the two LayerNorm outputs enter
     bf16 matmuls (2 casts, 2 back) and the two bf16 branches join the float32 residual stream (2 gradient
-    casts) — exactly 6 more per added layer; the rest is a constant (output layer, refresh, collection)."""
+    casts) — exactly 6 more per added layer; the rest is a constant of 9 for this model (one softmax cluster):
+    refresh and collection (1 each), the position sinusoid (1), the last hidden states and their gradient (2),
+    the logits to float32 and back in the backward (3), the table's gradient to float32 (1). The output
+    layer's weight and bias are not cast by the loss (their copies come with the refresh)."""
     casts_autocast, ops_autocast, model = step_counts(2, False)
     n_cast_weights = len(compute_parameters(model))
     assert casts_autocast >= 2 * n_cast_weights
@@ -142,7 +145,7 @@ def test_a_bf16_step_casts_six_times_per_layer_not_twice_per_weight():
     casts_4, ops_4, model_4 = step_counts(4, True)
     assert casts_4 - casts_2 == 2 * 6
     constant = casts_2 - 2 * 6
-    assert constant <= 12
+    assert constant <= 9
     assert casts_2 < casts_autocast - n_cast_weights
     assert ops_2 < ops_autocast
     # the base preset (16 layers, 4 softmax clusters) is measured by scripts/benchmark_train.py --report
