@@ -411,7 +411,9 @@ def report(r: dict) -> str:
                      f"{rep['compiled_graphs']} | host syncs/step {rep['host_syncs']} {rep['sync_ops'] or ''}")
         if "ops_by_phase" in rep:
             lines.append(f"  ops by phase: {rep['ops_by_phase']} (forward / backward / after the last backward: "
-                         f"clipping, optimizer); views among them {rep['views']}")
+                         f"clipping, optimizer); views among them {rep['views']}"
+                         + (f"; mixed-dtype ops (promoting arithmetic, not casts) {rep['mixed_dtype_ops']}"
+                            if "mixed_dtype_ops" in rep else ""))
         lines.append(f"  most frequent ops: {rep['top_ops']}")
         if rep["break_reasons"]:
             lines.append(f"  graph breaks: {rep['break_reasons']}")

@@ -184,7 +184,10 @@ def test_the_op_counter_counts_dtype_changes_views_and_the_backward():
         torch._foreach_copy_(copies, [w.detach(), torch.randn(2)])     # cast 5: one multi-tensor op
         same.copy_(w.detach())                       # same dtype: not a cast
         w.detach().t()                               # views
+        w.detach() + copies[0]                       # promotes bf16 to float32: a mixed-dtype op, not a cast
+        copies[0].sum(dtype=torch.float32)           # mixed too
     assert counter.casts == 5
+    assert counter.mixed == 2
     assert counter.ops["_foreach_copy_"] == 1 and counter.ops["copy_"] == 1
     assert counter.views >= 3 and counter.ops["t"] == 1
     phases = counter.by_phase
