@@ -33,6 +33,7 @@ from utils.model.attention import ATTN_IMPLS, check_attn_impl, fused_relative_at
 from utils.model.autocast_input import autocast_input
 from utils.model.documents import document_mask, document_numbers, memory_flags, with_memory_flags
 from utils.model.log_uniform_sampler import LogUniformSampler, sample_logits
+from utils.model.shared_table_grad import embed_outside_the_graph
 from utils.model.varlen_padding import padded_memory
 
 
@@ -412,6 +413,18 @@ class MemTransformerLM(nn.Module):
             pos_seq = pos_seq.clamp(max=self.clamp_len)
         return sinusoid_embedding(pos_seq, self.d_model).to(like.dtype)
 
+    @torch.jit.unused
+    def _embed(self, data: Tensor) -> Tensor:
+        """The embedding; compiled for the CPU with a tied table whose output layer runs eagerly (the exact-size
+        adaptive softmax), outside the graph too, so that the table still gets one gradient buffer
+        (utils/model/shared_table_grad.py)."""
+        crit = self.crit
+        if (torch.compiler.is_compiling() and self.tie_weight and self.div_val == 1 and len(crit.cutoffs) > 0
+                and crit.tail_capacity is None and torch.is_grad_enabled()
+                and self.word_emb.emb_layers[0].weight.device.type == "cpu"):
+            return embed_outside_the_graph(self.word_emb, data)
+        return self.word_emb(data)
+
     def _forward(self, data: Tensor, mems: Optional[Tensor], n_pad: Optional[Tensor] = None
                  ) -> Tuple[Tensor, Optional[Tensor]]:
         """data [qlen, bsz] -> final hidden states [qlen, bsz, d_model] (after dropout), new memory; with n_pad
@@ -419,7 +432,7 @@ class MemTransformerLM(nn.Module):
         qlen = data.size(0)
         mlen = 0 if mems is None else mems.size(1)
         klen = mlen + qlen
-        word_emb = self.word_emb(data)                                          # [qlen, bsz, d_model]
+        word_emb = self.word_emb(data) if torch.jit.is_scripting() else self._embed(data)  # [qlen, bsz, d_model]
         mask = self._attn_mask(qlen, mlen, data.device)                         # [qlen, klen]
         docs: Optional[Tensor] = None
         if self.eod_index >= 0:                  # --reset_mems_at_doc: also hide the keys of other articles

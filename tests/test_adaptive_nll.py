@@ -135,6 +135,77 @@ def test_the_tied_table_gradient_equals_autograd_sum_of_embedding_and_output_lay
         assert torch.equal(ours[name], plain[name]), name
 
 
+def _steps_of_a_tied_model(n_steps, keep_alias=False):
+    """Parameters after n_steps TrainSteps of a tied adaptive-softmax model, and each step's table-gradient
+    address; keep_alias: a view of each step's table gradient is kept (and returned with its values)."""
+    import contextlib
+    from lamb import Lamb
+    from utils.training.train_step import TrainStep
+    torch.manual_seed(0)
+    model = MemTransformerLM(N_TOKEN, 2, 2, 8, 4, 16, 0.0, 0.0, tie_weight=True, cutoffs=CUTOFFS,
+                             tgt_len=6, mem_len=6)
+    step = TrainStep(model, model, Lamb(model.parameters(), lr=0.01), torch.amp.GradScaler("cpu", enabled=False),
+                     contextlib.nullcontext, clip=0.25)
+    table = model.word_emb.emb_layers[0].weight
+    stream = torch.randint(0, N_TOKEN, (6 * n_steps + 1, 4), generator=torch.Generator().manual_seed(1))
+    mems, addresses, aliases = [None], [], []
+    for i in range(n_steps):
+        step.run(stream[6 * i: 6 * i + 6], stream[6 * i + 1: 6 * i + 7], mems)
+        addresses.append(table.grad.data_ptr())
+        if keep_alias:
+            aliases.append((table.grad[1:], table.grad[1:].clone()))
+    return [p.detach().clone() for p in model.parameters()], addresses, aliases
+
+
+def test_the_table_gradients_memory_is_reused_between_steps_with_the_same_results(monkeypatch):
+    """The output layer writes every element of the table gradient, so last step's memory serves again (no
+    fresh 274 MB of page faults per WikiText-103 step); second code path: a new buffer every step."""
+    from utils.model import shared_table_grad
+    reused, addresses, _ = _steps_of_a_tied_model(4)
+    assert len(set(addresses)) == 1, addresses
+    with monkeypatch.context() as m:
+        m.setattr(shared_table_grad, "keep_for_reuse", lambda params: None)
+        fresh, _, _ = _steps_of_a_tied_model(4)
+    for a, b in zip(reused, fresh):
+        assert torch.equal(a, b)
+    # a gradient that something else still views is not overwritten
+    _, _, aliases = _steps_of_a_tied_model(3, keep_alias=True)
+    for view, values in aliases:
+        assert torch.equal(view, values)
+
+
+def test_compiled_on_the_cpu_the_tied_lookup_still_adds_into_the_output_layers_buffer(monkeypatch):
+    """Default (exact-size) softmax under torch.compile: the output layer runs eagerly, and so does the tied
+    lookup (`embed_outside_the_graph`), whose rows then go into the output layer's buffer, as uncompiled. Second
+    code path: the eager model with the plain F.embedding lookup."""
+    from utils.model import shared_table_grad
+    handed_over = []
+    real_sums = shared_table_grad.first_occurrence_sums
+    monkeypatch.setattr(shared_table_grad, "first_occurrence_sums",
+                        lambda tokens, grad: handed_over.append(1) or real_sums(tokens, grad))
+    data, target = torch.randint(0, 200, (8, 4)), torch.randint(0, 200, (8, 4))
+    mems = torch.zeros(2, 8, 4, 16)
+
+    def grads(model, forward):
+        model.zero_grad(set_to_none=True)
+        loss, _ = forward(data, target, mems)
+        loss.float().mean().backward()
+        return {name: p.grad for name, p in model.named_parameters()}
+
+    torch._dynamo.reset()
+    model = small_model(0, 1, True).eval()                             # no dropout: both runs see the same model
+    compiled = grads(model, torch.compile(model, dynamic=False, backend="aot_eager"))
+    assert len(handed_over) == 1
+    with monkeypatch.context() as m:
+        m.setattr(shared_table_grad, "_usable", lambda weight: False)
+        plain = grads(model, model)
+    assert compiled.keys() == plain.keys()
+    for name in plain:
+        torch.testing.assert_close(compiled[name], plain[name], rtol=1e-6, atol=1e-7, msg=name)
+    breaks = torch._dynamo.explain(model)(data, target, mems).break_reasons
+    assert any("disable" in str(r.reason) for r in breaks), [str(r.reason)[:120] for r in breaks]
+
+
 # (attn_type, div_val, tie_weight): every attention type, div_val 1 and 4, tied and untied
 CONFIGS = [(0, 1, True), (0, 4, False), (1, 1, False), (1, 4, True), (2, 1, True), (2, 4, False),
            (3, 1, False), (3, 4, True)]

@@ -169,8 +169,8 @@ def test_fused_step_never_reads_values_back_to_the_host():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("adam", [False, True])
-def test_compiled_step_matches_the_eager_step_and_compiles_once_while_the_lr_changes(adam):
+@pytest.mark.parametrize("adam,clip", [(False, False), (True, False), (False, True)])
+def test_compiled_step_matches_the_eager_step_and_compiles_once_while_the_lr_changes(adam, clip):
     from torch._dynamo.utils import counters
     if not any(shutil.which(cc) for cc in ("g++", "c++", "clang++")):
         pytest.skip("no C++ compiler on PATH: torch.compile's CPU backend (inductor) cannot build kernels")
@@ -183,6 +183,8 @@ def test_compiled_step_matches_the_eager_step_and_compiles_once_while_the_lr_cha
             opt.param_groups[0]["lr"] = LR * (4 - step) / 4                  # a schedule: new value every step
             for p, g in zip(params, grads_for(step, params)):
                 p.grad = g
+            if clip:                                        # TrainStep's clipping factor, a new value each step
+                opt.clip_coef = torch.tensor(0.9 - 0.2 * step)
             opt.step()
         if compile:
             assert counters["stats"]["unique_graphs"] - graphs_before == 1

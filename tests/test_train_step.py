@@ -138,3 +138,31 @@ def test_compiled_training_step_equals_the_eager_one(attn_type):
     assert (comp_m1 - eager_m1).abs().max().item() < 1e-4
     assert (comp_m2 - eager_m2).abs().max().item() < 1e-4
     assert max((a - b).abs().max().item() for a, b in zip(eager_w, comp_w)) < 1e-4
+
+
+@pytest.mark.slow
+def test_compiled_for_the_cpu_dropout_draws_the_eager_masks():
+    """compile_model on the CPU routes dropout through ATen's random ops (inductor's fallback_random): the same
+    seed gives the compiled step the eager masks, so its losses equal the eager ones (inductor's own generator
+    would draw other masks and another loss)."""
+    import shutil
+    if not any(shutil.which(cc) for cc in ("g++", "c++", "clang++")):
+        pytest.skip("no C++ compiler on PATH: torch.compile's CPU backend (inductor) cannot build kernels")
+    import torch._inductor.config as inductor_config
+    from utils.runtime.device import compile_model
+    data = tokens(13, 2, 40)
+    losses = []
+    fallback_random = inductor_config.fallback_random
+    try:
+        for compile_ in (False, True):
+            torch._dynamo.reset()
+            model = tiny_model(0, n_layer=2, dtype=torch.float32, tgt_len=6, mem_len=6, dropout=0.3).train()
+            step = make_step(model)
+            step.forward_model = compile_model(model, Config.build("train", dict(compile=compile_)))
+            torch.manual_seed(5)
+            mems = [None]
+            losses.append([step(data[:6], data[1:7], mems)[0], step(data[6:12], data[7:13], mems)[0]])
+        assert inductor_config.fallback_random
+    finally:
+        inductor_config.fallback_random = fallback_random
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from utils.model.shared_table_grad import TableGradSlot, slot_for
+from utils.model.shared_table_grad import TableGradSlot, slot_for, table_gradient_buffer
 from utils.model.linear_nll import (_compute_dtype, grouped_grad_logits_, grouped_lse, linear_logits_into,
                                     linear_nll)
 
@@ -171,7 +171,7 @@ class _SharedTableNLL(torch.autograd.Function):
         acc = torch.float64 if w_all.dtype == torch.float64 else torch.float32
         with torch.autocast(w_all.device.type, enabled=False):
             # ONE table-sized gradient; every row block is written below, so no zero fill is needed
-            grad_table = torch.empty(w_all.shape, dtype=w_all.dtype, device=w_all.device)
+            grad_table = table_gradient_buffer(w_all)
             grad_bias = torch.empty(w_all.size(0), dtype=acc, device=w_all.device)
             grad_extra_w = grad_extra_b = None
             grad_hs = []

@@ -11,7 +11,8 @@ the output layer's forward takes it (a map by the table's id), and its backward 
 layer's input) puts its table gradient in the slot while returning it to autograd as usual. The lookup's
 backward then adds its rows into that tensor, in place, and returns no gradient of its own. If the lookup's
 backward does not find a buffer (no output layer in between, untied weights, compiled), it returns the
-embedding's usual gradient.
+embedding's usual gradient. Under torch.compile the model runs the lookup outside the graph when its tied output
+layer runs eagerly too (`embed_outside_the_graph`), so the hand-over still happens there.
 
 Same bits as autograd's sum: the embedding's gradient row of a token is 0 + g_i1 + g_i2 + ... over its
 occurrences in order, and autograd then adds it to the output layer's row once. Here each token's rows are
@@ -19,7 +20,7 @@ summed in the same order first (into its first occurrence's row of a [N, d] buff
 the indices in order), and that sum is added to the output layer's row once (the other occurrences add +0.0,
 which changes nothing but the sign of a zero). Nothing is read back to the host (static shapes).
 """
-from typing import Dict, Optional
+from typing import Dict, Iterable, Optional, Set, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -78,6 +79,60 @@ def first_occurrence_sums(tokens: Tensor, grad: Tensor) -> Tensor:
     first = torch.empty_like(order)
     first[order] = order.index_select(0, run_start)                   # position of the token's first occurrence
     return torch.zeros_like(grad).index_add_(0, first, grad)
+
+
+# The table gradient's memory, kept from one step to the next on the CPU. A fresh table-sized tensor is fresh
+# memory: glibc maps a request that large anew each time and returns it on free, so each step's first writes into
+# the 274 MB WikiText-103 table gradient page-faulted ~67,000 times (about 60 ms of a ~500 ms step on 2 cores).
+# (shape, dtype) -> last step's gradient, taken by the next backward that writes a whole table (every element).
+_SPARES: Dict[Tuple[Tuple[int, ...], torch.dtype], Tensor] = {}
+_WANTED: Set[Tuple[Tuple[int, ...], torch.dtype]] = set()        # the shapes such a backward has asked for
+
+
+def table_gradient_buffer(like: Tensor) -> Tensor:
+    """An uninitialized tensor of like's shape, dtype and device, for a backward that writes every element: the
+    previous step's table gradient when `keep_for_reuse` kept it (CPU), else new memory."""
+    if like.device.type == "cpu" and not torch.compiler.is_compiling():
+        key = (tuple(like.shape), like.dtype)
+        _WANTED.add(key)
+        spare = _SPARES.pop(key, None)
+        if spare is not None:
+            return spare
+    return torch.empty(like.shape, dtype=like.dtype, device=like.device)
+
+
+def keep_for_reuse(params: Iterable[Tensor]) -> None:
+    """Before the gradients are dropped (zero_grad(set_to_none=True)): keep the memory of a table gradient for
+    the next backward. Only a gradient that nothing else shares (its own storage, not a view, not a DDP bucket)
+    and whose shape a backward asked for; the values are overwritten, so results do not change."""
+    for p in params:
+        g = p.grad
+        if g is None or g.device.type != "cpu" or g.layout != torch.strided or hasattr(g, "device_mesh"):
+            continue
+        key = (tuple(g.shape), g.dtype)
+        if key not in _WANTED or key in _SPARES or g._base is not None or not g.is_contiguous() \
+                or g.storage_offset() != 0 or not _sole_owner(g):
+            continue
+        _SPARES[key] = g
+
+
+def _sole_owner(t: Tensor) -> bool:
+    """No other tensor shares t's memory (a view, a DDP bucket, an alias kept by a hook)."""
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    if use_count is None:
+        return False
+    storage = t.untyped_storage()
+    return use_count(storage._cdata) == 2              # t and the handle `storage` itself
+
+
+@torch.compiler.disable
+def embed_outside_the_graph(embedding: torch.nn.Module, tokens: Tensor) -> Tensor:
+    """embedding(tokens) run eagerly under torch.compile (a graph break): on the CPU, with a tied output layer
+    that itself runs eagerly (the exact-size adaptive softmax), the lookup's gradient can then go into that
+    layer's buffer as it does uncompiled. Inside the compiled graph the lookup's backward would zero-fill a
+    table-sized gradient of its own and autograd would add the two tables: three passes over the WikiText-103
+    table (~40 ms of a ~500 ms step on 2 cores) for a few hundred rows."""
+    return embedding(tokens)
 
 
 class _TableLookup(torch.autograd.Function):

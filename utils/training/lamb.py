@@ -18,8 +18,9 @@ a hard clamp as the scaling function, eps in the trust-ratio denominator, trust 
 norms come from `torch._foreach_norm` and the trust ratios are computed on the device with `torch.where`, so a
 step has no per-tensor Python math and no GPU->CPU synchronisation. `fused=False` (`--optim lamb`) is the
 plain loop, one tensor at a time. Both give the same results. `compile=True` (with fused, what `--compile`
-gives) runs the multi-tensor step through torch.compile, which fuses its passes over the parameters into a few
-kernels; the learning rate then enters as a device tensor, so a new value each step compiles nothing.
+gives) runs the same update, written tensor by tensor (`_lamb_compiled`), through torch.compile, which fuses
+each tensor's passes into a few loops; the learning rate then enters as a device tensor, so a new value each
+step compiles nothing.
 
 Eager on the CPU (issue 18): the fused step runs the same ops, op for op, block by block (`_BLOCK` elements of
 every tensor at a time), so that a block's gradient, moments, parameter and update stay in the cache between
@@ -90,7 +91,7 @@ class Lamb(Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, adam=adam, fused=fused)
         super().__init__(params, defaults)
         # not a group option: the state dict stays the same with and without compilation
-        self._compiled_update = torch.compile(_lamb_multi_tensor, dynamic=False) if compile else None
+        self._compiled_update = torch.compile(_lamb_compiled, dynamic=False) if compile else None
         self._lr_tensors: dict[torch.device, torch.Tensor] = {}
         # GradScaler: the fused step takes found_inf as a device tensor (no read-back); see step(). Not for
         # DTensor parameters (FSDP, --tensor_parallel): the scaler then decides on the host as before.
@@ -239,6 +240,37 @@ def _lamb_multi_tensor(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2
     else:
         torch._foreach_add_(params, updates, alpha=-lr)
     return ratios
+
+
+def _lamb_compiled(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, eps, weight_decay, adam,
+                   clip_coef=None, found_inf=None):
+    """What torch.compile runs (`compile=True`): `_lamb_multi_tensor`'s update written tensor by tensor, so that
+    inductor fuses each tensor's passes: the moments, the direction and its norm in one loop over the tensor,
+    the parameter update (the direction recomputed from the moments, never stored) in a second, plus one for
+    the parameter's norm; `_foreach_norm` would instead be a separate library call over a stored direction.
+    For the 68M-element WikiText-103 table that is 10 streams over it instead of 13. Like `_lamb_blocked`, the
+    clipped gradient is not written back to `.grad`. The found_inf path (fp16) is the multi-tensor one."""
+    if found_inf is not None:
+        return _lamb_multi_tensor(params, grads, exp_avgs, exp_avg_sqs, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                                  weight_decay=weight_decay, adam=adam, clip_coef=clip_coef, found_inf=found_inf)
+    ratios = []
+    for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
+        if clip_coef is not None:
+            g = g * clip_coef
+        m.mul_(beta1).add_(g, alpha=1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        u = m / (v.sqrt() + eps)
+        if weight_decay != 0:
+            u = u + weight_decay * p
+        if adam:
+            p.sub_(u * lr)
+            continue
+        w_norm = torch.linalg.vector_norm(p).clamp(0, 10)
+        u_norm = torch.linalg.vector_norm(u)
+        trust = torch.where((w_norm == 0) | (u_norm == 0), torch.ones_like(w_norm), w_norm / (u_norm + eps))
+        ratios.append(trust)
+        p.sub_(u * (trust * lr))
+    return torch.stack(ratios) if ratios else None
 
 
 # Elements per block of the eager CPU update: 1 MiB of float32 per tensor; the five tensors a block touches

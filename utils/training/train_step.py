@@ -17,6 +17,7 @@ from torch import Tensor
 from utils.distributed import group as distributed
 from utils.distributed.fsdp import is_sharded, scalar
 from utils.distributed.tensor_parallel import clip_grad_norm_
+from utils.model import shared_table_grad
 from utils.training.compute_weights import ComputeWeights
 from utils.training.lamb import Lamb
 
@@ -62,6 +63,7 @@ class TrainStep:
     def run(self, data: Tensor, target: Tensor, mems: List[Optional[Tensor]]) -> Tuple[Tensor, Tensor]:
         """One optimizer step; (loss, gradient norm) as 0-dim device tensors, nothing read back to the host."""
         model, chunks = self.forward_model, self.batch_chunk
+        shared_table_grad.keep_for_reuse(self.model.parameters())     # the table gradient's memory (CPU)
         self.optimizer.zero_grad(set_to_none=True)
         device = target.device
         step_loss = torch.zeros((), device=device)
