@@ -27,9 +27,10 @@ every tensor at a time), so that a block's gradient, moments, parameter and upda
 ops instead of each op streaming the whole 68M-element WikiText-103 table through memory again; the update
 goes into a buffer kept between steps (one table-sized tensor, not two fresh ones per step). Every element
 meets the same operations as in the multi-tensor version and the norms are still taken over whole tensors, so
-the results are bit for bit those of the unblocked update (tests/test_lamb.py). It runs on one intra-op thread
-(`_one_thread`: on a shared machine a thousand fork/joins cost more than the second core gives). On a GPU
-(and compiled) the multi-tensor kernels run as before.
+the results are bit for bit those of the unblocked update (tests/test_lamb.py). Its ops run on one intra-op
+thread (`_one_thread`: on a shared machine a thousand fork/joins cost more than the second core gives); with two
+or more threads, two Python threads share the blocks instead (`_in_streams`: ATen releases the GIL, and a stream
+never waits on the other between ops). On a GPU (and compiled) the multi-tensor kernels run as before.
 
 Gradient clipping in the same pass (issue 18): the caller (TrainStep) computes the total gradient norm (one
 reduction over all gradients, which must precede any update) and sets `optimizer.clip_coef` =
@@ -46,6 +47,7 @@ State per parameter: `exp_avg` (m), `exp_avg_sq` (v) tensors and `step` (an int,
 math), so `optimizer.state_dict()` holds tensors and plain types only and loads with `weights_only=True`.
 """
 import contextlib
+import os
 from collections import defaultdict
 from typing import Callable, Iterable
 
@@ -179,7 +181,9 @@ class Lamb(Optimizer):
                         and not hasattr(params[0], "device_mesh"):
                     update = _lamb_blocked
                     extra["buffers"] = [self._update_buffer(p) for p in params]
-                with _one_thread() if update is _lamb_blocked else contextlib.nullcontext():
+                with _one_thread() if update is _lamb_blocked else contextlib.nullcontext() as threads:
+                    if update is _lamb_blocked:
+                        extra["streams"] = min(2, threads)
                     trust = update(
                         params, grads, exp_avgs, exp_avg_sqs,
                         lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
@@ -283,19 +287,59 @@ CPU_BLOCKED_UPDATE = True
 
 @contextlib.contextmanager
 def _one_thread():
-    """The blocked update on one thread: its ~1,000 small ops would each be a fork/join of the intra-op threads,
-    and on a shared machine every join waits for a descheduled partner (two threads per block op made the
-    step slower than before in an alternated round at load 6); one thread streaming cache-sized blocks is
-    faster than two streaming the table (benchmarks/results/README.md, "Issue 18")."""
+    """The blocked update with one intra-op thread per stream: its ~1,000 small ops would each be a fork/join of
+    the intra-op threads, and on a shared machine every join waits for a descheduled partner (two threads per
+    block op made the step slower than before in an alternated round at load 6). Yields the thread count it
+    found: that many streams (at most 2) then share the blocks (`_in_streams`)."""
     threads = torch.get_num_threads()
     if threads == 1:
-        yield
+        yield 1
         return
     torch.set_num_threads(1)
     try:
-        yield
+        yield threads
     finally:
         torch.set_num_threads(threads)
+
+
+_POOL: dict = {}                                 # pid -> the second stream's thread, started on first use
+
+
+def _second_stream():
+    # one per process: a forked child (a DataLoader worker, a test's rank) inherits no running thread
+    pid = os.getpid()
+    if pid not in _POOL:
+        import concurrent.futures
+        _POOL.clear()
+        _POOL[pid] = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lamb-stream")
+    return _POOL[pid]
+
+
+def _no_grad_call(fn, *args):
+    with torch.no_grad():                        # grad mode is per thread: in-place updates of the parameters
+        return fn(*args)
+
+
+def _in_streams(fn, items: list, streams: int) -> None:
+    """fn(items) on `streams` (1 or 2) Python threads, each with its share of the items by element count (the
+    first tensor of each item). ATen ops release the GIL, so two single-threaded streams use two cores without
+    a fork/join per op; when only one core is free they take turns and cost what one stream costs. Every item
+    meets the same ops in either stream: same bits."""
+    if streams < 2 or len(items) < 2:
+        fn(items)
+        return
+    sizes = [item[0].numel() for item in items]
+    half, total, cut = sum(sizes) / 2, 0, len(items)
+    for i, size in enumerate(sizes):
+        total += size
+        if total >= half:
+            cut = i + 1
+            break
+    later = _second_stream().submit(_no_grad_call, fn, items[cut:])
+    try:
+        fn(items[:cut])
+    finally:
+        later.result()
 
 
 def _blocks(*tensors: torch.Tensor):
@@ -316,16 +360,18 @@ def _scratch(scratch: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
 
 
 def _lamb_blocked(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, eps, weight_decay, adam, buffers,
-                  clip_coef=None):
+                  clip_coef=None, streams=1):
     """`_lamb_multi_tensor`'s update (no found_inf), op for op, block by block (module docstring): the
     moments and the direction of each block while it is in the cache, into `buffers` (one per parameter);
     then the norms over whole tensors (the same reductions as the multi-tensor version: same bits), then the
     parameters block by block. Returns the trust ratios (None with adam). Unlike the multi-tensor version it
     writes neither the clipped gradient back to `grads` nor the scaled update back to `buffers` (two passes
-    over the table less); parameters and moments are bit for bit the same."""
-    scratch = None                               # a block's clipped gradient / scaled update (values only)
-    for p, g, m, v, u in zip(params, grads, exp_avgs, exp_avg_sqs, buffers):
-        for pb, gb, mb, vb, ub in _blocks(p, g, m, v, u):
+    over the table less); parameters and moments are bit for bit the same. `streams` (1 or 2): Python threads
+    sharing the blocks, and the two kinds of norms (`_in_streams`)."""
+
+    def directions(blocks):
+        scratch = None                           # a block's clipped gradient (values only)
+        for pb, gb, mb, vb, ub in blocks:
             if clip_coef is not None:
                 # the clipped values, not written back to the gradient (one stream over the table less)
                 scratch = _scratch(scratch, gb)
@@ -339,22 +385,34 @@ def _lamb_blocked(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, eps
             torch.div(mb, ub, out=ub)
             if weight_decay != 0:
                 ub.add_(pb, alpha=weight_decay)
-    ratios = factors = None
-    if not adam:
-        factors = ratios = _trust_ratios(params, buffers, eps)
-        if isinstance(lr, torch.Tensor):
-            factors = factors * lr
-        factors = factors.unbind(0)
-    for i, (p, u) in enumerate(zip(params, buffers)):
-        for pb, ub in _blocks(p, u):
-            factor = factors[i] if factors is not None else lr if isinstance(lr, torch.Tensor) else None
-            if factor is not None:                          # the scaled update is not written back either
+
+    def updates(blocks):
+        scratch = None                           # a block's scaled update (not written back either)
+        for pb, ub, factor in blocks:
+            if factor is not None:
                 scratch = _scratch(scratch, ub)
                 ub = torch.mul(ub, factor, out=scratch[:ub.numel()].view_as(ub))
             if isinstance(lr, torch.Tensor):
                 pb.sub_(ub)
             else:
                 pb.add_(ub, alpha=-lr)
+
+    _in_streams(directions, [b for ts in zip(params, grads, exp_avgs, exp_avg_sqs, buffers) for b in _blocks(*ts)],
+                streams)
+    ratios = factors = None
+    if not adam:
+        if streams >= 2:                         # the parameters' norms beside the directions' norms
+            later = _second_stream().submit(_no_grad_call, torch._foreach_norm, params)
+            u_norms = torch._foreach_norm(buffers)
+            factors = ratios = _trust_ratio_of_norms(later.result(), u_norms, eps)
+        else:
+            factors = ratios = _trust_ratios(params, buffers, eps)
+        if isinstance(lr, torch.Tensor):
+            factors = factors * lr
+        factors = factors.unbind(0)
+    default = lr if isinstance(lr, torch.Tensor) else None
+    _in_streams(updates, [(pb, ub, factors[i] if factors is not None else default)
+                          for i, (p, u) in enumerate(zip(params, buffers)) for pb, ub in _blocks(p, u)], streams)
     return ratios
 
 
@@ -376,8 +434,12 @@ def _moment_updates(params, grads, exp_avgs, exp_avg_sqs, decay1, decay2, *, bet
 
 def _trust_ratios(params, updates, eps) -> torch.Tensor:
     """LAMB's trust ratio per parameter, ||w|| (clamped to 10) / ||update||, 1 where either norm is 0."""
-    w_norms = torch.stack(torch._foreach_norm(params)).clamp(0, 10)   # not in place: DTensors (FSDP)
-    u_norms = torch.stack(torch._foreach_norm(updates))
+    return _trust_ratio_of_norms(torch._foreach_norm(params), torch._foreach_norm(updates), eps)
+
+
+def _trust_ratio_of_norms(w_norms, u_norms, eps) -> torch.Tensor:
+    w_norms = torch.stack(w_norms).clamp(0, 10)                        # not in place: DTensors (FSDP)
+    u_norms = torch.stack(u_norms)
     return torch.where((w_norms == 0) | (u_norms == 0), torch.ones_like(w_norms), w_norms / (u_norms + eps))
 
 
