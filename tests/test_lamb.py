@@ -258,7 +258,7 @@ def test_the_clip_factor_inside_the_update_equals_clip_grad_norm_then_step():
                                                   (False, 0.3, 2), (True, 0.3, 2)])
 def test_the_blocked_cpu_step_equals_the_multi_tensor_update_bit_for_bit(monkeypatch, adam, clip, streams):
     """The eager CPU step runs the update block by block (lamb._lamb_blocked), in one Python thread or shared by
-    two (streams); the multi-tensor update (lamb._lamb_multi_tensor, what runs on a GPU and compiled) is the
+    two (streams); the multi-tensor update (lamb._lamb_multi_tensor, what runs on a GPU) is the
     second code path. Blocks of 64 elements so that the tensors here span several blocks, one of them partial."""
     from utils.training import lamb as lamb_module
     monkeypatch.setattr(lamb_module, "_BLOCK", 64)

@@ -18,9 +18,9 @@ a hard clamp as the scaling function, eps in the trust-ratio denominator, trust 
 norms come from `torch._foreach_norm` and the trust ratios are computed on the device with `torch.where`, so a
 step has no per-tensor Python math and no GPU->CPU synchronisation. `fused=False` (`--optim lamb`) is the
 plain loop, one tensor at a time. Both give the same results. `compile=True` (with fused, what `--compile`
-gives) runs the same update, written tensor by tensor (`_lamb_compiled`), through torch.compile, which fuses
-each tensor's passes into a few loops; the learning rate then enters as a device tensor, so a new value each
-step compiles nothing.
+gives) runs the multi-tensor step through torch.compile, on the CPU written tensor by tensor
+(`_lamb_compiled_cpu`) so that inductor fuses each tensor's passes into a few loops; the learning rate then
+enters as a device tensor, so a new value each step compiles nothing.
 
 Eager on the CPU (issue 18): the fused step runs the same ops, op for op, block by block (`_BLOCK` elements of
 every tensor at a time), so that a block's gradient, moments, parameter and update stay in the cache between
@@ -30,14 +30,14 @@ meets the same operations as in the multi-tensor version and the norms are still
 the results are bit for bit those of the unblocked update (tests/test_lamb.py). Its ops run on one intra-op
 thread (`_one_thread`: on a shared machine a thousand fork/joins cost more than the second core gives); with two
 or more threads, two Python threads share the blocks instead (`_in_streams`: ATen releases the GIL, and a stream
-never waits on the other between ops). On a GPU (and compiled) the multi-tensor kernels run as before.
+never waits on the other between ops). On a GPU the multi-tensor kernels run as before.
 
 Gradient clipping in the same pass (issue 18): the caller (TrainStep) computes the total gradient norm (one
 reduction over all gradients, which must precede any update) and sets `optimizer.clip_coef` =
 min(1, max_norm / (norm + 1e-6)) (a device tensor) before `step()`, as GradScaler sets `found_inf`; the step
 multiplies the gradients by it inside the multi-tensor update (under torch.compile fused into the update's
 passes) instead of a separate pass of `clip_grad_norm_`. Same math as `torch.nn.utils.clip_grad_norm_` (the
-eager CPU step uses the clipped values without writing them back into `.grad`).
+CPU steps, eager and compiled, use the clipped values without writing them back into `.grad`).
 
 Mixed precision: the fused step handles the fp16 GradScaler's skip decision on the device
 (`_step_supports_amp_scaling`): the scaler hands over `found_inf` instead of reading it back to the host,
@@ -66,7 +66,7 @@ class Lamb(Optimizer):
         weight_decay: factor of p added to the update direction.
         adam: force the trust ratio to 1 (Adam without bias correction, decay in the update).
         fused: multi-tensor implementation (`torch._foreach_*`); False runs the plain per-tensor loop.
-        compile: run the multi-tensor step through torch.compile (fused=True only).
+        compile: run the fused step through torch.compile (fused=True only; see the module docstring).
     """
 
     def __init__(
@@ -93,7 +93,10 @@ class Lamb(Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, adam=adam, fused=fused)
         super().__init__(params, defaults)
         # not a group option: the state dict stays the same with and without compilation
-        self._compiled_update = torch.compile(_lamb_compiled, dynamic=False) if compile else None
+        # the multi-tensor update (GPU, DTensors: foreach kernels, one collective per norm list) and the
+        # per-tensor one inductor fuses best on the CPU; each compiles on first use
+        self._compiled_update = torch.compile(_lamb_multi_tensor, dynamic=False) if compile else None
+        self._compiled_cpu_update = torch.compile(_lamb_compiled_cpu, dynamic=False) if compile else None
         self._lr_tensors: dict[torch.device, torch.Tensor] = {}
         # GradScaler: the fused step takes found_inf as a device tensor (no read-back); see step(). Not for
         # DTensor parameters (FSDP, --tensor_parallel): the scaler then decides on the host as before.
@@ -160,12 +163,14 @@ class Lamb(Optimizer):
                 for lst, t in zip(bucket, (p, grad, state["exp_avg"], state["exp_avg_sq"])):
                     lst.append(t)
 
-            update = _lamb_multi_tensor if group["fused"] else _lamb_per_tensor
             compiled = group["fused"] and self._compiled_update is not None
-            if compiled:
-                update = self._compiled_update
             beta1, beta2 = group["betas"]
-            for (device, _, _), (params, grads, exp_avgs, exp_avg_sqs) in buckets.items():
+            for (device, _, mesh), (params, grads, exp_avgs, exp_avg_sqs) in buckets.items():
+                # chosen per bucket: FSDP and tensor parallel mix DTensor buckets with plain ones
+                update = _lamb_multi_tensor if group["fused"] else _lamb_per_tensor
+                if compiled:
+                    update = self._compiled_cpu_update if device.type == "cpu" and mesh is None \
+                        else self._compiled_update
                 lr = self._lr_tensor(group["lr"], device) if compiled else group["lr"]
                 extra = {}
                 if clip_coef is not None:
@@ -246,12 +251,12 @@ def _lamb_multi_tensor(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2
     return ratios
 
 
-def _lamb_compiled(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, eps, weight_decay, adam,
+def _lamb_compiled_cpu(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, eps, weight_decay, adam,
                    clip_coef=None, found_inf=None):
-    """What torch.compile runs (`compile=True`): `_lamb_multi_tensor`'s update written tensor by tensor, so that
-    inductor fuses each tensor's passes: the moments, the direction and its norm in one loop over the tensor,
-    the parameter update (the direction recomputed from the moments, never stored) in a second, plus one for
-    the parameter's norm; `_foreach_norm` would instead be a separate library call over a stored direction.
+    """What torch.compile runs on the CPU (`compile=True`): `_lamb_multi_tensor`'s update written tensor by
+    tensor, so that inductor fuses each tensor's passes: the moments, the direction and its norm in one loop over
+    the tensor, the parameter update (the direction recomputed from the moments, never stored) in a second, plus
+    one for the parameter's norm; `_foreach_norm` would instead be a separate library call over a stored direction.
     For the 68M-element WikiText-103 table that is 10 streams over it instead of 13. Like `_lamb_blocked`, the
     clipped gradient is not written back to `.grad`. The found_inf path (fp16) is the multi-tensor one."""
     if found_inf is not None:
