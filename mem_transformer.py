@@ -421,7 +421,8 @@ class MemTransformerLM(nn.Module):
         crit = self.crit
         if (torch.compiler.is_compiling() and self.tie_weight and self.div_val == 1 and len(crit.cutoffs) > 0
                 and crit.tail_capacity is None and torch.is_grad_enabled()
-                and self.word_emb.emb_layers[0].weight.device.type == "cpu"):
+                and self.word_emb.emb_layers[0].weight.device.type == "cpu"
+                and not hasattr(self.word_emb.emb_layers[0].weight, "device_mesh")):
             return embed_outside_the_graph(self.word_emb, data)
         return self.word_emb(data)
 

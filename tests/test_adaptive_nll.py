@@ -135,9 +135,10 @@ def test_the_tied_table_gradient_equals_autograd_sum_of_embedding_and_output_lay
         assert torch.equal(ours[name], plain[name]), name
 
 
-def _steps_of_a_tied_model(n_steps, keep_alias=False):
+def _steps_of_a_tied_model(n_steps, keep_alias=None):
     """Parameters after n_steps TrainSteps of a tied adaptive-softmax model, and each step's table-gradient
-    address; keep_alias: a view of each step's table gradient is kept (and returned with its values)."""
+    address; keep_alias "view" / "tensor": a view of each step's table gradient, or the gradient tensor itself,
+    is kept (and returned with its values)."""
     import contextlib
     from lamb import Lamb
     from utils.training.train_step import TrainStep
@@ -152,8 +153,9 @@ def _steps_of_a_tied_model(n_steps, keep_alias=False):
     for i in range(n_steps):
         step.run(stream[6 * i: 6 * i + 6], stream[6 * i + 1: 6 * i + 7], mems)
         addresses.append(table.grad.data_ptr())
-        if keep_alias:
-            aliases.append((table.grad[1:], table.grad[1:].clone()))
+        if keep_alias:                                  # a view of it, or the tensor itself
+            kept = table.grad[1:] if keep_alias == "view" else table.grad
+            aliases.append((kept, kept.clone()))
     return [p.detach().clone() for p in model.parameters()], addresses, aliases
 
 
@@ -168,10 +170,11 @@ def test_the_table_gradients_memory_is_reused_between_steps_with_the_same_result
         fresh, _, _ = _steps_of_a_tied_model(4)
     for a, b in zip(reused, fresh):
         assert torch.equal(a, b)
-    # a gradient that something else still views is not overwritten
-    _, _, aliases = _steps_of_a_tied_model(3, keep_alias=True)
-    for view, values in aliases:
-        assert torch.equal(view, values)
+    # a gradient that something else still views or holds is not overwritten
+    for keep in ("view", "tensor"):
+        _, _, aliases = _steps_of_a_tied_model(3, keep_alias=keep)
+        for kept, values in aliases:
+            assert torch.equal(kept, values), keep
 
 
 def test_compiled_on_the_cpu_the_tied_lookup_still_adds_into_the_output_layers_buffer(monkeypatch):

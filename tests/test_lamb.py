@@ -254,13 +254,22 @@ def test_the_clip_factor_inside_the_update_equals_clip_grad_norm_then_step():
     assert opt.clip_coef is None                     # for one step only
 
 
-@pytest.mark.parametrize("adam, clip", [(False, None), (False, 0.3), (True, 0.3)])
-def test_the_blocked_cpu_step_equals_the_multi_tensor_update_bit_for_bit(monkeypatch, adam, clip):
-    """The eager CPU step runs the update block by block (lamb._lamb_blocked); the multi-tensor update
-    (lamb._lamb_multi_tensor, what runs on a GPU and compiled) is the second code path. Blocks of 64 elements
-    so that the tensors here span several blocks, one of them partial."""
+@pytest.mark.parametrize("adam, clip, streams", [(False, None, 1), (False, 0.3, 1), (True, 0.3, 1), (False, None, 2),
+                                                  (False, 0.3, 2), (True, 0.3, 2)])
+def test_the_blocked_cpu_step_equals_the_multi_tensor_update_bit_for_bit(monkeypatch, adam, clip, streams):
+    """The eager CPU step runs the update block by block (lamb._lamb_blocked), in one Python thread or shared by
+    two (streams); the multi-tensor update (lamb._lamb_multi_tensor, what runs on a GPU) is the
+    second code path. Blocks of 64 elements so that the tensors here span several blocks, one of them partial."""
     from utils.training import lamb as lamb_module
     monkeypatch.setattr(lamb_module, "_BLOCK", 64)
+    submitted = []
+    pool = lamb_module._second_stream()
+
+    class CountingPool:
+        def submit(self, fn, *args):
+            submitted.append(args[0])
+            return pool.submit(fn, *args)
+    monkeypatch.setattr(lamb_module, "_second_stream", lambda: CountingPool())
     torch.manual_seed(1)
     shapes = [(37, 11), (300,), (5,), (64,), (3, 3)]
     tensors = [[torch.randn(s) for s in shapes] for _ in range(4)]
@@ -271,8 +280,10 @@ def test_the_blocked_cpu_step_equals_the_multi_tensor_update_bit_for_bit(monkeyp
     buffers = [torch.empty(s) for s in shapes]
     for _ in range(2):                                                     # the buffers are reused
         ours[1], theirs[1] = [g.clone() for g in tensors[1]], [g.clone() for g in tensors[1]]   # fresh gradients
-        got = lamb_module._lamb_blocked(*ours, buffers=buffers, **kwargs)
+        got = lamb_module._lamb_blocked(*ours, buffers=buffers, streams=streams, **kwargs)
         want = lamb_module._lamb_multi_tensor(*theirs, **kwargs)
+    # two streams: the directions, the parameters' norms (not with adam) and the updates went to the second one
+    assert len(submitted) == (0 if streams == 1 else 2 * (2 if adam else 3))
     assert (got is None) == (want is None) and (got is None or torch.equal(got, want))
     for which in (0, 2, 3):                                                # parameters and both moments
         for x, y in zip(ours[which], theirs[which]):

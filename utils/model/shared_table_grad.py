@@ -20,6 +20,7 @@ summed in the same order first (into its first occurrence's row of a [N, d] buff
 the indices in order), and that sum is added to the output layer's row once (the other occurrences add +0.0,
 which changes nothing but the sign of a zero). Nothing is read back to the host (static shapes).
 """
+import sys
 from typing import Dict, Iterable, Optional, Set, Tuple
 
 import torch
@@ -103,21 +104,38 @@ def table_gradient_buffer(like: Tensor) -> Tensor:
 
 def keep_for_reuse(params: Iterable[Tensor]) -> None:
     """Before the gradients are dropped (zero_grad(set_to_none=True)): keep the memory of a table gradient for
-    the next backward. Only a gradient that nothing else shares (its own storage, not a view, not a DDP bucket)
-    and whose shape a backward asked for; the values are overwritten, so results do not change."""
+    the next backward. Only a gradient that nothing else holds (its own storage, not a view, not a DDP bucket,
+    no other reference to the tensor) and whose shape a backward asked for (float32 training: under autocast
+    the output layer's buffer is in the compute dtype and the float32 gradient a copy of it); the values are
+    overwritten, so results do not change."""
     for p in params:
         g = p.grad
         if g is None or g.device.type != "cpu" or g.layout != torch.strided or hasattr(g, "device_mesh"):
             continue
         key = (tuple(g.shape), g.dtype)
         if key not in _WANTED or key in _SPARES or g._base is not None or not g.is_contiguous() \
-                or g.storage_offset() != 0 or not _sole_owner(g):
+                or g.storage_offset() != 0 or sys.getrefcount(g) > _grad_refcount() or not _sole_owner(g):
             continue
         _SPARES[key] = g
 
 
+_GRAD_REFCOUNT: list = []
+
+
+def _grad_refcount() -> int:
+    """sys.getrefcount of `g = p.grad` when nothing else holds that tensor object (this Python's and this torch's
+    count, measured once the same way keep_for_reuse measures): a larger count means someone kept the gradient
+    itself (`kept = p.grad`, a hook), whose values must then survive."""
+    if not _GRAD_REFCOUNT:
+        p = torch.zeros(1, requires_grad=True)
+        p.grad = torch.zeros(1)
+        g = p.grad
+        _GRAD_REFCOUNT.append(sys.getrefcount(g))
+    return _GRAD_REFCOUNT[0]
+
+
 def _sole_owner(t: Tensor) -> bool:
-    """No other tensor shares t's memory (a view, a DDP bucket, an alias kept by a hook)."""
+    """No other tensor shares t's memory (a view, a DDP bucket)."""
     use_count = getattr(torch._C, "_storage_Use_Count", None)
     if use_count is None:
         return False

@@ -18,25 +18,26 @@ a hard clamp as the scaling function, eps in the trust-ratio denominator, trust 
 norms come from `torch._foreach_norm` and the trust ratios are computed on the device with `torch.where`, so a
 step has no per-tensor Python math and no GPU->CPU synchronisation. `fused=False` (`--optim lamb`) is the
 plain loop, one tensor at a time. Both give the same results. `compile=True` (with fused, what `--compile`
-gives) runs the same update, written tensor by tensor (`_lamb_compiled`), through torch.compile, which fuses
-each tensor's passes into a few loops; the learning rate then enters as a device tensor, so a new value each
-step compiles nothing.
+gives) runs the multi-tensor step through torch.compile, on the CPU written tensor by tensor
+(`_lamb_compiled_cpu`) so that inductor fuses each tensor's passes into a few loops; the learning rate then
+enters as a device tensor, so a new value each step compiles nothing.
 
 Eager on the CPU (issue 18): the fused step runs the same ops, op for op, block by block (`_BLOCK` elements of
 every tensor at a time), so that a block's gradient, moments, parameter and update stay in the cache between
 ops instead of each op streaming the whole 68M-element WikiText-103 table through memory again; the update
 goes into a buffer kept between steps (one table-sized tensor, not two fresh ones per step). Every element
 meets the same operations as in the multi-tensor version and the norms are still taken over whole tensors, so
-the results are bit for bit those of the unblocked update (tests/test_lamb.py). It runs on one intra-op thread
-(`_one_thread`: on a shared machine a thousand fork/joins cost more than the second core gives). On a GPU
-(and compiled) the multi-tensor kernels run as before.
+the results are bit for bit those of the unblocked update (tests/test_lamb.py). Its ops run on one intra-op
+thread (`_one_thread`: on a shared machine a thousand fork/joins cost more than the second core gives); with two
+or more threads, two Python threads share the blocks instead (`_in_streams`: ATen releases the GIL, and a stream
+never waits on the other between ops). On a GPU the multi-tensor kernels run as before.
 
 Gradient clipping in the same pass (issue 18): the caller (TrainStep) computes the total gradient norm (one
 reduction over all gradients, which must precede any update) and sets `optimizer.clip_coef` =
 min(1, max_norm / (norm + 1e-6)) (a device tensor) before `step()`, as GradScaler sets `found_inf`; the step
 multiplies the gradients by it inside the multi-tensor update (under torch.compile fused into the update's
 passes) instead of a separate pass of `clip_grad_norm_`. Same math as `torch.nn.utils.clip_grad_norm_` (the
-eager CPU step uses the clipped values without writing them back into `.grad`).
+CPU steps, eager and compiled, use the clipped values without writing them back into `.grad`).
 
 Mixed precision: the fused step handles the fp16 GradScaler's skip decision on the device
 (`_step_supports_amp_scaling`): the scaler hands over `found_inf` instead of reading it back to the host,
@@ -46,6 +47,7 @@ State per parameter: `exp_avg` (m), `exp_avg_sq` (v) tensors and `step` (an int,
 math), so `optimizer.state_dict()` holds tensors and plain types only and loads with `weights_only=True`.
 """
 import contextlib
+import os
 from collections import defaultdict
 from typing import Callable, Iterable
 
@@ -64,7 +66,7 @@ class Lamb(Optimizer):
         weight_decay: factor of p added to the update direction.
         adam: force the trust ratio to 1 (Adam without bias correction, decay in the update).
         fused: multi-tensor implementation (`torch._foreach_*`); False runs the plain per-tensor loop.
-        compile: run the multi-tensor step through torch.compile (fused=True only).
+        compile: run the fused step through torch.compile (fused=True only; see the module docstring).
     """
 
     def __init__(
@@ -91,7 +93,10 @@ class Lamb(Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, adam=adam, fused=fused)
         super().__init__(params, defaults)
         # not a group option: the state dict stays the same with and without compilation
-        self._compiled_update = torch.compile(_lamb_compiled, dynamic=False) if compile else None
+        # the multi-tensor update (GPU, DTensors: foreach kernels, one collective per norm list) and the
+        # per-tensor one inductor fuses best on the CPU; each compiles on first use
+        self._compiled_update = torch.compile(_lamb_multi_tensor, dynamic=False) if compile else None
+        self._compiled_cpu_update = torch.compile(_lamb_compiled_cpu, dynamic=False) if compile else None
         self._lr_tensors: dict[torch.device, torch.Tensor] = {}
         # GradScaler: the fused step takes found_inf as a device tensor (no read-back); see step(). Not for
         # DTensor parameters (FSDP, --tensor_parallel): the scaler then decides on the host as before.
@@ -158,12 +163,14 @@ class Lamb(Optimizer):
                 for lst, t in zip(bucket, (p, grad, state["exp_avg"], state["exp_avg_sq"])):
                     lst.append(t)
 
-            update = _lamb_multi_tensor if group["fused"] else _lamb_per_tensor
             compiled = group["fused"] and self._compiled_update is not None
-            if compiled:
-                update = self._compiled_update
             beta1, beta2 = group["betas"]
-            for (device, _, _), (params, grads, exp_avgs, exp_avg_sqs) in buckets.items():
+            for (device, _, mesh), (params, grads, exp_avgs, exp_avg_sqs) in buckets.items():
+                # chosen per bucket: FSDP and tensor parallel mix DTensor buckets with plain ones
+                update = _lamb_multi_tensor if group["fused"] else _lamb_per_tensor
+                if compiled:
+                    update = self._compiled_cpu_update if device.type == "cpu" and mesh is None \
+                        else self._compiled_update
                 lr = self._lr_tensor(group["lr"], device) if compiled else group["lr"]
                 extra = {}
                 if clip_coef is not None:
@@ -179,7 +186,9 @@ class Lamb(Optimizer):
                         and not hasattr(params[0], "device_mesh"):
                     update = _lamb_blocked
                     extra["buffers"] = [self._update_buffer(p) for p in params]
-                with _one_thread() if update is _lamb_blocked else contextlib.nullcontext():
+                with _one_thread() if update is _lamb_blocked else contextlib.nullcontext() as threads:
+                    if update is _lamb_blocked:
+                        extra["streams"] = min(2, threads)
                     trust = update(
                         params, grads, exp_avgs, exp_avg_sqs,
                         lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
@@ -242,12 +251,12 @@ def _lamb_multi_tensor(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2
     return ratios
 
 
-def _lamb_compiled(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, eps, weight_decay, adam,
+def _lamb_compiled_cpu(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, eps, weight_decay, adam,
                    clip_coef=None, found_inf=None):
-    """What torch.compile runs (`compile=True`): `_lamb_multi_tensor`'s update written tensor by tensor, so that
-    inductor fuses each tensor's passes: the moments, the direction and its norm in one loop over the tensor,
-    the parameter update (the direction recomputed from the moments, never stored) in a second, plus one for
-    the parameter's norm; `_foreach_norm` would instead be a separate library call over a stored direction.
+    """What torch.compile runs on the CPU (`compile=True`): `_lamb_multi_tensor`'s update written tensor by
+    tensor, so that inductor fuses each tensor's passes: the moments, the direction and its norm in one loop over
+    the tensor, the parameter update (the direction recomputed from the moments, never stored) in a second, plus
+    one for the parameter's norm; `_foreach_norm` would instead be a separate library call over a stored direction.
     For the 68M-element WikiText-103 table that is 10 streams over it instead of 13. Like `_lamb_blocked`, the
     clipped gradient is not written back to `.grad`. The found_inf path (fp16) is the multi-tensor one."""
     if found_inf is not None:
@@ -283,19 +292,59 @@ CPU_BLOCKED_UPDATE = True
 
 @contextlib.contextmanager
 def _one_thread():
-    """The blocked update on one thread: its ~1,000 small ops would each be a fork/join of the intra-op threads,
-    and on a shared machine every join waits for a descheduled partner (two threads per block op made the
-    step slower than before in an alternated round at load 6); one thread streaming cache-sized blocks is
-    faster than two streaming the table (benchmarks/results/README.md, "Issue 18")."""
+    """The blocked update with one intra-op thread per stream: its ~1,000 small ops would each be a fork/join of
+    the intra-op threads, and on a shared machine every join waits for a descheduled partner (two threads per
+    block op made the step slower than before in an alternated round at load 6). Yields the thread count it
+    found: that many streams (at most 2) then share the blocks (`_in_streams`)."""
     threads = torch.get_num_threads()
     if threads == 1:
-        yield
+        yield 1
         return
     torch.set_num_threads(1)
     try:
-        yield
+        yield threads
     finally:
         torch.set_num_threads(threads)
+
+
+_POOL: dict = {}                                 # pid -> the second stream's thread, started on first use
+
+
+def _second_stream():
+    # one per process: a forked child (a DataLoader worker, a test's rank) inherits no running thread
+    pid = os.getpid()
+    if pid not in _POOL:
+        import concurrent.futures
+        _POOL.clear()
+        _POOL[pid] = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lamb-stream")
+    return _POOL[pid]
+
+
+def _no_grad_call(fn, *args):
+    with torch.no_grad():                        # grad mode is per thread: in-place updates of the parameters
+        return fn(*args)
+
+
+def _in_streams(fn, items: list, streams: int) -> None:
+    """fn(items) on `streams` (1 or 2) Python threads, each with its share of the items by element count (the
+    first tensor of each item). ATen ops release the GIL, so two single-threaded streams use two cores without
+    a fork/join per op; when only one core is free they take turns and cost what one stream costs. Every item
+    meets the same ops in either stream: same bits."""
+    if streams < 2 or len(items) < 2:
+        fn(items)
+        return
+    sizes = [item[0].numel() for item in items]
+    half, total, cut = sum(sizes) / 2, 0, len(items)
+    for i, size in enumerate(sizes):
+        total += size
+        if total >= half:
+            cut = i + 1
+            break
+    later = _second_stream().submit(_no_grad_call, fn, items[cut:])
+    try:
+        fn(items[:cut])
+    finally:
+        later.result()
 
 
 def _blocks(*tensors: torch.Tensor):
@@ -316,16 +365,18 @@ def _scratch(scratch: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
 
 
 def _lamb_blocked(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, eps, weight_decay, adam, buffers,
-                  clip_coef=None):
+                  clip_coef=None, streams=1):
     """`_lamb_multi_tensor`'s update (no found_inf), op for op, block by block (module docstring): the
     moments and the direction of each block while it is in the cache, into `buffers` (one per parameter);
     then the norms over whole tensors (the same reductions as the multi-tensor version: same bits), then the
     parameters block by block. Returns the trust ratios (None with adam). Unlike the multi-tensor version it
     writes neither the clipped gradient back to `grads` nor the scaled update back to `buffers` (two passes
-    over the table less); parameters and moments are bit for bit the same."""
-    scratch = None                               # a block's clipped gradient / scaled update (values only)
-    for p, g, m, v, u in zip(params, grads, exp_avgs, exp_avg_sqs, buffers):
-        for pb, gb, mb, vb, ub in _blocks(p, g, m, v, u):
+    over the table less); parameters and moments are bit for bit the same. `streams` (1 or 2): Python threads
+    sharing the blocks, and the two kinds of norms (`_in_streams`)."""
+
+    def directions(blocks):
+        scratch = None                           # a block's clipped gradient (values only)
+        for pb, gb, mb, vb, ub in blocks:
             if clip_coef is not None:
                 # the clipped values, not written back to the gradient (one stream over the table less)
                 scratch = _scratch(scratch, gb)
@@ -339,22 +390,34 @@ def _lamb_blocked(params, grads, exp_avgs, exp_avg_sqs, *, lr, beta1, beta2, eps
             torch.div(mb, ub, out=ub)
             if weight_decay != 0:
                 ub.add_(pb, alpha=weight_decay)
-    ratios = factors = None
-    if not adam:
-        factors = ratios = _trust_ratios(params, buffers, eps)
-        if isinstance(lr, torch.Tensor):
-            factors = factors * lr
-        factors = factors.unbind(0)
-    for i, (p, u) in enumerate(zip(params, buffers)):
-        for pb, ub in _blocks(p, u):
-            factor = factors[i] if factors is not None else lr if isinstance(lr, torch.Tensor) else None
-            if factor is not None:                          # the scaled update is not written back either
+
+    def updates(blocks):
+        scratch = None                           # a block's scaled update (not written back either)
+        for pb, ub, factor in blocks:
+            if factor is not None:
                 scratch = _scratch(scratch, ub)
                 ub = torch.mul(ub, factor, out=scratch[:ub.numel()].view_as(ub))
             if isinstance(lr, torch.Tensor):
                 pb.sub_(ub)
             else:
                 pb.add_(ub, alpha=-lr)
+
+    _in_streams(directions, [b for ts in zip(params, grads, exp_avgs, exp_avg_sqs, buffers) for b in _blocks(*ts)],
+                streams)
+    ratios = factors = None
+    if not adam:
+        if streams >= 2:                         # the parameters' norms beside the directions' norms
+            later = _second_stream().submit(_no_grad_call, torch._foreach_norm, params)
+            u_norms = torch._foreach_norm(buffers)
+            factors = ratios = _trust_ratio_of_norms(later.result(), u_norms, eps)
+        else:
+            factors = ratios = _trust_ratios(params, buffers, eps)
+        if isinstance(lr, torch.Tensor):
+            factors = factors * lr
+        factors = factors.unbind(0)
+    default = lr if isinstance(lr, torch.Tensor) else None
+    _in_streams(updates, [(pb, ub, factors[i] if factors is not None else default)
+                          for i, (p, u) in enumerate(zip(params, buffers)) for pb, ub in _blocks(p, u)], streams)
     return ratios
 
 
@@ -376,8 +439,12 @@ def _moment_updates(params, grads, exp_avgs, exp_avg_sqs, decay1, decay2, *, bet
 
 def _trust_ratios(params, updates, eps) -> torch.Tensor:
     """LAMB's trust ratio per parameter, ||w|| (clamped to 10) / ||update||, 1 where either norm is 0."""
-    w_norms = torch.stack(torch._foreach_norm(params)).clamp(0, 10)   # not in place: DTensors (FSDP)
-    u_norms = torch.stack(torch._foreach_norm(updates))
+    return _trust_ratio_of_norms(torch._foreach_norm(params), torch._foreach_norm(updates), eps)
+
+
+def _trust_ratio_of_norms(w_norms, u_norms, eps) -> torch.Tensor:
+    w_norms = torch.stack(w_norms).clamp(0, 10)                        # not in place: DTensors (FSDP)
+    u_norms = torch.stack(u_norms)
     return torch.where((w_norms == 0) | (u_norms == 0), torch.ones_like(w_norms), w_norms / (u_norms + eps))
 
 

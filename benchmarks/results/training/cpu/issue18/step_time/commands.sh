@@ -1,7 +1,8 @@
 #!/bin/bash
 # run from anywhere in a checkout; the "before" code is a detached worktree of 5a0b490 (main before issue 18):
 #   git worktree add --detach /tmp/base18s 5a0b490
-# before/after of issue 18's step-time acceptance item, alternated (scripts/benchmark_ab.py)
+# before/after of issue 18's step-time acceptance item, alternated (scripts/benchmark_ab.py): eager and
+# --compile, 2 threads and 1
 cd "$(git -C "$(dirname "$0")" rev-parse --show-toplevel)"
 BASE=${BASE:-/tmp/base18s}        # the checkout of 5a0b490
 R=benchmarks/results/training/cpu/issue18/step_time
@@ -20,7 +21,12 @@ python scripts/benchmark_ab.py --runs 3 --log_dir $R/eager_1thread \
 uptime >> $R/eager_1thread.txt
 FC="--preset base --batch_size 8 --steps 6 --warmup 2 --compile -- $M"
 uptime > $R/compiled_2threads.txt
-python scripts/benchmark_ab.py --runs 2 --log_dir $R/compiled_2threads \
+python scripts/benchmark_ab.py --runs ${COMPILED_RUNS:-3} --log_dir $R/compiled_2threads \
   --cmd "before=python scripts/benchmark_train.py --repo $BASE $FC" \
   --cmd "after=python scripts/benchmark_train.py $FC" >> $R/compiled_2threads.txt 2>&1
 uptime >> $R/compiled_2threads.txt
+uptime > $R/compiled_1thread.txt
+python scripts/benchmark_ab.py --runs ${COMPILED_RUNS:-3} --log_dir $R/compiled_1thread \
+  --cmd "before=OMP_NUM_THREADS=1 python scripts/benchmark_train.py --repo $BASE $FC" \
+  --cmd "after=OMP_NUM_THREADS=1 python scripts/benchmark_train.py $FC" >> $R/compiled_1thread.txt 2>&1
+uptime >> $R/compiled_1thread.txt
