@@ -163,8 +163,9 @@ class MultiHeadAttn(nn.Module):
         q = F.linear(cat[klen - qlen:], w_q).view(qlen, bsz, n_head, d_head)    # queries: current only
         kv = F.linear(cat, w_kv).view(klen, bsz, 2, n_head, d_head)
         q = q.permute(1, 2, 0, 3)                                               # [bsz, H, qlen, Dh]
-        k = kv[:, :, 0].permute(1, 2, 0, 3)                                     # [bsz, H, klen, Dh]
-        v = kv[:, :, 1].permute(1, 2, 0, 3)                                     # [bsz, H, klen, Dh]
+        k, v = kv.unbind(2)                     # one unbind: its backward is one stack, not two zero-filled
+        k = k.permute(1, 2, 0, 3)               # select gradients and an add            # [bsz, H, klen, Dh]
+        v = v.permute(1, 2, 0, 3)                                               # [bsz, H, klen, Dh]
 
         # the position term: q_pos · r_pos (+ pos_bias) for the keys of distances klen-1 .. 0
         q_pos: Optional[Tensor] = None

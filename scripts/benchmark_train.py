@@ -289,6 +289,8 @@ def run(bench, extra) -> dict:
         report.update(report_tools.count_syncs(lambda: step_fn(data, target, mems)))
         eager_step = TrainStep(model, model, optimizer, scaler, autocast, args.clip, args.batch_chunk,
                                args.swap_mem, False)
+        if getattr(step, "compute_weights", None) is not None:
+            eager_step.compute_weights = step.compute_weights   # one set of bf16 copies, as in a training run
         eager_fn = getattr(eager_step, "run", eager_step)
         # LAMB's eager CPU update runs its multi-tensor ops block by block (a CPU cache optimization, ~17k ops
         # for the base table); the count is of the step a GPU runs: the unblocked multi-tensor update
@@ -409,7 +411,9 @@ def report(r: dict) -> str:
                      f"{rep['compiled_graphs']} | host syncs/step {rep['host_syncs']} {rep['sync_ops'] or ''}")
         if "ops_by_phase" in rep:
             lines.append(f"  ops by phase: {rep['ops_by_phase']} (forward / backward / after the last backward: "
-                         f"clipping, optimizer); views among them {rep['views']}")
+                         f"clipping, optimizer); views among them {rep['views']}"
+                         + (f"; mixed-dtype ops (promoting arithmetic, not casts) {rep['mixed_dtype_ops']}"
+                            if "mixed_dtype_ops" in rep else ""))
         lines.append(f"  most frequent ops: {rep['top_ops']}")
         if rep["break_reasons"]:
             lines.append(f"  graph breaks: {rep['break_reasons']}")

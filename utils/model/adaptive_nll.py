@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from utils.model.shared_table_grad import TableGradSlot, slot_for, table_gradient_buffer
-from utils.model.linear_nll import _compute_dtype, linear_nll, nll_forward, nll_grad_logits_
+from utils.model.linear_nll import (_compute_dtype, grouped_grad_logits_, grouped_lse, linear_logits_into,
+                                    linear_nll)
 
 
 # ---- token layout -----------------------------------------------------------------------------------------
@@ -86,10 +87,12 @@ def _project(hidden: Tensor, proj: Optional[Tensor]) -> Tensor:
 
 def adaptive_nll(hidden: Tensor, target: Tensor, weights: List[Tensor], biases: List[Tensor],
                  projs: List[Optional[Tensor]], cutoffs: List[int], head_size: int,
-                 capacity: Optional[float]) -> Tensor:
-    """NLL [N] under the adaptive softmax with the clusters' parameters (ProjectedAdaptiveLogSoftmax.cluster_params)."""
+                 capacity: Optional[float], compute: Optional[List[Tensor]] = None) -> Tensor:
+    """NLL [N] under the adaptive softmax with the clusters' parameters (ProjectedAdaptiveLogSoftmax.cluster_params);
+    compute: [weight, bias] already in the matmul dtype (no clusters only; see linear_nll)."""
     if not cutoffs:
-        return linear_nll(_project(hidden, projs[0]), weights[0], biases[0], target)
+        w_c, b_c = (compute[0], compute[1]) if compute is not None else (None, None)
+        return linear_nll(_project(hidden, projs[0]), weights[0], biases[0], target, w_c, b_c)
     bounds = [0] + list(cutoffs)
     cluster, gathers = tail_gathers(target, cutoffs, capacity)
     head_col = torch.where(cluster == 0, target, head_size - cluster)
@@ -106,29 +109,48 @@ def adaptive_nll(hidden: Tensor, target: Tensor, weights: List[Tensor], biases: 
 class _SharedTableNLL(torch.autograd.Function):
     """NLL of every cluster whose output rows are row blocks [bounds[i], bounds[i+1]) of one table; the head
     also scores the extra cluster rows (cluster_weight / cluster_bias). Inputs per cluster: projected hidden
-    h_i [n_i, d] and local targets t_i [n_i]; outputs: nll_i [n_i] (float32)."""
+    h_i [n_i, d] and local targets t_i [n_i]; outputs: nll_i [n_i] (float32). `compute`: table, bias, extra_w,
+    extra_b already in the matmul dtype (a bf16 step's compute copies, utils/training/compute_weights.py), or
+    None: the parameters are cast here."""
 
     @staticmethod
     def forward(ctx, table: Tensor, bias: Tensor, extra_w: Tensor, extra_b: Tensor, bounds: Tuple[int, ...],
-                slot: Optional[TableGradSlot], *inputs: Tensor):
+                slot: Optional[TableGradSlot], compute: Optional[List[Tensor]], *inputs: Tensor):
         hs, ts = inputs[0::2], inputs[1::2]
         dtype = _compute_dtype(hs[0])
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
         outs, saved, logits_list = [], [], []
         with torch.autocast(table.device.type, enabled=False):
-            w_all, b_all = table.to(dtype), bias.to(dtype)
+            if compute is not None and compute[0].dtype == dtype:
+                w_all, b_all, extra_w_c, extra_b_c = compute
+            else:
+                w_all, b_all, extra_w_c, extra_b_c = table.to(dtype), bias.to(dtype), extra_w.to(dtype), extra_b.to(dtype)
+            # every cluster's logits in one buffer, one after the other: their float32 log-sum-exp (and the
+            # backward's float32 softmax) convert them group by group, not cluster by cluster
+            sizes = [h.size(0) * (bounds[i + 1] - bounds[i] + (extra_w.size(0) if i == 0 else 0))
+                     for i, h in enumerate(hs)]
+            buffer = torch.empty(sum(sizes), dtype=dtype, device=table.device)
+            start = 0
+            hs_c, ws = [], []
             for i, (h, t) in enumerate(zip(hs, ts)):
                 lo, hi = bounds[i], bounds[i + 1]
                 w, b = w_all[lo:hi], b_all[lo:hi]
                 if i == 0:                                                      # shortlist rows ++ cluster rows
-                    w = torch.cat([w, extra_w.to(dtype)], 0)
-                    b = torch.cat([b, extra_b.to(dtype)], 0)
+                    w = torch.cat([w, extra_w_c], 0)
+                    b = torch.cat([b, extra_b_c], 0)
                 h = h.to(dtype)
-                nll, logits, lse = nll_forward(h, w, b, t)
-                outs.append(nll)
-                saved += [h, w if i == 0 else w_all.new_empty(0), lse, t]
-                logits_list.append(logits)
+                logits_list.append(linear_logits_into(buffer[start:start + sizes[i]], h, w, b))
+                start += sizes[i]
+                hs_c.append(h)
+                ws.append(w)
+            lses = grouped_lse(buffer, logits_list, acc)
+            for i, (h, t) in enumerate(zip(hs_c, ts)):
+                # the sub promotes to acc
+                outs.append(lses[i] - logits_list[i].gather(1, t.unsqueeze(1)).squeeze(1))
+                saved += [h, ws[i] if i == 0 else ws[0].new_empty(0), lses[i], t]
         ctx.save_for_backward(w_all, *saved)
         ctx.logits = logits_list
+        ctx.buffer = buffer
         ctx.bounds = bounds
         ctx.slot = slot                         # the tied embedding adds its rows into our table gradient
         ctx.dtypes = (table.dtype, bias.dtype, extra_w.dtype, extra_b.dtype, [h.dtype for h in hs])
@@ -141,6 +163,7 @@ class _SharedTableNLL(torch.autograd.Function):
         if logits_list is None:
             raise RuntimeError("the adaptive-softmax loss can be differentiated once per forward")
         ctx.logits = None
+        buffer, ctx.buffer = ctx.buffer, None
         bounds = ctx.bounds
         table_dtype, bias_dtype, extra_w_dtype, extra_b_dtype, h_dtypes = ctx.dtypes
         k1 = len(grad_nlls)
@@ -152,20 +175,21 @@ class _SharedTableNLL(torch.autograd.Function):
             grad_bias = torch.empty(w_all.size(0), dtype=acc, device=w_all.device)
             grad_extra_w = grad_extra_b = None
             grad_hs = []
+            grouped_grad_logits_(buffer, logits_list, list(saved[2::4]), list(saved[3::4]), list(grad_nlls))
             for i in range(k1):
                 h, w_head, lse, t = saved[4 * i: 4 * i + 4]
                 lo, hi = bounds[i], bounds[i + 1]
                 w = w_head if i == 0 else w_all[lo:hi]
-                grad = nll_grad_logits_(logits_list[i], lse, t, grad_nlls[i])  # [n_i, V_i] in place
+                grad = logits_list[i]                                          # [n_i, V_i], in place of the logits
                 grad_hs.append(torch.mm(grad, w).to(h_dtypes[i]))
                 if i == 0:
                     torch.mm(grad[:, :n_short].t(), h, out=grad_table[:n_short])
-                    grad_bias[:n_short] = grad[:, :n_short].sum(0, dtype=acc)
+                    torch.sum(grad[:, :n_short], 0, dtype=acc, out=grad_bias[:n_short])
                     grad_extra_w = torch.mm(grad[:, n_short:].t(), h).to(extra_w_dtype)
                     grad_extra_b = grad[:, n_short:].sum(0, dtype=acc).to(extra_b_dtype)
                 else:
                     torch.mm(grad.t(), h, out=grad_table[lo:hi])
-                    grad_bias[lo:hi] = grad.sum(0, dtype=acc)
+                    torch.sum(grad, 0, dtype=acc, out=grad_bias[lo:hi])
         grads_inputs = []
         for g in grad_hs:
             grads_inputs += [g, None]
@@ -173,13 +197,14 @@ class _SharedTableNLL(torch.autograd.Function):
         slot, ctx.slot = ctx.slot, None
         if slot is not None:
             slot.buffer = grad_table
-        return (grad_table, grad_bias.to(bias_dtype), grad_extra_w, grad_extra_b, None, None, *grads_inputs)
+        return (grad_table, grad_bias.to(bias_dtype), grad_extra_w, grad_extra_b, None, None, None, *grads_inputs)
 
 
 def shared_table_adaptive_nll(hidden: Tensor, target: Tensor, table: Tensor, bias: Tensor, extra_w: Tensor,
                               extra_b: Tensor, projs: List[Optional[Tensor]], cutoffs: List[int],
-                              capacity: Optional[float]) -> Tensor:
-    """NLL [N] of the adaptive softmax whose cluster weights are row blocks of `table` (div_val 1)."""
+                              capacity: Optional[float], compute: Optional[List[Tensor]] = None) -> Tensor:
+    """NLL [N] of the adaptive softmax whose cluster weights are row blocks of `table` (div_val 1); compute:
+    [table, bias, extra_w, extra_b] already in the matmul dtype, or None (see _SharedTableNLL)."""
     n_token = table.size(0)
     bounds = tuple([0] + list(cutoffs) + [n_token])
     head_size = cutoffs[0] + len(cutoffs)
@@ -189,7 +214,7 @@ def shared_table_adaptive_nll(hidden: Tensor, target: Tensor, table: Tensor, bia
     for i, (idx, valid) in enumerate(gathers, start=1):
         inputs += [_project(hidden.index_select(0, idx), projs[i]),
                    torch.where(valid, target.index_select(0, idx) - bounds[i], 0)]
-    outs = _SharedTableNLL.apply(table, bias, extra_w, extra_b, bounds, slot_for(table), *inputs)
+    outs = _SharedTableNLL.apply(table, bias, extra_w, extra_b, bounds, slot_for(table), compute, *inputs)
     nll = outs[0]
     for (idx, valid), tail in zip(gathers, outs[1:]):
         nll = nll.index_add(0, idx, torch.where(valid, tail, 0.0))

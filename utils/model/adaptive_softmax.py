@@ -160,6 +160,11 @@ class ProjectedAdaptiveLogSoftmax(nn.Module):
             self.cluster_weight = None
             self.cluster_bias = None
 
+        # bf16 compute copies of output_parameters() during a bf16 training step (set and cleared by
+        # utils/training/compute_weights.py, refreshed with the other weights): the NLL uses them instead of
+        # casting the float32 parameters itself; gradients still go to the parameters
+        self.compute_copies: Optional[List[Tensor]] = None
+
         # Own (untied) parameters. div_val == 1: one weight / bias over the whole vocabulary.
         self.out_layers_weights = nn.ParameterList()
         self.out_layers_biases = nn.ParameterList()
@@ -279,15 +284,30 @@ class ProjectedAdaptiveLogSoftmax(nn.Module):
         return self._nll_with(hidden, target, emb_weights, emb_projs, self.tail_capacity)
 
     @torch.jit.unused
+    def output_parameters(self, emb_weights: List[Tensor]) -> List[Tensor]:
+        """The parameters the NLL casts whole to the matmul dtype (div_val 1: the table, its bias and the
+        cluster rows; [] for div_val > 1), in the order of `compute_copies`."""
+        if self.div_val != 1:
+            return []
+        table = emb_weights[0] if self.tie_weight else self.out_layers_weights[0]
+        params = [table, self.out_layers_biases[0]]
+        if self.cluster_weight is not None and self.cluster_bias is not None:
+            params += [self.cluster_weight, self.cluster_bias]
+        return params
+
+    @torch.jit.unused
     def _nll_with(self, hidden: Tensor, target: Tensor, emb_weights: List[Tensor], emb_projs: List[Tensor],
                   capacity: Optional[float]) -> Tensor:
         cluster_weight, cluster_bias = self.cluster_weight, self.cluster_bias
+        copies = self.compute_copies if self.div_val == 1 else None
         if self.div_val == 1 and cluster_weight is not None and cluster_bias is not None:
             table = emb_weights[0] if self.tie_weight else self.out_layers_weights[0]
             return shared_table_adaptive_nll(hidden, target, table, self.out_layers_biases[0], cluster_weight,
-                                             cluster_bias, self.cluster_projs(emb_projs), self.cutoffs, capacity)
+                                             cluster_bias, self.cluster_projs(emb_projs), self.cutoffs, capacity,
+                                             copies)
         weights, biases, projs = self.cluster_params(emb_weights, emb_projs)
-        return adaptive_nll(hidden, target, weights, biases, projs, self.cutoffs, self.head_size, capacity)
+        return adaptive_nll(hidden, target, weights, biases, projs, self.cutoffs, self.head_size, capacity,
+                            copies if not self.cutoffs else None)
 
     def log_probs(self, hidden: Tensor, emb_weights: List[Tensor], emb_projs: List[Tensor]) -> Tensor:
         """hidden [N, d_proj] -> log-probabilities [N, n_token], built cluster by cluster."""

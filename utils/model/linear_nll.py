@@ -14,7 +14,7 @@ The log-sum-exp and the softmax are float32 whatever the matmul dtype (the logit
 rounded once, as they are with autocast's own cross-entropy). The saved logits are reused in place by the
 backward, so the graph can be run backward once (a second backward raises a clear error).
 """
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -56,9 +56,98 @@ def nll_forward(h: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor):
     lse = torch.empty(logits.size(0), dtype=acc, device=logits.device)
     step = _row_blocks(logits.size(0), logits.size(1), logits.device)
     for start in range(0, logits.size(0), step):
-        lse[start:start + step] = torch.logsumexp(logits[start:start + step].to(acc), dim=1)
+        torch.logsumexp(logits[start:start + step].to(acc), dim=1, out=lse[start:start + step])
     nll = lse - logits.gather(1, target.unsqueeze(1)).squeeze(1)                   # the sub promotes to acc
     return nll, logits, lse
+
+
+def linear_logits_into(buffer: Tensor, h: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
+    """nll_forward's logits z = h·wᵀ + b [N, V] (the same ops and layout: [V, N] transposed for a few rows
+    against many on the CPU), written into `buffer`, N·V contiguous elements of the compute dtype."""
+    n, v = h.size(0), w.size(0)
+    if h.device.type == "cpu" and n * _FEW_ROWS < v:
+        out = buffer.view(v, n)
+        torch.mm(w, h.t(), out=out) if b is None else torch.addmm(b.unsqueeze(1), w, h.t(), out=out)
+        return out.t()
+    out = buffer.view(n, v)
+    torch.mm(h, w.t(), out=out) if b is None else torch.addmm(b, h, w.t(), out=out)
+    return out
+
+
+def _float_groups(sizes: List[int], device: torch.device) -> List[List[int]]:
+    """Consecutive logits tensors (by their sizes) taken together into one float32 block: as many as fit the row
+    block budget; one larger than the budget is a group of its own (its rows go in blocks)."""
+    budget = _BLOCK_ELEMENTS.get(device.type, _BLOCK_ELEMENTS["default"])
+    groups: List[List[int]] = []
+    total = 0
+    for i, size in enumerate(sizes):
+        if not groups or total + size > budget:
+            groups.append([])
+            total = 0
+        groups[-1].append(i)
+        total += size
+    return groups
+
+
+def _same_layout(block: Tensor, logits: Tensor) -> Tensor:
+    """block (logits.numel() contiguous elements) viewed with the layout of logits ([N, V], or [V, N] transposed)."""
+    if logits.dim() == 2 and logits.size(0) > 1 and logits.stride(0) == 1:
+        return block.view(logits.size(1), logits.size(0)).t()
+    return block.view(logits.shape)
+
+
+def grouped_lse(buffer: Tensor, logits_list: List[Tensor], acc: torch.dtype) -> List[Tensor]:
+    """The float32 (acc) log-sum-exp of each row of several logits tensors that lie one after the other in
+    `buffer` (linear_logits_into): ONE conversion to float32 per group that fits a row block (per cluster
+    otherwise, nll_forward's row blocks), not one per tensor."""
+    lses = [torch.empty(z.size(0), dtype=acc, device=z.device) for z in logits_list]
+    sizes = [z.numel() for z in logits_list]
+    start = 0
+    for group in _float_groups(sizes, buffer.device):
+        end = start + sum(sizes[i] for i in group)
+        if len(group) == 1:                                              # row blocks of one tensor
+            z, lse = logits_list[group[0]], lses[group[0]]
+            step = _row_blocks(z.size(0), z.size(1), z.device)
+            for row in range(0, z.size(0), step):
+                torch.logsumexp(z[row:row + step].to(acc), dim=1, out=lse[row:row + step])
+        else:
+            block, at = buffer[start:end].to(acc), 0
+            for i in group:
+                if sizes[i]:                                             # (a tail cluster without tokens: nothing)
+                    torch.logsumexp(_same_layout(block[at:at + sizes[i]], logits_list[i]), dim=1, out=lses[i])
+                at += sizes[i]
+        start = end
+    return lses
+
+
+def grouped_grad_logits_(buffer: Tensor, logits_list: List[Tensor], lses: List[Tensor], targets: List[Tensor],
+                         grad_nlls: List[Tensor]) -> None:
+    """nll_grad_logits_ of each logits tensor of `buffer` (grouped_lse's layout), in place: one conversion to
+    float32 and one back per group."""
+    sizes = [z.numel() for z in logits_list]
+    start = 0
+    for group in _float_groups(sizes, buffer.device):
+        end = start + sum(sizes[i] for i in group)
+        if len(group) == 1:
+            i = group[0]
+            nll_grad_logits_(logits_list[i], lses[i], targets[i], grad_nlls[i])
+        else:
+            block = buffer[start:end]
+            p_all, at = block.to(lses[group[0]].dtype), 0
+            for i in group:
+                p = _same_layout(p_all[at:at + sizes[i]], logits_list[i])
+                at += sizes[i]
+                if not sizes[i]:
+                    continue
+                lse = lses[i]
+                g = grad_nlls[i].to(lse.dtype)
+                p.sub_(lse[:, None]).exp_()                                              # softmax, float32
+                p.mul_(g[:, None])
+                rows = torch.arange(p.size(0), device=p.device)
+                p.index_put_((rows, targets[i]), -g, accumulate=True)                    # - g at the target
+            if p_all is not block:
+                block.copy_(p_all)                                          # one rounding to bf16 / fp16
+        start = end
 
 
 def nll_grad_logits_(logits: Tensor, lse: Tensor, target: Tensor, grad_nll: Tensor) -> Tensor:
@@ -81,10 +170,12 @@ def nll_grad_logits_(logits: Tensor, lse: Tensor, target: Tensor, grad_nll: Tens
 class _LinearNLL(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor) -> Tensor:
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+                weight_c: Optional[Tensor], bias_c: Optional[Tensor]) -> Tensor:
         dtype = _compute_dtype(hidden)
-        h, w = hidden.to(dtype), weight.to(dtype)
-        b = None if bias is None else bias.to(dtype)
+        h = hidden.to(dtype)
+        w = weight_c if weight_c is not None and weight_c.dtype == dtype else weight.to(dtype)
+        b = None if bias is None else bias_c if bias_c is not None and bias_c.dtype == dtype else bias.to(dtype)
         with torch.autocast(hidden.device.type, enabled=False):
             nll, logits, lse = nll_forward(h, w, b, target)
         ctx.save_for_backward(h, w, lse, target)
@@ -110,11 +201,14 @@ class _LinearNLL(torch.autograd.Function):
                 grad_weight = torch.mm(grad.t(), h).to(weight_dtype)
             if bias_dtype is not None and ctx.needs_input_grad[2]:
                 grad_bias = grad.sum(0, dtype=lse.dtype).to(bias_dtype)
-        return grad_hidden, grad_weight, grad_bias, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None
 
 
-def linear_nll(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor) -> Tensor:
+def linear_nll(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+               weight_c: Optional[Tensor] = None, bias_c: Optional[Tensor] = None) -> Tensor:
     """hidden [N, d], weight [V, d], bias [V] or None, target [N] (ids in [0, V)) -> NLL [N], float32
     (float64 for float64 inputs). Equal to F.cross_entropy(F.linear(hidden, weight, bias).float(), target,
-    reduction="none") with less memory."""
-    return _LinearNLL.apply(hidden, weight, bias, target)
+    reduction="none") with less memory. weight_c / bias_c: the same parameters already in the matmul dtype (a
+    bf16 step's compute copies, utils/training/compute_weights.py), used instead of casting them here; the
+    gradients still go to weight / bias."""
+    return _LinearNLL.apply(hidden, weight, bias, target, weight_c, bias_c)

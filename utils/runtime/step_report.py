@@ -10,7 +10,9 @@
                        CUDA (dropout: empty_like + bernoulli_ + div_ + mul, one native_dropout on CUDA).
                        Casts: ops that only convert the dtype: `_to_copy`, `copy_` and `_foreach_copy_`
                        whose source and destination dtypes differ (arithmetic that promotes mixed dtypes
-                       inside the op is not a cast op). benchmark_train.py counts LAMB's multi-tensor
+                       inside the op is not a cast op; those are counted apart as `mixed-dtype ops`: ops
+                       other than casts whose floating-point inputs and outputs are not all of one dtype,
+                       e.g. a float32 residual plus a bf16 branch, or a bf16 sum into float32). benchmark_train.py counts LAMB's multi-tensor
                        update (the GPU's), not the eager CPU's block-by-block run of the same ops.
     graph breaks       torch._dynamo.explain of the training forward (model + loss)
     compilations       graphs dynamo compiled over the whole run (torch._dynamo counters)
@@ -50,6 +52,10 @@ def _dtypes(x) -> list:
     return []
 
 
+def _floating_dtypes(*groups) -> set:
+    return {d for group in groups for x in group for d in _dtypes(x) if d.is_floating_point}
+
+
 class OpCounter(TorchDispatchMode):
     """Counts the ATen ops dispatched while active, the dtype casts and the views among them, by phase:
     backward (run by the autograd engine), after the last backward (gradient collection, clipping, the
@@ -59,6 +65,7 @@ class OpCounter(TorchDispatchMode):
         super().__init__()
         self.ops = collections.Counter()
         self.casts = 0
+        self.mixed = 0                      # non-cast ops whose floating-point tensors are of several dtypes
         self.views = 0
         self.phases = collections.Counter()
         self._since_backward = 0            # ops since the last backward op: forward, or after the last backward
@@ -91,6 +98,8 @@ class OpCounter(TorchDispatchMode):
             result = _dtypes(out if name == "_to_copy" else args[0])
             if source != result:
                 self.casts += 1
+        elif len(_floating_dtypes(args, kwargs.values(), [out])) > 1:
+            self.mixed += 1
         return out
 
     @property
@@ -103,7 +112,8 @@ def count_ops(step_fn) -> dict:
     step_fn()
     with OpCounter() as counter:
         step_fn()
-    return {"aten_ops": counter.total, "casts": counter.casts, "views": counter.views,
+    return {"aten_ops": counter.total, "casts": counter.casts, "mixed_dtype_ops": counter.mixed,
+            "views": counter.views,
             "ops_by_phase": counter.by_phase,
             "top_ops": dict(counter.ops.most_common(8))}
 

@@ -19,6 +19,12 @@ and exact resume are unchanged. For the nn.Linear weights and biases the values 
 instead of promoting to float32 (two activation casts per layer saved; their gradients are summed over the
 layers in bf16: a bf16 rounding difference from autocast).
 
+The output layer's parameters that its NLL casts whole (div_val 1: the table, its bias, the cluster rows;
+ProjectedAdaptiveLogSoftmax.output_parameters) get bf16 copies in the same refresh, handed to the NLL through
+`crit.compute_copies` instead of being swapped in: the tied table is also the embedding, whose lookup keeps
+the float32 master, and their gradients stay float32 as before (the NLL computes them). Bit for bit the
+values the NLL's own casts gave.
+
 Applies to one process with the plain model (or torch.compile of it): DDP, FSDP and tensor parallelism hook
 the parameters themselves (FSDP2 has its own bf16 parameter policy) and keep autocast's casts.
 """
@@ -61,6 +67,10 @@ class ComputeWeights:
         self.masters: List[nn.Parameter] = []
         self.copies: List[Tensor] = []
         self.grads: List[Optional[Tensor]] = []                     # float32 gradient buffers, kept across steps
+        # the output layer's parameters that its NLL casts whole: copies refreshed with the others, not swapped in
+        self.crit = getattr(model, "crit", None)
+        self.output_masters: List[Tensor] = self._output_parameters()
+        self.output_copies: List[Tensor] = [torch.empty_like(p, dtype=dtype) for p in self.output_masters]
         index = {}
         for module, name in compute_parameters(model):
             p = module._parameters[name]
@@ -84,9 +94,17 @@ class ComputeWeights:
             return None                                             # DTensors (FSDP2, tensor parallelism)
         return ComputeWeights(model, torch.bfloat16)
 
+    def _output_parameters(self) -> List[Tensor]:
+        embedding = getattr(self.model, "word_emb", None)
+        if not hasattr(self.crit, "output_parameters") or not hasattr(embedding, "weights"):
+            return []
+        return list(self.crit.output_parameters(embedding.weights()))
+
     def _current(self) -> bool:
         """The masters are still the model's parameters (nothing replaced them since construction)."""
-        return all(module._parameters.get(name) is self.masters[i] for module, name, i in self.slots)
+        outputs = self._output_parameters()
+        return all(module._parameters.get(name) is self.masters[i] for module, name, i in self.slots) \
+            and len(outputs) == len(self.output_masters) and all(a is b for a, b in zip(outputs, self.output_masters))
 
     @contextlib.contextmanager
     def swapped(self, refresh: bool) -> Iterator[None]:
@@ -96,14 +114,18 @@ class ComputeWeights:
             self.__init__(self.model, self.dtype)                   # parameters replaced (e.g. model.to(...))
         if refresh:
             with torch.no_grad():
-                torch._foreach_copy_(self.copies, self.masters)
+                torch._foreach_copy_(self.copies + self.output_copies, self.masters + self.output_masters)
         for module, name, i in self.slots:
             module._parameters[name] = self.copies[i]
+        if self.output_copies:
+            self.crit.compute_copies = self.output_copies
         try:
             yield
         finally:
             for module, name, i in self.slots:
                 module._parameters[name] = self.masters[i]
+            if self.output_copies:
+                self.crit.compute_copies = None
 
     def collect_grads(self) -> None:
         """Move the copies' bf16 gradients into the masters' float32 .grad: a copy where the master has no
