@@ -25,12 +25,11 @@ from fractions import Fraction
 from typing import List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from utils.model.shared_table_grad import TableGradSlot, slot_for, table_gradient_buffer
 from utils.model.linear_nll import (_compute_dtype, grouped_grad_logits_, grouped_lse, linear_logits_into,
-                                    linear_nll)
+                                    linear_nll, nll_grad_logits_)
 
 
 # ---- token layout -----------------------------------------------------------------------------------------
@@ -126,10 +125,14 @@ class _SharedTableNLL(torch.autograd.Function):
             else:
                 w_all, b_all, extra_w_c, extra_b_c = table.to(dtype), bias.to(dtype), extra_w.to(dtype), extra_b.to(dtype)
             # every cluster's logits in one buffer, one after the other: their float32 log-sum-exp (and the
-            # backward's float32 softmax) convert them group by group, not cluster by cluster
+            # backward's float32 softmax) convert them group by group, not cluster by cluster. Not under
+            # torch.compile: there each write into a slice of a shared buffer becomes a copy of the whole buffer
+            # (slice_scatter; 5-7x the time and up to 13x the memory of this loss), and inductor fuses the
+            # per-cluster conversions anyway, so each cluster gets its own tensor.
+            separate = torch.compiler.is_compiling()
             sizes = [h.size(0) * (bounds[i + 1] - bounds[i] + (extra_w.size(0) if i == 0 else 0))
                      for i, h in enumerate(hs)]
-            buffer = torch.empty(sum(sizes), dtype=dtype, device=table.device)
+            buffer = None if separate else torch.empty(sum(sizes), dtype=dtype, device=table.device)
             start = 0
             hs_c, ws = [], []
             for i, (h, t) in enumerate(zip(hs, ts)):
@@ -139,11 +142,16 @@ class _SharedTableNLL(torch.autograd.Function):
                     w = torch.cat([w, extra_w_c], 0)
                     b = torch.cat([b, extra_b_c], 0)
                 h = h.to(dtype)
-                logits_list.append(linear_logits_into(buffer[start:start + sizes[i]], h, w, b))
+                own = torch.empty(sizes[i], dtype=dtype, device=table.device) if buffer is None \
+                    else buffer[start:start + sizes[i]]
+                logits_list.append(linear_logits_into(own, h, w, b))
                 start += sizes[i]
                 hs_c.append(h)
                 ws.append(w)
-            lses = grouped_lse(buffer, logits_list, acc)
+            if buffer is None:                      # whole tensors: a compiled graph has no cache-sized blocks
+                lses = [torch.logsumexp(z.to(acc), dim=1) for z in logits_list]
+            else:
+                lses = grouped_lse(buffer, logits_list, acc)
             for i, (h, t) in enumerate(zip(hs_c, ts)):
                 # the sub promotes to acc
                 outs.append(lses[i] - logits_list[i].gather(1, t.unsqueeze(1)).squeeze(1))
@@ -175,7 +183,11 @@ class _SharedTableNLL(torch.autograd.Function):
             grad_bias = torch.empty(w_all.size(0), dtype=acc, device=w_all.device)
             grad_extra_w = grad_extra_b = None
             grad_hs = []
-            grouped_grad_logits_(buffer, logits_list, list(saved[2::4]), list(saved[3::4]), list(grad_nlls))
+            if buffer is None:                                                 # compiled: one tensor each
+                for z, lse, t, g in zip(logits_list, saved[2::4], saved[3::4], grad_nlls):
+                    nll_grad_logits_(z, lse, t, g)
+            else:
+                grouped_grad_logits_(buffer, logits_list, list(saved[2::4]), list(saved[3::4]), list(grad_nlls))
             for i in range(k1):
                 h, w_head, lse, t = saved[4 * i: 4 * i + 4]
                 lo, hi = bounds[i], bounds[i + 1]

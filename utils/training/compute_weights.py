@@ -96,7 +96,8 @@ class ComputeWeights:
 
     def _output_parameters(self) -> List[Tensor]:
         embedding = getattr(self.model, "word_emb", None)
-        if not hasattr(self.crit, "output_parameters") or not hasattr(embedding, "weights"):
+        if not hasattr(self.crit, "output_parameters") or not hasattr(embedding, "weights") \
+                or getattr(self.model, "sampler", None) is not None:     # the sampled softmax reads no copies
             return []
         return list(self.crit.output_parameters(embedding.weights()))
 
