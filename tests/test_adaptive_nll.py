@@ -265,8 +265,8 @@ def test_a_30_step_compiled_run_compiles_twice_and_matches_eager():
 
 def test_compiled_the_shared_table_loss_writes_no_slices_of_a_shared_logits_buffer():
     """Under torch.compile each cluster's logits get their own tensor: a write into a slice of one shared buffer
-    becomes a copy of the whole buffer in the graph (slice_scatter), which made the compiled loss 5-7x slower
-    and up to 13x larger in memory. The forward graph (aot) of a bf16 tied loss with a tail capacity has none."""
+    becomes a copy of the whole buffer in the graph (slice_scatter), which made the compiled loss several times
+    slower and larger in memory. The forward graph (aot) of a bf16 tied loss with a tail capacity has none."""
     from torch._dynamo.backends.common import aot_autograd
     forward_graphs = []
 

@@ -127,7 +127,7 @@ class _SharedTableNLL(torch.autograd.Function):
             # every cluster's logits in one buffer, one after the other: their float32 log-sum-exp (and the
             # backward's float32 softmax) convert them group by group, not cluster by cluster. Not under
             # torch.compile: there each write into a slice of a shared buffer becomes a copy of the whole buffer
-            # (slice_scatter; 5-7x the time and up to 13x the memory of this loss), and inductor fuses the
+            # (slice_scatter: several times the time and memory of this loss), and inductor fuses the
             # per-cluster conversions anyway, so each cluster gets its own tensor.
             separate = torch.compiler.is_compiling()
             sizes = [h.size(0) * (bounds[i + 1] - bounds[i] + (extra_w.size(0) if i == 0 else 0))
