@@ -84,7 +84,7 @@ def first_occurrence_sums(tokens: Tensor, grad: Tensor) -> Tensor:
 
 # The table gradient's memory, kept from one step to the next on the CPU. A fresh table-sized tensor is fresh
 # memory: glibc maps a request that large anew each time and returns it on free, so each step's first writes into
-# the 274 MB WikiText-103 table gradient page-faulted ~67,000 times (about 60 ms of a ~500 ms step on 2 cores).
+# the 274 MB WikiText-103 table gradient page-faulted ~67,000 times.
 # (shape, dtype) -> last step's gradient, taken by the next backward that writes a whole table (every element).
 _SPARES: Dict[Tuple[Tuple[int, ...], torch.dtype], Tensor] = {}
 _WANTED: Set[Tuple[Tuple[int, ...], torch.dtype]] = set()        # the shapes such a backward has asked for
@@ -149,7 +149,7 @@ def embed_outside_the_graph(embedding: torch.nn.Module, tokens: Tensor) -> Tenso
     that itself runs eagerly (the exact-size adaptive softmax), the lookup's gradient can then go into that
     layer's buffer as it does uncompiled. Inside the compiled graph the lookup's backward would zero-fill a
     table-sized gradient of its own and autograd would add the two tables: three passes over the WikiText-103
-    table (~40 ms of a ~500 ms step on 2 cores) for a few hundred rows."""
+    table for a few hundred rows (benchmarks/results/training/cpu/issue18/step_time/profile_compiled_c101830.txt)."""
     return embedding(tokens)
 
 
