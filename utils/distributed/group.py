@@ -201,6 +201,9 @@ def init_from_env(args):
 
 def shutdown() -> None:
     if is_initialized():
+        # every rank done with its collectives before any tears down: a gloo rank whose peer closed its
+        # connections mid-teardown could die at exit ("terminate called without an active exception", SIGABRT)
+        dist.barrier()
         dist.destroy_process_group()
 
 
