@@ -107,6 +107,19 @@ def evaluate(argv, tmp_path: Path, **kwargs) -> Result:
     return run(EVAL, argv, tmp_path, **kwargs)
 
 
+def train_whole_and_resumed(data: Path, tmp_path: Path, steps: int, **flags) -> tuple[Path, Path]:
+    """tiny_args training on `data` for `steps` steps in one run (tmp_path/whole), and stopped at steps // 2
+    then resumed with --restart (tmp_path/split); every run must succeed. Returns the two work dirs."""
+    def args(work, max_step, **more):
+        return tiny_args(data, work, max_step=max_step, **flags, **more)
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    for name, argv in (("whole", args(whole, steps)), ("first", args(split, steps // 2)),
+                       ("second", args(split, steps, restart=split))):
+        result = train(argv, tmp_path, name=name)
+        assert result.returncode == 0, result.stderr
+    return whole, split
+
+
 # ----------------------------------------------------------------------------------------------------------
 # tiny corpora and models
 

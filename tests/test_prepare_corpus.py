@@ -280,17 +280,11 @@ def test_train_on_a_prepared_folder_resumes_exactly_mid_shard(tmp_path):
     src = write_jsonl(tmp_path / "c.jsonl", zipf_articles(n_docs=200, vocab=400, seed=1))
     data = tmp_path / "prepared"
     prepare_corpus([src], data, Options(max_vocab_size=300, valid_docs=10, test_docs=10, shard_tokens=300), workers=1)
-    common = dict(dataset="prepared", max_step_scheduler=16, log_interval=1, eval_interval=8, no_test=True)
-    args = lambda work, steps, **kw: cli_runner.tiny_args(data, work, max_step=steps, **common, **kw)  # noqa: E731
-    whole = cli_runner.train(args(tmp_path / "whole", 16), tmp_path, name="whole")
-    assert whole.returncode == 0, whole.stderr
-    first = cli_runner.train(args(tmp_path / "split", 8), tmp_path, name="first")
-    assert first.returncode == 0, first.stderr
-    second = cli_runner.train(args(tmp_path / "split", 16, restart=tmp_path / "split"), tmp_path, name="second")
-    assert second.returncode == 0, second.stderr
-    assert_same_training(tmp_path / "whole", tmp_path / "split", range(1, 17))
+    whole, split = cli_runner.train_whole_and_resumed(
+        data, tmp_path, 16, dataset="prepared", max_step_scheduler=16, log_interval=1, eval_interval=8, no_test=True)
+    assert_same_training(whole, split, range(1, 17))
     # eval.py scores the prepared valid split with the checkpoint's vocabulary
-    scored = cli_runner.evaluate(["--model", tmp_path / "whole" / "checkpoint_last.pt", "--data", data, "--dataset",
+    scored = cli_runner.evaluate(["--model", whole / "checkpoint_last.pt", "--data", data, "--dataset",
                                   "prepared", "--split", "valid", "--tgt_len", 8, "--mem_len", 8, "--batch_size", 4,
                                   "--work_dir", tmp_path / "eval"], tmp_path, name="eval")
     assert scored.returncode == 0, scored.stderr

@@ -211,24 +211,18 @@ def test_train_with_the_flag_resumes_exactly_and_eval_scores_with_it(tmp_path):
     src = write_jsonl(tmp_path / "c.jsonl", zipf_articles(n_docs=120, vocab=400, seed=2))
     data = tmp_path / "prepared"
     prepare_corpus([src], data, Options(max_vocab_size=300, valid_docs=10, test_docs=10, shard_tokens=500), workers=1)
-    common = dict(dataset="prepared", reset_mems_at_doc=True, batch_chunk=2, max_step_scheduler=12,
-                  log_interval=1, eval_interval=6, no_test=True)
-    args = lambda work, steps, **kw: cli_runner.tiny_args(data, work, max_step=steps, **common, **kw)  # noqa: E731
-    whole = cli_runner.train(args(tmp_path / "whole", 12), tmp_path, name="whole")
-    assert whole.returncode == 0, whole.stderr
-    first = cli_runner.train(args(tmp_path / "split", 6), tmp_path, name="first")
-    assert first.returncode == 0, first.stderr
-    second = cli_runner.train(args(tmp_path / "split", 12, restart=tmp_path / "split"), tmp_path, name="second")
-    assert second.returncode == 0, second.stderr
-    assert_same_training(tmp_path / "whole", tmp_path / "split", range(1, 13))
-    ckpt = torch.load(tmp_path / "whole" / "checkpoint_last.pt", weights_only=True)
+    whole, split = cli_runner.train_whole_and_resumed(
+        data, tmp_path, 12, dataset="prepared", reset_mems_at_doc=True, batch_chunk=2, max_step_scheduler=12,
+        log_interval=1, eval_interval=6, no_test=True)
+    assert_same_training(whole, split, range(1, 13))
+    ckpt = torch.load(whole / "checkpoint_last.pt", weights_only=True)
     chunk_memory = ckpt["memory"][0]
     assert len(chunk_memory) == 2
     for mems in chunk_memory:
         assert mems.shape == (3, 8, 8, 32)                  # n_layer + 1 rows, mem_len, columns per chunk, d_model
         flags = mems[2]
         assert set(flags.unique().tolist()) == {0.0, 1.0}   # some positions of ended articles, some of open ones
-    scored = cli_runner.evaluate(["--model", tmp_path / "whole" / "checkpoint_last.pt", "--data", data, "--dataset",
+    scored = cli_runner.evaluate(["--model", whole / "checkpoint_last.pt", "--data", data, "--dataset",
                                   "prepared", "--split", "valid", "--tgt_len", 8, "--mem_len", 8, "--batch_size", 4,
                                   "--reset_mems_at_doc", "--work_dir", tmp_path / "eval"], tmp_path, name="eval")
     assert scored.returncode == 0, scored.stderr
@@ -236,7 +230,7 @@ def test_train_with_the_flag_resumes_exactly_and_eval_scores_with_it(tmp_path):
     assert len(valid_line) == 1
     # from the checkpoint alone: the flag is taken from the training configuration, same score; switched off
     # on the command line, the memory of ended articles is seen again and the score moves
-    same = ["--model", tmp_path / "whole" / "checkpoint_last.pt", "--data", data, "--split", "valid", "--tgt_len", 8,
+    same = ["--model", whole / "checkpoint_last.pt", "--data", data, "--split", "valid", "--tgt_len", 8,
             "--mem_len", 8, "--batch_size", 4]
     taken = cli_runner.evaluate(same + ["--work_dir", tmp_path / "eval2"], tmp_path, name="eval2")
     assert taken.returncode == 0, taken.stderr
