@@ -139,15 +139,19 @@ def grouped_grad_logits_(buffer: Tensor, logits_list: List[Tensor], lses: List[T
                 at += sizes[i]
                 if not sizes[i]:
                     continue
-                lse = lses[i]
-                g = grad_nlls[i].to(lse.dtype)
-                p.sub_(lse[:, None]).exp_()                                              # softmax, float32
-                p.mul_(g[:, None])
-                rows = torch.arange(p.size(0), device=p.device)
-                p.index_put_((rows, targets[i]), -g, accumulate=True)                    # - g at the target
+                g = grad_nlls[i].to(lses[i].dtype)
+                _softmax_grad_(p, lses[i], targets[i], g, torch.arange(p.size(0), device=p.device))
             if p_all is not block:
                 block.copy_(p_all)                                          # one rounding to bf16 / fp16
         start = end
+
+
+def _softmax_grad_(p: Tensor, lse: Tensor, target: Tensor, g: Tensor, rows: Tensor) -> Tensor:
+    """p (float32 logits [n, V]) <- softmax * g, minus g at the target, in place; rows = arange(n)."""
+    p.sub_(lse[:, None]).exp_()                                                  # softmax, float32
+    p.mul_(g[:, None])
+    p.index_put_((rows, target), -g, accumulate=True)                            # - g at the target
+    return p
 
 
 def nll_grad_logits_(logits: Tensor, lse: Tensor, target: Tensor, grad_nll: Tensor) -> Tensor:
@@ -159,9 +163,8 @@ def nll_grad_logits_(logits: Tensor, lse: Tensor, target: Tensor, grad_nll: Tens
     for start in range(0, grad.size(0), step):
         block = grad[start:start + step]
         n = block.size(0)
-        p = block.to(lse.dtype).sub_(lse[start:start + step, None]).exp_()       # softmax, float32
-        p.mul_(g[start:start + step, None])
-        p.index_put_((rows[:n], target[start:start + step]), -g[start:start + step], accumulate=True)  # - g
+        p = _softmax_grad_(block.to(lse.dtype), lse[start:start + step], target[start:start + step],
+                           g[start:start + step], rows[:n])
         if p is not block:
             block.copy_(p)                                                       # one rounding to bf16 / fp16
     return grad
