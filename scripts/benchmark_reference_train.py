@@ -54,6 +54,7 @@ import sys
 import tempfile
 import time
 import types
+import warnings
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -188,6 +189,9 @@ def load_reference(spec):
     """The reference's modules, its model built and initialized, its optimizer."""
     sys.path.insert(0, spec["reference"])
     sys.modules.setdefault("dllogger", types.ModuleType("dllogger"))
+    # its deprecation warnings (old overloads of add_ / addcmul_, torch.jit) would print its source lines into
+    # logs that this project keeps
+    warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning, UserWarning))
     import torch
     import data_utils
     import lamb
