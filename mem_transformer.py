@@ -449,10 +449,12 @@ class MemTransformerLM(nn.Module):
         hids: List[Tensor] = []                                                 # each layer's input
 
         if self.r_r_bias is not None and self.r_w_bias is not None:             # type 0
+            # the reference's order of dropout draws: the embeddings' mask, then the positions' (same masks for
+            # the same random state: scripts/compare_reference_train.py)
+            core_out = self.drop(word_emb)
             pos_emb = self.drop(self._sinusoid_of_distances(klen, word_emb))   # [klen, d_model]
             if not torch.jit.is_scripting():
                 pos_emb = autocast_input(pos_emb)                               # cast once, not per layer
-            core_out = self.drop(word_emb)
             for i, layer in enumerate(self.layers):
                 hids.append(core_out.detach())
                 core_out = layer(core_out, mem_list[i], mask, pos_emb, self.r_w_bias, self.r_r_bias, band, docs)

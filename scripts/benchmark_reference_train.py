@@ -46,6 +46,7 @@ run alternated, side by side:
       --cmd "reference=python scripts/benchmark_reference_train.py --reference $REF --preset base ..." \\
       --cmd "ours=python scripts/benchmark_train.py --preset base ..."
 """
+import argparse
 import json
 import os
 import statistics
@@ -58,7 +59,40 @@ import warnings
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+# the command line other than this script's own flags goes to benchmark_train.py's parser (tests/docs_flags.py)
+FLAGS_ALSO_OF = "scripts/benchmark_train.py"
 NEEDED = ("mem_transformer.py", "lamb.py", "data_utils.py")
+
+
+class FlagParser(argparse.ArgumentParser):
+    """This script's own flags (before `--`); a bad value gets one line and exit status 2."""
+
+    def __init__(self):
+        super().__init__(add_help=False, allow_abbrev=False)
+
+    def error(self, message):
+        from utils.io.errors import UserError
+        raise UserError(message)
+
+    def split(self, argv):
+        """(this script's flags, the rest of the command line for scripts/benchmark_train.py's parser)"""
+        cut = argv.index("--") if "--" in argv else len(argv)
+        own, rest = self.parse_known_args(argv[:cut])
+        return own, rest + argv[cut:]
+
+
+def checked_reference(reference) -> Path:
+    """--reference DIR, resolved, holding the reference's modules; else one line saying what to give."""
+    from utils.io.errors import UserError
+    if reference is None:
+        raise UserError("--reference DIR is required: the reference's pytorch/ folder (a checkout of NVIDIA "
+                        "DeepLearningExamples, PyTorch/LanguageModeling/Transformer-XL/pytorch)")
+    reference = Path(reference).resolve()
+    missing = [f for f in NEEDED if not (reference / f).is_file()]
+    if missing:
+        raise UserError(f"--reference {reference}: no {', '.join(missing)} there; give the reference's pytorch/ "
+                        "folder (PyTorch/LanguageModeling/Transformer-XL/pytorch in DeepLearningExamples)")
+    return reference
 
 
 def parent(argv) -> int:
@@ -69,25 +103,15 @@ def parent(argv) -> int:
     if "-h" in argv or "--help" in argv:
         print(__doc__)
         return 0
-    if "--reference" not in argv[:-1]:
-        raise UserError("--reference DIR is required: the reference's pytorch/ folder (a checkout of NVIDIA "
-                        "DeepLearningExamples, PyTorch/LanguageModeling/Transformer-XL/pytorch)")
-    at = argv.index("--reference")
-    reference = Path(argv[at + 1]).resolve()
-    argv = argv[:at] + argv[at + 2:]
-    jit_profiling = "auto"
-    our_settings = "--our_process_settings" in argv
-    argv = [a for a in argv if a != "--our_process_settings"]
-    if "--jit_profiling" in argv[:-1]:
-        at = argv.index("--jit_profiling")
-        jit_profiling = argv[at + 1]
-        argv = argv[:at] + argv[at + 2:]
-        if jit_profiling not in ("auto", "on", "off"):
-            raise UserError(f"--jit_profiling {jit_profiling}: expected auto, on or off")
-    missing = [f for f in NEEDED if not (reference / f).is_file()]
-    if missing:
-        raise UserError(f"--reference {reference}: no {', '.join(missing)} there; give the reference's pytorch/ "
-                        "folder (PyTorch/LanguageModeling/Transformer-XL/pytorch in DeepLearningExamples)")
+    parser = FlagParser()
+    parser.add_argument("--reference", metavar="DIR", help="the reference's pytorch/ folder")
+    parser.add_argument("--jit_profiling", choices=["auto", "on", "off"], default="auto",
+                        help="TorchScript's profiling executor (auto: as the checkout's train.py sets it)")
+    parser.add_argument("--our_process_settings", action="store_true",
+                        help="give the reference's step our malloc and OpenMP settings")
+    own, argv = parser.split(argv)
+    reference = checked_reference(own.reference)
+    jit_profiling, our_settings = own.jit_profiling, own.our_process_settings
 
     sys.path.insert(0, str(REPO / "scripts"))
     import benchmark_train as ours

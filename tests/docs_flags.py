@@ -65,7 +65,9 @@ def _names(arg: ast.expr, loops: dict) -> list[str]:
 
 @lru_cache(maxsize=None)
 def source_flags(path: Path) -> frozenset:
-    """The flags a script declares with `add_argument("--flag", ...)` (read from its source, not run)."""
+    """The flags a script declares with `add_argument("--flag", ...)` (read from its source, not run), and those
+    of the script a module-level `FLAGS_ALSO_OF = "scripts/x.py"` names (a script that passes the rest of its
+    command line to that one's parser)."""
     flags = set()
 
     def visit(node, loops):
@@ -79,7 +81,12 @@ def source_flags(path: Path) -> frozenset:
         for child in ast.iter_child_nodes(node):
             visit(child, loops)
 
-    visit(ast.parse(path.read_text(encoding="utf-8")), {})
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    visit(tree, {})
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "FLAGS_ALSO_OF" for t in node.targets) \
+                and isinstance(node.value, ast.Constant):
+            flags |= source_flags(REPO / node.value.value)
     return frozenset(flags | {"help"})
 
 

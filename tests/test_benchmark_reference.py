@@ -129,7 +129,7 @@ def test_a_reference_that_does_not_load_gets_one_line(tmp_path):
     (["--reference", "{ref}", "--attn_impl", "sdpa", "--", "--varlen"], "without --attn_impl, --varlen: drop them"),
     (["--reference", "{ref}", "--", "--optim", "adam", "--no_cuda"], "--optim jitlamb or lamb"),
     (["--reference", "{ref}", "--", "--cuda"], "runs on the CPU: pass --no_cuda"),
-    (["--reference", "{ref}", "--jit_profiling", "maybe"], "expected auto, on or off"),
+    (["--reference", "{ref}", "--jit_profiling", "maybe"], "invalid choice: 'maybe'"),
 ])
 def test_bad_input_gets_one_line(stand_in, tmp_path, argv, words):
     argv = [a.format(tmp=tmp_path, ref=stand_in) for a in argv]
@@ -143,3 +143,33 @@ def test_bad_input_gets_one_line(stand_in, tmp_path, argv, words):
 def test_help_prints_the_usage():
     result = run("--help")
     assert result.returncode == 0 and "--reference" in result.stdout
+
+
+# scripts/compare_reference_train.py: our step against the reference's, step by step. It needs the reference's
+# code, which this project does not contain: with TXL_REFERENCE_DIR set to a checkout's pytorch/ folder the
+# comparison runs (float64, dropout on, attention types 0 and 1, div_val 1 and 4, chunks); otherwise it skips.
+COMPARE = REPO / "scripts" / "compare_reference_train.py"
+REFERENCE_DIR = __import__("os").environ.get("TXL_REFERENCE_DIR")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not REFERENCE_DIR, reason="TXL_REFERENCE_DIR (a checkout of the reference's pytorch/ folder) "
+                                               "is not set")
+@pytest.mark.parametrize("flags", [["--attn_type", "0"], ["--attn_type", "1", "--dropatt", "0.1"],
+                                   ["--div_val", "4"], ["--batch_chunk", "2", "--pre_lnorm"]])
+def test_our_step_equals_the_reference_trainers_step_by_step(flags):
+    model = ["--n_layer", "2", "--d_model", "64", "--n_head", "2", "--d_head", "32", "--d_inner", "128",
+             "--tgt_len", "16", "--mem_len", "16", "--eval_tgt_len", "16", "--no_cuda", "--optim", "lamb"]
+    result = subprocess.run([sys.executable, str(COMPARE), "--reference", REFERENCE_DIR, "--preset", "base",
+                             "--batch_size", "4", "--steps", "4", "--float64", "--", *model, *flags],
+                            capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert result.returncode == 0 and result.stdout.strip().endswith("agree"), result.stdout + result.stderr
+
+
+def test_the_comparison_without_a_reference_gets_one_line(tmp_path):
+    for argv in ([], ["--reference", str(tmp_path)]):
+        result = subprocess.run([sys.executable, str(COMPARE), *argv, "--preset", "cpu_small"], capture_output=True,
+                                text=True, cwd=REPO, timeout=120)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: --reference"), \
+            result.stderr

@@ -20,6 +20,7 @@ from utils.distributed.tensor_parallel import clip_grad_norm_
 from utils.model import shared_table_grad
 from utils.training.compute_weights import ComputeWeights
 from utils.training.lamb import Lamb
+from utils.training.unused_clusters import UnusedClusterGuard
 
 
 class TrainStep:
@@ -47,6 +48,8 @@ class TrainStep:
             and not is_sharded(model) and not any(hasattr(p, "full_tensor") for p in model.parameters())
         # bf16: weights kept in bf16 for the step instead of autocast's per-weight casts (compute_weights.py)
         self.compute_weights = ComputeWeights.for_step(model, forward_model, autocast)
+        # div_val > 1: tail clusters absent from a batch keep their parameters, as in the reference
+        self.cluster_guard = UnusedClusterGuard(model)
 
     @property
     def skipped_steps(self) -> int:
@@ -67,6 +70,7 @@ class TrainStep:
         self.optimizer.zero_grad(set_to_none=True)
         device = target.device
         step_loss = torch.zeros((), device=device)
+        used_clusters = self.cluster_guard.usage(data, target) if self.cluster_guard.active else None
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
         for i, (data_i, target_i) in enumerate(zip(torch.chunk(data, chunks, 1), torch.chunk(target, chunks, 1))):
@@ -106,8 +110,12 @@ class TrainStep:
         # tensor `_scale`, not get_scale(), which reads it back). The optimizer step itself reads nothing back
         # when the optimizer handles the scaler's found_inf on the device (Lamb: `_step_supports_amp_scaling`).
         scale_before = self.scaler._scale.clone() if self.scaler.is_enabled() else None
+        if used_clusters is not None:
+            self.cluster_guard.snapshot(self.optimizer)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if used_clusters is not None:
+            self.cluster_guard.restore(self.optimizer, used_clusters)
         if scale_before is not None:
             lowered = (self.scaler._scale < scale_before).to(torch.int64)
             self._skipped = lowered if self._skipped is None else self._skipped.to(lowered.device) + lowered
