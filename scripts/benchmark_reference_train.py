@@ -313,9 +313,14 @@ def child() -> int:
     return 0
 
 
-if __name__ == "__main__":
+def run_script(parent_main, child_main) -> None:
+    """A script of the reference's: the child when started as one (`--_child`), else the parent's command line."""
     if sys.argv[1:] == ["--_child"]:
-        sys.exit(child())
+        sys.exit(child_main())
     sys.path.insert(0, str(REPO))
     from utils.io.errors import run_cli
-    run_cli(lambda: parent(sys.argv[1:]))
+    run_cli(lambda: parent_main(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    run_script(parent, child)

@@ -201,8 +201,4 @@ def child() -> int:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["--_child"]:
-        sys.exit(child())
-    sys.path.insert(0, str(REPO))
-    from utils.io.errors import run_cli
-    run_cli(lambda: parent(sys.argv[1:]))
+    bench_ref.run_script(parent, child)
