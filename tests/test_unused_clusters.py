@@ -93,6 +93,71 @@ def test_an_untouched_cluster_keeps_its_parameters_and_moments_as_without_a_grad
                for n in unused)
 
 
+@pytest.mark.parametrize("tie_weight, tie_projs", [(True, (False, True, True, True)),
+                                                   (False, (False, False, False, False)),
+                                                   (True, (True, True, False, True))])
+def test_the_untouched_parameters_are_exactly_those_with_a_zero_gradient(tie_weight, tie_projs):
+    """An oracle independent of the rule: in the static-shape model an untouched parameter's gradient is exact
+    zeros (masked out), a touched one's is not (random weights). The guard's flags must say which is which, and
+    every parameter it does not guard must always have a gradient."""
+    model = model_div2(tie_weight, tie_projs)
+    guard = UnusedClusterGuard(model)
+    guarded = {id(p): (cluster, by_input, by_target) for p, cluster, by_input, by_target in guard.entries}
+    g = torch.Generator().manual_seed(5)
+    batches = [(torch.randint(lo_in, hi_in, (6, 3), generator=g), torch.randint(lo_t, hi_t, (6, 3), generator=g))
+               for lo_in, hi_in, lo_t, hi_t in [(0, 40, 0, 40), (0, 10, 0, 10), (10, 20, 0, 10), (0, 10, 20, 30),
+                                                (10, 40, 30, 40), (20, 30, 10, 20)]]
+    for data, target in batches:
+        model.zero_grad(set_to_none=True)
+        loss, _ = model(data, target, None)
+        loss.float().mean().backward()
+        used = guard.usage(data, target)
+        for name, p in model.named_parameters():
+            has_gradient = p.grad is not None and bool((p.grad != 0).any())
+            if id(p) in guarded:
+                cluster, by_input, by_target = guarded[id(p)]
+                flag = bool((used[cluster, 0] & by_input) | (used[cluster, 1] & by_target))
+                assert flag == has_gradient, (name, data.unique().tolist(), target.unique().tolist())
+            else:
+                assert has_gradient, (name, "has no gradient but is not guarded")
+
+
+def test_adam_and_a_cluster_touched_only_by_inputs_or_only_by_targets():
+    """Untied, weight decay on, Adam (its step count is state too): later steps where a cluster already trained
+    is touched only by inputs, or only by targets; against the None-gradient second path."""
+    guarded = model_div2(False, (False, False, False, False))
+    plain = copy.deepcopy(guarded)
+    args = Config.build("train", {})
+    device = torch.device("cpu")
+    step = TrainStep(guarded, guarded, torch.optim.Adam(guarded.parameters(), lr=0.01, weight_decay=0.1),
+                     grad_scaler(args, device), amp_context(args, device), clip=0.25)
+    optimizer = torch.optim.Adam(plain.parameters(), lr=0.01, weight_decay=0.1)
+    g = torch.Generator().manual_seed(7)
+    everything = torch.arange(0, 40).reshape(8, 5)
+    batches = [(everything[:6], everything[1:7]),                                     # every cluster
+               (torch.randint(20, 30, (6, 3), generator=g), torch.randint(0, 10, (6, 3), generator=g)),  # 2: inputs
+               (torch.randint(0, 10, (6, 3), generator=g), torch.randint(30, 40, (6, 3), generator=g)),  # 3: targets
+               (torch.randint(0, 40, (6, 3), generator=g), torch.randint(0, 40, (6, 3), generator=g))]
+    for data, target in batches:
+        step(data, target, [None])
+        optimizer.zero_grad(set_to_none=True)
+        loss, _ = plain(data, target, None)
+        loss.float().mean().backward()
+        unused = set(unused_parameter_names(plain, data, target))
+        for name, p in plain.named_parameters():
+            if name in unused or (name == "word_emb.emb_projs.0" and not bool((data < 10).any())) \
+                    or (name == "word_emb.emb_layers.0.weight" and not bool((data < 10).any())):
+                p.grad = None
+        torch.nn.utils.clip_grad_norm_([p for p in plain.parameters() if p.grad is not None], 0.25)
+        optimizer.step()
+    for (name, a), b in zip(guarded.named_parameters(), plain.parameters()):
+        assert torch.allclose(a, b, rtol=0, atol=1e-12), name
+        sa, sb = step.optimizer.state[a], optimizer.state[b]
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            expected = sb[key] if sb else torch.zeros_like(sa[key])
+            assert torch.allclose(sa[key].double(), expected.double(), rtol=0, atol=1e-12), (name, key)
+
+
 def test_the_guard_is_off_where_every_parameter_is_always_used():
     assert not UnusedClusterGuard(tiny_model(0, n_token=40, cutoffs=CUTOFFS, div_val=1)).active
     assert not UnusedClusterGuard(tiny_model(0, n_token=40)).active
