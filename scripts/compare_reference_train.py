@@ -22,11 +22,12 @@ Exit status 0 when they agree, 1 otherwise: the gradient norms within --rtol (re
 float64, 1e-4 in float32), the losses within --rtol or 2.5e-7, whichever is larger (both trainers reduce the
 loss in float32, `loss.float().mean()`, so in float64 the sums can round one float32 ulp apart), and every
 parameter and LAMB moment within --param_rtol of the largest magnitude of its tensor (default 1e-5 in
-float64, 1e-3 in float32). LAMB normalizes each tensor's update, so a gradient that is a sum of cancelling
+float64, 5e-2 in float32). LAMB normalizes each tensor's update, so a gradient that is a sum of cancelling
 terms passes its rounding noise on at full size: r_net's at initialization differs by ~1e-8 after the first
-step in float64, and the difference grows to ~1e-6 in its moments by step 4; in float32 with --compile, whose
-fused kernels round differently, the feed-forward weights of a 2-layer model differ by up to 7e-4 after 4
-steps. The defects this is for are far larger (dropout masks drawn in another order: 5e-5 in the first loss; a
+step in float64, and the difference grows to ~1e-6 in its moments by step 4. In float32 with --compile, whose
+fused kernels round differently, a pre-activation within rounding of zero can fall on the other side of the
+ReLU: after 4 steps of a 2-layer model the feed-forward weights differ by up to 3e-4 and their second moments
+by 1.5e-2 of the largest. float64 is the strict check. The defects this is for are far larger (dropout masks drawn in another order: 5e-5 in the first loss; a
 table moved by its moments where the reference leaves it: 0.3).
 float64 is the strict check: eager and --compile agree with the reference to 1e-12 in the gradient norms,
 with `-- --optim lamb` (the reference's JITLamb rounds each trust ratio to float32, `trust_ratio.float()`,
@@ -61,7 +62,7 @@ def parent(argv) -> int:
     reference = bench_ref.checked_reference(own.reference)
     float64 = own.float64
     rtol = (1e-9 if float64 else 1e-4) if own.rtol is None else own.rtol
-    param_rtol = (1e-5 if float64 else 1e-3) if own.param_rtol is None else own.param_rtol
+    param_rtol = (1e-5 if float64 else 5e-2) if own.param_rtol is None else own.param_rtol
 
     import benchmark_train as ours
     import torch

@@ -17,6 +17,7 @@ run float64_attn1_dropatt --float64 -- $M --optim lamb --attn_type 1 --dropatt 0
 run float64_div_val4 --float64 -- $M --optim lamb --div_val 4
 run float64_pre_lnorm_2chunks --float64 -- $M --optim lamb --pre_lnorm --batch_chunk 2
 run float64_div_val4_compiled --float64 --compile -- $M --optim lamb --div_val 4
+run float64_div_val4_untied --float64 -- $M --optim lamb --div_val 4 --not_tied
 run float64_jitlamb --float64 -- $M
 run float32_jitlamb --  $M
 run float32_jitlamb_compiled --compile -- $M
