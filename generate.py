@@ -23,7 +23,8 @@ from inference.runtime import current_lengths, length_overrides, load_for_infere
 from inference.text import TextCodec
 from utils.config.cli import generate_parser, parse_args
 from utils.io.errors import UserError, run_cli
-from utils.runtime.device import select_device, tune_cpu_allocator
+from utils.runtime.cpu_allocator import tune_cpu_allocator
+from utils.runtime.device import select_device
 from utils.training.progress import progress_bar, show_progress
 
 

@@ -236,6 +236,23 @@ def load_reference(spec):
     return torch, model, optimizer, it
 
 
+def reference_step(torch, model, optimizer, data, target, mems, clip):
+    """One training step of the reference's train() (reference-inventory.md §3.2), the learning rate left as
+    it is; `mems` holds one memory per batch chunk (len(mems) chunks). Returns (loss, gradient norm)."""
+    chunks = len(mems)
+    for p in model.parameters():
+        p.grad = None
+    train_loss = 0.0
+    for c, (data_c, target_c) in enumerate(zip(torch.chunk(data, chunks, 1), torch.chunk(target, chunks, 1))):
+        loss, mems[c] = model(data_c.contiguous(), target_c.contiguous(), mems[c])
+        loss = loss.float().mean().type_as(loss) / chunks
+        loss.backward()
+        train_loss += loss.float().item()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    optimizer.step()
+    return train_loss, float(norm)
+
+
 def child() -> int:
     spec = json.loads(sys.stdin.read())
     if spec["allocator"]:            # --our_process_settings (module docstring), before torch allocates
@@ -266,19 +283,7 @@ def child() -> int:
             break
         data, target = batch[0], batch[1]
         t0, c0 = time.perf_counter(), time.process_time()
-        # reference-inventory.md §3.2: one training step of the reference's train()
-        for p in model.parameters():
-            p.grad = None
-        data_chunks = torch.chunk(data, chunks, 1)
-        target_chunks = torch.chunk(target, chunks, 1)
-        train_loss = 0.0
-        for c in range(chunks):
-            loss, mems[c] = model(data_chunks[c].contiguous(), target_chunks[c].contiguous(), mems[c])
-            loss = loss.float().mean().type_as(loss) / chunks
-            loss.backward()
-            train_loss += loss.float().item()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), spec["clip"])
-        optimizer.step()
+        train_loss, _ = reference_step(torch, model, optimizer, data, target, mems, spec["clip"])
         train_step += 1
         if train_step < w:
             optimizer.param_groups[0]["lr"] = spec["lr"] * train_step / w

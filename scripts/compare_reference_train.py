@@ -200,18 +200,10 @@ def child() -> int:
         if i == spec["steps"]:
             break
         data, target = batch[0], batch[1]
-        # reference-inventory.md §3.2 (the step benchmark_reference_train.py times; the learning rate constant)
-        for p in model.parameters():
-            p.grad = None
-        train_loss = 0.0
-        for c, (data_c, target_c) in enumerate(zip(torch.chunk(data, chunks, 1), torch.chunk(target, chunks, 1))):
-            loss, mems[c] = model(data_c.contiguous(), target_c.contiguous(), mems[c])
-            loss = loss.float().mean().type_as(loss) / chunks
-            loss.backward()
-            train_loss += loss.float().item()
-        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), spec["clip"])))
-        optimizer.step()
+        # the step benchmark_reference_train.py times, the learning rate held constant
+        train_loss, norm = bench_ref.reference_step(torch, model, optimizer, data, target, mems, spec["clip"])
         losses.append(train_loss)
+        norms.append(norm)
     torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, spec["final_state"])
     # its optimizer's moments under the parameters' names (zeros where a parameter never had a gradient)
     moments = {}

@@ -8,7 +8,7 @@ from typing import Callable, Optional
 import torch
 
 from utils.io.errors import UserError
-from utils.runtime.cpu_allocator import tune_cpu_allocator  # noqa: F401  (generate.py imports it from here)
+from utils.runtime.cpu_allocator import tune_cpu_allocator
 
 
 def select_device(args, log: logging.Logger) -> torch.device:
