@@ -28,8 +28,9 @@ import torch
 from torch import Tensor
 
 from utils.model.shared_table_grad import TableGradSlot, slot_for, table_gradient_buffer
-from utils.model.linear_nll import (_compute_dtype, grouped_grad_logits_, grouped_lse, linear_logits_into,
-                                    linear_nll, nll_grad_logits_)
+from utils.model.linear_nll import (_compute_dtype, grouped_grad_logits_, grouped_lse, linear_logits,
+                                    linear_logits_into, linear_nll, logits_grad_input, nll_grad_logits_, onednn_applies,
+                                    row_lse)
 
 
 # ---- token layout -----------------------------------------------------------------------------------------
@@ -129,7 +130,9 @@ class _SharedTableNLL(torch.autograd.Function):
             # torch.compile: there each write into a slice of a shared buffer becomes a copy of the whole buffer
             # (slice_scatter: several times the time and memory of this loss), and inductor fuses the
             # per-cluster conversions anyway, so each cluster gets its own tensor.
-            separate = torch.compiler.is_compiling()
+            # Nor where oneDNN computes float32 logits (linear_logits: it writes new tensors; float32 needs no
+            # conversion anyway).
+            separate = torch.compiler.is_compiling() or onednn_applies(table.device, dtype)
             sizes = [h.size(0) * (bounds[i + 1] - bounds[i] + (extra_w.size(0) if i == 0 else 0))
                      for i, h in enumerate(hs)]
             buffer = None if separate else torch.empty(sum(sizes), dtype=dtype, device=table.device)
@@ -142,14 +145,15 @@ class _SharedTableNLL(torch.autograd.Function):
                     w = torch.cat([w, extra_w_c], 0)
                     b = torch.cat([b, extra_b_c], 0)
                 h = h.to(dtype)
-                own = torch.empty(sizes[i], dtype=dtype, device=table.device) if buffer is None \
-                    else buffer[start:start + sizes[i]]
-                logits_list.append(linear_logits_into(own, h, w, b))
+                logits_list.append(linear_logits(h, w, b) if buffer is None
+                                   else linear_logits_into(buffer[start:start + sizes[i]], h, w, b))
                 start += sizes[i]
                 hs_c.append(h)
                 ws.append(w)
-            if buffer is None:                      # whole tensors: a compiled graph has no cache-sized blocks
+            if separate and torch.compiler.is_compiling():    # whole tensors: no cache-sized blocks in a graph
                 lses = [torch.logsumexp(z.to(acc), dim=1) for z in logits_list]
+            elif buffer is None:                                    # oneDNN's float32 logits
+                lses = [row_lse(z, acc) for z in logits_list]
             else:
                 lses = grouped_lse(buffer, logits_list, acc)
             for i, (h, t) in enumerate(zip(hs_c, ts)):
@@ -193,7 +197,7 @@ class _SharedTableNLL(torch.autograd.Function):
                 lo, hi = bounds[i], bounds[i + 1]
                 w = w_head if i == 0 else w_all[lo:hi]
                 grad = logits_list[i]                                          # [n_i, V_i], in place of the logits
-                grad_hs.append(torch.mm(grad, w).to(h_dtypes[i]))
+                grad_hs.append(logits_grad_input(grad, w).to(h_dtypes[i]))
                 if i == 0:
                     torch.mm(grad[:, :n_short].t(), h, out=grad_table[:n_short])
                     torch.sum(grad[:, :n_short], 0, dtype=acc, out=grad_bias[:n_short])

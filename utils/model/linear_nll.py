@@ -14,19 +14,97 @@ The log-sum-exp and the softmax are float32 whatever the matmul dtype (the logit
 rounded once, as they are with autocast's own cross-entropy). The saved logits are reused in place by the
 backward, so the graph can be run backward once (a second backward raises a clear error).
 """
+import math
 from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
 # Elements per row block of the float32 passes: ~1 MB on the CPU (stays in cache), 64 MB on a GPU (bounds
 # the float32 temporaries of a half-precision logits buffer).
 _BLOCK_ELEMENTS = {"cpu": 1 << 22, "default": 1 << 24}
 
 
-# nll_forward: fewer than V / _FEW_ROWS rows go through the [V, d]·[d, N] matmul on the CPU
+# linear_logits: fewer than V / _FEW_ROWS rows go through the [V, d]·[d, N] matmul on the CPU (BLAS path)
 _FEW_ROWS = 64
+
+# oneDNN's float32 linear on the CPU: None = not probed yet, then whether this build runs it (see onednn_applies)
+_ONEDNN: Optional[bool] = None
+
+
+def _probe_onednn() -> bool:
+    try:
+        op = torch.ops.mkldnn._linear_pointwise
+        # its own generator: the first use must not move the global one (dropout masks, exact resume)
+        gen = torch.Generator().manual_seed(0)
+        x, w, b = torch.randn(3, 8, generator=gen), torch.randn(5, 8, generator=gen), torch.randn(5, generator=gen)
+        return (torch.backends.mkldnn.is_available()
+                and torch.allclose(op(x, w, b, "none", [], ""), torch.addmm(b, x, w.t()), rtol=1e-5, atol=1e-5)
+                and torch.allclose(op(x.t().contiguous().t(), w, None, "none", [], ""), x @ w.t(),
+                                   rtol=1e-5, atol=1e-5))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def onednn_applies(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the output layer's matmuls on `device` in `dtype` (float32 on the CPU) go through oneDNN
+    (`onednn_linear`) instead of the BLAS's sgemm.
+
+    The output layer multiplies a few to a few hundred rows by a 20k-160k-row table. sgemm's kernels for such
+    skinny shapes run well below its large-matrix speed: on the development machine (AVX-512 AMD EPYC, MKL 2024)
+    a tail cluster's 19 rows against 160k vocabulary rows take 35-40 ms, 17-20 ms with oneDNN, and the whole
+    output layer of issue 18's step-time configuration, forward and backward, 219 ms against 187
+    (`python scripts/benchmark_output_layer.py`). Both are float32 with float32 accumulation (other summation
+    orders: last-bit differences). float64 and the half-precision dtypes keep their own paths (oneDNN already
+    serves bf16 on the CPU). Probed once: a build without the kernel keeps the BLAS."""
+    global _ONEDNN
+    if device.type != "cpu" or dtype != torch.float32:
+        return False
+    if _ONEDNN is None:
+        _ONEDNN = _probe_onednn()
+    return _ONEDNN
+
+
+@torch.library.custom_op("txl::onednn_linear", mutates_args=())
+def onednn_linear(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
+    """x [N, d] · w [V, d]ᵀ + b [V] by oneDNN (`torch.ops.mkldnn._linear_pointwise`, the kernel inductor
+    itself uses for CPU linears; w may be a transposed view). An opaque op to torch.compile: inductor has no
+    lowering of that kernel for a weight that is not a constant, and calls it as it is."""
+    return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+
+
+@onednn_linear.register_fake
+def _onednn_linear_fake(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
+    return x.new_empty(x.shape[:-1] + (w.size(0),))
+
+
+@register_flop_formula(torch.ops.txl.onednn_linear)
+def _onednn_linear_flops(x_shape, w_shape, *args, **kwargs) -> int:
+    """For torch.utils.flop_counter.FlopCounterMode (tests/test_flops.py counts a step's matmuls with it)."""
+    return 2 * math.prod(x_shape[:-1]) * x_shape[-1] * w_shape[0]
+
+
+def linear_logits(h: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
+    """z = h·wᵀ + b [N, V] in a new tensor, for h [N, d], w [V, d], b [V] or None in the compute dtype."""
+    if onednn_applies(h.device, h.dtype):
+        return onednn_linear(h, w, b)
+    if h.device.type == "cpu" and h.size(0) * _FEW_ROWS < w.size(0):
+        # a few rows against many (an adaptive-softmax tail cluster: a handful of tokens against up to 160k
+        # vocabulary rows): with the BLAS, [V, d]·[d, N] is several times faster on the CPU than [N, d]·[d, V]
+        # (its small-M path); the logits are the transposed view of that [V, N] buffer, which the backward's
+        # table-gradient matmul then reads contiguously. Another summation order than F.linear's.
+        return (torch.mm(w, h.t()) if b is None else torch.addmm(b.unsqueeze(1), w, h.t())).t()
+    return F.linear(h, w, b)
+
+
+def logits_grad_input(grad: Tensor, w: Tensor) -> Tensor:
+    """grad [N, V] · w [V, d] -> [N, d]: the gradient of the output layer's input (oneDNN where linear_logits
+    used it: then grad is contiguous, the in-place gradient of those logits)."""
+    if grad.is_contiguous() and onednn_applies(grad.device, grad.dtype):
+        return onednn_linear(grad, w.t(), None)
+    return torch.mm(grad, w)
 
 
 def _row_blocks(n_rows: int, n_cols: int, device: torch.device) -> int:
@@ -44,26 +122,24 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 
 def nll_forward(h: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor):
     """(nll, logits, lse) of h [N, d], w [V, d], b [V] already in the compute dtype (autocast off)."""
-    if h.device.type == "cpu" and h.size(0) * _FEW_ROWS < w.size(0):
-        # a few rows against many (an adaptive-softmax tail cluster: a handful of tokens against up to 160k
-        # vocabulary rows): [V, d]·[d, N] is several times faster on the CPU than [N, d]·[d, V] (the BLAS's small-M
-        # path); the logits are the transposed view of that [V, N] buffer, which the backward's table-gradient
-        # matmul then reads contiguously. Another summation order than F.linear's: last-bit differences.
-        logits = (torch.mm(w, h.t()) if b is None else torch.addmm(b.unsqueeze(1), w, h.t())).t()
-    else:
-        logits = F.linear(h, w, b)                                                # [N, V]
-    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
-    lse = torch.empty(logits.size(0), dtype=acc, device=logits.device)
-    step = _row_blocks(logits.size(0), logits.size(1), logits.device)
-    for start in range(0, logits.size(0), step):
-        torch.logsumexp(logits[start:start + step].to(acc), dim=1, out=lse[start:start + step])
+    logits = linear_logits(h, w, b)
+    lse = row_lse(logits, torch.float64 if h.dtype == torch.float64 else torch.float32)
     nll = lse - logits.gather(1, target.unsqueeze(1)).squeeze(1)                   # the sub promotes to acc
     return nll, logits, lse
 
 
+def row_lse(logits: Tensor, acc: torch.dtype) -> Tensor:
+    """logsumexp of each row of logits [N, V] in acc (float32 or float64), in row blocks that fit the cache."""
+    lse = torch.empty(logits.size(0), dtype=acc, device=logits.device)
+    step = _row_blocks(logits.size(0), logits.size(1), logits.device)
+    for start in range(0, logits.size(0), step):
+        torch.logsumexp(logits[start:start + step].to(acc), dim=1, out=lse[start:start + step])
+    return lse
+
+
 def linear_logits_into(buffer: Tensor, h: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
-    """nll_forward's logits z = h·wᵀ + b [N, V] (the same ops and layout: [V, N] transposed for a few rows
-    against many on the CPU), written into `buffer`, N·V contiguous elements of the compute dtype."""
+    """linear_logits' z = h·wᵀ + b [N, V] (its BLAS ops and layout: [V, N] transposed for a few rows against
+    many on the CPU), written into `buffer`, N·V contiguous elements of the compute dtype."""
     n, v = h.size(0), w.size(0)
     if h.device.type == "cpu" and n * _FEW_ROWS < v:
         out = buffer.view(v, n)
@@ -106,10 +182,7 @@ def grouped_lse(buffer: Tensor, logits_list: List[Tensor], acc: torch.dtype) -> 
     for group in _float_groups(sizes, buffer.device):
         end = start + sum(sizes[i] for i in group)
         if len(group) == 1:                                              # row blocks of one tensor
-            z, lse = logits_list[group[0]], lses[group[0]]
-            step = _row_blocks(z.size(0), z.size(1), z.device)
-            for row in range(0, z.size(0), step):
-                torch.logsumexp(z[row:row + step].to(acc), dim=1, out=lse[row:row + step])
+            lses[group[0]] = row_lse(logits_list[group[0]], acc)
         else:
             block, at = buffer[start:end].to(acc), 0
             for i in group:
@@ -199,7 +272,7 @@ class _LinearNLL(torch.autograd.Function):
             hidden_dtype, weight_dtype, bias_dtype = ctx.dtypes
             grad_hidden = grad_weight = grad_bias = None
             if ctx.needs_input_grad[0]:
-                grad_hidden = torch.mm(grad, w).to(hidden_dtype)
+                grad_hidden = logits_grad_input(grad, w).to(hidden_dtype)
             if ctx.needs_input_grad[1]:
                 grad_weight = torch.mm(grad.t(), h).to(weight_dtype)
             if bias_dtype is not None and ctx.needs_input_grad[2]:
