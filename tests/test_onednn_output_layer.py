@@ -1,6 +1,11 @@
 """The output layer's float32 CPU matmuls through oneDNN (utils/model/linear_nll.py: onednn_applies): which
 dtypes take it, its results against float64 and against the BLAS path, the fallback where the kernel is
 missing, and torch.compile over it."""
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -43,13 +48,13 @@ def close_to(got, want, rtol):
 def count_onednn(fn, monkeypatch):
     """fn()'s result and how many times it ran oneDNN's linear kernel (eagerly or from a compiled graph)."""
     calls = []
-    kernel = torch.ops.mkldnn._linear_pointwise
+    kernel = getattr(torch.ops.mkldnn, "_linear_pointwise", None)     # None in a build without oneDNN
 
     def counted(*args):
         calls.append(args[0].shape)
         return kernel(*args)
     with monkeypatch.context() as patch:
-        patch.setattr(torch.ops.mkldnn, "_linear_pointwise", counted)
+        patch.setattr(torch.ops.mkldnn, "_linear_pointwise", counted, raising=False)
         out = fn()
     return out, len(calls)
 
@@ -83,7 +88,7 @@ def test_float64_and_bf16_autocast_keep_their_own_matmuls(dtype, autocast, onedn
 def test_without_the_kernel_the_probe_says_no_and_the_loss_uses_the_blas(monkeypatch):
     def missing(*args, **kwargs):
         raise RuntimeError("no oneDNN in this build")
-    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", missing)
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", missing, raising=False)
     monkeypatch.setattr(linear_nll_module, "_ONEDNN", None)
     assert linear_nll_module.onednn_applies(torch.device("cpu"), torch.float32) is False     # probed once
     tensors, target = inputs(4, 8, 60)
@@ -144,3 +149,25 @@ def test_the_probe_leaves_the_global_random_generator_alone(monkeypatch):
     state = torch.get_rng_state()
     linear_nll_module.onednn_applies(torch.device("cpu"), torch.float32)
     assert torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.slow
+@needs_onednn
+def test_a_fresh_process_compiles_the_loss_whole_at_its_first_call():
+    """The probe runs at import, not at the first loss: a first loss traced by torch.compile (a compiled
+    step before any eager one) would otherwise trace the probe and break the graph."""
+    script = textwrap.dedent("""
+        import torch
+        import utils.model.linear_nll as m
+        g = torch.Generator().manual_seed(0)
+        h, w, b = (torch.randn(*s, generator=g).requires_grad_() for s in ((6, 16), (300, 16), (300,)))
+        t = torch.randint(0, 300, (6,), generator=g)
+        nll = torch.compile(m.linear_nll, fullgraph=True, dynamic=False)(h, w, b, t)
+        nll.sum().backward()
+        assert m._ONEDNN is True, m._ONEDNN
+        print("compiled whole")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "compiled whole" in result.stdout

@@ -15,6 +15,7 @@ rounded once, as they are with autocast's own cross-entropy). The saved logits a
 backward, so the graph can be run backward once (a second backward raises a clear error).
 """
 import math
+import platform
 from typing import List, Optional
 
 import torch
@@ -30,39 +31,46 @@ _BLOCK_ELEMENTS = {"cpu": 1 << 22, "default": 1 << 24}
 # linear_logits: fewer than V / _FEW_ROWS rows go through the [V, d]·[d, N] matmul on the CPU (BLAS path)
 _FEW_ROWS = 64
 
-# oneDNN's float32 linear on the CPU: None = not probed yet, then whether this build runs it (see onednn_applies)
-_ONEDNN: Optional[bool] = None
-
-
 def _probe_onednn() -> bool:
+    """Whether this process can use oneDNN's float32 linear: an x86-64 CPU (where it was measured faster than the
+    BLAS; elsewhere the BLAS stays), a build with the kernel, and right results for the layouts used below
+    (a transposed input, a transposed weight)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
     try:
         op = torch.ops.mkldnn._linear_pointwise
-        # its own generator: the first use must not move the global one (dropout masks, exact resume)
+        # its own generator: the probe must not move the global one (dropout masks, exact resume)
         gen = torch.Generator().manual_seed(0)
         x, w, b = torch.randn(3, 8, generator=gen), torch.randn(5, 8, generator=gen), torch.randn(5, generator=gen)
+        close = dict(rtol=1e-5, atol=1e-5)
         return (torch.backends.mkldnn.is_available()
-                and torch.allclose(op(x, w, b, "none", [], ""), torch.addmm(b, x, w.t()), rtol=1e-5, atol=1e-5)
-                and torch.allclose(op(x.t().contiguous().t(), w, None, "none", [], ""), x @ w.t(),
-                                   rtol=1e-5, atol=1e-5))
+                and torch.allclose(op(x, w, b, "none", [], ""), torch.addmm(b, x, w.t()), **close)
+                and torch.allclose(op(x.t().contiguous().t(), w, None, "none", [], ""), x @ w.t(), **close)
+                and torch.allclose(op(x.t().contiguous(), x.t(), None, "none", [], ""), x.t() @ x, **close))
     except (AttributeError, RuntimeError):
         return False
+
+
+# Whether the float32 CPU matmuls of the output layer use oneDNN (onednn_applies). Probed once, here, at import:
+# a probe run the first time a loss is traced by torch.compile would break its graph.
+_ONEDNN: Optional[bool] = _probe_onednn()
 
 
 def onednn_applies(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the output layer's matmuls on `device` in `dtype` (float32 on the CPU) go through oneDNN
     (`onednn_linear`) instead of the BLAS's sgemm.
 
-    The output layer multiplies a few to a few hundred rows by a 20k-160k-row table. sgemm's kernels for such
-    skinny shapes run well below its large-matrix speed: on the development machine (AVX-512 AMD EPYC, MKL 2024)
-    a tail cluster's 19 rows against 160k vocabulary rows take 35-40 ms, 17-20 ms with oneDNN, and the whole
-    output layer of issue 18's step-time configuration, forward and backward, 219 ms against 187
-    (`python scripts/benchmark_output_layer.py`). Both are float32 with float32 accumulation (other summation
-    orders: last-bit differences). float64 and the half-precision dtypes keep their own paths (oneDNN already
-    serves bf16 on the CPU). Probed once: a build without the kernel keeps the BLAS."""
+    The output layer multiplies a few to a few hundred rows by a 20k-160k-row table. The BLAS's sgemm runs
+    such skinny shapes well below its large-matrix speed; measured on one machine only, an AVX-512 AMD EPYC
+    with MKL 2024 (benchmarks/results/training/cpu/issue18/output_layer_onednn.txt): the output layer of
+    issue 18's step-time configuration, forward and backward, 202 ms with sgemm, 166 ms with oneDNN
+    (`python scripts/benchmark_output_layer.py` measures both on any machine). Both are float32 with float32
+    accumulation (other summation orders: last-bit differences). float64 and the half-precision dtypes keep
+    their own paths (oneDNN already serves bf16 on the CPU)."""
     global _ONEDNN
     if device.type != "cpu" or dtype != torch.float32:
         return False
-    if _ONEDNN is None:
+    if _ONEDNN is None:                         # (tests reset it to probe again)
         _ONEDNN = _probe_onednn()
     return _ONEDNN
 
