@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import utils.model.linear_nll as linear_nll_module
 from utils.model.adaptive_nll import shared_table_adaptive_nll
 from utils.model.linear_nll import linear_nll
+from numerics import assert_rounding_close
 
 needs_onednn = pytest.mark.skipif(not linear_nll_module._probe_onednn(), reason="this torch build has no oneDNN linear")
 
@@ -40,9 +41,11 @@ def nll_and_grads(fn, tensors, target):
     return [nll.detach(), *torch.autograd.grad((nll * upstream).sum(), tensors)]
 
 
-def close_to(got, want, rtol):
-    """Each tensor within rtol of the largest entry of its float64 counterpart."""
-    return all((g.double() - w).abs().max().item() <= rtol * w.abs().max().item() for g, w in zip(got, want))
+def assert_close(got, want):
+    """Each float32 tensor of `got` equal to its counterpart in `want` (float64 or float32) up to float32 rounding."""
+    assert len(got) == len(want)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert_rounding_close(g, w.to(g.dtype), f"output {i}")
 
 
 def count_onednn(fn, monkeypatch):
@@ -68,12 +71,12 @@ def test_float32_linear_nll_runs_two_onednn_matmuls_and_matches_float64(n, onedn
     onednn(True)
     got, calls = count_onednn(lambda: nll_and_grads(linear_nll, tensors, target), monkeypatch)
     assert calls == 2                                   # the logits, and the gradient of the input
-    assert close_to(got, truth, 1e-5)
+    assert_close(got, truth)
     onednn(False)
     blas, calls = count_onednn(lambda: nll_and_grads(linear_nll, tensors, target), monkeypatch)
     assert calls == 0
-    assert close_to(blas, truth, 1e-5)
-    assert close_to(got, [b.double() for b in blas], 1e-5)
+    assert_close(blas, truth)
+    assert_close(got, blas)
 
 
 @pytest.mark.parametrize("dtype,autocast", [(torch.float64, False), (torch.float32, True)])
@@ -96,7 +99,7 @@ def test_without_the_kernel_the_probe_says_no_and_the_loss_uses_the_blas(monkeyp
     assert calls == 0 and linear_nll_module._ONEDNN is False
     truth = nll_and_grads(lambda h, w, b, t: F.cross_entropy(F.linear(h, w, b), t, reduction="none"),
                           [x.detach().double().requires_grad_() for x in tensors], target)
-    assert close_to(got, truth, 1e-5)
+    assert_close(got, truth)
 
 
 @needs_onednn
@@ -122,9 +125,9 @@ def test_the_tied_adaptive_softmax_in_float32_through_onednn_matches_float64(one
     onednn(True)
     got, calls = count_onednn(lambda: run(torch.float32), monkeypatch)
     assert calls == 2 * 4
-    assert close_to(got, truth, 1e-5)
+    assert_close(got, truth)
     onednn(False)
-    assert close_to(run(torch.float32), truth, 1e-5)
+    assert_close(run(torch.float32), truth)
 
 
 @needs_onednn
@@ -138,7 +141,7 @@ def test_compiled_linear_nll_calls_onednn_from_its_graphs_and_matches_eager(oned
     compiled, codes = run_and_get_code(lambda: nll_and_grads(compiled_fn, tensors, target))
     # opaque to inductor: the forward graph calls it for the logits, the backward graph for the input gradient
     assert sum(code.count("torch.ops.txl.onednn_linear.default(") for code in codes) == 2
-    assert close_to(compiled, [e.double() for e in eager], 1e-6)
+    assert_close(compiled, eager)
 
 
 def test_the_probe_leaves_the_global_random_generator_alone(monkeypatch):
