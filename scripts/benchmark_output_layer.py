@@ -62,7 +62,8 @@ def main() -> None:
               torch.randn(len(CUTOFFS), D_MODEL, generator=gen) * 0.02, torch.zeros(len(CUTOFFS))]
     params = [p.requires_grad_() for p in params]
     hidden = torch.randn(args.tokens, D_MODEL, generator=gen).requires_grad_()
-    target = torch.multinomial(torch.from_numpy(rank_probabilities(N_TOKEN)), args.tokens, replacement=True, generator=gen)
+    probabilities = torch.from_numpy(rank_probabilities(N_TOKEN))
+    target = torch.multinomial(probabilities, args.tokens, replacement=True, generator=gen)
     counts = torch.bucketize(target, torch.tensor(CUTOFFS), right=True).bincount(minlength=len(CUTOFFS) + 1)
     if not linear_nll._probe_onednn():
         print("oneDNN's linear is not available in this build: only the sgemm path runs here")

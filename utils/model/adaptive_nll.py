@@ -29,8 +29,8 @@ from torch import Tensor
 
 from utils.model.shared_table_grad import TableGradSlot, slot_for, table_gradient_buffer
 from utils.model.linear_nll import (_compute_dtype, grouped_grad_logits_, grouped_lse, linear_logits,
-                                    linear_logits_into, linear_nll, logits_grad_input, nll_grad_logits_, onednn_applies,
-                                    row_lse)
+                                    linear_logits_into, linear_nll, logits_grad_input, nll_grad_logits_,
+                                    onednn_applies, row_lse)
 
 
 # ---- token layout -----------------------------------------------------------------------------------------

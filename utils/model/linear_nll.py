@@ -31,6 +31,7 @@ _BLOCK_ELEMENTS = {"cpu": 1 << 22, "default": 1 << 24}
 # linear_logits: fewer than V / _FEW_ROWS rows go through the [V, d]·[d, N] matmul on the CPU (BLAS path)
 _FEW_ROWS = 64
 
+
 def _probe_onednn() -> bool:
     """Whether this process can use oneDNN's float32 linear: an x86-64 CPU (where it was measured faster than the
     BLAS; elsewhere the BLAS stays), a build with the kernel, and right results for the layouts used below
