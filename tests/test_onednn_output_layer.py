@@ -15,7 +15,8 @@ from utils.model.adaptive_nll import shared_table_adaptive_nll
 from utils.model.linear_nll import linear_nll
 from numerics import assert_rounding_close
 
-needs_onednn = pytest.mark.skipif(not linear_nll_module._probe_onednn(), reason="this torch build has no oneDNN linear")
+needs_onednn = pytest.mark.skipif(not linear_nll_module._probe_onednn(),
+                                  reason="no oneDNN linear here (not x86-64, or a build without it)")
 
 
 @pytest.fixture

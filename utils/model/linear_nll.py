@@ -19,7 +19,6 @@ import platform
 from typing import List, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
@@ -99,13 +98,7 @@ def linear_logits(h: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
     """z = h·wᵀ + b [N, V] in a new tensor, for h [N, d], w [V, d], b [V] or None in the compute dtype."""
     if onednn_applies(h.device, h.dtype):
         return onednn_linear(h, w, b)
-    if h.device.type == "cpu" and h.size(0) * _FEW_ROWS < w.size(0):
-        # a few rows against many (an adaptive-softmax tail cluster: a handful of tokens against up to 160k
-        # vocabulary rows): with the BLAS, [V, d]·[d, N] is several times faster on the CPU than [N, d]·[d, V]
-        # (its small-M path); the logits are the transposed view of that [V, N] buffer, which the backward's
-        # table-gradient matmul then reads contiguously. Another summation order than F.linear's.
-        return (torch.mm(w, h.t()) if b is None else torch.addmm(b.unsqueeze(1), w, h.t())).t()
-    return F.linear(h, w, b)
+    return linear_logits_into(h.new_empty(h.size(0) * w.size(0)), h, w, b)
 
 
 def logits_grad_input(grad: Tensor, w: Tensor) -> Tensor:
@@ -147,10 +140,13 @@ def row_lse(logits: Tensor, acc: torch.dtype) -> Tensor:
 
 
 def linear_logits_into(buffer: Tensor, h: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
-    """linear_logits' z = h·wᵀ + b [N, V] (its BLAS ops and layout: [V, N] transposed for a few rows against
-    many on the CPU), written into `buffer`, N·V contiguous elements of the compute dtype."""
+    """z = h·wᵀ + b [N, V] by the BLAS, written into `buffer`, N·V contiguous elements of the compute dtype."""
     n, v = h.size(0), w.size(0)
     if h.device.type == "cpu" and n * _FEW_ROWS < v:
+        # a few rows against many (an adaptive-softmax tail cluster: a handful of tokens against up to 160k
+        # vocabulary rows): with the BLAS, [V, d]·[d, N] is several times faster on the CPU than [N, d]·[d, V]
+        # (its small-M path); the logits are the transposed view of that [V, N] buffer, which the backward's
+        # table-gradient matmul then reads contiguously. Another summation order than F.linear's.
         out = buffer.view(v, n)
         torch.mm(w, h.t(), out=out) if b is None else torch.addmm(b.unsqueeze(1), w, h.t(), out=out)
         return out.t()
